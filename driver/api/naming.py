@@ -1,0 +1,51 @@
+"""Device and counter-set names: part of the published device model (documented in README).
+
+Names must stay the same across reboots and driver reloads, so they never use the NVML index or
+minor number (both shift when a GPU falls off the bus or is rebound). They derive from the GPU UUID,
+which NVIDIA burns into the board:
+
+* whole GPU:      ``gpu-<first 8 hex digits of the UUID>``                e.g. ``gpu-5b3c04f1``
+* MIG partition:  ``<gpu name>-mig-<profile>-<placement start>``        e.g. ``gpu-5b3c04f1-mig-1g10gb-3``
+  (profile with ``.`` dropped and ``+`` turned into ``-``: ``1g.10gb+me`` -> ``1g10gb-me``)
+* shared GPU:     ``<gpu name>-shared``                                  e.g. ``gpu-5b3c04f1-shared``
+* counter set:    ``<gpu name>-counters``
+
+All are DNS labels (lowercase alphanumerics and ``-``, at most 63 characters).
+"""
+
+from __future__ import annotations
+
+import re
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_UUID_HEX = re.compile(r"[0-9a-fA-F]")
+
+
+def is_dns_label(name: str) -> bool:
+    return len(name) <= 63 and bool(_DNS_LABEL.match(name))
+
+
+def gpu_device_name(uuid: str) -> str:
+    """Name of the whole-GPU device for a GPU UUID such as ``GPU-5b3c04f1-....``."""
+    body = uuid[4:] if uuid.upper().startswith("GPU-") else uuid
+    hex_digits = "".join(_UUID_HEX.findall(body)).lower()
+    if len(hex_digits) < 8:
+        raise ValueError(f"GPU UUID {uuid!r} has fewer than 8 hex digits; cannot derive a device name")
+    return f"gpu-{hex_digits[:8]}"
+
+
+def mig_profile_label(profile_name: str) -> str:
+    """``1g.10gb`` -> ``1g10gb``; ``1g.10gb+me`` -> ``1g10gb-me``."""
+    return profile_name.lower().replace(".", "").replace("+", "-")
+
+
+def mig_device_name(gpu_name: str, profile_name: str, placement_start: int) -> str:
+    return f"{gpu_name}-mig-{mig_profile_label(profile_name)}-{placement_start}"
+
+
+def shared_device_name(gpu_name: str) -> str:
+    return f"{gpu_name}-shared"
+
+
+def counter_set_name(gpu_name: str) -> str:
+    return f"{gpu_name}-counters"

@@ -1,0 +1,96 @@
+"""A node's GPU inventory: what NVML reports, as plain pydantic models.
+
+Data flows one way: NVML backend -> :func:`discover` -> :class:`Inventory` -> slice builder
+(``driver/slices.py``). Nothing here talks to Kubernetes; nothing downstream talks to NVML.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MigPlacement(_Model):
+    """``nvmlGpuInstancePlacement_t``: first memory slice and number of memory slices."""
+
+    start: int = Field(ge=0)
+    size: int = Field(ge=1)
+
+    @property
+    def slices(self) -> range:
+        return range(self.start, self.start + self.size)
+
+
+class MigProfile(_Model):
+    """One GPU-instance profile a MIG-capable GPU offers (``nvmlGpuInstanceProfileInfo_t`` + placements)."""
+
+    name: str                    # "1g.10gb", "1g.10gb+me", "7g.80gb"
+    profile_id: int              # info.id: the ID nvidia-smi prints and CreateGpuInstance takes (19, 20, 15, 14, 9, 5, 0)
+    nvml_constant: int           # NVML_GPU_INSTANCE_PROFILE_* index passed to GetGpuInstanceProfileInfo
+    memory_mib: int              # info.memorySizeMB
+    compute_slices: int          # info.sliceCount ("Ng")
+    memory_slices: int           # placement size
+    multiprocessors: int
+    copy_engines: int = 0
+    decoders: int = 0
+    encoders: int = 0
+    jpeg_engines: int = 0
+    ofa_engines: int = 0
+    max_instances: int = 1       # info.instanceCount
+    placements: tuple[MigPlacement, ...] = ()
+
+
+class MigDevice(_Model):
+    """A MIG device that exists now (GPU instance + compute instance)."""
+
+    uuid: str                    # "MIG-..."
+    profile_id: int
+    profile_name: str
+    placement: MigPlacement
+    gpu_instance_id: int
+    compute_instance_id: int
+    memory_mib: int
+    multiprocessors: int
+
+
+class Gpu(_Model):
+    """One physical GPU."""
+
+    index: int                   # NVML index: informational only, never used in names
+    minor: int                   # /dev/nvidia<minor>
+    uuid: str                    # "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+    product_name: str            # nvmlDeviceGetName, e.g. "NVIDIA H100 80GB HBM3"
+    brand: str                   # nvmlDeviceGetBrand as text, e.g. "NVIDIA", "Tesla"
+    architecture: str            # "Turing", "Ampere", "Ada Lovelace", "Hopper"
+    cuda_compute_capability: str  # "9.0"
+    memory_bytes: int            # nvmlDeviceGetMemoryInfo().total
+    multiprocessors: int
+    pci_bus_id: str              # "0000:18:00.0" (lowercase hex)
+    pcie_root: str | None = None  # "pci0000:17"
+    numa_node: int | None = None
+    pci_device_id: str | None = None  # "0x233010DE"
+    mig_capable: bool = False
+    mig_enabled: bool = False    # current MIG mode
+    mig_pending: bool = False    # pending MIG mode (Ampere needs a reset to apply it)
+    memory_slices: int = 0       # MIG memory slices (8 on A100/H100/H200), 0 if not MIG capable
+    mig_profiles: tuple[MigProfile, ...] = ()
+    mig_devices: tuple[MigDevice, ...] = ()  # MIG devices that exist now
+    healthy: bool = True
+
+
+class Inventory(_Model):
+    """Everything the driver knows about one node's GPUs."""
+
+    node_name: str
+    driver_version: str          # "580.105.08"
+    cuda_driver_version: str     # "13.0"
+    gpus: tuple[Gpu, ...] = ()
+    backend: str = "real"        # "real" or "fake"
+
+
+def discover(backend, node_name: str) -> Inventory:  # noqa: ANN001 - NvmlBackend, see driver/nvml
+    """Read the inventory of this node from an NVML backend (real or fake)."""
+    raise NotImplementedError("implemented with the NVML backends")
