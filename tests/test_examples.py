@@ -1,0 +1,59 @@
+"""The workload manifests users apply (examples/) are valid Kubernetes objects for 1.34-1.37."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from driver.api.deviceclasses import device_classes
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+VERSIONS = ["1.34.0", "1.35.0", "1.36.0", "1.37.0"]
+SHIPPED_CLASSES = {c["metadata"]["name"] for c in device_classes()}
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_there_are_examples() -> None:
+    assert len(EXAMPLES) >= 3
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize("version", VERSIONS)
+def test_example_validates_against_kubernetes_schema(path: Path, version: str) -> None:
+    for doc in _docs(path):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def _requests(doc: dict) -> list[dict]:
+    spec = doc.get("spec", {})
+    if doc["kind"] == "ResourceClaimTemplate":
+        spec = spec.get("spec", {})
+    out = []
+    for r in spec.get("devices", {}).get("requests", []):
+        out.extend([r["exactly"]] if "exactly" in r else r.get("firstAvailable", []))
+    return out
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_uses_shipped_device_classes_and_pods_reference_their_claims(path: Path) -> None:
+    docs = _docs(path)
+    templates = {d["metadata"]["name"] for d in docs if d["kind"] == "ResourceClaimTemplate"}
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "ResourceClaim"}
+    for doc in docs:
+        if doc["kind"] in ("ResourceClaimTemplate", "ResourceClaim"):
+            for req in _requests(doc):
+                assert req["deviceClassName"] in SHIPPED_CLASSES, (path.name, req)
+        if doc["kind"] == "Pod":
+            pod_claims = {c["name"]: c for c in doc["spec"].get("resourceClaims", [])}
+            for c in pod_claims.values():
+                ref = c.get("resourceClaimTemplateName") or c.get("resourceClaimName")
+                assert ref in templates | claims, f"{path.name}: pod claim {c['name']} refers to {ref}"
+            for container in doc["spec"]["containers"]:
+                for used in container.get("resources", {}).get("claims", []):
+                    assert used["name"] in pod_claims, f"{path.name}: container uses unknown claim {used}"
