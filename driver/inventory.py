@@ -6,7 +6,12 @@ Data flows one way: NVML backend -> :func:`discover` -> :class:`Inventory` -> sl
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from driver.nvml.interface import NvmlBackend
 
 
 class _Model(BaseModel):
@@ -91,6 +96,47 @@ class Inventory(_Model):
     backend: str = "real"        # "real" or "fake"
 
 
-def discover(backend, node_name: str) -> Inventory:  # noqa: ANN001 - NvmlBackend, see driver/nvml
-    """Read the inventory of this node from an NVML backend (real or fake)."""
-    raise NotImplementedError("implemented with the NVML backends")
+def discover(backend: "NvmlBackend", node_name: str) -> Inventory:
+    """Read the inventory of this node from an initialized NVML backend (real or fake)."""
+    from driver.nvml.errors import NotSupportedError
+
+    gpus = []
+    for index in range(backend.device_count()):
+        h = backend.device_by_index(index)
+        info = backend.device_info(h)
+        try:
+            mode = backend.mig_mode(h)
+        except NotSupportedError:
+            mode = None
+        profiles: list[MigProfile] = []
+        devices: list[MigDevice] = []
+        memory_slices = 0
+        if mode is not None:
+            for p, placements in backend.gpu_instance_profiles(h):
+                if not placements:
+                    continue
+                memory_slices = max([memory_slices] + [pl.start + pl.size for pl in placements])
+                profiles.append(MigProfile(
+                    name=p.name, profile_id=p.id, nvml_constant=p.nvml_constant, memory_mib=p.memory_size_mb,
+                    compute_slices=p.slice_count, memory_slices=placements[0].size,
+                    multiprocessors=p.multiprocessor_count, copy_engines=p.copy_engine_count,
+                    decoders=p.decoder_count, encoders=p.encoder_count, jpeg_engines=p.jpeg_count,
+                    ofa_engines=p.ofa_count, max_instances=p.instance_count,
+                    placements=tuple(MigPlacement(start=pl.start, size=pl.size) for pl in placements)))
+            if mode.current:
+                devices = [MigDevice(uuid=d.uuid, profile_id=d.profile_id, profile_name=d.profile_name,
+                                     placement=MigPlacement(start=d.placement.start, size=d.placement.size),
+                                     gpu_instance_id=d.gpu_instance_id, compute_instance_id=d.compute_instance_id,
+                                     memory_mib=d.memory_mib, multiprocessors=d.multiprocessors)
+                           for d in backend.mig_devices(h)]
+        gpus.append(Gpu(
+            index=index, minor=info.minor, uuid=info.uuid, product_name=info.name, brand=info.brand,
+            architecture=info.architecture, cuda_compute_capability=info.cuda_compute_capability,
+            memory_bytes=info.memory_total_bytes, multiprocessors=info.multiprocessors, pci_bus_id=info.pci_bus_id,
+            pcie_root=info.pcie_root, numa_node=info.numa_node, pci_device_id=info.pci_device_id,
+            mig_capable=mode is not None, mig_enabled=bool(mode and mode.current),
+            mig_pending=bool(mode and mode.pending), memory_slices=memory_slices,
+            mig_profiles=tuple(sorted(profiles, key=lambda p: (p.memory_slices, p.compute_slices, p.nvml_constant))),
+            mig_devices=tuple(devices), healthy=backend.is_healthy(h)))
+    return Inventory(node_name=node_name, driver_version=backend.driver_version(),
+                     cuda_driver_version=backend.cuda_driver_version(), gpus=tuple(gpus), backend=backend.kind)

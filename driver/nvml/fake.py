@@ -1,0 +1,506 @@
+"""Fake NVML: GPUs from a profile file that behave like hardware, refusals included.
+
+What it models, and the NVML behaviour each rule follows (return codes from the nvml.h API docs,
+NVIDIA/go-nvml pkg/nvml/nvml.h):
+
+* Identity: GPU UUIDs are uuid5(node name, slot) — stable for a node and slot, different across
+  nodes; MIG device UUIDs derive from the GPU UUID, the GPU/compute instance IDs and the placement.
+* MIG mode (nvmlDeviceSetMigMode): NOT_SUPPORTED on GPUs without MIG. With compute processes on the
+  GPU, or GPU instances still present when disabling, the change is refused with IN_USE ("if device
+  unbind fails because the device isn't idle, NVML_ERROR_IN_USE"). Hopper and newer switch at once.
+  Ampere needs a GPU reset to apply a new mode: the pending mode is recorded, activationStatus is
+  NVML_ERROR_RESET_REQUIRED and the current mode stays until a reset (which the fake never does), so
+  on Ampere MIG is usable only when it was already enabled at boot (profile ``migEnabled: true``).
+* GPU instances (nvmlDeviceCreateGpuInstanceWithPlacement): NOT_SUPPORTED while MIG is disabled;
+  INVALID_ARGUMENT for an unknown profile ID or a placement the profile does not offer
+  (nvmlDeviceGetGpuInstancePossiblePlacements); INSUFFICIENT_RESOURCES when the placement overlaps an
+  existing instance, the profile's instance count or the GPU's instance/compute-slice budget is used up.
+  nvmlGpuInstanceDestroy: IN_USE while compute instances exist.
+* Compute instances: INSUFFICIENT_RESOURCES beyond the GPU instance's compute slices;
+  nvmlComputeInstanceDestroy: IN_USE while processes run on the MIG device.
+* Profile info carries the real profile IDs (19, 20, 15, 14, 9, 5, 0), never the constant index.
+
+Hardware state outlives processes: with a state directory the mutable state (MIG mode, instances,
+processes, compute mode, time-slice, health) lives in ``state.json`` there, written atomically under
+an flock and re-read when it changed, so a restarted plugin sees what it created before, and two
+backends on one directory see each other's changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import json
+import os
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import errors
+from .interface import (
+    CI_PROFILE_FOR_SLICES,
+    COMPUTE_MODES,
+    TIME_SLICE_INTERVALS,
+    ComputeInstanceInfo,
+    ComputeInstanceProfileInfo,
+    DeviceInfo,
+    GpuInstanceInfo,
+    GpuInstanceProfileInfo,
+    MigDeviceInfo,
+    MigMode,
+    NvmlBackend,
+    Placement,
+)
+from .models import GpuModel, get_model, slot_layout
+from .profile import FakeGpuProfile, NodeProfile
+
+_UUID_NAMESPACE = uuidlib.UUID("6f1d4b2e-9a57-4c1e-8f0a-5a17c0de9a11")
+_STATE_VERSION = 1
+#: architectures that change MIG mode without a GPU reset
+_RESETLESS_MIG = {"Hopper", "Blackwell"}
+
+
+def fake_gpu_uuid(node_name: str, slot: int) -> str:
+    return f"GPU-{uuidlib.uuid5(_UUID_NAMESPACE, f'{node_name}/{slot}')}"
+
+
+def fake_mig_uuid(gpu_uuid: str, gi: int, ci: int, start: int) -> str:
+    return f"MIG-{uuidlib.uuid5(_UUID_NAMESPACE, f'{gpu_uuid}/{gi}/{ci}/{start}')}"
+
+
+class _Gpu:
+    """Static facts of one fake GPU (from the profile and the model table)."""
+
+    def __init__(self, node: str, slot: int, model: GpuModel, mig_at_boot: bool, healthy: bool):
+        self.slot = slot
+        self.model = model
+        self.uuid = fake_gpu_uuid(node, slot)
+        self.mig_at_boot = mig_at_boot
+        self.healthy_at_boot = healthy
+        layout = slot_layout(model.system, slot)
+        self.info = DeviceInfo(
+            uuid=self.uuid, name=model.product_name, brand=model.brand, architecture=model.architecture,
+            cuda_compute_capability=model.cuda_compute_capability,
+            memory_total_bytes=model.memory_mib * 1024 * 1024, pci_bus_id=layout.bus_id,
+            pci_device_id=model.pci_device_id, numa_node=layout.numa_node, minor=slot,
+            multiprocessors=model.multiprocessors, pcie_root=layout.pcie_root,
+        )
+
+    def initial_state(self) -> dict[str, Any]:
+        return {"migCurrent": self.mig_at_boot, "migPending": self.mig_at_boot, "computeMode": "Default",
+                "timeSlice": "Default", "healthy": self.healthy_at_boot, "processes": [], "gpuInstances": []}
+
+
+class FakeNvml(NvmlBackend):
+    kind = "fake"
+
+    def __init__(self, profile: FakeGpuProfile, node_name: str, state_dir: str | Path | None = None):
+        self._node_name = node_name
+        self._profile = profile
+        node: NodeProfile = profile.node(node_name)
+        self._gpus = [_Gpu(node_name, slot, get_model(m), mig, healthy)
+                      for slot, (m, mig, healthy) in enumerate(node.gpu_list())]
+        self._by_uuid = {g.uuid: g for g in self._gpus}
+        self._state_dir = Path(state_dir) if state_dir is not None else None
+        self._state: dict[str, Any] = {}
+        self._stamp: tuple[int, int] | None = None
+        self._initialized = False
+        if self._state_dir is not None:
+            self._state_dir.mkdir(parents=True, exist_ok=True)
+            with self._locked():
+                self._save(self._load_fresh())
+        else:
+            self._state = self._fill({})
+
+    # -- state persistence ----------------------------------------------------------------------
+    @property
+    def _state_file(self) -> Path:
+        assert self._state_dir is not None
+        return self._state_dir / "state.json"
+
+    def _fill(self, state: dict[str, Any]) -> dict[str, Any]:
+        gpus = state.setdefault("gpus", {})
+        for g in self._gpus:
+            gpus.setdefault(g.uuid, g.initial_state())
+        state["version"] = _STATE_VERSION
+        return state
+
+    def _load_fresh(self) -> dict[str, Any]:
+        try:
+            raw = json.loads(self._state_file.read_text())
+        except FileNotFoundError:
+            raw = {}
+        except (OSError, ValueError) as e:
+            raise errors.NvmlError(f"fake NVML state {self._state_file} is unreadable ({e}); delete it to "
+                                   "start the fake GPUs from their profile again") from None
+        if raw and raw.get("version") != _STATE_VERSION:
+            raise errors.NvmlError(f"fake NVML state {self._state_file} has version {raw.get('version')!r}, "
+                                   f"expected {_STATE_VERSION}; delete it to reset the fake GPUs")
+        return self._fill(raw)
+
+    def _save(self, state: dict[str, Any]) -> None:
+        self._state = state
+        if self._state_dir is None:
+            return
+        tmp = self._state_file.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._state_file)
+        st = self._state_file.stat()
+        self._stamp = (st.st_mtime_ns, st.st_size)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self._state_dir is None:
+            yield
+            return
+        with open(self._state_dir / "state.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> dict[str, Any]:
+        if self._state_dir is not None:
+            try:
+                st = self._state_file.stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+            except FileNotFoundError:
+                stamp = None
+            if stamp != self._stamp or not self._state:
+                with self._locked():
+                    self._state = self._load_fresh()
+                    self._stamp = stamp
+        return self._state
+
+    @contextlib.contextmanager
+    def _mutate(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write of the state; nothing is saved when the block raises."""
+        with self._locked():
+            state = self._load_fresh() if self._state_dir is not None else copy.deepcopy(self._state)
+            yield state
+            self._save(state)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _check_init(self) -> None:
+        if not self._initialized:
+            raise errors.UninitializedError("NVML is not initialized; call init() first")
+
+    def _gpu(self, h: int) -> _Gpu:
+        self._check_init()
+        if not isinstance(h, int) or not 0 <= h < len(self._gpus):
+            raise errors.InvalidArgumentError(f"invalid device handle {h!r}")
+        return self._gpus[h]
+
+    def _mig_gpu(self, h: int) -> _Gpu:
+        g = self._gpu(h)
+        if g.model.mig is None:
+            raise errors.NotSupportedError(f"GPU {g.uuid} ({g.model.product_name}) does not support MIG")
+        return g
+
+    @staticmethod
+    def _gi(st: dict[str, Any], g: _Gpu, gi_id: int) -> dict[str, Any]:
+        for gi in st["gpuInstances"]:
+            if gi["id"] == gi_id:
+                return gi
+        raise errors.NotFoundError(f"GPU {g.uuid} has no GPU instance {gi_id}")
+
+    def _all_processes(self, st: dict[str, Any]) -> list[int]:
+        pids = list(st["processes"])
+        for gi in st["gpuInstances"]:
+            for ci in gi["computeInstances"]:
+                pids.extend(ci["processes"])
+        return pids
+
+    # -- lifecycle and system -------------------------------------------------------------------
+    def init(self) -> None:
+        self._initialized = True
+
+    def shutdown(self) -> None:
+        self._initialized = False
+
+    def driver_version(self) -> str:
+        self._check_init()
+        return self._profile.driver_version
+
+    def cuda_driver_version(self) -> str:
+        self._check_init()
+        return self._profile.cuda_driver_version
+
+    # -- devices --------------------------------------------------------------------------------
+    def device_count(self) -> int:
+        self._check_init()
+        return len(self._gpus)
+
+    def device_by_index(self, index: int) -> int:
+        self._check_init()
+        if not 0 <= index < len(self._gpus):
+            raise errors.InvalidArgumentError(f"no GPU with index {index} (this node has {len(self._gpus)})")
+        return index
+
+    def device_by_uuid(self, uuid: str) -> int:
+        self._check_init()
+        g = self._by_uuid.get(uuid)
+        if g is None:
+            raise errors.NotFoundError(f"no GPU with UUID {uuid} on node {self._node_name}")
+        return g.slot
+
+    def device_info(self, h: int) -> DeviceInfo:
+        return self._gpu(h).info
+
+    def model_of(self, h: int) -> GpuModel:
+        return self._gpu(h).model
+
+    def running_processes(self, h: int) -> list[int]:
+        g = self._gpu(h)
+        return self._all_processes(self._read()["gpus"][g.uuid])
+
+    def is_healthy(self, h: int) -> bool:
+        g = self._gpu(h)
+        return bool(self._read()["gpus"][g.uuid]["healthy"])
+
+    def compute_mode(self, h: int) -> str:
+        g = self._gpu(h)
+        return self._read()["gpus"][g.uuid]["computeMode"]
+
+    def set_compute_mode(self, h: int, mode: str) -> None:
+        g = self._gpu(h)
+        if mode not in COMPUTE_MODES:
+            raise errors.InvalidArgumentError(f"unknown compute mode {mode!r}; use one of {COMPUTE_MODES}")
+        with self._mutate() as state:
+            state["gpus"][g.uuid]["computeMode"] = mode
+
+    def time_slice(self, h: int) -> str:
+        g = self._gpu(h)
+        return self._read()["gpus"][g.uuid]["timeSlice"]
+
+    def set_time_slice(self, h: int, interval: str) -> None:
+        g = self._gpu(h)
+        if interval not in TIME_SLICE_INTERVALS:
+            raise errors.InvalidArgumentError(f"unknown time-slice interval {interval!r}; use one of "
+                                              f"{TIME_SLICE_INTERVALS}")
+        with self._mutate() as state:
+            st = state["gpus"][g.uuid]
+            if st["migCurrent"]:
+                raise errors.NotSupportedError(f"GPU {g.uuid} is in MIG mode; compute time-slices apply to "
+                                               "whole GPUs only")
+            st["timeSlice"] = interval
+
+    # -- MIG ------------------------------------------------------------------------------------
+    def mig_mode(self, h: int) -> MigMode:
+        g = self._mig_gpu(h)
+        st = self._read()["gpus"][g.uuid]
+        return MigMode(current=st["migCurrent"], pending=st["migPending"])
+
+    def set_mig_mode(self, h: int, enabled: bool) -> bool:
+        g = self._mig_gpu(h)
+        with self._mutate() as state:
+            st = state["gpus"][g.uuid]
+            if st["migCurrent"] == enabled and st["migPending"] == enabled:
+                return True
+            pids = self._all_processes(st)
+            if pids:
+                raise errors.InUseError(f"cannot {'enable' if enabled else 'disable'} MIG on GPU {g.uuid}: "
+                                        f"processes {sorted(pids)} are running on it; stop them first")
+            if not enabled and st["gpuInstances"]:
+                raise errors.InUseError(f"cannot disable MIG on GPU {g.uuid}: GPU instances "
+                                        f"{[gi['id'] for gi in st['gpuInstances']]} exist; destroy them first")
+            st["migPending"] = enabled
+            if g.model.architecture in _RESETLESS_MIG:
+                st["migCurrent"] = enabled
+                if not enabled:
+                    st["timeSlice"] = st.get("timeSlice", "Default")
+                return True
+            return st["migCurrent"] == enabled  # Ampere: pending until a GPU reset
+
+    def _profile_info(self, g: _Gpu, spec) -> GpuInstanceProfileInfo:  # noqa: ANN001
+        return GpuInstanceProfileInfo(
+            nvml_constant=spec.nvml_constant, id=spec.id, name=spec.name, slice_count=spec.compute_slices,
+            instance_count=spec.max_instances, multiprocessor_count=spec.multiprocessors,
+            copy_engine_count=spec.copy_engines, decoder_count=spec.decoders, encoder_count=spec.encoders,
+            jpeg_count=spec.jpeg_engines, ofa_count=spec.ofa_engines, memory_size_mb=spec.memory_mib)
+
+    def gpu_instance_profile_info(self, h: int, nvml_constant: int) -> GpuInstanceProfileInfo:
+        g = self._mig_gpu(h)
+        spec = g.model.profile_by_constant(nvml_constant)
+        if spec is None:
+            raise errors.NotSupportedError(f"GPU {g.uuid} ({g.model.product_name}) has no GPU instance "
+                                           f"profile for NVML constant {nvml_constant}")
+        return self._profile_info(g, spec)
+
+    def gpu_instance_possible_placements(self, h: int, profile_id: int) -> list[Placement]:
+        g = self._mig_gpu(h)
+        spec = g.model.profile_by_id(profile_id)
+        if spec is None:
+            raise errors.InvalidArgumentError(f"GPU {g.uuid} has no GPU instance profile with ID {profile_id}")
+        return [Placement(s, spec.memory_slices) for s in spec.placement_starts]
+
+    def create_gpu_instance(self, h: int, profile_id: int, placement: Placement) -> int:
+        g = self._mig_gpu(h)
+        mig = g.model.mig
+        assert mig is not None
+        spec = g.model.profile_by_id(profile_id)
+        if spec is None:
+            raise errors.InvalidArgumentError(f"GPU {g.uuid} has no GPU instance profile with ID {profile_id}")
+        with self._mutate() as state:
+            st = state["gpus"][g.uuid]
+            if not st["migCurrent"]:
+                raise errors.NotSupportedError(f"MIG mode is not enabled on GPU {g.uuid}; enable it before "
+                                               "creating GPU instances")
+            if placement.size != spec.memory_slices or placement.start not in spec.placement_starts:
+                valid = ", ".join(f"{s}:{spec.memory_slices}" for s in spec.placement_starts)
+                raise errors.InvalidArgumentError(
+                    f"placement {placement.start}:{placement.size} is not valid for profile {spec.name} "
+                    f"(ID {profile_id}) on GPU {g.uuid}; valid placements: {valid}")
+            existing = st["gpuInstances"]
+            for gi in existing:
+                other = Placement(gi["start"], gi["size"])
+                if other.overlaps(placement):
+                    raise errors.InsufficientResourcesError(
+                        f"placement {placement.start}:{placement.size} on GPU {g.uuid} overlaps GPU instance "
+                        f"{gi['id']} at {other.start}:{other.size}")
+            same = sum(1 for gi in existing if gi["profileId"] == profile_id)
+            if same >= spec.max_instances:
+                raise errors.InsufficientResourcesError(
+                    f"GPU {g.uuid} already has {same} instance(s) of profile {spec.name}, its maximum")
+            if len(existing) >= mig.max_gpu_instances:
+                raise errors.InsufficientResourcesError(f"GPU {g.uuid} already has {len(existing)} GPU "
+                                                        "instances, its maximum")
+            used = sum(g.model.profile_by_id(gi["profileId"]).compute_slices for gi in existing)  # type: ignore[union-attr]
+            if used + spec.compute_slices > mig.compute_slices:
+                raise errors.InsufficientResourcesError(
+                    f"GPU {g.uuid} has {mig.compute_slices - used} free compute slices; {spec.name} needs "
+                    f"{spec.compute_slices}")
+            ids = {gi["id"] for gi in existing}
+            gi_id = next(i for i in range(1, 64) if i not in ids)
+            existing.append({"id": gi_id, "profileId": profile_id, "start": placement.start,
+                             "size": placement.size, "computeInstances": []})
+            return gi_id
+
+    def gpu_instances(self, h: int) -> list[GpuInstanceInfo]:
+        g = self._mig_gpu(h)
+        st = self._read()["gpus"][g.uuid]
+        return [GpuInstanceInfo(gi["id"], gi["profileId"], Placement(gi["start"], gi["size"]))
+                for gi in sorted(st["gpuInstances"], key=lambda x: x["id"])]
+
+    def destroy_gpu_instance(self, h: int, gpu_instance_id: int) -> None:
+        g = self._mig_gpu(h)
+        with self._mutate() as state:
+            st = state["gpus"][g.uuid]
+            gi = self._gi(st, g, gpu_instance_id)
+            if gi["computeInstances"]:
+                raise errors.InUseError(f"GPU instance {gpu_instance_id} on GPU {g.uuid} still has compute "
+                                        f"instances {[ci['id'] for ci in gi['computeInstances']]}; destroy them first")
+            st["gpuInstances"].remove(gi)
+
+    def _ci_profile(self, g: _Gpu, gi: dict[str, Any], nvml_constant: int) -> ComputeInstanceProfileInfo:
+        slices = next((s for s, c in CI_PROFILE_FOR_SLICES.items() if c == nvml_constant), None)
+        gi_spec = g.model.profile_by_id(gi["profileId"])
+        assert gi_spec is not None
+        if slices is None or slices > gi_spec.compute_slices:
+            raise errors.NotSupportedError(f"compute instance profile {nvml_constant} does not fit GPU instance "
+                                           f"{gi['id']} ({gi_spec.name}) on GPU {g.uuid}")
+        sms = gi_spec.multiprocessors * slices // gi_spec.compute_slices
+        return ComputeInstanceProfileInfo(nvml_constant=nvml_constant, id=nvml_constant, slice_count=slices,
+                                          multiprocessor_count=sms)
+
+    def compute_instance_profile_info(self, h: int, gpu_instance_id: int,
+                                      nvml_constant: int) -> ComputeInstanceProfileInfo:
+        g = self._mig_gpu(h)
+        gi = self._gi(self._read()["gpus"][g.uuid], g, gpu_instance_id)
+        return self._ci_profile(g, gi, nvml_constant)
+
+    def create_compute_instance(self, h: int, gpu_instance_id: int, profile_id: int) -> int:
+        g = self._mig_gpu(h)
+        with self._mutate() as state:
+            st = state["gpus"][g.uuid]
+            gi = self._gi(st, g, gpu_instance_id)
+            ci_profile = self._ci_profile(g, gi, profile_id)
+            gi_spec = g.model.profile_by_id(gi["profileId"])
+            assert gi_spec is not None
+            used = sum(c["slices"] for c in gi["computeInstances"])
+            if used + ci_profile.slice_count > gi_spec.compute_slices:
+                raise errors.InsufficientResourcesError(
+                    f"GPU instance {gpu_instance_id} on GPU {g.uuid} has {gi_spec.compute_slices - used} free "
+                    f"compute slices; compute profile {profile_id} needs {ci_profile.slice_count}")
+            ids = {c["id"] for c in gi["computeInstances"]}
+            ci_id = next(i for i in range(0, 64) if i not in ids)
+            gi["computeInstances"].append({"id": ci_id, "profileId": profile_id, "slices": ci_profile.slice_count,
+                                           "processes": []})
+            return ci_id
+
+    def compute_instances(self, h: int, gpu_instance_id: int) -> list[ComputeInstanceInfo]:
+        g = self._mig_gpu(h)
+        gi = self._gi(self._read()["gpus"][g.uuid], g, gpu_instance_id)
+        return [ComputeInstanceInfo(c["id"], gpu_instance_id, c["profileId"]) for c in gi["computeInstances"]]
+
+    def destroy_compute_instance(self, h: int, gpu_instance_id: int, compute_instance_id: int) -> None:
+        g = self._mig_gpu(h)
+        with self._mutate() as state:
+            gi = self._gi(state["gpus"][g.uuid], g, gpu_instance_id)
+            ci = next((c for c in gi["computeInstances"] if c["id"] == compute_instance_id), None)
+            if ci is None:
+                raise errors.NotFoundError(f"GPU instance {gpu_instance_id} on GPU {g.uuid} has no compute "
+                                           f"instance {compute_instance_id}")
+            if ci["processes"]:
+                raise errors.InUseError(f"processes {ci['processes']} run on compute instance "
+                                        f"{compute_instance_id} of GPU instance {gpu_instance_id} on GPU {g.uuid}")
+            gi["computeInstances"].remove(ci)
+
+    def mig_devices(self, h: int) -> list[MigDeviceInfo]:
+        g = self._mig_gpu(h)
+        st = self._read()["gpus"][g.uuid]
+        out = []
+        for gi in sorted(st["gpuInstances"], key=lambda x: x["id"]):
+            spec = g.model.profile_by_id(gi["profileId"])
+            assert spec is not None
+            for ci in gi["computeInstances"]:
+                out.append(MigDeviceInfo(
+                    uuid=fake_mig_uuid(g.uuid, gi["id"], ci["id"], gi["start"]), gpu_instance_id=gi["id"],
+                    compute_instance_id=ci["id"], profile_id=spec.id, profile_name=spec.name,
+                    placement=Placement(gi["start"], gi["size"]), memory_mib=spec.memory_mib,
+                    multiprocessors=spec.multiprocessors * ci["slices"] // spec.compute_slices))
+        return out
+
+    # -- test hooks (not part of the NVML interface) ---------------------------------------------
+    def add_process(self, device_uuid: str, pid: int) -> None:
+        """Start a fake compute process on a GPU (GPU UUID) or on a MIG device (MIG UUID)."""
+        self._set_process(device_uuid, pid, add=True)
+
+    def remove_process(self, device_uuid: str, pid: int) -> None:
+        self._set_process(device_uuid, pid, add=False)
+
+    def _set_process(self, device_uuid: str, pid: int, add: bool) -> None:
+        with self._mutate() as state:
+            for g in self._gpus:
+                st = state["gpus"][g.uuid]
+                if device_uuid == g.uuid:
+                    target = st["processes"]
+                    break
+                for gi in st["gpuInstances"]:
+                    for ci in gi["computeInstances"]:
+                        if fake_mig_uuid(g.uuid, gi["id"], ci["id"], gi["start"]) == device_uuid:
+                            target = ci["processes"]
+                            break
+                    else:
+                        continue
+                    break
+                else:
+                    continue
+                break
+            else:
+                raise errors.NotFoundError(f"no GPU or MIG device with UUID {device_uuid}")
+            if add and pid not in target:
+                target.append(pid)
+            elif not add and pid in target:
+                target.remove(pid)
+
+    def set_healthy(self, gpu_uuid: str, healthy: bool) -> None:
+        if gpu_uuid not in self._by_uuid:
+            raise errors.NotFoundError(f"no GPU with UUID {gpu_uuid}")
+        with self._mutate() as state:
+            state["gpus"][gpu_uuid]["healthy"] = healthy
