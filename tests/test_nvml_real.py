@@ -52,7 +52,7 @@ def _stand_in() -> types.SimpleNamespace:
 
 def test_missing_library_on_this_machine_gives_an_actionable_error() -> None:
     backend = RealNvml()  # the real pynvml; no NVIDIA driver here
-    with pytest.raises(errors.LibraryNotFoundError, match="--nvml fake"):
+    with pytest.raises(errors.LibraryNotFoundError, match="--nvml fake --fake-profile"):
         backend.init()
 
 

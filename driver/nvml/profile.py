@@ -108,7 +108,12 @@ class FakeGpuProfile(_Model):
 
 def _format_validation_error(source: str, err: ValidationError) -> str:
     lines = []
-    for e in err.errors():
+    errs = err.errors()
+    deeper = [e["loc"] for e in errs]
+    for e in errs:
+        # a failed item also makes pydantic report its list as too short; the item's error says it all
+        if e["type"] == "too_short" and any(len(d) > len(e["loc"]) and d[:len(e["loc"])] == e["loc"] for d in deeper):
+            continue
         path = ""
         for part in e["loc"]:
             path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))

@@ -67,7 +67,8 @@ class RealNvml(NvmlBackend):
                 raise errors.LibraryNotFoundError(
                     "cannot load libnvidia-ml.so.1: the NVIDIA driver is not installed or not visible to this "
                     "container (mount the driver root, or run on a GPU node); to try Partita without GPUs use "
-                    "--nvml fake with a fake GPU profile") from None
+                    "fake GPUs: `partita plugin --nvml fake --fake-profile FILE` or `partita inventory --fake "
+                    "H100-SXM5-80GB:8`") from None
             raise errors.error_for_code(code, f"{what} failed") from None
 
     def _dev(self, h: Any) -> str:

@@ -1,0 +1,44 @@
+"""The ``partita`` command.
+
+Node-side commands (``inventory``, ``plugin``) come from :mod:`driver.cli`; cluster-side and tooling
+commands are listed in :data:`COMMANDS` and imported only when used, so ``partita inventory`` stays
+fast and a missing optional part gives a clear message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from driver import cli as driver_cli
+
+#: name -> (module with add_arguments(parser) and run(args) -> int, help)
+COMMANDS = {
+    "controller": ("controller.operator.main", "run the controller that allocates Partita claims (Deployment)"),
+    "sandbox": ("controller.sandbox.main", "run a simulated cluster with fake GPUs on this machine"),
+    "explain": ("controller.allocator.explain", "say why a claim cannot be allocated, and what would fix it"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="partita", description="Partita: DRA driver and operator for NVIDIA GPUs (whole, MIG, shared).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    driver_cli.add_subcommands(sub, wanted)
+    for name, (module, help_) in COMMANDS.items():
+        driver_cli.add_command(sub, name, module, "add_arguments", "run", help_, load=name == wanted)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args._run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
