@@ -44,9 +44,9 @@ def test_yaml_from_a_profile_file_in_scheduler_mode(capsys, tmp_path) -> None:
 
 
 def test_table_lists_gpus_and_devices(capsys) -> None:
-    rc, out, _ = _run(capsys, "inventory", "--fake", "A100-SXM4-80GB:1")
+    rc, out, _ = _run(capsys, "inventory", "--fake", "H100-SXM5-80GB:1")
     assert rc == 0
-    assert "NVIDIA A100-SXM4-80GB" in out and "0000:1b:00.0" in out
+    assert "NVIDIA H100 80GB HBM3" in out and "0000:1b:00.0" in out
     assert "gpu     gpu-" in out and "shared  gpu-" in out and "(25 in all)" in out
 
 
