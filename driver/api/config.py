@@ -1,0 +1,152 @@
+"""``GpuConfig``: the opaque device configuration users put in DeviceClasses and ResourceClaims.
+
+    config:
+    - requests: [notebook]
+      opaque:
+        driver: gpu.partita.dev
+        parameters:
+          apiVersion: gpu.partita.dev/v1alpha1
+          kind: GpuConfig
+          sharing:
+            strategy: TimeSlicing            # or MPS
+            timeSlicingConfig: {interval: Medium}      # Default | Short | Medium | Long
+            # mpsConfig: {defaultActiveThreadPercentage: 50, defaultPinnedDeviceMemoryLimit: 10Gi}
+
+Validated in the controller (an Event on the pod), by the admission webhook, and in the kubelet
+plugin; every error names the field and the allowed values. Class config applies first, claim config
+after; of the configs that apply to a request, the last one wins (as the upstream example driver and
+NVIDIA's driver do).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from driver.api.quantity import Quantity, QuantityError
+
+API_VERSION = "gpu.partita.dev/v1alpha1"
+KIND = "GpuConfig"
+STRATEGIES = ("TimeSlicing", "MPS")
+INTERVALS = ("Default", "Short", "Medium", "Long")
+
+
+class ConfigError(ValueError):
+    """An invalid GpuConfig; the message names the field and what is allowed."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class TimeSlicingConfig(_Model):
+    interval: Literal["Default", "Short", "Medium", "Long"] = "Default"
+
+
+class MpsConfig(_Model):
+    default_active_thread_percentage: int | None = Field(default=None, alias="defaultActiveThreadPercentage",
+                                                         ge=1, le=100)
+    default_pinned_device_memory_limit: str | None = Field(default=None, alias="defaultPinnedDeviceMemoryLimit")
+
+    @field_validator("default_pinned_device_memory_limit")
+    @classmethod
+    def _quantity(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            q = Quantity.parse(v)
+        except QuantityError as e:
+            raise ValueError(str(e)) from None
+        if q.sign() <= 0:
+            raise ValueError(f"must be a positive quantity such as 10Gi, got {v!r}")
+        return v
+
+
+class Sharing(_Model):
+    strategy: Literal["TimeSlicing", "MPS"] = "TimeSlicing"
+    time_slicing_config: TimeSlicingConfig | None = Field(default=None, alias="timeSlicingConfig")
+    mps_config: MpsConfig | None = Field(default=None, alias="mpsConfig")
+
+    @model_validator(mode="after")
+    def _matching_config(self) -> "Sharing":
+        if self.strategy == "TimeSlicing" and self.mps_config is not None:
+            raise ValueError("mpsConfig cannot be used with strategy TimeSlicing; set strategy: MPS or remove mpsConfig")
+        if self.strategy == "MPS" and self.time_slicing_config is not None:
+            raise ValueError("timeSlicingConfig cannot be used with strategy MPS; set strategy: TimeSlicing or "
+                             "remove timeSlicingConfig")
+        return self
+
+    def normalized(self) -> "Sharing":
+        if self.strategy == "TimeSlicing":
+            return Sharing(strategy="TimeSlicing", timeSlicingConfig=self.time_slicing_config or TimeSlicingConfig())
+        return Sharing(strategy="MPS", mpsConfig=self.mps_config or MpsConfig())
+
+
+class GpuConfig(_Model):
+    api_version: Literal["gpu.partita.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["GpuConfig"]
+    sharing: Sharing | None = None
+
+    def normalized(self) -> "GpuConfig":
+        return GpuConfig(apiVersion=API_VERSION, kind=KIND, sharing=(self.sharing or Sharing()).normalized())
+
+    def to_json(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+_ALLOWED = {
+    "strategy": f"one of {', '.join(STRATEGIES)}",
+    "interval": f"one of {', '.join(INTERVALS)}",
+    "apiVersion": f"{API_VERSION!r}",
+    "kind": f"{KIND!r}",
+    "defaultActiveThreadPercentage": "an integer from 1 to 100",
+}
+
+
+def parse_gpu_config(parameters: object, where: str = "opaque.parameters") -> GpuConfig:
+    """Validate ``parameters`` of an opaque config for our driver; errors name ``where`` + the field."""
+    if not isinstance(parameters, dict):
+        raise ConfigError(f"{where}: expected a GpuConfig object (apiVersion {API_VERSION}, kind {KIND}), "
+                          f"got {type(parameters).__name__}")
+    try:
+        return GpuConfig.model_validate(parameters)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            path = ".".join(str(p) for p in err["loc"])
+            leaf = str(err["loc"][-1]) if err["loc"] else ""
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field; remove it"
+            elif leaf in _ALLOWED and err["type"] in ("literal_error", "greater_than_equal", "less_than_equal",
+                                                       "int_parsing", "int_type"):
+                msg = f"must be {_ALLOWED[leaf]}, got {err.get('input')!r}"
+            elif err["type"] == "missing":
+                msg = "required field is missing"
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+            msgs.append(f"{where}.{path}: {msg}" if path else f"{where}: {msg}")
+        raise ConfigError("; ".join(msgs)) from None
+
+
+def config_applies(config_requests: list[str] | None, request: str) -> bool:
+    """Whether a config entry's ``requests`` covers a result's request (``req`` covers ``req/sub``)."""
+    if not config_requests:
+        return True
+    return request in config_requests or request.split("/", 1)[0] in config_requests
+
+
+def validate_claim_configs(spec: dict, driver_name: str, where: str) -> list[str]:
+    """Errors of every opaque config for our driver in a claim/template/class spec (``devices.config``
+    or DeviceClass ``config``) — what the controller, webhook and plugin check."""
+    errors = []
+    configs = (spec.get("devices") or {}).get("config") if "devices" in spec else spec.get("config")
+    for i, c in enumerate(configs or []):
+        opaque = c.get("opaque") or {}
+        if opaque.get("driver") != driver_name:
+            continue
+        try:
+            parse_gpu_config(opaque.get("parameters"), f"{where}.config[{i}].opaque.parameters")
+        except ConfigError as e:
+            errors.append(str(e))
+    return errors

@@ -1,0 +1,176 @@
+"""A thin async JSON layer over the official Kubernetes client (kubernetes.aio).
+
+The official client does configuration and authentication (in-cluster service account, kubeconfig,
+TLS, exec plugins); Partita talks API JSON (camelCase dicts) through it, the same shape the API server,
+kopf and the allocator use, without round-tripping every object through generated models.
+
+    kube = await Kube.connect()                     # in-cluster, else kubeconfig
+    kube = await Kube.connect("http://127.0.0.1:8001")   # plain HTTP (sandbox, tests, kubectl proxy)
+    claim = await kube.get(claim_path("ns", "name"))
+    async for event in kube.watch(SLICES, params={"fieldSelector": "spec.nodeName=n1"}): ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, AsyncIterator, Mapping
+
+log = logging.getLogger(__name__)
+
+SLICES = "/apis/resource.k8s.io/v1/resourceslices"
+DEVICE_CLASSES = "/apis/resource.k8s.io/v1/deviceclasses"
+NODES = "/api/v1/nodes"
+PODS = "/api/v1/pods"
+
+
+def claims_path(namespace: str | None = None) -> str:
+    return f"/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims" if namespace else \
+        "/apis/resource.k8s.io/v1/resourceclaims"
+
+
+def claim_path(namespace: str, name: str, status: bool = False) -> str:
+    return f"{claims_path(namespace)}/{name}" + ("/status" if status else "")
+
+
+def slice_path(name: str) -> str:
+    return f"{SLICES}/{name}"
+
+
+def node_path(name: str) -> str:
+    return f"{NODES}/{name}"
+
+
+class KubeError(Exception):
+    """A non-2xx answer from the API server (``status`` is the HTTP status, ``reason`` the Status reason)."""
+
+    def __init__(self, status: int, reason: str, message: str, method: str = "", path: str = ""):
+        super().__init__(f"{method} {path}: {status} {reason}: {message}".strip())
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+    @property
+    def invalid(self) -> bool:
+        return self.status == 422
+
+
+class Kube:
+    """Async API access with JSON dicts in and out."""
+
+    def __init__(self, api_client: Any):
+        self._api = api_client
+
+    @classmethod
+    async def connect(cls, url: str | None = None) -> "Kube":
+        """A client for a plain-HTTP API URL, else the in-cluster service account, else the kubeconfig."""
+        from kubernetes.aio import client, config
+
+        if url:
+            cfg = client.Configuration(host=url.rstrip("/"))
+        else:
+            cfg = client.Configuration()
+            try:
+                config.load_incluster_config(client_configuration=cfg)
+            except config.ConfigException:
+                await config.load_kube_config(client_configuration=cfg)
+        return cls(client.ApiClient(cfg))
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    async def __aenter__(self) -> "Kube":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- requests -------------------------------------------------------------------------------
+    async def _send(self, method: str, path: str, params: Mapping[str, Any] | None, body: Any,
+                    content_type: str | None, timeout: float | None) -> Any:
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type or "application/json"
+        query = [(k, _qv(v)) for k, v in (params or {}).items() if v is not None]
+        method_, url, hdrs, body_, _ = self._api.param_serialize(
+            method=method, resource_path=path, query_params=query, header_params=headers, body=body,
+            auth_settings=["BearerToken"])
+        resp = await self._api.call_api(method_, url, header_params=hdrs, body=body_, _preload_content=False,
+                                        _request_timeout=timeout)
+        return resp.response
+
+    async def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
+                      body: Any = None, content_type: str | None = None, timeout: float | None = 30) -> dict:
+        resp = await self._send(method, path, params, body, content_type, timeout)
+        try:
+            data = await resp.read()
+        finally:
+            resp.release()
+        obj = json.loads(data) if data else {}
+        if resp.status >= 400:
+            raise KubeError(resp.status, obj.get("reason", resp.reason or ""), obj.get("message", data.decode()[:500]),
+                            method, path)
+        return obj
+
+    async def get(self, path: str, **params: Any) -> dict:
+        return await self.request("GET", path, params=params)
+
+    async def list(self, path: str, **params: Any) -> dict:
+        return await self.request("GET", path, params=params)
+
+    async def create(self, path: str, body: dict) -> dict:
+        return await self.request("POST", path, body=body)
+
+    async def replace(self, path: str, body: dict) -> dict:
+        """PUT: the body's metadata.resourceVersion is the optimistic-concurrency precondition."""
+        return await self.request("PUT", path, body=body)
+
+    async def merge_patch(self, path: str, body: dict) -> dict:
+        return await self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
+
+    async def json_patch(self, path: str, ops: list[dict]) -> dict:
+        return await self.request("PATCH", path, body=ops, content_type="application/json-patch+json")
+
+    async def delete(self, path: str, *, uid: str | None = None, resource_version: str | None = None,
+                     **params: Any) -> dict:
+        body = None
+        if uid or resource_version:
+            pre = {k: v for k, v in (("uid", uid), ("resourceVersion", resource_version)) if v}
+            body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": pre}
+        return await self.request("DELETE", path, params=params, body=body)
+
+    async def watch(self, path: str, *, resource_version: str | None = None, timeout_seconds: int = 300,
+                    **params: Any) -> AsyncIterator[dict]:
+        """Watch events ``{"type", "object"}`` until the server closes the stream. An ``ERROR`` event
+        with code 410 means the version is too old: list again."""
+        q = {"watch": "true", "allowWatchBookmarks": "true", "timeoutSeconds": timeout_seconds,
+             "resourceVersion": resource_version, **params}
+        resp = await self._send("GET", path, q, None, None, timeout_seconds + 30)
+        try:
+            if resp.status >= 400:
+                data = await resp.read()
+                obj = json.loads(data) if data else {}
+                raise KubeError(resp.status, obj.get("reason", ""), obj.get("message", ""), "WATCH", path)
+            buf = b""
+            async for chunk in resp.content.iter_any():
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            resp.release()
+
+
+def _qv(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)

@@ -1,0 +1,123 @@
+"""CDI (Container Device Interface) specs: one file per prepared claim, written atomically.
+
+The kubelet hands the runtime the CDI device IDs Prepare returns (``k8s.gpu.partita.dev/gpu=<name>``);
+the runtime (containerd, CRI-O, podman) looks them up in the spec files of its CDI directories
+(``/etc/cdi``, ``/var/run/cdi``). Partita's spec carries what is claim-specific (which GPU, MIG device
+or share, the sharing settings); on real nodes the NVIDIA container toolkit's own spec (kind
+``nvidia.com/gpu``) supplies device nodes and driver libraries, and Partita returns its device ID too
+when that spec is installed (see :func:`toolkit_device_id`).
+
+Specs use the lowest ``cdiVersion`` their content needs, as the CDI library's ``MinimumRequiredVersion``
+does: 0.3.0, or 0.5.0 when a device name starts with a digit (claim UIDs often do); podman 4.3 reads
+only up to 0.5.0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from driver.api import constants as C
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Mount(_Model):
+    host_path: str = Field(alias="hostPath")
+    container_path: str = Field(alias="containerPath")
+    options: list[str] | None = None
+
+
+class DeviceNode(_Model):
+    path: str
+    host_path: str | None = Field(default=None, alias="hostPath")
+    permissions: str | None = None
+
+
+class ContainerEdits(_Model):
+    env: list[str] | None = None
+    device_nodes: list[DeviceNode] | None = Field(default=None, alias="deviceNodes")
+    mounts: list[Mount] | None = None
+
+
+class CdiDevice(_Model):
+    name: str
+    container_edits: ContainerEdits = Field(alias="containerEdits")
+
+
+class CdiSpec(_Model):
+    cdi_version: str = Field(alias="cdiVersion")
+    kind: str
+    devices: list[CdiDevice]
+    container_edits: ContainerEdits | None = Field(default=None, alias="containerEdits")
+
+    def to_json(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+def minimum_version(devices: list[CdiDevice]) -> str:
+    """Lowest cdiVersion for the fields Partita uses (env, deviceNodes, mounts): 0.3.0, or 0.5.0 when a
+    device name starts with a digit."""
+    return "0.5.0" if any(d.name[:1].isdigit() for d in devices) else "0.3.0"
+
+
+def build_spec(driver_name: str, devices: list[CdiDevice], common_env: list[str] | None = None) -> CdiSpec:
+    if not devices:
+        raise ValueError("a CDI spec needs at least one device")
+    return CdiSpec(cdiVersion=minimum_version(devices), kind=C.cdi_kind(driver_name), devices=devices,
+                   containerEdits=ContainerEdits(env=common_env) if common_env else None)
+
+
+def device_id(driver_name: str, device_name: str) -> str:
+    return f"{C.cdi_kind(driver_name)}={device_name}"
+
+
+def spec_path(cdi_root: Path, driver_name: str, claim_uid: str) -> Path:
+    """One file per claim, named after the claim UID, which is never reused."""
+    return cdi_root / f"{C.cdi_vendor(driver_name)}-{C.CDI_CLASS}_{claim_uid}.json"
+
+
+def write_spec(path: Path, spec: CdiSpec) -> None:
+    """Atomic: a reader sees the old file, the new file, or nothing — never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(spec.to_json(), f)
+    os.replace(tmp, path)
+
+
+def remove_spec(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+_TOOLKIT_KIND = re.compile(r'"?kind"?\s*:\s*"?nvidia\.com/gpu"?')
+
+
+def toolkit_device_id(cdi_dirs: list[Path], uuid: str) -> str | None:
+    """``nvidia.com/gpu=<uuid>`` when the NVIDIA container toolkit's CDI spec (``nvidia-ctk cdi
+    generate``) is installed and names the device by UUID; it supplies the device nodes and driver
+    libraries that Partita's spec does not. None on fake nodes and nodes without the toolkit spec."""
+    for d in cdi_dirs:
+        try:
+            files = sorted(d.iterdir())
+        except OSError:
+            continue
+        for f in files:
+            if f.suffix not in (".yaml", ".json") or not f.is_file():
+                continue
+            try:
+                text = f.read_text()
+            except OSError:
+                continue
+            if _TOOLKIT_KIND.search(text) and uuid in text:
+                return f"nvidia.com/gpu={uuid}"
+    return None

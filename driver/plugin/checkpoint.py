@@ -1,0 +1,125 @@
+"""The plugin's checkpoint: which claims are prepared on this node, and how.
+
+A versioned JSON document (``apiVersion: gpu.partita.dev/v1``, ``kind: PluginCheckpoint``) in the
+plugin data directory, written atomically (temp file, fsync, rename, fsync of the directory) and
+re-read at the start of every Prepare and Unprepare, so state lives on disk only (a restarted or a
+second plugin instance sees it). Newer plugins read older versions; an unknown version or a corrupt
+file raises :class:`CheckpointError` and the file is left untouched, so nothing is lost.
+
+A claim is recorded ``Preparing`` before any step with side effects (MIG instances) and ``Prepared``
+when done, so a restart can finish or undo what a crash interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+API_VERSION = "gpu.partita.dev/v1"
+KIND = "PluginCheckpoint"
+SUPPORTED_VERSIONS = (API_VERSION,)
+
+
+class CheckpointError(Exception):
+    """The checkpoint cannot be read; the message names the file and what to do."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class MigInstance(_Model):
+    """A MIG device Partita created (or is about to create) for a claim."""
+
+    gpu_uuid: str = Field(alias="gpuUUID")
+    profile_id: int = Field(alias="profileID")
+    placement_start: int = Field(alias="placementStart")
+    placement_size: int = Field(alias="placementSize")
+    gpu_instance_id: int | None = Field(default=None, alias="gpuInstanceID")
+    compute_instance_id: int | None = Field(default=None, alias="computeInstanceID")
+    uuid: str | None = None
+    #: False for a MIG device that already existed (static MIG): used, never destroyed, by Partita
+    created: bool = True
+
+
+class PreparedDevice(_Model):
+    request_names: list[str] = Field(alias="requestNames")
+    pool: str
+    device: str
+    share_id: str | None = Field(default=None, alias="shareID")
+    cdi_device_ids: list[str] = Field(alias="cdiDeviceIDs")
+    type: str                                   # gpu | mig | shared
+    gpu_uuid: str = Field(alias="gpuUUID")
+    mig: MigInstance | None = None
+    config: dict | None = None                  # the effective opaque config applied (sharing)
+
+
+class PreparedClaim(_Model):
+    uid: str
+    namespace: str
+    name: str
+    state: Literal["Preparing", "Prepared"]
+    devices: list[PreparedDevice] = []
+    cdi_spec: str = Field(default="", alias="cdiSpec")
+
+
+class Checkpoint(_Model):
+    api_version: str = Field(default=API_VERSION, alias="apiVersion")
+    kind: str = KIND
+    claims: dict[str, PreparedClaim] = {}
+
+
+class CheckpointStore:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> Checkpoint:
+        try:
+            raw = self.path.read_text()
+        except FileNotFoundError:
+            return Checkpoint()
+        except OSError as e:
+            raise CheckpointError(f"cannot read checkpoint {self.path}: {e.strerror}") from None
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise self._unreadable(f"it is not valid JSON ({e})") from None
+        if not isinstance(data, dict) or data.get("kind") != KIND:
+            raise self._unreadable(f"it is not a {KIND} (kind {data.get('kind') if isinstance(data, dict) else None!r})")
+        if data.get("apiVersion") not in SUPPORTED_VERSIONS:
+            raise self._unreadable(f"its apiVersion {data.get('apiVersion')!r} is not one this plugin reads "
+                                   f"({', '.join(SUPPORTED_VERSIONS)}); it was probably written by a newer Partita — "
+                                   "roll the plugin forward again")
+        try:
+            return Checkpoint.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise self._unreadable(f"field {where}: {first['msg']}") from None
+
+    def _unreadable(self, why: str) -> CheckpointError:
+        return CheckpointError(
+            f"checkpoint {self.path} is unreadable: {why}. The plugin keeps serving but will not prepare or "
+            "unprepare claims until it is repaired, so no prepared state is lost. Repair or restore the file; "
+            "or, once no pod on this node uses Partita devices, delete it and restart the plugin")
+
+    def write(self, cp: Checkpoint) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        data = cp.model_dump_json(by_alias=True, exclude_none=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)

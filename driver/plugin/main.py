@@ -1,0 +1,191 @@
+"""The kubelet plugin process (``partita plugin``): flags, start-up order, signals, shutdown.
+
+Start-up: NVML backend -> inventory -> undo interrupted prepares -> ResourceSlice publisher -> DRA gRPC
+socket -> registration socket (the kubelet registers the plugin as soon as that one appears) -> health
+and metrics. SIGTERM/SIGINT stop the servers and remove both sockets; ResourceSlices stay (the kubelet
+wipes them if the plugin does not come back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from driver.api import constants as C
+from driver.api.kube import Kube, KubeError
+from driver.inventory import discover
+from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
+from driver.plugin.claims import KubeClaimSource
+from driver.plugin.prepare import ClaimRef, DeviceState, PrepareError
+from driver.plugin.server import DraService, PluginServers
+from driver.publisher import SlicePublisher
+from driver.slices import SliceFeatures
+
+log = logging.getLogger("driver.plugin")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node-name", default=_env("NODE_NAME"), help="this node's name (env NODE_NAME; required)")
+    p.add_argument("--driver-name", default=_env("DRIVER_NAME", C.DEFAULT_DRIVER_NAME),
+                   help="DRA driver name (env DRIVER_NAME; default %(default)s)")
+    p.add_argument("--nvml", choices=BACKENDS, default=_env("NVML_BACKEND", "real"),
+                   help="NVML backend: real GPUs, or fake GPUs from --fake-profile (env NVML_BACKEND)")
+    p.add_argument("--fake-profile", default=_env("FAKE_GPU_PROFILE"),
+                   help="FakeGpuProfile file for --nvml fake (env FAKE_GPU_PROFILE)")
+    p.add_argument("--fake-state-dir", default=_env("FAKE_GPU_STATE_DIR"),
+                   help="where fake GPUs keep MIG instances etc. across restarts (env FAKE_GPU_STATE_DIR; "
+                        "default <plugin data dir>/fake-nvml)")
+    p.add_argument("--cdi-root", default=_env("CDI_ROOT", "/var/run/cdi"), help="CDI spec directory (env CDI_ROOT)")
+    p.add_argument("--kubelet-registrar-directory-path",
+                   default=_env("KUBELET_REGISTRAR_DIRECTORY_PATH", "/var/lib/kubelet/plugins_registry"),
+                   help="kubelet plugin registration directory (env KUBELET_REGISTRAR_DIRECTORY_PATH)")
+    p.add_argument("--kubelet-plugins-directory-path",
+                   default=_env("KUBELET_PLUGINS_DIRECTORY_PATH", "/var/lib/kubelet/plugins"),
+                   help="kubelet plugins directory; the plugin's data directory is <this>/<driver> "
+                        "(env KUBELET_PLUGINS_DIRECTORY_PATH)")
+    p.add_argument("--allocation-mode", choices=C.ALLOCATION_MODES,
+                   default=_env("ALLOCATION_MODE", C.ALLOCATION_MODE_CONTROLLER),
+                   help="controller: devices carry Partita's taint so only its controller allocates them; "
+                        "scheduler: kube-scheduler allocates (env ALLOCATION_MODE)")
+    p.add_argument("--kube-api", default=_env("KUBE_API_URL"),
+                   help="plain-HTTP API server URL (sandbox, tests); default: in-cluster, then kubeconfig "
+                        "(env KUBE_API_URL)")
+    p.add_argument("--health-port", type=int, default=int(_env("HEALTH_PORT", "51515") or 51515),
+                   help="gRPC health (service 'liveness') port, -1 = off (env HEALTH_PORT)")
+    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "8080") or 8080),
+                   help="Prometheus metrics port, -1 = off (env METRICS_PORT)")
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="log level (env LOG_LEVEL)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger().setLevel(str(args.log_level).upper())
+    if not args.node_name:
+        print("partita plugin: --node-name (or NODE_NAME) is required; in the DaemonSet it comes from "
+              "spec.nodeName through the downward API", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(args))
+    except StartupError as e:
+        print(f"partita plugin: {e}", file=sys.stderr)
+        return 1
+
+
+class StartupError(Exception):
+    pass
+
+
+def _open_backend(args: argparse.Namespace, plugin_dir: Path):
+    if args.nvml == "fake":
+        if not args.fake_profile:
+            raise StartupError("--nvml fake needs --fake-profile FILE (env FAKE_GPU_PROFILE)")
+        try:
+            profile = load_profile(args.fake_profile)
+            profile.node(args.node_name)
+        except ProfileError as e:
+            raise StartupError(str(e)) from None
+        state_dir = Path(args.fake_state_dir) if args.fake_state_dir else plugin_dir / "fake-nvml"
+        backend = open_backend("fake", profile=profile, node_name=args.node_name, state_dir=state_dir)
+    else:
+        backend = open_backend("real")
+    try:
+        backend.init()
+    except NvmlError as e:
+        raise StartupError(str(e)) from None
+    return backend
+
+
+async def cleanup_stale_claims(state: DeviceState, claims: KubeClaimSource) -> None:
+    """Unprepare claims in the checkpoint that no longer exist (deleted while the plugin was down), so
+    MIG instances created for them do not linger."""
+    stale = []
+    for uid, entry in state.prepared_claims().items():
+        ref = ClaimRef(entry.namespace, entry.name, uid)
+        try:
+            claim = await claims.get(ref)
+        except PrepareError as e:
+            if "does not exist" in str(e):
+                stale.append(ref)
+            continue
+        if claim.get("metadata", {}).get("uid") != uid:
+            stale.append(ref)
+    if stale:
+        errors = await state.unprepare(stale)
+        for ref in stale:
+            log.info("released claim %s (uid %s), which no longer exists%s", ref, ref.uid,
+                     f": {errors[ref.uid]}" if errors.get(ref.uid) else "")
+
+
+async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> int:
+    stop = stop or asyncio.Event()
+    plugin_dir = Path(args.kubelet_plugins_directory_path) / args.driver_name
+    plugin_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+    cdi_root = Path(args.cdi_root)
+    cdi_root.mkdir(parents=True, exist_ok=True)
+    backend = _open_backend(args, plugin_dir)
+    inventory = discover(backend, args.node_name)
+    log.info("node %s: %d GPU(s) (%s NVML, driver %s)", args.node_name, len(inventory.gpus), backend.kind,
+             inventory.driver_version)
+    kube = await Kube.connect(args.kube_api)
+    publisher = SlicePublisher(kube, driver_name=args.driver_name, node_name=args.node_name, inventory=inventory,
+                               features=SliceFeatures(taints=args.allocation_mode == C.ALLOCATION_MODE_CONTROLLER))
+    state = DeviceState(driver_name=args.driver_name, node_name=args.node_name, backend=backend,
+                        inventory=inventory, cdi_root=cdi_root, plugin_dir=plugin_dir,
+                        on_inventory_change=publisher.update_inventory)
+    state.recover()
+    claims = KubeClaimSource(kube)
+    servers = PluginServers(DraService(state, claims), driver_name=args.driver_name,
+                            dra_socket=plugin_dir / "dra.sock",
+                            registration_socket=Path(args.kubelet_registrar_directory_path) / f"{args.driver_name}-reg.sock")
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(publisher.run(stop), name="publisher")]
+    health = None
+    try:
+        await servers.start()
+        if args.health_port >= 0:
+            from driver.plugin.health import start_health_server
+
+            health = await start_health_server(args.health_port, servers.dra_socket, servers.registration_socket)
+        if args.metrics_port >= 0:
+            from prometheus_client import start_http_server
+
+            start_http_server(args.metrics_port)
+        tasks.append(asyncio.create_task(_cleanup_later(state, claims), name="stale-claims"))
+        if ready is not None:
+            ready.set()
+        log.info("plugin for node %s ready", args.node_name)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        stop.set()
+        await servers.stop()
+        if health is not None:
+            await health.stop(0)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await kube.close()
+        backend.shutdown()
+    return 0
+
+
+async def _cleanup_later(state: DeviceState, claims: KubeClaimSource) -> None:
+    try:
+        await cleanup_stale_claims(state, claims)
+    except (KubeError, OSError) as e:
+        log.warning("could not check prepared claims against the API server: %s", e)
+    except Exception:  # noqa: BLE001
+        log.exception("checking prepared claims against the API server failed")

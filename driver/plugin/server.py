@@ -1,0 +1,172 @@
+"""The kubelet-facing gRPC servers on unix sockets: DRA v1 and v1beta1, and plugin registration.
+
+The DRA socket is served first, then the registration socket, so the kubelet never sees a
+registration whose endpoint is not served yet. Stale sockets are removed before binding and both are
+removed on stop (removing the registration socket is how the kubelet learns the plugin is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+import grpc
+
+from driver.kubeletapi.dra.v1 import api_pb2 as v1
+from driver.kubeletapi.dra.v1 import api_pb2_grpc as v1_grpc
+from driver.kubeletapi.dra.v1beta1 import api_pb2 as v1beta1
+from driver.kubeletapi.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
+from driver.kubeletapi.pluginregistration.v1 import api_pb2 as reg
+from driver.kubeletapi.pluginregistration.v1 import api_pb2_grpc as reg_grpc
+from driver.plugin import metrics
+from driver.plugin.claims import ClaimSource
+from driver.plugin.prepare import ClaimRef, DeviceState
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VERSIONS = ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
+PLUGIN_TYPE = "DRAPlugin"
+
+
+class DraService:
+    """NodePrepareResources / NodeUnprepareResources, shared by the v1 and v1beta1 servicers."""
+
+    def __init__(self, state: DeviceState, claims: ClaimSource):
+        self.state = state
+        self.claims = claims
+
+    async def _fetch(self, ref: ClaimRef) -> dict | Exception:
+        if not ref.uid or not ref.name or not ref.namespace:
+            from driver.plugin.prepare import PrepareError, check_request
+
+            try:
+                check_request(ref)
+            except PrepareError as e:
+                return e
+        try:
+            return await self.claims.get(ref)
+        except Exception as e:  # noqa: BLE001 - reported per claim
+            return e
+
+    async def prepare(self, request, pb):  # noqa: ANN001 - v1 or v1beta1 messages
+        start = time.perf_counter()
+        refs = [ClaimRef(c.namespace, c.name, c.uid) for c in request.claims]
+        fetched = await asyncio.gather(*(self._fetch(r) for r in refs))
+        results = await self.state.prepare(list(zip(refs, fetched)))
+        resp = pb.NodePrepareResourcesResponse()
+        for ref in refs:
+            res = results[ref.uid]
+            out = resp.claims[ref.uid]
+            if res.error:
+                out.error = res.error
+                metrics.PREPARE_ERRORS.inc()
+                continue
+            for d in res.devices:
+                dev = out.devices.add(request_names=d.request_names, pool_name=d.pool, device_name=d.device,
+                                      cdi_device_ids=d.cdi_device_ids)
+                if d.share_id and pb is v1:
+                    dev.share_id = d.share_id
+        metrics.PREPARE_SECONDS.observe(time.perf_counter() - start)
+        metrics.PREPARED_CLAIMS.set(self.state.prepared_count)
+        return resp
+
+    async def unprepare(self, request, pb):  # noqa: ANN001
+        start = time.perf_counter()
+        refs = [ClaimRef(c.namespace, c.name, c.uid) for c in request.claims]
+        errors = await self.state.unprepare(refs)
+        resp = pb.NodeUnprepareResourcesResponse()
+        for ref in refs:
+            resp.claims[ref.uid].error = errors.get(ref.uid, "")
+            if errors.get(ref.uid):
+                metrics.UNPREPARE_ERRORS.inc()
+        metrics.UNPREPARE_SECONDS.observe(time.perf_counter() - start)
+        metrics.PREPARED_CLAIMS.set(self.state.prepared_count)
+        return resp
+
+
+class DraV1(v1_grpc.DRAPluginServicer):
+    def __init__(self, svc: DraService):
+        self.svc = svc
+
+    async def NodePrepareResources(self, request, context):  # noqa: N802,ANN001
+        return await self.svc.prepare(request, v1)
+
+    async def NodeUnprepareResources(self, request, context):  # noqa: N802,ANN001
+        return await self.svc.unprepare(request, v1)
+
+
+class DraV1beta1(v1beta1_grpc.DRAPluginServicer):
+    def __init__(self, svc: DraService):
+        self.svc = svc
+
+    async def NodePrepareResources(self, request, context):  # noqa: N802,ANN001
+        return await self.svc.prepare(request, v1beta1)
+
+    async def NodeUnprepareResources(self, request, context):  # noqa: N802,ANN001
+        return await self.svc.unprepare(request, v1beta1)
+
+
+class Registration(reg_grpc.RegistrationServicer):
+    def __init__(self, driver_name: str, endpoint: str):
+        self.driver_name = driver_name
+        self.endpoint = endpoint
+        self.status: reg.RegistrationStatus | None = None
+
+    async def GetInfo(self, request, context):  # noqa: N802,ANN001
+        return reg.PluginInfo(type=PLUGIN_TYPE, name=self.driver_name, endpoint=self.endpoint,
+                              supported_versions=SUPPORTED_VERSIONS)
+
+    async def NotifyRegistrationStatus(self, request, context):  # noqa: N802,ANN001
+        self.status = request
+        if request.plugin_registered:
+            log.info("the kubelet registered the DRA plugin %s (endpoint %s)", self.driver_name, self.endpoint)
+            return reg.RegistrationStatusResponse()
+        log.error("the kubelet refused to register the DRA plugin %s: %s", self.driver_name, request.error)
+        await context.abort(grpc.StatusCode.UNKNOWN, f"failed registration process: {request.error}")
+
+
+def _remove_socket(path: Path) -> None:
+    try:
+        if path.is_socket() or path.exists():
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class PluginServers:
+    """Owns the two unix-socket servers."""
+
+    def __init__(self, svc: DraService, *, driver_name: str, dra_socket: Path, registration_socket: Path):
+        self.svc = svc
+        self.dra_socket = dra_socket
+        self.registration_socket = registration_socket
+        self.registration = Registration(driver_name, str(dra_socket))
+        self._dra: grpc.aio.Server | None = None
+        self._reg: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        for p in (self.dra_socket, self.registration_socket):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            _remove_socket(p)
+        self._dra = grpc.aio.server()
+        v1_grpc.add_DRAPluginServicer_to_server(DraV1(self.svc), self._dra)
+        v1beta1_grpc.add_DRAPluginServicer_to_server(DraV1beta1(self.svc), self._dra)
+        self._dra.add_insecure_port(f"unix://{self.dra_socket}")
+        await self._dra.start()
+        log.info("serving DRA v1 and v1beta1 on %s", self.dra_socket)
+        self._reg = grpc.aio.server()
+        reg_grpc.add_RegistrationServicer_to_server(self.registration, self._reg)
+        self._reg.add_insecure_port(f"unix://{self.registration_socket}")
+        await self._reg.start()
+        log.info("serving plugin registration on %s", self.registration_socket)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        # Registration first: the kubelet deregisters as soon as that socket is gone.
+        for server in (self._reg, self._dra):
+            if server is not None:
+                await server.stop(grace)
+        for p in (self.registration_socket, self.dra_socket):
+            _remove_socket(p)

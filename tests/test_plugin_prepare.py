@@ -1,0 +1,218 @@
+"""Prepare/unprepare on a node with fake GPUs: CDI, checkpoint, idempotency, MIG, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import referencing
+
+from driver.api import naming
+from driver.inventory import discover
+from driver.nvml import open_backend
+from driver.nvml.profile import parse_profile
+from driver.nvml.interface import Placement
+from driver.plugin.checkpoint import CheckpointStore, MigInstance, PreparedClaim, PreparedDevice
+from driver.plugin.prepare import ClaimRef, DeviceState
+from tests.support.claims import allocated_claim
+
+NODE = "node-a"
+
+
+def _profile(groups):
+    return parse_profile({"apiVersion": "gpu.partita.dev/v1alpha1", "kind": "FakeGpuProfile",
+                          "nodes": [{"name": NODE, "gpus": groups}]})
+
+
+@pytest.fixture
+def node(tmp_path):
+    backend = open_backend("fake", profile=_profile([{"model": "H100-SXM5-80GB", "count": 2},
+                                                     {"model": "A100-SXM4-40GB", "count": 1}]),
+                           node_name=NODE, state_dir=tmp_path / "nvml")
+    backend.init()
+    inv = discover(backend, NODE)
+
+    def make_state():
+        return DeviceState(driver_name="gpu.partita.dev", node_name=NODE, backend=backend, inventory=inv,
+                           cdi_root=tmp_path / "cdi", plugin_dir=tmp_path / "plugin", cdi_search_dirs=[])
+    return make_state(), backend, inv, make_state
+
+
+def _names(inv):
+    return [naming.gpu_device_name(g.uuid) for g in inv.gpus]
+
+
+def _prepare(state, *claims):
+    refs = [(ClaimRef(c["metadata"]["namespace"], c["metadata"]["name"], c["metadata"]["uid"]), c) for c in claims]
+    return asyncio.run(state.prepare(refs))
+
+
+def _unprepare(state, *claims):
+    return asyncio.run(state.unprepare([ClaimRef(c["metadata"]["namespace"], c["metadata"]["name"],
+                                                 c["metadata"]["uid"]) for c in claims]))
+
+
+@pytest.fixture(scope="module")
+def cdi_validator(shared_dir):
+    root = shared_dir / "reference" / "cdi"
+    schema = json.loads((root / "schema.json").read_text())
+    defs = json.loads((root / "defs.json").read_text())
+    registry = referencing.Registry().with_resource("defs.json", referencing.Resource.from_contents(
+        defs, default_specification=referencing.jsonschema.DRAFT7))
+    return jsonschema.Draft7Validator(schema, registry=registry)
+
+
+def test_whole_gpu_prepare_writes_a_valid_cdi_spec_and_checkpoint(node, tmp_path, cdi_validator) -> None:
+    state, _, inv, _ = node
+    gpu = _names(inv)[0]
+    claim = allocated_claim("c1", [gpu], request="gpu/h100")
+    res = _prepare(state, claim)[claim["metadata"]["uid"]]
+    assert res.error == ""
+    (d,) = res.devices
+    assert d.request_names == ["gpu"] and d.pool == NODE and d.device == gpu
+    uid = claim["metadata"]["uid"]
+    assert d.cdi_device_ids == [f"k8s.gpu.partita.dev/gpu={uid}-{gpu}"]
+    spec_file = tmp_path / "cdi" / f"k8s.gpu.partita.dev-gpu_{uid}.json"
+    spec = json.loads(spec_file.read_text())
+    assert list(cdi_validator.iter_errors(spec)) == []
+    assert spec["kind"] == "k8s.gpu.partita.dev/gpu"
+    assert spec["cdiVersion"] == ("0.5.0" if uid[0].isdigit() else "0.3.0")
+    env = spec["devices"][0]["containerEdits"]["env"]
+    assert f"NVIDIA_VISIBLE_DEVICES={inv.gpus[0].uuid}" in env
+    cp = CheckpointStore(tmp_path / "plugin" / "checkpoint.json").read()
+    assert cp.claims[uid].state == "Prepared" and cp.claims[uid].devices[0].device == gpu
+
+
+def test_prepare_is_idempotent_and_survives_a_restart_and_a_lost_cdi_dir(node, tmp_path) -> None:
+    state, _, inv, make_state = node
+    claim = allocated_claim("c1", [_names(inv)[0]])
+    uid = claim["metadata"]["uid"]
+    first = _prepare(state, claim)[uid].devices
+    assert _prepare(state, claim)[uid].devices == first
+    restarted = make_state()                      # a new plugin process reading the checkpoint
+    spec = tmp_path / "cdi" / f"k8s.gpu.partita.dev-gpu_{uid}.json"
+    spec.unlink()                                 # /var/run is a tmpfs: a reboot loses the spec
+    assert _prepare(restarted, claim)[uid].devices == first
+    assert spec.exists()
+    assert _unprepare(restarted, claim) == {uid: ""}
+    assert not spec.exists()
+    assert _unprepare(restarted, claim) == {uid: ""}   # unknown now: success
+
+
+def test_bad_claims_name_the_problem(node) -> None:
+    state, _, inv, _ = node
+    gpu = _names(inv)[0]
+    other_node = allocated_claim("c2", [gpu], node="node-b")
+    res = _prepare(state, other_node)[other_node["metadata"]["uid"]]
+    assert "allocated for node(s) ['node-b']" in res.error and "not this node node-a" in res.error
+    unknown = allocated_claim("c3", ["gpu-deadbeef"])
+    assert "does not publish" in _prepare(state, unknown)[unknown["metadata"]["uid"]].error
+    not_alloc = allocated_claim("c4", [gpu])
+    del not_alloc["status"]
+    assert "has no status.allocation" in _prepare(state, not_alloc)[not_alloc["metadata"]["uid"]].error
+    replaced = allocated_claim("c5", [gpu])
+    ref = ClaimRef("default", "c5", "uid-the-kubelet-knows")
+    res = asyncio.run(state.prepare([(ref, replaced)]))["uid-the-kubelet-knows"]
+    assert "was deleted and re-created" in res.error
+    empty = asyncio.run(state.prepare([(ClaimRef("default", "c6", ""), replaced)]))[""]
+    assert "empty uid" in empty.error
+    assert state.prepared_claims() == {}          # nothing half-done anywhere
+
+
+def test_other_drivers_results_are_ignored(node) -> None:
+    state, _, inv, _ = node
+    claim = allocated_claim("c1", [_names(inv)[0]], extra_results=[
+        {"request": "nic", "driver": "net.example.com", "pool": "elsewhere", "device": "eth0"}])
+    res = _prepare(state, claim)[claim["metadata"]["uid"]]
+    assert res.error == "" and [d.device for d in res.devices] == [_names(inv)[0]]
+
+
+def test_a_device_is_not_prepared_for_two_claims_unless_shared(node) -> None:
+    state, _, inv, _ = node
+    gpu = _names(inv)[0]
+    a, b = allocated_claim("a", [gpu]), allocated_claim("b", [gpu])
+    assert _prepare(state, a)[a["metadata"]["uid"]].error == ""
+    err = _prepare(state, b)[b["metadata"]["uid"]].error
+    assert "already prepared for claim default/a" in err
+    shared = naming.shared_device_name(_names(inv)[1])
+    s1 = allocated_claim("s1", [shared], share_ids={shared: "11111111-1111-1111-1111-111111111111"})
+    s2 = allocated_claim("s2", [shared], share_ids={shared: "22222222-2222-2222-2222-222222222222"})
+    r = _prepare(state, s1, s2)
+    assert r[s1["metadata"]["uid"]].error == "" and r[s2["metadata"]["uid"]].error == ""
+    ids = {r[c["metadata"]["uid"]].devices[0].cdi_device_ids[0] for c in (s1, s2)}
+    assert len(ids) == 2   # one CDI device per share
+
+
+def test_corrupt_or_unknown_checkpoint_refuses_work_but_loses_nothing(node, tmp_path) -> None:
+    state, _, inv, _ = node
+    claim = allocated_claim("c1", [_names(inv)[0]])
+    _prepare(state, claim)
+    path = tmp_path / "plugin" / "checkpoint.json"
+    good = path.read_text()
+    path.write_text(good.replace("gpu.partita.dev/v1", "gpu.partita.dev/v9"))
+    res = _prepare(state, allocated_claim("c2", [_names(inv)[1]]))
+    (err,) = [r.error for r in res.values()]
+    assert str(path) in err and "v9" in err and "will not prepare or unprepare" in err
+    assert "gpu.partita.dev/v9" in path.read_text()          # untouched
+    path.write_text("{truncated")
+    assert "not valid JSON" in _unprepare(state, claim)[claim["metadata"]["uid"]]
+    assert path.read_text() == "{truncated"
+    path.write_text(good)                                    # repaired: the prepared claim is still there
+    assert _unprepare(state, claim) == {claim["metadata"]["uid"]: ""}
+
+
+def test_mig_prepare_creates_the_instance_and_unprepare_returns_the_gpu_to_whole_use(node, tmp_path) -> None:
+    state, backend, inv, _ = node
+    gpu = inv.gpus[0]
+    name = naming.mig_device_name(_names(inv)[0], "3g.40gb", 4)
+    claim = allocated_claim("m1", [name], request="mig")
+    res = _prepare(state, claim)[claim["metadata"]["uid"]]
+    assert res.error == ""
+    h = backend.device_by_uuid(gpu.uuid)
+    (mig,) = backend.mig_devices(h)
+    assert mig.profile_name == "3g.40gb" and mig.placement.start == 4
+    assert res.devices[0].mig.uuid == mig.uuid
+    spec = json.loads(Path(res.devices[0].cdi_device_ids and
+                           (tmp_path / "cdi" / f"k8s.gpu.partita.dev-gpu_{claim['metadata']['uid']}.json")).read_text())
+    assert f"NVIDIA_VISIBLE_DEVICES={mig.uuid}" in spec["devices"][0]["containerEdits"]["env"]
+    assert _unprepare(state, claim) == {claim["metadata"]["uid"]: ""}
+    assert backend.gpu_instances(h) == [] and backend.mig_mode(h).current is False
+
+
+def test_failed_mig_prepare_leaves_the_node_as_it_was(node) -> None:
+    state, backend, inv, _ = node
+    a100 = _names(inv)[2]     # Ampere with MIG off: cannot enable without a reset
+    claim = allocated_claim("m1", [naming.mig_device_name(a100, "1g.5gb", 0)])
+    err = _prepare(state, claim)[claim["metadata"]["uid"]].error
+    assert "applies it only after a GPU reset" in err
+    h = backend.device_by_uuid(inv.gpus[2].uuid)
+    assert backend.mig_mode(h).current is False
+    assert state.prepared_claims() == {}
+    # two MIG devices where the second overlaps: the first is destroyed again
+    h100 = _names(inv)[0]
+    bad = allocated_claim("m2", [naming.mig_device_name(h100, "3g.40gb", 0), naming.mig_device_name(h100, "4g.40gb", 0)])
+    assert "overlaps" in _prepare(state, bad)[bad["metadata"]["uid"]].error
+    assert backend.gpu_instances(backend.device_by_uuid(inv.gpus[0].uuid)) == []
+
+
+def test_recover_undoes_an_interrupted_mig_prepare(node) -> None:
+    """A plugin killed after creating a GPU instance but before finishing: the restarted plugin finds
+    the claim still Preparing in the checkpoint and destroys what it created."""
+    state, backend, inv, make_state = node
+    gpu = inv.gpus[1]
+    h = backend.device_by_uuid(gpu.uuid)
+    backend.set_mig_mode(h, True)
+    gi = backend.create_gpu_instance(h, 19, Placement(2, 1))     # what the killed plugin had done
+    cp = state.checkpoint.read()
+    cp.claims["uid-1"] = PreparedClaim(uid="uid-1", namespace="default", name="m1", state="Preparing", devices=[
+        PreparedDevice(requestNames=[], pool=NODE, device="x", cdiDeviceIDs=[], type="mig", gpuUUID=gpu.uuid,
+                       mig=MigInstance(gpuUUID=gpu.uuid, profileID=19, placementStart=2, placementSize=1))])
+    state.checkpoint.write(cp)
+    restarted = make_state()
+    assert restarted.recover() == ["uid-1"]
+    assert backend.gpu_instances(h) == [] and gi not in [g.id for g in backend.gpu_instances(h)]
+    assert backend.mig_mode(h).current is False
+    assert restarted.prepared_claims() == {}
