@@ -145,6 +145,7 @@ class SlicePublisher:
                 self.in_sync = True
                 self.reconciles += 1
                 return
+            self.in_sync = False
             desired = self.desired(generation=current_gen + 1)
             names = {d["metadata"]["name"] for d in desired}
             for s in existing:

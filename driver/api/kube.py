@@ -100,7 +100,7 @@ class Kube:
         if body is not None:
             headers["Content-Type"] = content_type or "application/json"
         query = [(k, _qv(v)) for k, v in (params or {}).items() if v is not None]
-        method_, url, hdrs, body_, _ = self._api.param_serialize(
+        method_, url, hdrs, body_, _ = await self._api.param_serialize(
             method=method, resource_path=path, query_params=query, header_params=headers, body=body,
             auth_settings=["BearerToken"])
         resp = await self._api.call_api(method_, url, header_params=hdrs, body=body_, _preload_content=False,
