@@ -1,0 +1,105 @@
+"""Claim constraints (upstream constraint.go and matchAttributeConstraint): ``matchAttribute`` — every
+device of the covered requests has the same value; ``distinctAttribute`` — all values differ.
+
+``requests`` empty means every request; a main request name covers its subrequests, ``req/sub`` one
+subrequest. A device without the attribute never satisfies either constraint. As upstream, the distinct
+constraint remembers one value per request name (a known imprecision for count > 1, kept for identical
+results)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .pools import CDevice
+
+
+def lookup_attribute(dev: CDevice, name: str) -> dict | None:
+    attrs = dev.raw.get("attributes") or {}
+    if name in attrs:
+        return attrs[name]
+    domain, sep, ident = name.partition("/")
+    if sep and domain == dev.id.driver and ident in attrs:
+        return attrs[ident]
+    return None
+
+
+def _value(attr: dict) -> tuple[str, Any] | None:
+    for kind in ("string", "int", "bool", "version"):
+        if kind in attr:
+            return kind, attr[kind]
+    return None
+
+
+class Constraint(Protocol):
+    def add(self, request: str, subrequest: str, dev: CDevice) -> bool: ...
+
+    def remove(self, request: str, subrequest: str, dev: CDevice) -> None: ...
+
+
+class _Base:
+    def __init__(self, requests: set[str], attribute: str):
+        self.requests = requests
+        self.attribute = attribute
+
+    def applies(self, request: str, subrequest: str) -> bool:
+        if not self.requests:
+            return True
+        if not subrequest:
+            return request in self.requests
+        return request in self.requests or f"{request}/{subrequest}" in self.requests
+
+
+class MatchAttribute(_Base):
+    def __init__(self, requests: set[str], attribute: str):
+        super().__init__(requests, attribute)
+        self.value: tuple[str, Any] | None = None
+        self.count = 0
+
+    def add(self, request: str, subrequest: str, dev: CDevice) -> bool:
+        if not self.applies(request, subrequest):
+            return True
+        attr = lookup_attribute(dev, self.attribute)
+        if attr is None:
+            return False
+        val = _value(attr)
+        if self.count == 0:
+            self.value = val
+            self.count = 1
+            return True
+        if val is None or val != self.value:
+            return False
+        self.count += 1
+        return True
+
+    def remove(self, request: str, subrequest: str, dev: CDevice) -> None:
+        if self.applies(request, subrequest):
+            self.count -= 1
+
+
+class DistinctAttribute(_Base):
+    def __init__(self, requests: set[str], attribute: str):
+        super().__init__(requests, attribute)
+        self.values: dict[str, tuple[str, Any]] = {}
+        self.count = 0
+
+    def add(self, request: str, subrequest: str, dev: CDevice) -> bool:
+        if not self.applies(request, subrequest):
+            return True
+        attr = lookup_attribute(dev, self.attribute)
+        if attr is None:
+            return False
+        val = _value(attr)
+        if self.count == 0:
+            self.values[request] = val  # type: ignore[assignment]
+            self.count = 1
+            return True
+        if val is None or any(v == val for v in self.values.values()):
+            return False
+        self.values[request] = val
+        self.count += 1
+        return True
+
+    def remove(self, request: str, subrequest: str, dev: CDevice) -> None:
+        if self.applies(request, subrequest):
+            self.values.pop(request, None)
+            self.count -= 1

@@ -1,0 +1,624 @@
+"""One allocation attempt for one node: upstream's incubating ``Allocate`` (depth-first search, first
+solution wins, combinations within a request, backtracking across requests and claims).
+
+Kept close to structured/internal/incubating/allocator_incubating.go so results match kube-scheduler's
+in the ``first-fit`` order; a strategy may only reorder candidate devices.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Callable, Mapping, Sequence
+
+from driver.api.quantity import Quantity, QuantityError
+
+from . import capacity as cap
+from .cel import CelCompileError, CelError, CelRuntimeError, Evaluator, device_input
+from .constraints import Constraint, DistinctAttribute, MatchAttribute
+from .nodeselector import node_matches
+from .pools import CDevice, Pool
+from .types import AllocatedState, AllocationError, DeviceID, Features, Node
+
+MAX_RESULTS = 32
+
+
+class _MaxSizeExceeded(Exception):
+    pass
+
+
+def claim_ref(claim: Mapping) -> str:
+    md = claim.get("metadata") or {}
+    return f"{md['namespace']}/{md.get('name', '')}" if md.get("namespace") else md.get("name", "")
+
+
+@dataclass(eq=False)
+class ReqData:
+    claim_index: int
+    request_index: int
+    sub_index: int
+    name: str
+    parent: str | None                 # parent request name for a firstAvailable subrequest
+    spec: Mapping
+    cls: Mapping | None
+    mode: str
+    num_devices: int = 0
+    all_devices: list[tuple[Pool, CDevice]] = field(default_factory=list)
+    selected_sub: int = 0
+    capacity_requests: dict[str, Quantity] | None = None
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.parent}/{self.name}" if self.parent else self.name
+
+    @property
+    def admin(self) -> bool:
+        return bool(self.spec.get("adminAccess")) and self.parent is None
+
+    @property
+    def tolerations(self) -> list[dict]:
+        return list(self.spec.get("tolerations") or [])
+
+
+@dataclass
+class _Result:
+    req: ReqData
+    dev: CDevice
+    share_id: str | None
+    consumed: dict[str, Quantity] | None
+
+
+def tolerates(toleration: Mapping, taint: Mapping) -> bool:
+    if toleration.get("effect") and toleration.get("effect") != taint.get("effect"):
+        return False
+    if toleration.get("key") and toleration.get("key") != taint.get("key"):
+        return False
+    op = toleration.get("operator") or "Equal"
+    if op == "Equal":
+        return (toleration.get("value") or "") == (taint.get("value") or "")
+    return op == "Exists"
+
+
+def taint_prevents(dev: CDevice, tolerations: Sequence[Mapping]) -> bool:
+    for t in dev.taints:
+        if t.get("effect") in ("NoSchedule", "NoExecute") and not any(tolerates(x, t) for x in tolerations):
+            return True
+    return False
+
+
+class Run:
+    """State of one Allocate call."""
+
+    def __init__(self, *, features: Features, node: Node, claims: Sequence[Mapping], pools: list[Pool],
+                 classes: Mapping[str, Mapping], allocated: AllocatedState, evaluator: Evaluator,
+                 order: Callable[[ReqData, list[tuple[Pool, CDevice]]], list[tuple[Pool, CDevice]]] | None = None):
+        self.f = features
+        self.node = node
+        self.claims = claims
+        self.pools = pools
+        self.classes = classes
+        self.allocated = allocated
+        self.ev = evaluator
+        self.order = order
+        self.req: dict[tuple[int, int, int], ReqData] = {}
+        self.constraints: list[list[Constraint]] = []
+        self.results: list[list[_Result]] = [[] for _ in claims]
+        self.allocating: dict[DeviceID, set[int]] = {}
+        self.allocating_capacity: dict[DeviceID, dict[str, Quantity]] = {}
+        self.consumed_counters: dict[tuple[str, str], dict[str, dict[str, Fraction]]] = {}
+        self.available_counters: dict[tuple[str, str], dict[str, dict[str, Fraction]]] = {}
+        self.match_cache: dict[tuple[DeviceID, tuple[int, int, int]], bool] = {}
+        self.candidates: dict[tuple[int, int, int], list[tuple[Pool, CDevice]]] = {}
+        self.steps = 0
+        self._shared_devices = {d for d, _ in allocated.shares}
+        self.invalid_pools = [p for p in pools if p.invalid]
+
+    # -- validation (upstream Allocate prologue) -------------------------------------------------
+    def prepare(self) -> None:
+        for ci, claim in enumerate(self.claims):
+            cref = claim_ref(claim)
+            requests = ((claim.get("spec") or {}).get("devices") or {}).get("requests") or []
+            min_devices = 0
+            for ri, request in enumerate(requests):
+                name = request.get("name", "")
+                subs = request.get("firstAvailable") or []
+                if subs and not self.f.prioritized_list:
+                    raise AllocationError(f"claim {cref}, request {name}: has subrequests, but the DRAPrioritizedList "
+                                          "feature is disabled", claim=cref, request=name, field="firstAvailable")
+                if not self.f.consumable_capacity:
+                    exactly = request.get("exactly") or {}
+                    if exactly.get("capacity") is not None:
+                        raise AllocationError(f"claim {cref}, request {name}: has capacity requests, but the "
+                                              "DRAConsumableCapacity feature is disabled", claim=cref, request=name,
+                                              field="exactly.capacity")
+                    for sub in subs:
+                        if sub.get("capacity") is not None:
+                            raise AllocationError(f"claim {cref}, subrequest {sub.get('name')}: has capacity requests, "
+                                                  "but the DRAConsumableCapacity feature is disabled", claim=cref,
+                                                  request=name, field="firstAvailable.capacity")
+                if subs:
+                    lowest = None
+                    for si, sub in enumerate(subs):
+                        rd = self._validate(ci, ri, si, sub, name, cref)
+                        lowest = rd.num_devices if lowest is None else min(lowest, rd.num_devices)
+                    min_devices += lowest or 0
+                else:
+                    if "exactly" not in request:
+                        raise AllocationError(f"claim {cref}, request {name}: missing device class name (unsupported "
+                                              "request type?)", claim=cref, request=name, field="exactly")
+                    min_devices += self._validate(ci, ri, 0, request["exactly"], None, cref, name).num_devices
+            if min_devices > MAX_RESULTS:
+                raise AllocationError(f"claim {cref}: number of requested devices {min_devices} exceeds the claim limit "
+                                      f"of {MAX_RESULTS}", claim=cref, field="spec.devices.requests")
+            cons: list[Constraint] = []
+            for i, c in enumerate(((claim.get("spec") or {}).get("devices") or {}).get("constraints") or []):
+                if c.get("matchAttribute"):
+                    cons.append(MatchAttribute(set(c.get("requests") or []), c["matchAttribute"]))
+                elif c.get("distinctAttribute"):
+                    cons.append(DistinctAttribute(set(c.get("requests") or []), c["distinctAttribute"]))
+                else:
+                    raise AllocationError(f"claim {cref}, constraint #{i}: empty constraint (unsupported constraint "
+                                          "type?)", claim=cref, field=f"spec.devices.constraints[{i}]")
+            self.constraints.append(cons)
+
+    def _validate(self, ci: int, ri: int, si: int, spec: Mapping, parent: str | None, cref: str,
+                  name: str | None = None) -> ReqData:
+        rname = name if parent is None else spec.get("name", "")
+        where = f"claim {cref}, request {rname if parent is None else parent + '/' + rname}"
+        for i, sel in enumerate(spec.get("selectors") or []):
+            if not (sel.get("cel") or {}).get("expression"):
+                raise AllocationError(f"claim {cref}, request {rname}, selector #{i}: CEL expression empty "
+                                      "(unsupported selector type?)", claim=cref, request=rname, field=f"selectors[{i}]")
+        if parent is None and spec.get("adminAccess") is not None and not self.f.admin_access:
+            raise AllocationError(f"claim {cref}, request {rname}: admin access is requested, but the feature is "
+                                  "disabled", claim=cref, request=rname, field="adminAccess")
+        class_name = spec.get("deviceClassName") or ""
+        if not class_name:
+            raise AllocationError(f"claim {cref}, request {rname}: missing device class name (unsupported request "
+                                  "type?)", claim=cref, request=rname, field="deviceClassName")
+        cls = self.classes.get(class_name)
+        if cls is None:
+            raise AllocationError(f"claim {cref}, request {rname}: could not retrieve device class {class_name}: "
+                                  f'deviceclass.resource.k8s.io "{class_name}" not found; create the DeviceClass or '
+                                  "use an existing one", claim=cref, request=rname, field="deviceClassName")
+        mode = spec.get("allocationMode") or "ExactCount"
+        rd = ReqData(ci, ri, si, rname, parent, spec, cls, mode)
+        caps = (spec.get("capacity") or {}).get("requests")
+        if caps is not None:
+            try:
+                rd.capacity_requests = {k: Quantity.parse(v) for k, v in caps.items()}
+            except QuantityError as e:
+                raise AllocationError(f"{where}: capacity.requests: {e}", claim=cref, request=rname,
+                                      field="capacity.requests") from None
+        key = (ci, ri, si)
+        self.req[key] = rd
+        if mode == "ExactCount":
+            count = spec.get("count", 1)
+            if count is None:
+                count = 1
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise AllocationError(f"{where}: count {count!r} is invalid: it must be a positive integer",
+                                      claim=cref, request=rname, field="count")
+            if count > 2**31:
+                raise AllocationError(f"{where}: exact count {count} is too large", claim=cref, request=rname,
+                                      field="count")
+            rd.num_devices = count
+        elif mode == "All":
+            for pool in self.pools:
+                if pool.incomplete:
+                    raise AllocationError(f"{where}: asks for all devices, but resource pool {pool} is currently being "
+                                          "updated", claim=cref, request=rname, field="allocationMode")
+                if pool.invalid:
+                    raise AllocationError(f"{where}: asks for all devices, but resource pool {pool} is currently "
+                                          "invalid", claim=cref, request=rname, field="allocationMode")
+                for dev in pool.devices():
+                    if not self.selectable(key, rd, dev):
+                        continue
+                    if self.f.consumable_capacity and not self._capacity_fits(rd, dev):
+                        continue
+                    rd.all_devices.append((pool, dev))
+            rd.num_devices = len(rd.all_devices)
+        else:
+            raise AllocationError(f"{where}: unsupported count mode {mode}", claim=cref, request=rname,
+                                  field="allocationMode")
+        return rd
+
+    # -- selectors -------------------------------------------------------------------------------
+    def selectable(self, key: tuple[int, int, int], rd: ReqData, dev: CDevice) -> bool:
+        if not self.f.device_binding_and_status and dev.has_binding_conditions:
+            return False
+        mk = (dev.id, key)
+        hit = self.match_cache.get(mk)
+        if hit is not None:
+            return hit
+        ok = True
+        if rd.cls is not None:
+            ok = self._selectors(rd, dev, (rd.cls.get("spec") or {}).get("selectors") or [], rd.cls)
+        if ok:
+            ok = self._selectors(rd, dev, rd.spec.get("selectors") or [], None)
+        if ok and dev.slice.per_device:
+            ok = _device_node_fits(self.node, dev)
+        self.match_cache[mk] = ok
+        return ok
+
+    def _selectors(self, rd: ReqData, dev: CDevice, selectors: Sequence[Mapping], cls: Mapping | None) -> bool:
+        cref = claim_ref(self.claims[rd.claim_index])
+        where = (f"claim {cref}, request {rd.full_name}: class {cls['metadata']['name']}" if cls is not None
+                 else f"claim {cref}, request {rd.full_name}: claim {cref}")
+        for i, sel in enumerate(selectors):
+            expr = (sel.get("cel") or {}).get("expression", "")
+            cached = dev.matches.get(expr)
+            if cached is None:
+                try:
+                    compiled = self.ev.compile(expr)
+                except CelCompileError as e:
+                    raise AllocationError(f"{where}: selector #{i}: CEL compile error: {e} (expression: {expr})",
+                                          claim=cref, request=rd.full_name,
+                                          field=f"selectors[{i}].cel.expression") from None
+                try:
+                    if dev.cel_input is None:
+                        dev.cel_input = device_input(dev.id.driver, dev.raw.get("attributes") or {},
+                                                     dev.raw.get("capacity") or {}, dev.allow_multiple)
+                    if isinstance(dev.cel_input, CelError):
+                        raise dev.cel_input
+                    cached = self.ev.matches(compiled, dev.cel_input)
+                except CelRuntimeError as e:
+                    if dev.cel_input is None:
+                        dev.cel_input = e
+                    cached = e
+                dev.matches[expr] = cached
+            if isinstance(cached, CelError):
+                msg = str(cached)
+                if "no such key:" in msg:
+                    msg += (". consider using CEL optional chaining (.? followed by orValue()) or guarding the check "
+                            "with has() for optional fields")
+                raise AllocationError(f"{where}: selector #{i} on device {dev.id}: CEL runtime error: {msg} "
+                                      f"(expression: {expr})", claim=cref, request=rd.full_name,
+                                      field=f"selectors[{i}].cel.expression")
+            if not cached:
+                return False
+        return True
+
+    # -- state queries ---------------------------------------------------------------------------
+    def _in_use(self, did: DeviceID) -> bool:
+        return did in self.allocated.devices or bool(self.allocating.get(did))
+
+    def _capacity_in_use(self, did: DeviceID) -> bool:
+        return did in self.allocated.capacity or did in self.allocating_capacity
+
+    def _is_allocated(self, did: DeviceID) -> bool:
+        return did in self.allocated.devices or did in self._shared_devices or did in self.allocated.capacity
+
+    def _capacity_fits(self, rd: ReqData, dev: CDevice) -> bool:
+        try:
+            return cap.fits(self.allocated.capacity.get(dev.id, {}), rd.capacity_requests, dev.capacity,
+                            self.allocating_capacity.get(dev.id, {}))
+        except cap.UnknownCapacity:
+            return False
+
+    def _available(self, pool: Pool) -> dict[str, dict[str, Fraction]]:
+        got = self.available_counters.get(pool.id)
+        if got is None:
+            got = {name: dict(counters) for name, counters in pool.counter_sets.items()}
+            for dev in pool.all_devices():
+                if dev.consumes and self._is_allocated(dev.id):
+                    for cs, counters in dev.consumes:
+                        avail = got.get(cs)
+                        if avail is None:
+                            continue
+                        for c, v in counters:
+                            if c in avail:
+                                avail[c] -= v
+            self.available_counters[pool.id] = got
+        return got
+
+    def _take_counters(self, pool: Pool, dev: CDevice) -> bool:
+        avail = self._available(pool)
+        used = self.consumed_counters.setdefault(pool.id, {})
+        for cs, counters in dev.consumes:
+            u = used.setdefault(cs, {})
+            for c, v in counters:
+                u[c] = u.get(c, Fraction(0)) + v
+        for cs, counters in avail.items():
+            u = used.get(cs, {})
+            for c, v in counters.items():
+                if v < u.get(c, 0):
+                    self._return_counters(pool, dev)
+                    return False
+        return True
+
+    def _return_counters(self, pool: Pool, dev: CDevice) -> None:
+        used = self.consumed_counters.get(pool.id, {})
+        for cs, counters in dev.consumes:
+            u = used.get(cs, {})
+            for c, v in counters:
+                u[c] = u.get(c, Fraction(0)) - v
+
+    # -- search ----------------------------------------------------------------------------------
+    def _candidates(self, key: tuple[int, int, int], rd: ReqData) -> list[tuple[Pool, CDevice]]:
+        got = self.candidates.get(key)
+        if got is None:
+            got = [(p, d) for p in self.pools if not (p.incomplete or p.invalid) for d in p.devices()]
+            if self.order is not None:
+                got = self.order(rd, got)
+            self.candidates[key] = got
+        return got
+
+    def search(self) -> bool:
+        try:
+            return self._one(0, 0, 0, 0, False, 0)
+        except _MaxSizeExceeded:
+            return False
+
+    def _one(self, ci: int, ri: int, si: int, di: int, in_sub: bool, start: int) -> bool:
+        self.steps += 1
+        if ci >= len(self.claims):
+            return True
+        requests = ((self.claims[ci].get("spec") or {}).get("devices") or {}).get("requests") or []
+        if ri >= len(requests):
+            try:
+                return self._one(ci + 1, 0, 0, 0, False, 0)
+            except _MaxSizeExceeded:
+                return False
+        key = (ci, ri, si)
+        rd = self.req[key]
+        if not in_sub and rd.parent is not None:
+            all_exceeded = True
+            sub = 0
+            while (ci, ri, sub) in self.req:
+                try:
+                    ok = self._one(ci, ri, sub, 0, True, 0)
+                except _MaxSizeExceeded:
+                    sub += 1
+                    continue
+                all_exceeded = False
+                if ok:
+                    self.req[(ci, ri, 0)].selected_sub = sub
+                    return True
+                sub += 1
+            if all_exceeded:
+                raise _MaxSizeExceeded()
+            return False
+        if rd.mode == "All" and not rd.all_devices:
+            return False
+        if di >= rd.num_devices:
+            return self._one(ci, ri + 1, 0, 0, False, 0)
+        if len(self.results[ci]) + rd.num_devices - di > MAX_RESULTS:
+            raise _MaxSizeExceeded()
+        if rd.mode == "All":
+            pool, dev = rd.all_devices[di]
+            ok, undo = self._allocate_device(ci, rd, pool, dev, must=True)
+            if not ok:
+                return False
+            try:
+                done = self._one(ci, ri, si, di + 1, in_sub, 0)
+            except BaseException:
+                undo()
+                raise
+            if not done:
+                undo()
+            return done
+        cands = self._candidates(key, rd)
+        for idx in range(start, len(cands)):
+            pool, dev = cands[idx]
+            if rd.admin:
+                if ci in self.allocating.get(dev.id, ()):
+                    continue
+            elif self._in_use(dev.id):
+                continue
+            if not self.selectable(key, rd, dev):
+                continue
+            if self.f.consumable_capacity and not self._capacity_fits(rd, dev):
+                continue
+            ok, undo = self._allocate_device(ci, rd, pool, dev, must=False)
+            if not ok:
+                continue
+            try:
+                done = self._one(ci, ri, si, di + 1, in_sub, idx + 1)
+            except BaseException:
+                undo()
+                raise
+            if done:
+                return True
+            undo()
+        return False
+
+    def _allocate_device(self, ci: int, rd: ReqData, pool: Pool, dev: CDevice,
+                         must: bool) -> tuple[bool, Callable[[], None]]:
+        nothing = (False, lambda: None)
+        multi = self.f.consumable_capacity and dev.allow_multiple
+        if not multi and rd.admin and ci in self.allocating.get(dev.id, ()):
+            return nothing
+        if not rd.admin and self._in_use(dev.id):
+            return nothing
+        if not self.f.partitionable_devices and dev.consumes:
+            return nothing
+        # Upstream checks counters, then taints, then constraints, and leaves counters consumed when a later
+        # check rejects the device (allocator_incubating.go, noted as a quirk in the reference notes); the
+        # outcome for the device is the same, so Partita checks taints first and always rolls back.
+        if self.f.device_taints and taint_prevents(dev, rd.tolerations):
+            return nothing
+        base = rd.parent or rd.name
+        sub = rd.name if rd.parent else ""
+        cons = self.constraints[ci]
+        for i, c in enumerate(cons):
+            if not c.add(base, sub, dev):
+                for e in range(i):
+                    cons[e].remove(base, sub, dev)
+                if must:
+                    cref = claim_ref(self.claims[ci])
+                    raise AllocationError(f"claim {cref}, request {rd.name}: cannot add device {dev.id} because a claim "
+                                          "constraint would not be satisfied", claim=cref, request=rd.name,
+                                          field=f"spec.devices.constraints[{i}]")
+                return nothing
+        took_counters = False
+        if dev.consumes and not (multi and self._capacity_in_use(dev.id)):
+            if not self._take_counters(pool, dev):
+                for c in cons:
+                    c.remove(base, sub, dev)
+                return nothing
+            took_counters = True
+        consumed: dict[str, Quantity] | None = None
+        share_id = None
+        if self.f.consumable_capacity:
+            if not self._capacity_fits(rd, dev):
+                for c in cons:
+                    c.remove(base, sub, dev)
+                if took_counters:
+                    self._return_counters(pool, dev)
+                return nothing
+            if multi:
+                consumed = cap.consumption(rd.capacity_requests, dev.capacity)
+                share_id = str(uuid.uuid4())
+                acc = self.allocating_capacity.setdefault(dev.id, {})
+                for k, v in consumed.items():
+                    acc[k] = acc.get(k, Quantity.from_int(0)) + v
+        if not multi:
+            self.allocating.setdefault(dev.id, set()).add(ci)
+        self.results[ci].append(_Result(rd, dev, share_id, consumed or None))
+        n = len(self.results[ci]) - 1
+
+        def undo() -> None:
+            for c in cons:
+                c.remove(base, sub, dev)
+            if not multi:
+                self.allocating.get(dev.id, set()).discard(ci)
+            if consumed:
+                acc = self.allocating_capacity.get(dev.id, {})
+                for k, v in consumed.items():
+                    acc[k] = acc[k] - v
+                if all(q.sign() == 0 for q in acc.values()):
+                    self.allocating_capacity.pop(dev.id, None)
+            if took_counters:
+                self._return_counters(pool, dev)
+            del self.results[ci][n:]
+        return True, undo
+
+    # -- result ----------------------------------------------------------------------------------
+    def build(self) -> list[dict]:
+        out = []
+        for ci, claim in enumerate(self.claims):
+            results = []
+            for r in self.results[ci]:
+                entry: dict[str, Any] = {"request": r.req.full_name, "driver": r.dev.id.driver,
+                                         "pool": r.dev.id.pool, "device": r.dev.id.device}
+                if r.req.admin:
+                    entry["adminAccess"] = True
+                if r.req.tolerations:
+                    entry["tolerations"] = [dict(t) for t in r.req.tolerations]
+                if self.f.device_binding_and_status:
+                    for f in ("bindingConditions", "bindingFailureConditions"):
+                        if r.dev.raw.get(f):
+                            entry[f] = list(r.dev.raw[f])
+                if r.share_id:
+                    entry["shareID"] = r.share_id
+                if r.consumed:
+                    entry["consumedCapacity"] = {k: v.canonical() for k, v in r.consumed.items()}
+                results.append(entry)
+            alloc: dict[str, Any] = {"devices": {"results": results}}
+            config = self._config(ci, claim)
+            if config:
+                alloc["devices"]["config"] = config
+            selector = self._node_selector(self.results[ci])
+            if selector is not None:
+                alloc["nodeSelector"] = selector
+            out.append(alloc)
+        return out
+
+    def _selected(self, ci: int, ri: int) -> ReqData:
+        rd = self.req[(ci, ri, 0)]
+        if rd.parent is not None:
+            return self.req[(ci, ri, self.req[(ci, ri, 0)].selected_sub)]
+        return rd
+
+    def _config(self, ci: int, claim: Mapping) -> list[dict]:
+        requests = ((claim.get("spec") or {}).get("devices") or {}).get("requests") or []
+        config: list[dict] = []
+        by_class: dict[str, tuple[int, int]] = {}
+        for ri in range(len(requests)):
+            rd = self._selected(ci, ri)
+            cls = rd.cls
+            if cls is None:
+                continue
+            cname = cls["metadata"]["name"]
+            if cname in by_class:
+                a, b = by_class[cname]
+                for i in range(a, b):
+                    config[i]["requests"].append(rd.full_name)
+                continue
+            start = len(config)
+            for c in (cls.get("spec") or {}).get("config") or []:
+                config.append({"source": "FromClass", "requests": [rd.full_name],
+                               **{k: v for k, v in c.items() if k != "requests"}})
+            by_class[cname] = (start, len(config))
+        for c in ((claim.get("spec") or {}).get("devices") or {}).get("config") or []:
+            reqs = c.get("requests") or []
+            entry = {"source": "FromClaim", **({"requests": list(reqs)} if reqs else {}),
+                     **{k: v for k, v in c.items() if k != "requests"}}
+            if not reqs:
+                config.append(entry)
+                continue
+            for ri, request in enumerate(requests):
+                if request.get("name") in reqs:
+                    config.append(entry)
+                    break
+                rd = self._selected(ci, ri)
+                if rd.parent is not None and rd.full_name in reqs:
+                    config.append(entry)
+                    break
+        for c in config:
+            reqs = c.get("requests")
+            if not reqs:
+                continue
+            if all(request.get("name") in reqs or self._selected(ci, ri).full_name in reqs
+                   for ri, request in enumerate(requests)):
+                c.pop("requests")
+        return config
+
+    def _node_selector(self, results: list[_Result]) -> dict | None:
+        exprs: list[dict] = []
+        fields: list[dict] = []
+        for r in results:
+            s = r.dev.slice
+            if s.per_device:
+                node_name, selector = r.dev.raw.get("nodeName") or "", r.dev.raw.get("nodeSelector")
+            else:
+                node_name, selector = s.node_name, s.node_selector
+            if node_name or r.dev.binds_to_node:
+                return {"nodeSelectorTerms": [{"matchFields": [
+                    {"key": "metadata.name", "operator": "In", "values": [self.node.name]}]}]}
+            if selector is not None:
+                terms = selector.get("nodeSelectorTerms") or []
+                if len(terms) > 1:
+                    raise AllocationError(f"create NodeSelector for claim: unsupported ResourceSlice.NodeSelector with "
+                                          f"{len(terms)} terms")
+                if terms:
+                    _add_requirements(terms[0].get("matchFields") or [], fields)
+                    _add_requirements(terms[0].get("matchExpressions") or [], exprs)
+        if not exprs and not fields:
+            return None
+        term: dict[str, Any] = {}
+        if exprs:
+            term["matchExpressions"] = exprs
+        if fields:
+            term["matchFields"] = fields
+        return {"nodeSelectorTerms": [term]}
+
+
+def _add_requirements(src: list[dict], dst: list[dict]) -> None:
+    for r in src:
+        if not any(x.get("key") == r.get("key") and x.get("operator") == r.get("operator")
+                   and set(x.get("values") or []) == set(r.get("values") or []) for x in dst):
+            dst.append(dict(r))
+
+
+def _device_node_fits(node: Node, dev: CDevice) -> bool:
+    raw = dev.raw
+    if raw.get("nodeName"):
+        return node.name == raw["nodeName"]
+    if raw.get("allNodes"):
+        return True
+    if raw.get("nodeSelector") is not None:
+        return node_matches(node, raw["nodeSelector"])
+    return False
