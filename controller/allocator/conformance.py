@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             why += f" (known disagreement: {KNOWN_DISAGREEMENTS[name]})"
         if why:
             failed += 1
-            print(f"FAIL {name}: {why}")
+            print(f"FAIL {name}: {' '.join(why.split())}")
         else:
             passed += 1
             print(f"PASS {name}")
