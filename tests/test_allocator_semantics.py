@@ -129,9 +129,9 @@ def test_shared_devices_get_share_ids_and_consume_capacity() -> None:
     assert [r["devices"]["results"][0]["consumedCapacity"] for r in res] == [{"memory": "2Gi"}] * 2   # rounded up
     assert allocate(claims + [claim("c3", req(capacity={"requests": {"memory": "1Gi"}}))], [s]) is None
     # capacity already consumed by other claims counts
-    state = AllocatedState(capacity={DeviceID(A, "pool-1", "gpu"): {}}, shares={(DeviceID(A, "pool-1", "gpu"), "x")})
     from driver.api.quantity import Quantity
-    state.capacity[DeviceID(A, "pool-1", "gpu")]["memory"] = Quantity.parse("3Gi")
+    state = AllocatedState(capacity={DeviceID(A, "pool-1", "gpu"): {"memory": Quantity.parse("3Gi")}},
+                           shares={(DeviceID(A, "pool-1", "gpu"), "x")})
     assert allocate([claims[0]], [s], state=state) is None
     (r,) = allocate([claim("c", req())], [s], state=state)       # the default (1Gi) still fits
     assert r["devices"]["results"][0]["consumedCapacity"] == {"memory": "1Gi"}

@@ -7,8 +7,9 @@ Never raises anything but :class:`AllocationError` into its caller.
 from __future__ import annotations
 
 import copy
+import json
 import logging
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from .cel import Evaluator
 from .pools import SliceIndex
@@ -25,6 +26,8 @@ class Allocator:
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         self.evaluator = Evaluator()
         self.last_steps = 0
+        self._misses: dict[tuple, str] = {}
+        self._hints: dict[str, str] = {}
 
     def allocate(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
                  allocated: AllocatedState) -> list[dict] | None:
@@ -70,23 +73,63 @@ class Allocator:
         return ok
 
     def allocate_on_nodes(self, nodes: Sequence[Node], claims: Sequence[Mapping], slices: SliceIndex,
-                          classes: Mapping[str, Mapping], allocated: AllocatedState) -> NodeChoice:
-        """Try candidate nodes in the strategy's order; the first that fits wins."""
+                          classes: Mapping[str, Mapping], allocated: AllocatedState,
+                          max_reasons: int = 8) -> NodeChoice:
+        """Try candidate nodes in the strategy's order; the first that fits wins. When none does, the
+        reasons of up to ``max_reasons`` nodes say why."""
+        shape = _shape(claims, classes)
+        failed: list[Node] = []
         reasons: dict[str, str] = {}
-        node_local_errors: list[str] = []
-        for node in self.strategy.order_nodes(nodes, slices, allocated):
+        for node in self._node_order(shape, nodes, slices, allocated):
+            key = self._node_key(shape, node, slices, allocated)
+            cached = self._misses.get(key)
+            if cached is not None:
+                reasons[node.name] = cached
+                failed.append(node)
+                continue
             try:
                 results = self.allocate(node, claims, slices, classes, allocated)
             except AllocationError as e:
                 if not e.node_local:
                     raise
                 reasons[node.name] = str(e)
-                node_local_errors.append(str(e))
+                failed.append(node)
                 continue
             if results is not None:
-                return NodeChoice(node, results, reasons)
-            reasons[node.name] = self.why_not(node, claims, slices, classes, allocated)
-        return NodeChoice(None, None, reasons)
+                if getattr(self.strategy, "sticky", False):
+                    self._hints[shape] = node.name
+                return NodeChoice(node, results, {})
+            self._remember_miss(key, "")
+            failed.append(node)
+        for node in failed[:max_reasons]:
+            if not reasons.get(node.name):
+                reasons[node.name] = self.why_not(node, claims, slices, classes, allocated)
+                self._remember_miss(self._node_key(shape, node, slices, allocated), reasons[node.name])
+        return NodeChoice(None, None, {n.name: reasons[n.name] for n in failed[:max_reasons] if reasons.get(n.name)})
+
+    def _node_order(self, shape: str, nodes: Sequence[Node], slices: SliceIndex,
+                    allocated: AllocatedState) -> Iterator[Node]:
+        """The strategy's order; a sticky strategy (pack) first retries the node where the same kind of
+        claim fitted last, which is where it packs — and spares ordering every node for every claim."""
+        hint = self._hints.get(shape) if getattr(self.strategy, "sticky", False) else None
+        if hint is not None:
+            first = next((n for n in nodes if n.name == hint), None)
+            if first is not None:
+                yield first
+        for node in self.strategy.order_nodes(nodes, slices, allocated):
+            if node.name != hint:
+                yield node
+
+    def _node_key(self, shape: str, node: Node, slices: SliceIndex, allocated: AllocatedState) -> tuple:
+        """Everything the outcome on a node depends on: the claims (by content), the node's slices and
+        what other claims hold in the node's pools."""
+        return (shape, node.name, tuple(sorted(node.labels.items())), slices.node_key(node.name),
+                tuple((pid, allocated.pool_signature(*pid)) for pid in slices.node_pool_ids(node.name)))
+
+    def _remember_miss(self, key: tuple, reason: str) -> None:
+        if len(self._misses) > 100_000:
+            self._misses.clear()
+        self._misses[key] = reason
 
     def why_not(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
                 allocated: AllocatedState) -> str:
@@ -102,9 +145,9 @@ class Allocator:
         for (ci, ri, si), rd in sorted(run.req.items()):
             if rd.parent is not None and si > 0:
                 continue
-            cands = [d for p in pools for d in p.devices()]
             try:
-                matching = [d for d in cands if run.selectable((ci, ri, si), rd, d)]
+                matching = [d for p in pools for d, failure in run.class_list(p, rd)
+                            if failure is None and run.request_ok((ci, ri, si), rd, d)]
             except AllocationError as e:
                 return str(e)
             free = [d for d in matching if d.id not in allocated.devices]
@@ -113,6 +156,15 @@ class Allocator:
             parts.append(f"request {rd.full_name}: needs {need}, {len(matching)} device(s) match class {cls}"
                          f"{' and its selectors' if rd.spec.get('selectors') else ''}, {len(free)} not allocated")
         return "; ".join(parts) or "no solution"
+
+
+def _shape(claims: Sequence[Mapping], classes: Mapping[str, Mapping]) -> str:
+    """The claims' requests and the classes they use, by content (names and UIDs left out)."""
+    specs = [(c.get("spec") or {}).get("devices") or {} for c in claims]
+    used = sorted({r.get("exactly", {}).get("deviceClassName", "") for d in specs for r in d.get("requests") or []}
+                  | {s.get("deviceClassName", "") for d in specs for r in d.get("requests") or []
+                     for s in r.get("firstAvailable") or []})
+    return json.dumps([specs, [(n, (classes.get(n) or {}).get("spec")) for n in used]], sort_keys=True)
 
 
 def copy_claim_with_tolerations(claim: Mapping, tolerations: Sequence[Mapping]) -> dict:

@@ -9,7 +9,7 @@ from typing import Mapping
 
 from driver.api.quantity import BINARY_SI, Quantity
 
-Capacity = Mapping[str, tuple[Quantity, dict | None]]   # name -> (value, requestPolicy)
+Capacity = tuple   # ((name, value Quantity, requestPolicy dict | None), ...) as compiled devices hold it
 
 
 class UnknownCapacity(Exception):
@@ -72,16 +72,18 @@ def violates_policy(value: Quantity, policy: dict | None) -> bool:
 
 def consumption(requests: Mapping[str, Quantity] | None, capacity: Capacity) -> dict[str, Quantity]:
     """What allocating the device for a request consumes of each of its capacities."""
-    return {name: consumed((requests or {}).get(name), value, policy) for name, (value, policy) in capacity.items()}
+    return {name: consumed((requests or {}).get(name), value, policy) for name, value, policy in capacity}
 
 
 def fits(current: Mapping[str, Quantity], requests: Mapping[str, Quantity] | None, capacity: Capacity,
          allocating: Mapping[str, Quantity]) -> bool:
     """Whether the request fits beside what is consumed and being allocated (raises UnknownCapacity)."""
-    for name in requests or {}:
-        if name not in capacity:
-            raise UnknownCapacity(name)
-    for name, (value, policy) in capacity.items():
+    if requests:
+        names = {c[0] for c in capacity}
+        for name in requests:
+            if name not in names:
+                raise UnknownCapacity(name)
+    for name, value, policy in capacity:
         use = consumed((requests or {}).get(name), value, policy)
         if violates_policy(use, policy):
             return False

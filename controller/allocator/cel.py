@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from fractions import Fraction
 from typing import Any, Callable, Mapping
 
@@ -74,7 +75,18 @@ def _q(v: Any) -> Quantity:
 _SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-([0-9A-Za-z.-]+))?(?:\+([0-9A-Za-z.-]+))?$")
 
 
+@lru_cache(maxsize=4096)
+def _parse_semver_cached(text: str, normalize: bool) -> tuple:
+    v = _parse_semver(text, normalize)
+    return tuple(v[_V]), v["pre"]
+
+
 def parse_semver(text: str, normalize: bool = False) -> dict:
+    core, pre = _parse_semver_cached(text, normalize)
+    return {_V: list(core), "pre": pre}
+
+
+def _parse_semver(text: str, normalize: bool = False) -> dict:
     s = text
     if normalize:  # strip a "v", fill in missing minor/patch, drop leading zeros
         m = re.match(r"^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?(.*)$", s.strip())
@@ -235,7 +247,7 @@ _BUILTINS = {"size", "contains", "startsWith", "endsWith", "matches", "int", "ui
 _COMPREHENSION = re.compile(r"\.(all|exists|exists_one|map|filter)\s*\(")
 _STRING_LIT = re.compile(r"""'((?:[^'\\]|\\.)*)'|"((?:[^"\\]|\\.)*)\"""")
 _DOMAIN_INDEX = re.compile(r"""device\.(attributes|capacity)\s*\[\s*(?:'([^']*)'|"([^"]*)")\s*\]""")
-_DOMAIN_IN = re.compile(r"""(?:'([^']*)'|"([^"]*)")\s+in\s+device\.(attributes|capacity)\b""")
+_DOMAIN_IN = re.compile(r"""(?:'([^']*)'|"([^"]*)")\s+in\s+device\.(attributes|capacity)\b(?!\s*\[)""")
 
 
 def _comprehension_nesting(expr: str) -> int:
@@ -251,12 +263,56 @@ def _comprehension_nesting(expr: str) -> int:
     return deepest
 
 
+_KEY_ACCESS = re.compile(r"""^\.\s*([A-Za-z_]\w*)(?!\w)(?!\s*\()""")
+_IN_KEY = re.compile(r"""(?:'([A-Za-z_]\w*)'|"([A-Za-z_]\w*)")\s+in\s+$""")
+_HAS = re.compile(r"""has\(\s*$""")
+
+
+def _needs(expression: str) -> frozenset[tuple[str, str, str]] | None:
+    """The attribute/capacity entries an expression reads, when every access is ``map[lit].name``,
+    ``has(map[lit].name)`` or ``'name' in map[lit]``; None when it could read more (a domain map used
+    as a whole, or ``device.attributes`` without a literal domain)."""
+    text = expression
+    total = len(re.findall(r"device\.(?:attributes|capacity)\b", text))
+    needs: set[tuple[str, str, str]] = set()
+    found = 0
+    for m in _DOMAIN_INDEX.finditer(text):
+        found += 1
+        which, domain = m.group(1), m.group(2) or m.group(3) or ""
+        after = text[m.end():]
+        key = _KEY_ACCESS.match(after)
+        if key:
+            needs.add((which, domain, key.group(1)))
+            continue
+        before = text[:m.start()]
+        k = _IN_KEY.search(before)
+        if k:
+            needs.add((which, domain, k.group(1) or k.group(2)))
+            continue
+        return None
+    for m in _DOMAIN_IN.finditer(text):
+        found += 1
+        needs.add((m.group(3), m.group(1) or m.group(2) or "", ""))   # domain presence only
+    if found != total:
+        return None
+    return frozenset(needs)
+
+
 @dataclass(frozen=True)
 class CompiledSelector:
     expression: str
     program: Any
     #: domains the expression indexes: (map name, domain) pairs to default to {} when missing
     defaults: tuple[tuple[str, str], ...]
+    #: (map, domain, name) entries the expression can read, or None when it may read anything (e.g. it
+    #: iterates a map): lets the evaluator pass only those and memoize results by their values
+    needs: frozenset[tuple[str, str, str]] | None = None
+
+    def wanted(self, which: str) -> tuple[frozenset[str], frozenset[str]]:
+        """(fully qualified names, whole domains) of ``which`` (attributes/capacity) the expression reads."""
+        names = frozenset(f"{d}/{n}" for w, d, n in self.needs or () if w == which and n)
+        domains = frozenset(d for w, d, n in self.needs or () if w == which and not n)
+        return names, domains
 
 
 def compile_selector(expression: str) -> CompiledSelector:
@@ -287,37 +343,55 @@ def compile_selector(expression: str) -> CompiledSelector:
                               "variable is 'device')")
     tested = {(m.group(3), m.group(1) or m.group(2) or "") for m in _DOMAIN_IN.finditer(expression)}
     indexed = {(m.group(1), m.group(2) or m.group(3) or "") for m in _DOMAIN_INDEX.finditer(expression)}
-    return CompiledSelector(expression, program, tuple(sorted(indexed - tested)))
+    return CompiledSelector(expression, program, tuple(sorted(indexed - tested)), _needs(expression))
 
 
 def device_input(driver: str, attributes: Mapping[str, dict], capacity: Mapping[str, dict],
                  allow_multiple: bool) -> dict:
-    """The ``device`` variable for one device, from API-shaped attributes and capacity.
-
-    Raises CelRuntimeError for an attribute without a value (upstream: "unsupported attribute value")."""
-    attrs: dict[str, dict] = {}
+    """The ``device`` variable for one device, from API-shaped attributes and capacity."""
+    attrs = []
     for name, val in attributes.items():
+        kind = next((k for k in ("int", "bool", "string", "version") if k in val), "")
+        attrs.append((name, kind, val.get(kind)))
+    return compiled_device_input(driver, attrs, [(n, Quantity.parse(c["value"])) for n, c in capacity.items()],
+                                 allow_multiple)
+
+
+def compiled_device_input(driver: str, attributes: Any, capacity: Any, allow_multiple: bool) -> dict:
+    """The ``device`` variable from ``(name, kind, value)`` attributes and ``(name, Quantity, ...)``
+    capacities. Raises CelRuntimeError for an attribute without a value (upstream: "unsupported
+    attribute value")."""
+    attrs: dict[str, dict] = {}
+    for name, kind, val in attributes:
         domain, _, ident = name.rpartition("/")
         domain = domain or driver
-        if "int" in val:
-            v: Any = int(val["int"])
-        elif "bool" in val:
-            v = bool(val["bool"])
-        elif "string" in val:
-            v = str(val["string"])
-        elif "version" in val:
+        if kind == "int":
+            v: Any = int(val)
+        elif kind == "bool":
+            v = bool(val)
+        elif kind == "string":
+            v = str(val)
+        elif kind == "version":
             try:
-                v = parse_semver(str(val["version"]))
+                v = parse_semver(str(val))
             except CelRuntimeError as e:
                 raise CelRuntimeError(f"attribute {name}: parse semantic version: {e}") from None
         else:
             raise CelRuntimeError(f"attribute {name}: unsupported attribute value")
         attrs.setdefault(domain, {})[ident] = v
     caps: dict[str, dict] = {}
-    for name, c in capacity.items():
+    for entry in capacity:
+        name, q = entry[0], entry[1]
         domain, _, ident = name.rpartition("/")
-        caps.setdefault(domain or driver, {})[ident] = q_value(Quantity.parse(c["value"]))
+        caps.setdefault(domain or driver, {})[ident] = q_value(q)
     return {"driver": driver, "attributes": attrs, "capacity": caps, "allowMultipleAllocations": allow_multiple}
+
+
+def _qualify(driver: str, name: str) -> tuple[str, str, str]:
+    """(domain, identifier, fully qualified name) of an attribute or capacity name."""
+    domain, _, ident = name.rpartition("/")
+    domain = domain or driver
+    return domain, ident, f"{domain}/{ident}"
 
 
 class Evaluator:
@@ -325,6 +399,9 @@ class Evaluator:
 
     def __init__(self) -> None:
         self._compiled: dict[str, CompiledSelector | CelCompileError] = {}
+        self._memo: dict[tuple, bool | CelRuntimeError] = {}
+        self._split: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self._wanted: dict[str, tuple] = {}
         self._context = _cel.Context()
         for name, fn in FUNCTIONS.items():
             self._context.add_function(name, fn)
@@ -338,6 +415,52 @@ class Evaluator:
                 got = e
             self._compiled[expression] = got
         if isinstance(got, CelCompileError):
+            raise got
+        return got
+
+    def evaluate(self, selector: CompiledSelector, driver: str, attributes: Any, capacity: Any,
+                 allow_multiple: bool) -> bool:
+        """Evaluate against a compiled device: ``attributes`` as ``(qualified name, kind, value)`` and
+        ``capacity`` as ``(name, Quantity, ...)`` tuples. When the selector reads only some entries, the
+        result is memoized by their values (most devices share them)."""
+        for name, kind, _ in attributes:
+            if not kind:
+                raise CelRuntimeError(f"attribute {name}: unsupported attribute value")
+        needs = selector.needs
+        if needs is None:
+            return self.matches(selector, compiled_device_input(driver, attributes, capacity, allow_multiple))
+        split = self._split
+        wanted = self._wanted.get(selector.expression)
+        if wanted is None:
+            wanted = self._wanted[selector.expression] = (selector.wanted("attributes"), selector.wanted("capacity"))
+        (a_names, a_domains), (c_names, c_domains) = wanted
+        rel_attrs = []
+        for triple in attributes:
+            qualified = split.get((driver, triple[0]))
+            if qualified is None:
+                qualified = split[(driver, triple[0])] = _qualify(driver, triple[0])
+            if qualified[2] in a_names or (a_domains and qualified[0] in a_domains):
+                rel_attrs.append((qualified[2], triple[1], triple[2]))
+        rel_caps = []
+        if c_names or c_domains:
+            for entry in capacity:
+                qualified = split.get((driver, entry[0]))
+                if qualified is None:
+                    qualified = split[(driver, entry[0])] = _qualify(driver, entry[0])
+                if qualified[2] in c_names or qualified[0] in c_domains:
+                    rel_caps.append((qualified[2], entry[1].value))
+        key = (selector.expression, driver, allow_multiple, tuple(rel_attrs), tuple(rel_caps))
+        got = self._memo.get(key)
+        if got is None:
+            try:
+                got = self.matches(selector, compiled_device_input(
+                    driver, rel_attrs, [(n, Quantity(v)) for n, v in rel_caps], allow_multiple))
+            except CelRuntimeError as e:
+                got = e
+            if len(self._memo) > 200_000:
+                self._memo.clear()
+            self._memo[key] = got
+        if isinstance(got, CelRuntimeError):
             raise got
         return got
 

@@ -48,12 +48,12 @@ def load(path: Path) -> dict:
 def _state(inp: dict) -> AllocatedState:
     st = AllocatedState()
     for d in inp.get("allocatedDevices") or []:
-        st.devices.add(DeviceID(d["driver"], d["pool"], d["device"]))
+        st.add_device(DeviceID(d["driver"], d["pool"], d["device"]))
     for d in inp.get("allocatedShares") or []:
-        st.shares.add((DeviceID(d["driver"], d["pool"], d["device"]), d["shareID"]))
+        st.add_share(DeviceID(d["driver"], d["pool"], d["device"]), d["shareID"])
     for d in inp.get("aggregatedCapacity") or []:
         did = DeviceID(d["driver"], d["pool"], d["device"])
-        st.capacity[did] = {k: Quantity.parse(v) for k, v in (d.get("capacity") or {}).items()}
+        st.add_capacity(did, {k: Quantity.parse(v) for k, v in (d.get("capacity") or {}).items()})
     return st
 
 
@@ -70,7 +70,7 @@ def run_fixture(doc: dict, strategy: str = "first-fit") -> str:
     slices = SliceIndex()
     for i, s in enumerate(inp.get("resourceSlices") or []):
         s = {**s, "metadata": {**(s.get("metadata") or {}), "name": s["metadata"].get("name", f"slice-{i}")}}
-        if any(s["metadata"]["name"] == x.raw["metadata"]["name"] for x in slices.slices()):
+        if any(s["metadata"]["name"] == x.name for x in slices.slices()):
             # upstream fixtures may reuse a slice name across pools; names only order slices within a pool
             s = {**s, "metadata": {**s["metadata"], "name": f"{s['metadata']['name']}~{i}"}}
         slices.upsert(s)

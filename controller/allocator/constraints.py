@@ -13,21 +13,21 @@ from typing import Any, Protocol
 from .pools import CDevice
 
 
-def lookup_attribute(dev: CDevice, name: str) -> dict | None:
-    attrs = dev.raw.get("attributes") or {}
-    if name in attrs:
-        return attrs[name]
+def lookup_attribute(dev: CDevice, name: str) -> tuple[str, Any] | None:
+    """(kind, value) of a fully qualified attribute; the driver's own domain may be omitted on the device."""
     domain, sep, ident = name.partition("/")
-    if sep and domain == dev.id.driver and ident in attrs:
-        return attrs[ident]
-    return None
+    short = ident if sep and domain == dev.id.driver else None
+    found = None
+    for aname, kind, value in dev.attrs:
+        if aname == name:
+            return (kind, value) if kind else ("", None)
+        if short is not None and aname == short:
+            found = (kind, value) if kind else ("", None)
+    return found
 
 
-def _value(attr: dict) -> tuple[str, Any] | None:
-    for kind in ("string", "int", "bool", "version"):
-        if kind in attr:
-            return kind, attr[kind]
-    return None
+def _value(attr: tuple[str, Any]) -> tuple[str, Any] | None:
+    return attr if attr[0] else None
 
 
 class Constraint(Protocol):

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any, Callable, Mapping, Sequence
 
 from driver.api.quantity import Quantity, QuantityError
 
 from . import capacity as cap
-from .cel import CelCompileError, CelError, CelRuntimeError, Evaluator, device_input
+from .cel import CelCompileError, CelError, CelRuntimeError, Evaluator
 from .constraints import Constraint, DistinctAttribute, MatchAttribute
 from .nodeselector import node_matches
-from .pools import CDevice, Pool
+from .pools import CDevice, Pool, available_counters, thaw
 from .types import AllocatedState, AllocationError, DeviceID, Features, Node
 
 MAX_RESULTS = 32
@@ -106,12 +105,11 @@ class Run:
         self.results: list[list[_Result]] = [[] for _ in claims]
         self.allocating: dict[DeviceID, set[int]] = {}
         self.allocating_capacity: dict[DeviceID, dict[str, Quantity]] = {}
-        self.consumed_counters: dict[tuple[str, str], dict[str, dict[str, Fraction]]] = {}
-        self.available_counters: dict[tuple[str, str], dict[str, dict[str, Fraction]]] = {}
-        self.match_cache: dict[tuple[DeviceID, tuple[int, int, int]], bool] = {}
-        self.candidates: dict[tuple[int, int, int], list[tuple[Pool, CDevice]]] = {}
+        self.consumed_counters: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
+        self.available_counters: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
+        self.match_cache: dict[tuple[CDevice, tuple[int, int, int]], bool] = {}
+        self.candidates: dict[tuple[int, int, int], list[tuple[Pool, CDevice, tuple | None]]] = {}
         self.steps = 0
-        self._shared_devices = {d for d, _ in allocated.shares}
         self.invalid_pools = [p for p in pools if p.invalid]
 
     # -- validation (upstream Allocate prologue) -------------------------------------------------
@@ -212,8 +210,10 @@ class Run:
                 if pool.invalid:
                     raise AllocationError(f"{where}: asks for all devices, but resource pool {pool} is currently "
                                           "invalid", claim=cref, request=rname, field="allocationMode")
-                for dev in pool.devices():
-                    if not self.selectable(key, rd, dev):
+                for dev, failure in self.class_list(pool, rd):
+                    if failure is not None:
+                        self._raise_selector_error(rd, dev, failure, from_class=True)
+                    if not self.request_ok(key, rd, dev):
                         continue
                     if self.f.consumable_capacity and not self._capacity_fits(rd, dev):
                         continue
@@ -225,60 +225,107 @@ class Run:
         return rd
 
     # -- selectors -------------------------------------------------------------------------------
-    def selectable(self, key: tuple[int, int, int], rd: ReqData, dev: CDevice) -> bool:
-        if not self.f.device_binding_and_status and dev.has_binding_conditions:
-            return False
-        mk = (dev.id, key)
-        hit = self.match_cache.get(mk)
-        if hit is not None:
-            return hit
-        ok = True
-        if rd.cls is not None:
-            ok = self._selectors(rd, dev, (rd.cls.get("spec") or {}).get("selectors") or [], rd.cls)
-        if ok:
-            ok = self._selectors(rd, dev, rd.spec.get("selectors") or [], None)
-        if ok and dev.slice.per_device:
-            ok = _device_node_fits(self.node, dev)
-        self.match_cache[mk] = ok
-        return ok
+    def class_list(self, pool: Pool, rd: ReqData) -> list[tuple[CDevice, tuple | None]]:
+        """Devices of ``pool`` (targeting the node, in order) that pass the class selectors — or whose
+        selector failed: ``(device, (selector index, expression, error))`` — cached in the pool across
+        calls, because a class selector's result depends on the device alone."""
+        selectors = tuple(((sel.get("cel") or {}).get("expression", "") for sel in
+                           ((rd.cls or {}).get("spec") or {}).get("selectors") or []))
+        cache = pool.class_cache
+        got = cache.get(selectors)
+        if got is None:
+            got = []
+            compiled = []
+            for i, expr in enumerate(selectors):
+                try:
+                    compiled.append((i, expr, self.ev.compile(expr), None))
+                except CelCompileError as e:
+                    compiled.append((i, expr, None, e))
+            evaluate = self.ev.evaluate
+            for dev in pool.devices():
+                outcome: bool | tuple = True
+                for i, expr, program, error in compiled:
+                    if error is not None:
+                        outcome = (i, expr, error)
+                        break
+                    try:
+                        if not evaluate(program, dev.id.driver, dev.attrs, dev.capacity, dev.allow_multiple):
+                            outcome = False
+                            break
+                    except CelRuntimeError as e:
+                        outcome = (i, expr, e)
+                        break
+                if outcome is not False:
+                    got.append((dev, None if outcome is True else outcome))
+            cache[selectors] = got
+        return got
 
-    def _selectors(self, rd: ReqData, dev: CDevice, selectors: Sequence[Mapping], cls: Mapping | None) -> bool:
-        cref = claim_ref(self.claims[rd.claim_index])
-        where = (f"claim {cref}, request {rd.full_name}: class {cls['metadata']['name']}" if cls is not None
-                 else f"claim {cref}, request {rd.full_name}: claim {cref}")
-        for i, sel in enumerate(selectors):
-            expr = (sel.get("cel") or {}).get("expression", "")
+    def _evaluate(self, dev: CDevice, selectors: Sequence[str]) -> bool | tuple:
+        """True, False, or (index, expression, CelError) for the first selector that failed."""
+        for i, expr in enumerate(selectors):
+            if dev.matches is None:
+                dev.matches = {}
             cached = dev.matches.get(expr)
             if cached is None:
                 try:
                     compiled = self.ev.compile(expr)
                 except CelCompileError as e:
-                    raise AllocationError(f"{where}: selector #{i}: CEL compile error: {e} (expression: {expr})",
-                                          claim=cref, request=rd.full_name,
-                                          field=f"selectors[{i}].cel.expression") from None
+                    return (i, expr, e)
                 try:
-                    if dev.cel_input is None:
-                        dev.cel_input = device_input(dev.id.driver, dev.raw.get("attributes") or {},
-                                                     dev.raw.get("capacity") or {}, dev.allow_multiple)
-                    if isinstance(dev.cel_input, CelError):
-                        raise dev.cel_input
-                    cached = self.ev.matches(compiled, dev.cel_input)
+                    cached = self.ev.evaluate(compiled, dev.id.driver, dev.attrs, dev.capacity, dev.allow_multiple)
                 except CelRuntimeError as e:
-                    if dev.cel_input is None:
-                        dev.cel_input = e
                     cached = e
                 dev.matches[expr] = cached
             if isinstance(cached, CelError):
-                msg = str(cached)
-                if "no such key:" in msg:
-                    msg += (". consider using CEL optional chaining (.? followed by orValue()) or guarding the check "
-                            "with has() for optional fields")
-                raise AllocationError(f"{where}: selector #{i} on device {dev.id}: CEL runtime error: {msg} "
-                                      f"(expression: {expr})", claim=cref, request=rd.full_name,
-                                      field=f"selectors[{i}].cel.expression")
+                return (i, expr, cached)
             if not cached:
                 return False
         return True
+
+    def _raise_selector_error(self, rd: ReqData, dev: CDevice, failure: tuple, from_class: bool) -> None:
+        i, expr, err = failure
+        cref = claim_ref(self.claims[rd.claim_index])
+        where = (f"claim {cref}, request {rd.full_name}: class {rd.cls['metadata']['name']}" if from_class and rd.cls
+                 else f"claim {cref}, request {rd.full_name}: claim {cref}")
+        if isinstance(err, CelCompileError):
+            raise AllocationError(f"{where}: selector #{i}: CEL compile error: {err} (expression: {expr})",
+                                  claim=cref, request=rd.full_name, field=f"selectors[{i}].cel.expression")
+        msg = str(err)
+        if "no such key:" in msg:
+            msg += (". consider using CEL optional chaining (.? followed by orValue()) or guarding the check "
+                    "with has() for optional fields")
+        raise AllocationError(f"{where}: selector #{i} on device {dev.id}: CEL runtime error: {msg} "
+                              f"(expression: {expr})", claim=cref, request=rd.full_name,
+                              field=f"selectors[{i}].cel.expression")
+
+    def request_ok(self, key: tuple[int, int, int], rd: ReqData, dev: CDevice) -> bool:
+        """The (sub)request's own selectors, binding conditions and per-device node selection; the
+        class selectors were applied by :meth:`class_list`."""
+        mk = (dev, key)
+        hit = self.match_cache.get(mk)
+        if hit is not None:
+            return hit
+        ok = True
+        if not self.f.device_binding_and_status and dev.has_binding_conditions:
+            ok = False
+        selectors = rd.spec.get("selectors")
+        if ok and selectors:
+            outcome = self._evaluate(dev, [(sel.get("cel") or {}).get("expression", "") for sel in selectors])
+            if isinstance(outcome, tuple):
+                self._raise_selector_error(rd, dev, outcome, from_class=False)
+            ok = bool(outcome)
+        if ok and dev.slice.per_device:
+            ok = _device_node_fits(self.node, dev)
+        self.match_cache[mk] = ok
+        return ok
+
+    def selectable(self, key: tuple[int, int, int], rd: ReqData, dev: CDevice, pool: Pool) -> bool:
+        for d, failure in self.class_list(pool, rd):
+            if d is dev:
+                if failure is not None:
+                    self._raise_selector_error(rd, dev, failure, from_class=True)
+                return self.request_ok(key, rd, dev)
+        return False
 
     # -- state queries ---------------------------------------------------------------------------
     def _in_use(self, did: DeviceID) -> bool:
@@ -287,8 +334,6 @@ class Run:
     def _capacity_in_use(self, did: DeviceID) -> bool:
         return did in self.allocated.capacity or did in self.allocating_capacity
 
-    def _is_allocated(self, did: DeviceID) -> bool:
-        return did in self.allocated.devices or did in self._shared_devices or did in self.allocated.capacity
 
     def _capacity_fits(self, rd: ReqData, dev: CDevice) -> bool:
         try:
@@ -297,20 +342,10 @@ class Run:
         except cap.UnknownCapacity:
             return False
 
-    def _available(self, pool: Pool) -> dict[str, dict[str, Fraction]]:
+    def _available(self, pool: Pool) -> dict[str, dict[str, int]]:
         got = self.available_counters.get(pool.id)
         if got is None:
-            got = {name: dict(counters) for name, counters in pool.counter_sets.items()}
-            for dev in pool.all_devices():
-                if dev.consumes and self._is_allocated(dev.id):
-                    for cs, counters in dev.consumes:
-                        avail = got.get(cs)
-                        if avail is None:
-                            continue
-                        for c, v in counters:
-                            if c in avail:
-                                avail[c] -= v
-            self.available_counters[pool.id] = got
+            got = self.available_counters[pool.id] = available_counters(pool, self.allocated)
         return got
 
     def _take_counters(self, pool: Pool, dev: CDevice) -> bool:
@@ -319,7 +354,7 @@ class Run:
         for cs, counters in dev.consumes:
             u = used.setdefault(cs, {})
             for c, v in counters:
-                u[c] = u.get(c, Fraction(0)) + v
+                u[c] = u.get(c, 0) + v
         for cs, counters in avail.items():
             u = used.get(cs, {})
             for c, v in counters.items():
@@ -333,15 +368,18 @@ class Run:
         for cs, counters in dev.consumes:
             u = used.get(cs, {})
             for c, v in counters:
-                u[c] = u.get(c, Fraction(0)) - v
+                u[c] = u.get(c, 0) - v
 
     # -- search ----------------------------------------------------------------------------------
-    def _candidates(self, key: tuple[int, int, int], rd: ReqData) -> list[tuple[Pool, CDevice]]:
+    def _candidates(self, key: tuple[int, int, int], rd: ReqData) -> list[tuple[Pool, CDevice, tuple | None]]:
         got = self.candidates.get(key)
         if got is None:
-            got = [(p, d) for p in self.pools if not (p.incomplete or p.invalid) for d in p.devices()]
+            got = [(p, d, failure) for p in self.pools if not (p.incomplete or p.invalid)
+                   for d, failure in self.class_list(p, rd)]
             if self.order is not None:
-                got = self.order(rd, got)
+                order = self.order(rd, [(p, d) for p, d, _ in got])
+                failures = {id(d): f for _, d, f in got}
+                got = [(p, d, failures[id(d)]) for p, d in order]
             self.candidates[key] = got
         return got
 
@@ -401,13 +439,15 @@ class Run:
             return done
         cands = self._candidates(key, rd)
         for idx in range(start, len(cands)):
-            pool, dev = cands[idx]
+            pool, dev, failure = cands[idx]
             if rd.admin:
                 if ci in self.allocating.get(dev.id, ()):
                     continue
             elif self._in_use(dev.id):
                 continue
-            if not self.selectable(key, rd, dev):
+            if failure is not None:
+                self._raise_selector_error(rd, dev, failure, from_class=True)
+            if not self.request_ok(key, rd, dev):
                 continue
             if self.f.consumable_capacity and not self._capacity_fits(rd, dev):
                 continue
@@ -507,10 +547,10 @@ class Run:
                     entry["adminAccess"] = True
                 if r.req.tolerations:
                     entry["tolerations"] = [dict(t) for t in r.req.tolerations]
-                if self.f.device_binding_and_status:
-                    for f in ("bindingConditions", "bindingFailureConditions"):
-                        if r.dev.raw.get(f):
-                            entry[f] = list(r.dev.raw[f])
+                if self.f.device_binding_and_status and r.dev.binding:
+                    for f, values in zip(("bindingConditions", "bindingFailureConditions"), r.dev.binding):
+                        if values:
+                            entry[f] = list(values)
                 if r.share_id:
                     entry["shareID"] = r.share_id
                 if r.consumed:
@@ -581,8 +621,8 @@ class Run:
         fields: list[dict] = []
         for r in results:
             s = r.dev.slice
-            if s.per_device:
-                node_name, selector = r.dev.raw.get("nodeName") or "", r.dev.raw.get("nodeSelector")
+            if s.per_device and r.dev.node_selection is not None:
+                node_name, selector = r.dev.node_selection[0], thaw(r.dev.node_selection[2]) if r.dev.node_selection[2] else None
             else:
                 node_name, selector = s.node_name, s.node_selector
             if node_name or r.dev.binds_to_node:
@@ -614,11 +654,13 @@ def _add_requirements(src: list[dict], dst: list[dict]) -> None:
 
 
 def _device_node_fits(node: Node, dev: CDevice) -> bool:
-    raw = dev.raw
-    if raw.get("nodeName"):
-        return node.name == raw["nodeName"]
-    if raw.get("allNodes"):
+    if dev.node_selection is None:
+        return False
+    node_name, all_nodes, selector = dev.node_selection
+    if node_name:
+        return node.name == node_name
+    if all_nodes:
         return True
-    if raw.get("nodeSelector") is not None:
-        return node_matches(node, raw["nodeSelector"])
+    if selector:
+        return node_matches(node, thaw(selector))
     return False

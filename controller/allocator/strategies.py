@@ -1,14 +1,25 @@
-"""Device-choice strategies. The search is upstream's; a strategy only orders candidates.
+"""Device-choice strategies. The search is upstream's; a strategy only orders candidates, so every
+result is valid under the same rules and only the choice among valid results differs.
 
 * ``first-fit``: upstream order (pools by driver/pool, slices by name, devices in slice order) and the
   nodes in the order given — identical results to kube-scheduler's allocator.
+* ``pack`` (the controller's default): keeps GPUs unfragmented.
+  - Nodes already in use come first (most devices allocated first), so empty nodes stay empty for
+    large jobs.
+  - Within a node, a GPU already serving the request's mode comes first: shared requests go to GPUs
+    whose shared device already has shares (the fullest that still fits first), MIG requests to GPUs
+    that already have MIG devices, whole-GPU requests to GPUs whose siblings are busy.
+  - Among MIG placements, the one that blocks the least of what is still free on the GPU (weighted by
+    size) wins, so small instances fill from the edge and 3g/4g/7g placements stay available.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
+from functools import lru_cache
 from typing import Protocol, Sequence
 
-from .pools import CDevice, Pool, SliceIndex
+from .pools import CDevice, Pool, SliceIndex, available_counters
 from .search import ReqData
 from .types import AllocatedState, Node
 
@@ -33,7 +44,128 @@ class FirstFit:
         return list(nodes)
 
 
-STRATEGIES: dict[str, type] = {"first-fit": FirstFit}
+def _slice_mask(dev: CDevice) -> int:
+    mask = 0
+    for _, counters in dev.consumes:
+        for name, _ in counters:
+            if name.startswith("memory-slice-"):
+                mask |= 1 << int(name.rsplit("-", 1)[1])
+    return mask
+
+
+@lru_cache(maxsize=65536)
+def _blocked(candidate: int, used: int, others: tuple[tuple[int, int], ...]) -> int:
+    """Weight (memory slices) of the still-possible placements that taking ``candidate`` rules out."""
+    return sum(size for mask, size in others if mask & candidate and not mask & used)
+
+
+class _PoolLayout:
+    """Static facts of a pool's devices for packing (depends on the slices only)."""
+
+    def __init__(self, pool: Pool):
+        self.devices: list[tuple[CDevice, str, int]] = []        # (device, parent GPU, memory-slice mask)
+        self.mig: dict[str, list[tuple[int, int]]] = {}           # parent -> [(mask, size)] of its MIG devices
+        self.counter_set: dict[str, str] = {}                     # parent -> counter set name
+        for dev in pool.devices():
+            parent = dev.parent or dev.name
+            mask = _slice_mask(dev)
+            self.devices.append((dev, parent, mask))
+            if dev.type == "mig":
+                self.mig.setdefault(parent, []).append((mask, bin(mask).count("1")))
+            if dev.consumes and parent not in self.counter_set:
+                self.counter_set[parent] = dev.consumes[0][0]
+        self.mig_tuples = {k: tuple(v) for k, v in self.mig.items()}
+        self.by_name = {d.name: (d, p, m) for d, p, m in self.devices}
+        self.mask_of = {id(d): m for d, _, m in self.devices}
+
+
+class _GpuView:
+    """What a pool's GPUs are doing, from the allocated state."""
+
+    def __init__(self, pool: Pool, layout: _PoolLayout, allocated: AllocatedState):
+        avail = available_counters(pool, allocated)
+        self.mode: dict[str, str] = {}           # parent GPU -> type of an allocated device
+        self.busy: dict[str, int] = {}           # parent GPU -> devices allocated
+        self.shared_load: dict[str, Fraction] = {}
+        self.used_slices: dict[str, int] = {}
+        for name in allocated.allocated_in_pool(pool.driver, pool.name):
+            entry = layout.by_name.get(name)
+            if entry is None:
+                continue
+            dev, parent, _ = entry
+            self.busy[parent] = self.busy.get(parent, 0) + 1
+            if dev.type:
+                self.mode[parent] = dev.type
+            if dev.allow_multiple:
+                consumed = allocated.capacity.get(dev.id, {})
+                total = sum((q.value for q in consumed.values()), Fraction(0))
+                cap = sum((q.value for _, q, _ in dev.capacity), Fraction(0)) or Fraction(1)
+                self.shared_load[parent] = total / cap
+        for parent, cs in layout.counter_set.items():
+            used = 0
+            for name, value in avail.get(cs, {}).items():
+                if value <= 0 and name.startswith("memory-slice-"):
+                    used |= 1 << int(name.rsplit("-", 1)[1])
+            self.used_slices[parent] = used
+
+
+class Pack:
+    name = "pack"
+    sticky = True   # retry the node that took the same kind of claim last (see Allocator._node_order)
+
+    def __init__(self) -> None:
+        pass
+
+    def _view(self, pool: Pool, allocated: AllocatedState) -> tuple[_PoolLayout, _GpuView]:
+        layout = pool.strategy_cache.get("pack")
+        if layout is None:
+            layout = pool.strategy_cache["pack"] = _PoolLayout(pool)
+        sig = allocated.pool_signature(pool.driver, pool.name)
+        got = pool.strategy_cache.get("pack-view")
+        if got is None or got[0] != sig:
+            got = pool.strategy_cache["pack-view"] = (sig, _GpuView(pool, layout, allocated))
+        return layout, got[1]
+
+    def order_devices(self, req: ReqData, candidates: list[tuple[Pool, CDevice]],
+                      allocated: AllocatedState) -> list[tuple[Pool, CDevice]]:
+        views: dict[int, tuple[_PoolLayout, _GpuView]] = {}
+
+        def key(item: tuple[int, tuple[Pool, CDevice]]) -> tuple:
+            position, (pool, dev) = item
+            got = views.get(id(pool))
+            if got is None:
+                got = views[id(pool)] = self._view(pool, allocated)
+            layout, view = got
+            parent = dev.parent or dev.name
+            mode = view.mode.get(parent)
+            same_mode = 0 if mode == dev.type else (1 if mode is None else 2)
+            if dev.type == "mig":
+                blocked = _blocked(layout.mask_of[id(dev)], view.used_slices.get(parent, 0),
+                                   layout.mig_tuples.get(parent, ()))
+                return (same_mode, -view.busy.get(parent, 0), blocked, position)
+            if dev.allow_multiple:
+                return (same_mode, -view.shared_load.get(parent, Fraction(0)), position)
+            return (same_mode, position)
+
+        return [c for _, c in sorted(enumerate(candidates), key=key)]
+
+    def order_nodes(self, nodes: Sequence[Node], slices: SliceIndex, allocated: AllocatedState) -> list[Node]:
+        """Nodes in use first (most allocated devices first), then the others in the given order.
+        Costs O(pools in use) plus one pass over the candidates."""
+        used: dict[str, int] = {}
+        for (driver, pool), names in allocated.by_pool.items():
+            if names:
+                node = slices.pool_node(driver, pool)
+                if node is not None:
+                    used[node] = used.get(node, 0) + len(names)
+        if not used:
+            return list(nodes)
+        busy = [n for n in nodes if n.name in used]
+        busy.sort(key=lambda n: -used[n.name])
+        return busy + [n for n in nodes if n.name not in used]
+
+
+STRATEGIES: dict[str, type] = {"first-fit": FirstFit, "pack": Pack}
 
 
 def get_strategy(name: str) -> Strategy:

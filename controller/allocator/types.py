@@ -24,7 +24,7 @@ Contract used by the operator (``controller/operator``), the sandbox and ``parti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 from driver.api.quantity import Quantity
 
@@ -64,8 +64,9 @@ class Features:
         return cls(**{f: on.get(f, False) for f in cls.__dataclass_fields__})
 
 
-@dataclass(frozen=True, order=True)
-class DeviceID:
+class DeviceID(NamedTuple):
+    """A device's identity (a tuple, so hashing it is cheap on hot paths)."""
+
     driver: str
     pool: str
     device: str
@@ -74,13 +75,97 @@ class DeviceID:
         return f"{self.driver}/{self.pool}/{self.device}"
 
 
-@dataclass
 class AllocatedState:
-    """What other claims already hold (kube-scheduler's ``AllocatedState``)."""
+    """What other claims already hold (kube-scheduler's ``AllocatedState``).
 
-    devices: set[DeviceID] = field(default_factory=set)
-    shares: set[tuple[DeviceID, str]] = field(default_factory=set)
-    capacity: dict[DeviceID, dict[str, Quantity]] = field(default_factory=dict)
+    ``devices``: dedicated devices in use; ``shares``: (device, shareID) of multi-allocatable devices;
+    ``capacity``: capacity consumed per multi-allocatable device. Change it only through the methods:
+    they also keep a content-based signature per pool (count and XOR of hashes), which lets the
+    allocator cache per-node work and stays the same for two states with the same content.
+    """
+
+    def __init__(self, devices: set[DeviceID] | None = None, shares: set[tuple[DeviceID, str]] | None = None,
+                 capacity: dict[DeviceID, dict[str, Quantity]] | None = None):
+        self.devices: set[DeviceID] = set()
+        self.shares: set[tuple[DeviceID, str]] = set()
+        self.capacity: dict[DeviceID, dict[str, Quantity]] = {}
+        self.share_counts: dict[DeviceID, int] = {}
+        self._sig: dict[tuple[str, str], list[int]] = {}
+        #: (driver, pool) -> device name -> number of reasons it is allocated (dedicated, shares, capacity)
+        self.by_pool: dict[tuple[str, str], dict[str, int]] = {}
+        for d in devices or ():
+            self.add_device(d)
+        for d, share in shares or ():
+            self.add_share(d, share)
+        for d, caps in (capacity or {}).items():
+            self.add_capacity(d, caps)
+
+    # -- signatures ---------------------------------------------------------------------------
+    def _touch(self, did: DeviceID, item: object, sign: int) -> None:
+        pid = (did.driver, did.pool)
+        sig = self._sig.setdefault(pid, [0, 0])
+        sig[0] += sign
+        sig[1] ^= hash(item)
+        if sign:
+            names = self.by_pool.setdefault(pid, {})
+            n = names.get(did.device, 0) + sign
+            if n > 0:
+                names[did.device] = n
+            else:
+                names.pop(did.device, None)
+
+    def pool_signature(self, driver: str, pool: str) -> tuple[int, int]:
+        sig = self._sig.get((driver, pool))
+        return (sig[0], sig[1]) if sig else (0, 0)
+
+    # -- changes ------------------------------------------------------------------------------
+    def add_device(self, did: DeviceID) -> None:
+        if did not in self.devices:
+            self.devices.add(did)
+            self._touch(did, ("d", did), 1)
+
+    def remove_device(self, did: DeviceID) -> None:
+        if did in self.devices:
+            self.devices.discard(did)
+            self._touch(did, ("d", did), -1)
+
+    def add_share(self, did: DeviceID, share_id: str) -> None:
+        if (did, share_id) not in self.shares:
+            self.shares.add((did, share_id))
+            self.share_counts[did] = self.share_counts.get(did, 0) + 1
+            self._touch(did, ("s", did, share_id), 1)
+
+    def remove_share(self, did: DeviceID, share_id: str) -> None:
+        if (did, share_id) in self.shares:
+            self.shares.discard((did, share_id))
+            self.share_counts[did] -= 1
+            if not self.share_counts[did]:
+                del self.share_counts[did]
+            self._touch(did, ("s", did, share_id), -1)
+
+    def add_capacity(self, did: DeviceID, consumed: Mapping[str, Quantity], sign: int = 1) -> None:
+        existed = did in self.capacity
+        caps = self.capacity.setdefault(did, {})
+        old = tuple(sorted((k, v.value) for k, v in caps.items()))
+        for name, q in consumed.items():
+            caps[name] = caps.get(name, Quantity.parse(0)) + (q if sign > 0 else -q)
+        if all(v.sign() <= 0 for v in caps.values()):
+            del self.capacity[did]
+            new: tuple = ()
+        else:
+            new = tuple(sorted((k, v.value) for k, v in caps.items()))
+        self._touch(did, ("c", did, old), 0)
+        self._touch(did, ("c", did, new), 0)
+        now = did in self.capacity
+        if now != existed:
+            self._touch(did, ("cap", did), 1 if now else -1)
+
+    def is_allocated(self, did: DeviceID) -> bool:
+        return did in self.devices or did in self.share_counts or did in self.capacity
+
+    def allocated_in_pool(self, driver: str, pool: str) -> Iterable[str]:
+        """Names of the pool's devices held by other claims in any way."""
+        return self.by_pool.get((driver, pool), {}).keys()
 
     @classmethod
     def from_claims(cls, claims: Iterable[Mapping], consumable_capacity: bool = True) -> "AllocatedState":
@@ -93,38 +178,38 @@ class AllocatedState:
         return state
 
     def add_allocation(self, allocation: Mapping, consumable_capacity: bool = True) -> None:
-        for r in ((allocation.get("devices") or {}).get("results") or []):
-            if r.get("adminAccess"):
-                continue
-            did = DeviceID(r["driver"], r["pool"], r["device"])
-            if consumable_capacity and r.get("shareID"):
-                self.shares.add((did, r["shareID"]))
-                consumed = self.capacity.setdefault(did, {})
-                for name, q in (r.get("consumedCapacity") or {}).items():
-                    consumed[name] = consumed.get(name, Quantity.parse(0)) + Quantity.parse(q)
-            else:
-                self.devices.add(did)
+        self._apply(allocation, consumable_capacity, 1)
 
     def remove_allocation(self, allocation: Mapping, consumable_capacity: bool = True) -> None:
+        self._apply(allocation, consumable_capacity, -1)
+
+    def _apply(self, allocation: Mapping, consumable_capacity: bool, sign: int) -> None:
         for r in ((allocation.get("devices") or {}).get("results") or []):
             if r.get("adminAccess"):
                 continue
             did = DeviceID(r["driver"], r["pool"], r["device"])
             if consumable_capacity and r.get("shareID"):
-                self.shares.discard((did, r["shareID"]))
-                consumed = self.capacity.get(did)
-                if consumed is not None:
-                    for name, q in (r.get("consumedCapacity") or {}).items():
-                        if name in consumed:
-                            consumed[name] = consumed[name] - Quantity.parse(q)
-                    if all(v.sign() <= 0 for v in consumed.values()):
-                        del self.capacity[did]
+                if sign > 0:
+                    self.add_share(did, r["shareID"])
+                else:
+                    self.remove_share(did, r["shareID"])
+                consumed = {k: Quantity.parse(v) for k, v in (r.get("consumedCapacity") or {}).items()}
+                if consumed and (sign > 0 or did in self.capacity):
+                    self.add_capacity(did, consumed, sign)
+            elif sign > 0:
+                self.add_device(did)
             else:
-                self.devices.discard(did)
+                self.remove_device(did)
 
     def copy(self) -> "AllocatedState":
-        return AllocatedState(set(self.devices), set(self.shares),
-                              {k: dict(v) for k, v in self.capacity.items()})
+        c = AllocatedState()
+        c.devices = set(self.devices)
+        c.shares = set(self.shares)
+        c.capacity = {k: dict(v) for k, v in self.capacity.items()}
+        c.share_counts = dict(self.share_counts)
+        c._sig = {k: list(v) for k, v in self._sig.items()}
+        c.by_pool = {k: dict(v) for k, v in self.by_pool.items()}
+        return c
 
 
 @dataclass(frozen=True)
