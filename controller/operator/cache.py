@@ -1,0 +1,201 @@
+"""What the controller knows of the cluster: the watched objects, and the devices claims hold.
+
+Bookkeeping follows ARCHITECTURE §4.6: allocated devices come from what the informers show, plus the
+allocations this controller wrote that the informers have not shown yet (in flight) — never from memory
+of writes alone. An in-flight allocation stays counted until the claim is seen with it, or is seen
+without it at a newer resourceVersion than our write (then kube-scheduler's PostFilter, or someone,
+cleared it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+from controller.allocator import AllocatedState, SliceIndex
+from driver.api import constants as C
+
+from .claims import is_partita_class, is_pending, key, pod_claims
+from .writer import ANNOTATION_NODE, ANNOTATION_POD
+
+log = logging.getLogger(__name__)
+
+
+def _rv(obj: Mapping) -> int:
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+@dataclass
+class InFlight:
+    allocation: dict
+    write_rv: int
+    node: str
+    pod: str
+    since: float
+
+
+class Cache:
+    def __init__(self, driver_name: str):
+        self.driver = driver_name
+        self.pods: dict[str, dict] = {}
+        self.claims: dict[str, dict] = {}
+        self.nodes: dict[str, dict] = {}
+        self.classes: dict[str, dict] = {}
+        self.slices = SliceIndex()
+        self.allocated = AllocatedState()
+        self._accounted: dict[str, dict] = {}          # claim uid -> allocation counted in self.allocated
+        self.inflight: dict[str, InFlight] = {}        # claim uid -> allocation we wrote
+        self.pods_by_node: dict[str, set[str]] = {}
+        self.claim_users: dict[str, set[str]] = {}     # claim key -> pod keys referencing it
+        self.tainted_pools_missing: set[tuple[str, str]] = set()
+        self.scheduler_mode_pools: set[tuple[str, str]] = set()
+        self.vanished: list[tuple[str, str, str]] = []  # (claim key, pod key, node) whose allocation vanished
+
+    # -- objects ------------------------------------------------------------------------------
+    def apply(self, kind: str, etype: str, obj: dict) -> None:
+        getattr(self, f"_on_{kind}")(etype, obj)
+
+    def _on_pod(self, etype: str, pod: dict) -> None:
+        k = key(pod)
+        old = self.pods.get(k)
+        if old is not None:
+            self._unindex_pod(k, old)
+        if etype == "DELETED":
+            self.pods.pop(k, None)
+            return
+        self.pods[k] = pod
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node:
+            self.pods_by_node.setdefault(node, set()).add(k)
+        ns = pod["metadata"].get("namespace", "")
+        for pc in pod_claims(pod):
+            if pc.claim_name:
+                self.claim_users.setdefault(f"{ns}/{pc.claim_name}", set()).add(k)
+
+    def _unindex_pod(self, k: str, pod: dict) -> None:
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node:
+            self.pods_by_node.get(node, set()).discard(k)
+        ns = pod["metadata"].get("namespace", "")
+        for pc in pod_claims(pod):
+            if pc.claim_name:
+                self.claim_users.get(f"{ns}/{pc.claim_name}", set()).discard(k)
+
+    def _on_claim(self, etype: str, claim: dict) -> None:
+        k = key(claim)
+        uid = claim["metadata"].get("uid", "")
+        if etype == "DELETED":
+            self.claims.pop(k, None)
+            self._account(uid, None)
+            self.inflight.pop(uid, None)
+            return
+        old = self.claims.get(k)
+        self.claims[k] = claim
+        allocation = (claim.get("status") or {}).get("allocation")
+        flight = self.inflight.get(uid)
+        if flight is None and allocation is None and old is not None and (old.get("status") or {}).get("allocation"):
+            self._cleared(k, claim)
+        if flight is not None:
+            if allocation is not None:
+                self.inflight.pop(uid, None)              # the informer caught up (or someone else won)
+            elif _rv(claim) > flight.write_rv:
+                self.inflight.pop(uid, None)              # cleared after our write: PostFilter or a release
+                self.vanished.append((k, flight.pod, flight.node))
+            else:
+                allocation = flight.allocation            # an event older than our write
+        self._account(uid, allocation)
+
+    def _cleared(self, k: str, claim: dict) -> None:
+        """An allocation disappeared. If it was ours and its pod still waits for a node, kube-scheduler's
+        PostFilter cleared it (the node is unfit for the pod): report it, so the node is avoided."""
+        md = claim["metadata"]
+        annotations = md.get("annotations") or {}
+        pod_key, node = annotations.get(ANNOTATION_POD), annotations.get(ANNOTATION_NODE)
+        if C.CLAIM_FINALIZER not in (md.get("finalizers") or []) or not pod_key or not node:
+            return
+        pod = self.pods.get(pod_key)
+        if pod is not None and is_pending(pod):
+            self.vanished.append((k, pod_key, node))
+
+    def _account(self, uid: str, allocation: dict | None) -> None:
+        old = self._accounted.get(uid)
+        if old == allocation:
+            return
+        if old is not None:
+            self.allocated.remove_allocation(old)
+            del self._accounted[uid]
+        if allocation is not None:
+            self.allocated.add_allocation(allocation)
+            self._accounted[uid] = allocation
+
+    def record_write(self, claim: dict, allocation: dict, write_rv: int, node: str, pod: str) -> None:
+        uid = claim["metadata"]["uid"]
+        self.inflight[uid] = InFlight(allocation, write_rv, node, pod, time.monotonic())
+        self._account(uid, allocation)
+
+    def expire_inflight(self, max_age: float = 60.0) -> None:
+        now = time.monotonic()
+        for uid, f in list(self.inflight.items()):
+            if now - f.since > max_age:
+                del self.inflight[uid]
+                claim = next((c for c in self.claims.values() if c["metadata"].get("uid") == uid), None)
+                self._account(uid, ((claim or {}).get("status") or {}).get("allocation"))
+
+    def _on_node(self, etype: str, node: dict) -> None:
+        if etype == "DELETED":
+            self.nodes.pop(node["metadata"]["name"], None)
+        else:
+            self.nodes[node["metadata"]["name"]] = node
+
+    def _on_deviceclass(self, etype: str, cls: dict) -> None:
+        if etype == "DELETED":
+            self.classes.pop(cls["metadata"]["name"], None)
+        else:
+            self.classes[cls["metadata"]["name"]] = cls
+
+    def _on_slice(self, etype: str, s: dict) -> None:
+        spec = s.get("spec") or {}
+        name = s["metadata"]["name"]
+        if spec.get("driver") != self.driver:
+            return
+        pid = (spec.get("driver", ""), (spec.get("pool") or {}).get("name", ""))
+        if etype == "DELETED":
+            self.slices.delete(name)
+            return
+        mode = (s["metadata"].get("labels") or {}).get(C.SLICE_ALLOCATION_MODE_LABEL)
+        if mode != C.ALLOCATION_MODE_CONTROLLER:
+            self.slices.delete(name)
+            self.scheduler_mode_pools.add(pid)
+            return
+        self.scheduler_mode_pools.discard(pid)
+        untainted = [d["name"] for d in spec.get("devices") or []
+                     if not any(t.get("key") == C.MANAGED_TAINT_KEY for t in d.get("taints") or [])]
+        if untainted:
+            # The driver meant these for the controller, but the API server dropped the taint: kube-scheduler
+            # could hand them out too. Never allocate them (never two allocators for one device).
+            self.slices.delete(name)
+            if pid not in self.tainted_pools_missing:
+                self.tainted_pools_missing.add(pid)
+                log.error("ResourceSlice %s of pool %s/%s is labelled %s=controller but %d device(s) lack the %s "
+                          "taint (the API server dropped it: is the DRADeviceTaints feature gate on?); Partita will "
+                          "not allocate from this pool", name, pid[0], pid[1], C.SLICE_ALLOCATION_MODE_LABEL,
+                          len(untainted), C.MANAGED_TAINT_KEY)
+            return
+        self.tainted_pools_missing.discard(pid)
+        self.slices.upsert(s)
+
+    # -- queries ------------------------------------------------------------------------------
+    def partita_classes(self) -> set[str]:
+        return {n for n, c in self.classes.items() if is_partita_class(c, self.driver)}
+
+    def claim_by_name(self, namespace: str, name: str) -> dict | None:
+        return self.claims.get(f"{namespace}/{name}")
+
+    def pods_on(self, node: str) -> list[dict]:
+        return [self.pods[k] for k in self.pods_by_node.get(node, ()) if k in self.pods
+                and (self.pods[k].get("status") or {}).get("phase") not in ("Succeeded", "Failed")]

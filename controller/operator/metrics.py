@@ -1,0 +1,18 @@
+"""Prometheus metrics of the controller (served on --metrics-port)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ALLOCATIONS = Counter("partita_controller_allocations_total", "Pod allocation attempts by result",
+                      ["result"])  # allocated, unschedulable, error, conflict
+ALLOCATION_SECONDS = Histogram("partita_controller_allocation_seconds", "Time to allocate a pod's claims",
+                               buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+PENDING_CLAIMS = Gauge("partita_controller_pending_claims", "Partita claims of pending pods not yet allocated")
+RELEASES = Counter("partita_controller_releases_total", "Allocations released after their last consumer went away")
+CONFLICTS = Counter("partita_controller_conflicts_total", "Writes retried after a resourceVersion conflict")
+POOLS_MISSING_TAINT = Gauge("partita_controller_pools_missing_taint",
+                            "Pools labelled for the controller whose devices lack the managed taint (not allocated)")
+VANISHED = Counter("partita_controller_vanished_allocations_total",
+                   "Allocations cleared by someone else (kube-scheduler PostFilter) before the pod bound")
+IS_LEADER = Gauge("partita_controller_leader", "1 while this instance is the active controller")

@@ -1,0 +1,102 @@
+"""kube-scheduler's filters as the controller applies them before choosing devices."""
+
+from __future__ import annotations
+
+from controller.operator.nodefit import NodeInfo, Topology, fit, pod_requests, tolerates
+from driver.api.quantity import Quantity
+
+
+def node(name="n1", labels=None, taints=None, alloc=None, unschedulable=False):
+    return {"metadata": {"name": name, "labels": labels or {}},
+            "spec": {"taints": taints or [], "unschedulable": unschedulable},
+            "status": {"allocatable": alloc or {"cpu": "8", "memory": "32Gi", "pods": "10"}}}
+
+
+def pod(name="p", ns="default", labels=None, **spec):
+    containers = spec.pop("containers", [{"name": "c", "image": "x"}])
+    return {"metadata": {"name": name, "namespace": ns, "labels": labels or {}},
+            "spec": {"containers": containers, **spec}}
+
+
+def cpu(v, name="c"):
+    return {"name": name, "image": "x", "resources": {"requests": {"cpu": v}}}
+
+
+def test_taints_and_tolerations() -> None:
+    n = NodeInfo(node(taints=[{"key": "gpu", "value": "yes", "effect": "NoSchedule"},
+                              {"key": "soft", "effect": "PreferNoSchedule"}]))
+    assert "untolerated taint gpu=yes:NoSchedule" == fit(pod(), n)
+    assert fit(pod(tolerations=[{"key": "gpu", "operator": "Equal", "value": "yes"}]), n) == ""
+    assert fit(pod(tolerations=[{"key": "gpu", "operator": "Equal", "value": "no"}]), n)
+    assert fit(pod(tolerations=[{"operator": "Exists"}]), n) == ""
+    assert not tolerates({"key": "gpu", "operator": "Exists", "effect": "NoExecute"},
+                         {"key": "gpu", "effect": "NoSchedule"})
+
+
+def test_cordoned_node_name_selector_and_affinity() -> None:
+    assert "cordoned" in fit(pod(), NodeInfo(node(unschedulable=True)))
+    assert fit(pod(tolerations=[{"key": "node.kubernetes.io/unschedulable", "operator": "Exists"}]),
+               NodeInfo(node(unschedulable=True))) == ""
+    assert fit(pod(nodeName="other"), NodeInfo(node())) == "pod asks for node other"
+    labelled = NodeInfo(node(labels={"zone": "a", "gpu": "h100"}))
+    assert fit(pod(nodeSelector={"zone": "a"}), labelled) == ""
+    assert "zone=b" in fit(pod(nodeSelector={"zone": "b"}), labelled)
+    aff = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["a100"]}]},
+        {"matchExpressions": [{"key": "zone", "operator": "NotIn", "values": ["a"]}]}]}}}
+    assert "node affinity" in fit(pod(affinity=aff), labelled)
+    aff["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0][
+        "matchExpressions"][0]["values"].append("h100")
+    assert fit(pod(affinity=aff), labelled) == ""
+
+
+def test_resources_count_init_containers_overhead_and_bound_pods() -> None:
+    p = pod(containers=[cpu("1"), cpu("500m", "d")], initContainers=[cpu("3", "init")], overhead={"cpu": "250m"})
+    assert pod_requests(p)["cpu"] == Quantity.parse("3250m")
+    n = NodeInfo(node(alloc={"cpu": "4", "pods": "3"}), pods=[pod("a", containers=[cpu("1")])])
+    assert fit(p, n) == "insufficient cpu (requested 3250m, free 3)"
+    n.pods = []
+    assert fit(p, n) == ""
+    full = NodeInfo(node(alloc={"cpu": "64", "pods": "2"}), pods=[pod("a"), pod("b")])
+    assert "too many pods" in fit(pod(), full)
+    assert fit(pod(containers=[{"name": "c", "image": "x", "resources": {"limits": {"example.com/fpga": "1"}}}]),
+               NodeInfo(node())) == "node has no example.com/fpga"
+
+
+def test_host_ports() -> None:
+    web = pod("web", containers=[{"name": "c", "image": "x", "ports": [{"containerPort": 80, "hostPort": 8080}]}])
+    n = NodeInfo(node(), pods=[web])
+    assert "host port 8080/TCP is in use by pod default/web" == fit(web, n)
+    udp = pod(containers=[{"name": "c", "image": "x", "ports": [{"hostPort": 8080, "protocol": "UDP"}]}])
+    assert fit(udp, n) == ""
+
+
+def test_inter_pod_anti_affinity_both_directions_and_affinity() -> None:
+    a = NodeInfo(node("a", labels={"kubernetes.io/hostname": "a", "zone": "z1"}))
+    b = NodeInfo(node("b", labels={"kubernetes.io/hostname": "b", "zone": "z1"}))
+    anti = {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "db"}}}]}}
+    a.pods = [pod("db-0", labels={"app": "db"}, affinity=anti)]
+    topo = Topology([a, b])
+    db1 = pod("db-1", labels={"app": "db"}, affinity=anti)
+    assert "anti-affinity" in fit(db1, a, topo)
+    assert fit(db1, b, topo) == ""
+    # the existing pod's anti-affinity also keeps a matching pod without any affinity away
+    assert "has anti-affinity against it" in fit(pod("plain", labels={"app": "db"}), a, topo)
+    near = {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"topologyKey": "zone", "labelSelector": {"matchLabels": {"app": "db"}}}]}}
+    assert fit(pod("cache", affinity=near), b, topo) == ""        # same zone as db-0
+    c = NodeInfo(node("c", labels={"zone": "z2"}))
+    assert "pod affinity" in fit(pod("cache", affinity=near), c, Topology([a, b, c]))
+
+
+def test_topology_spread() -> None:
+    spread = [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule",
+               "labelSelector": {"matchLabels": {"app": "w"}}}]
+    a = NodeInfo(node("a", labels={"zone": "z1"}), pods=[pod("w0", labels={"app": "w"})])
+    b = NodeInfo(node("b", labels={"zone": "z2"}))
+    topo = Topology([a, b])
+    w1 = pod("w1", labels={"app": "w"}, topologySpreadConstraints=spread)
+    assert "skew 2 > maxSkew 1" in fit(w1, a, topo)
+    assert fit(w1, b, topo) == ""
+    assert "lacks topology label zone" in fit(w1, NodeInfo(node("c")), topo)
