@@ -304,6 +304,23 @@ class ApiServer:
         res = self.resource(plural, group)
         return self._delete(res, namespace if res.namespaced else "", name, {})
 
+    def bind(self, namespace: str, name: str, node: str) -> None:
+        """The pods/binding subresource: assign a pending pod to a node (409 if already assigned)."""
+        self._bind(namespace, name, {"target": {"kind": "Node", "name": node}})
+
+    @property
+    def resource_version(self) -> int:
+        """The newest resourceVersion handed out (grows with every write)."""
+        return self._last_rv
+
+    async def changed(self, since: int, timeout: float) -> int:
+        """Wait (at most ``timeout``) for any write after resourceVersion ``since``; returns the newest."""
+        try:
+            await self.wait_for(lambda s: s._last_rv > since, timeout)
+        except TimeoutError:
+            pass
+        return self._last_rv
+
     # ---------------------------------------------------------------- core operations
     def _next_rv(self) -> str:
         self._last_rv = next(self._rv)
@@ -356,6 +373,8 @@ class ApiServer:
                 obj.pop("status", None)
             if res.plural == "resourceslices":
                 self._drop_slice_fields(obj, None)
+            if res.plural == "pods":
+                obj.setdefault("status", {}).setdefault("phase", "Pending")   # as the pod strategy does
             md["uid"] = str(uuidlib.uuid4())
             md["creationTimestamp"] = _now()
             md["generation"] = 1

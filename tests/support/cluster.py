@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from typing import AsyncIterator
 
 from controller.operator.controller import ControllerConfig
-from controller.operator.main import Running, run_controller
+from controller.operator.main import Running
 from controller.sandbox.apiserver import ApiServer
+from controller.sandbox.threads import ControllerThread
 from driver.api import constants as C
 from driver.api.deviceclasses import device_classes
 from driver.inventory import discover
@@ -115,48 +115,3 @@ async def cluster(cfg: ControllerConfig | None = None, *, classes: bool = True,
     finally:
         await asyncio.get_running_loop().run_in_executor(None, ctl.stop)
         await server.stop()
-
-
-class ControllerThread:
-    """The controller in a thread with its own event loop, as in its own process: kopf's shutdown
-    treats every task of its loop as its own, and must not see the API server's."""
-
-    def __init__(self, cfg: ControllerConfig, url: str, running: list[Running],
-                 leader_election: tuple[str, str] | None = None):
-        self.cfg, self.url, self.running, self.leader_election = cfg, url, running, leader_election
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
-        self.result: int | BaseException | None = None
-
-    def start(self, wait: bool = True) -> None:
-        def main() -> None:
-            async def go() -> int:
-                self._loop = asyncio.get_running_loop()
-                self._stop = asyncio.Event()
-                ready = asyncio.Event()
-                waiter = asyncio.create_task(ready.wait())
-                waiter.add_done_callback(lambda _: self._ready.set())
-                return await run_controller(self.cfg, self._stop, kube_api=self.url, ready=ready,
-                                            started=self.running, leader_election=self.leader_election)
-            try:
-                self.result = asyncio.run(go())
-            except BaseException as e:  # noqa: BLE001 - reported to the test
-                self.result = e
-            finally:
-                self._ready.set()
-
-        self._thread = threading.Thread(target=main, name="controller", daemon=True)
-        self._thread.start()
-        if wait and not self._ready.wait(20):
-            raise TimeoutError("the controller did not get ready within 20s")
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
-            try:
-                self._loop.call_soon_threadsafe(self._stop.set)
-            except RuntimeError:
-                pass   # the loop closed meanwhile: already stopped
-        if self._thread is not None:
-            self._thread.join(20)

@@ -1,0 +1,316 @@
+"""``partita sandbox``: the whole system on one machine, no cluster (ARCHITECTURE §7).
+
+An in-process API server; per fake-GPU node the real kubelet plugin in its own process (real unix
+sockets, CDI specs, checkpoint) and a kubelet stand-in that registers it and prepares claims over gRPC;
+stand-ins for the resourceclaim controller and kube-scheduler's binding; the real controller. It applies
+workload manifests (default: ``examples/``), waits until every pod runs or is pending for a reason, prints
+per pod its node, devices and CDI devices and the cluster's GPU utilization, then deletes the pods and
+checks that every claim was unprepared and released. Exit 0 when all of that held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from controller.allocator import STRATEGIES
+from controller.operator.claims import is_pending
+from controller.operator.controller import ControllerConfig
+from controller.operator.main import Running, quiet_kopf
+from driver.api import constants as C
+from driver.api.deviceclasses import device_classes
+from driver.nvml.profile import FakeGpuProfile, ProfileError, load_profile, parse_profile, profile_from_spec
+
+from . import manifests as mf
+from .apiserver import ApiServer
+from .kubelet import Kubelet
+from .plugin import PluginProcess
+from .report import render
+from .standins import Binder, ClaimController
+from .threads import ControllerThread
+
+log = logging.getLogger("partita.sandbox")
+DEFAULT_PROFILE = Path(__file__).with_name("default-cluster.yaml")
+
+
+class SandboxError(RuntimeError):
+    """The sandbox could not do its job; the message says what and where to look."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", type=Path, help="FakeGpuProfile file listing the nodes and their GPUs "
+                   "(default: 3 nodes, 8xH100 + 4xA100-80GB + 2xL4)")
+    p.add_argument("--node", action="append", default=[], metavar="NAME=MODEL:COUNT[,MODEL:COUNT]",
+                   help="a node with built-in GPU models, e.g. node-a=H100-SXM5-80GB:8 (repeat; replaces the default)")
+    p.add_argument("--manifests", "-f", type=Path, nargs="+", metavar="FILE",
+                   help="workload manifests to apply (default: every examples/*.yaml)")
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default="pack", help="the controller's device choice")
+    p.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the pods to settle")
+    p.add_argument("--workdir", type=Path, help="keep sockets, CDI specs, checkpoints and plugin logs here "
+                   "(default: a temporary directory, removed at the end)")
+    p.add_argument("--keep-running", action="store_true", help="after the report, keep the cluster up until Ctrl-C "
+                   "(the API server URL is printed; point kubectl-style clients at it)")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.add_argument("--log-level", default="WARNING", help="log level of the sandbox and controller (plugin logs "
+                   "always go to <workdir>/<node>/plugin.log)")
+
+
+def cluster_profile(args: argparse.Namespace) -> FakeGpuProfile:
+    if args.profile and args.node:
+        raise ProfileError("use either --profile or --node, not both")
+    if args.node:
+        nodes = []
+        for item in args.node:
+            name, sep, spec = item.partition("=")
+            if not sep or not name or not spec:
+                raise ProfileError(f"--node {item!r}: write NAME=MODEL:COUNT[,MODEL:COUNT], e.g. node-a=H100-SXM5-80GB:8")
+            nodes.append(profile_from_spec(spec, name).nodes[0].model_dump(by_alias=True, mode="json"))
+        return parse_profile({"apiVersion": "gpu.partita.dev/v1alpha1", "kind": "FakeGpuProfile", "nodes": nodes},
+                             "--node")
+    profile = load_profile(args.profile or DEFAULT_PROFILE)
+    wild = [n.name for n in profile.nodes if n.name == "*"]
+    if wild:
+        raise ProfileError(f"{args.profile}: the sandbox needs real node names; replace the \"*\" entry by named nodes")
+    return profile
+
+
+def _node_object(name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+            "spec": {}, "status": {"allocatable": {"cpu": "64", "memory": "512Gi", "pods": "110"},
+                                   "conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+@dataclass
+class Outcome:
+    report: dict = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+class Sandbox:
+    def __init__(self, profile: FakeGpuProfile, workdir: Path, *, strategy: str = "pack",
+                 driver: str = C.DEFAULT_DRIVER_NAME, plugin_log_level: str = "INFO"):
+        self.profile = profile
+        self.workdir = workdir
+        self.driver = driver
+        self.server = ApiServer(bookmark_interval=2.0)
+        self.plugins: list[PluginProcess] = []
+        self.kubelets: list[Kubelet] = []
+        self.claim_controller = ClaimController(self.server)
+        self.binder = Binder(self.server)
+        self.running: list[Running] = []
+        self.controller_thread: ControllerThread | None = None
+        self.cfg = ControllerConfig(driver_name=driver, strategy=strategy, retry_min=0.25, retry_max=5.0,
+                                    report_after=1.0)
+        self.plugin_log_level = plugin_log_level
+        self._loop_task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        url = await self.server.start()
+        for c in device_classes(self.driver):
+            self.server.create(c)
+        for n in self.profile.nodes:
+            self.server.create(_node_object(n.name))
+        self.plugins = [PluginProcess(self.profile, n, self.workdir, url, self.driver, self.plugin_log_level)
+                        for n in self.profile.nodes]
+        for p in self.plugins:
+            p.start()
+        await asyncio.gather(*(p.wait_ready() for p in self.plugins))
+        for p in self.plugins:
+            k = Kubelet(self.server, p.name, p.paths.registry, self.driver)
+            await k.register()
+            self.kubelets.append(k)
+        await self.server.wait_for(lambda s: all(self._published(p.name) for p in self.plugins), 60)
+        self.controller_thread = ControllerThread(self.cfg, url, self.running)
+        await asyncio.get_running_loop().run_in_executor(None, self.controller_thread.start)
+        self._loop_task = asyncio.create_task(self._standins())
+
+    def _published(self, node: str) -> bool:
+        return any((s.get("spec") or {}).get("nodeName") == node and (s.get("spec") or {}).get("driver") == self.driver
+                   for s in self.server.list("resourceslices"))
+
+    async def _standins(self) -> None:
+        rv = -1
+        while not self._stopping.is_set():
+            self.claim_controller.sync()
+            self.binder.sync()
+            for k in self.kubelets:
+                k.sync()
+            rv = await self.server.changed(rv if rv >= 0 else self.server.resource_version, 0.25)
+
+    async def stop(self) -> list[str]:
+        problems = []
+        self._stopping.set()
+        if self._loop_task is not None:
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for k in self.kubelets:
+            await k.drain()
+        if self.controller_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.controller_thread.stop)
+        for p in self.plugins:
+            code = p.stop()
+            if code not in (0, None):
+                problems.append(f"the plugin of node {p.name} exited with code {code} on SIGTERM; see {p.paths.log}")
+        await self.server.stop()
+        return problems
+
+    # -- workload -------------------------------------------------------------------------------
+    @property
+    def controller(self):  # noqa: ANN201
+        return self.running[-1].controller if self.running else None
+
+    def pods(self) -> list[dict]:
+        return self.server.list("pods")
+
+    def pending_reasons(self) -> dict[str, str]:
+        out: dict[str, str] = dict(self.claim_controller.problems)
+        if self.controller is not None:
+            out.update(self.controller.why_pending)
+        for k in self.kubelets:
+            out.update({pod: f"prepare failed on node {k.node}: {msg}" for pod, msg in k.failures.items()})
+        return out
+
+    def settled(self) -> bool:
+        reasons = self.pending_reasons()
+        for pod in self.pods():
+            md = pod["metadata"]
+            k = f"{md['namespace']}/{md['name']}"
+            phase = (pod.get("status") or {}).get("phase", "Pending")
+            if phase == "Running":
+                continue
+            if is_pending(pod) and k in reasons:
+                continue
+            if k in reasons and (pod.get("spec") or {}).get("nodeName"):
+                continue      # bound, but its prepare failed
+            return False
+        return True
+
+    async def wait_settled(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        quiet_since = None
+        rv = self.server.resource_version
+        while loop.time() < deadline:
+            rv_now = await self.server.changed(rv, 0.2)
+            if rv_now != rv:
+                rv, quiet_since = rv_now, None
+                continue
+            if self.settled():
+                quiet_since = quiet_since or loop.time()
+                if loop.time() - quiet_since >= 1.0:
+                    return True
+            for p in self.plugins:
+                if not p.alive():
+                    raise SandboxError(f"the plugin of node {p.name} died:\n{p.log_tail()}")
+        return False
+
+    def report(self) -> tuple[str, dict]:
+        cdi = {pod: prep.claims for k in self.kubelets for pod, prep in k.prepared.items()}
+        pods = self.pods()
+        claims = self.server.list("resourceclaims", group="resource.k8s.io")
+        slices = self.server.list("resourceslices")
+        reasons = self.pending_reasons()
+        text = render(pods, claims, slices, self.driver, cdi, reasons)
+        data = {"pods": [{"name": f"{p['metadata']['namespace']}/{p['metadata']['name']}",
+                          "phase": (p.get("status") or {}).get("phase"), "node": (p.get("spec") or {}).get("nodeName"),
+                          "claims": cdi.get(f"{p['metadata']['namespace']}/{p['metadata']['name']}", {}),
+                          "pending": reasons.get(f"{p['metadata']['namespace']}/{p['metadata']['name']}")}
+                         for p in pods],
+                "apiRequests": self.server.requests}
+        return text, data
+
+    async def delete_workload(self, timeout: float = 60.0) -> list[str]:
+        """Delete every pod, as a user would; the kubelets unprepare, claims are released and deleted."""
+        for p in self.pods():
+            self.server.delete("pods", p["metadata"]["name"], p["metadata"]["namespace"])
+        for c in self.server.list("resourceclaims", group="resource.k8s.io"):
+            self.server.delete("resourceclaims", c["metadata"]["name"], c["metadata"]["namespace"], group="resource.k8s.io")
+        problems = []
+        try:
+            await self.server.wait_for(lambda s: not s.list("pods") and
+                                       not s.list("resourceclaims", group="resource.k8s.io"), timeout)
+        except TimeoutError:
+            left = [f"{c['metadata']['namespace']}/{c['metadata']['name']}"
+                    for c in self.server.list("resourceclaims", group="resource.k8s.io")]
+            pods = [f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in self.server.list("pods")]
+            problems.append(f"after deleting the workload, pods {pods} and claims {left} are still there after {timeout:.0f}s")
+        for p in self.plugins:
+            specs = sorted(x.name for x in p.paths.cdi.glob("*")) if p.paths.cdi.exists() else []
+            if specs:
+                problems.append(f"node {p.name}: CDI specs left after every claim was unprepared: {specs}")
+        return problems
+
+
+async def run_sandbox(args: argparse.Namespace, out=sys.stdout) -> int:  # noqa: ANN001
+    profile = cluster_profile(args)
+    files = list(args.manifests or mf.default_files())
+    workload = mf.load(files)
+    temp = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="partita-sandbox-")) if temp else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    sandbox = Sandbox(profile, workdir, strategy=args.strategy)
+    gpus = sum(g.count for n in profile.nodes for g in n.gpus)
+    say = (lambda *a: print(*a, file=out, flush=True)) if args.output == "table" else (lambda *a: None)
+    problems: list[str] = []
+    started = time.monotonic()
+    try:
+        say(f"Starting {len(profile.nodes)} fake-GPU nodes ({gpus} GPUs), the API server and the controller...")
+        await sandbox.start()
+        say(f"API server {sandbox.server.url}; plugins registered on {', '.join(p.name for p in sandbox.plugins)}; "
+            f"work directory {workdir}")
+        say(f"Applying {len(workload)} objects from {', '.join(str(f) for f in files)}")
+        mf.apply(sandbox.server, workload)
+        if not await sandbox.wait_settled(args.timeout):
+            problems.append(f"the pods did not settle within {args.timeout:.0f}s (neither running nor pending "
+                            "with a reason)")
+        text, data = sandbox.report()
+        if args.output == "json":
+            print(json.dumps(data, indent=2), file=out)
+        else:
+            say("")
+            say(text)
+            say("")
+        if args.keep_running:
+            say(f"The cluster keeps running at {sandbox.server.url}; press Ctrl-C to stop.")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                pass
+        problems += await sandbox.delete_workload()
+        if not problems:
+            say("Deleted the workload: every claim was unprepared (no CDI specs left) and released.")
+    except (SandboxError, mf.ManifestError) as e:
+        problems.append(str(e))
+    finally:
+        problems += await sandbox.stop()
+        if temp and not problems:
+            shutil.rmtree(workdir, ignore_errors=True)
+    for p in problems:
+        print(f"sandbox problem: {p}", file=sys.stderr)
+    if problems and temp:
+        print(f"plugin logs are in {workdir}", file=sys.stderr)
+    say(f"Done in {time.monotonic() - started:.1f}s.")
+    return 1 if problems else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    level = str(args.log_level).upper()
+    logging.getLogger().setLevel(level)
+    quiet_kopf(level)
+    try:
+        return asyncio.run(run_sandbox(args))
+    except (ProfileError, mf.ManifestError) as e:
+        print(f"partita sandbox: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

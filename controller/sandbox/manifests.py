@@ -1,0 +1,84 @@
+"""Workload manifests for the sandbox: load multi-document YAML files and create their objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .apiserver import RESOURCES, ApiError, ApiServer
+
+#: where the examples live in a source checkout (the README's commands run from one)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+class ManifestError(ValueError):
+    """A manifest the sandbox cannot apply; the message names the file, the document and the fix."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    source: str
+    index: int
+    obj: dict
+
+    @property
+    def where(self) -> str:
+        md = self.obj.get("metadata") or {}
+        return f"{self.source} document {self.index + 1} ({self.obj.get('kind')} {md.get('name', '?')})"
+
+
+_KINDS = {(r.api_version, r.kind): r for r in RESOURCES}
+
+
+def default_files() -> list[Path]:
+    if not EXAMPLES.is_dir():
+        raise ManifestError(f"the examples directory {EXAMPLES} is missing (the sandbox runs from a source "
+                            "checkout); pass manifest files with --manifests FILE")
+    return sorted(EXAMPLES.glob("*.yaml"))
+
+
+def load(paths: list[Path]) -> list[Manifest]:
+    out: list[Manifest] = []
+    for path in paths:
+        try:
+            docs = list(yaml.safe_load_all(Path(path).read_text()))
+        except OSError as e:
+            raise ManifestError(f"cannot read manifest {path}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ManifestError(f"manifest {path} is not valid YAML: {e}") from None
+        for i, doc in enumerate(docs):
+            if doc is None:
+                continue
+            if not isinstance(doc, dict) or not doc.get("kind") or not doc.get("apiVersion"):
+                raise ManifestError(f"{path} document {i + 1}: expected a Kubernetes object with apiVersion and kind")
+            m = Manifest(str(path), i, doc)
+            if (doc["apiVersion"], doc["kind"]) not in _KINDS:
+                known = ", ".join(sorted(f"{k} ({v})" for v, k in _KINDS))
+                raise ManifestError(f"{m.where}: the sandbox does not serve {doc['apiVersion']} {doc['kind']}; "
+                                    f"it serves {known}")
+            if not (doc.get("metadata") or {}).get("name"):
+                raise ManifestError(f"{m.where}: metadata.name is required")
+            out.append(m)
+    return out
+
+
+def apply(server: ApiServer, manifests: list[Manifest]) -> list[dict]:
+    """Create every object (namespaces first, pods last, as kubectl apply -f on a directory would end
+    up); namespaces that do not exist are created."""
+    order = {"Namespace": 0, "DeviceClass": 1, "ResourceClaimTemplate": 2, "ResourceClaim": 3, "Pod": 9}
+    created = []
+    for m in sorted(manifests, key=lambda m: order.get(m.obj["kind"], 5)):
+        res = _KINDS[(m.obj["apiVersion"], m.obj["kind"])]
+        obj = dict(m.obj)
+        if res.namespaced:
+            ns = (obj.get("metadata") or {}).get("namespace") or "default"
+            obj["metadata"] = {**obj["metadata"], "namespace": ns}
+            if server.get("namespaces", ns) is None:
+                server.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        try:
+            created.append(server.create(obj, keep_status=False))
+        except ApiError as e:
+            raise ManifestError(f"{m.where}: {e.message}") from None
+    return created
