@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a fresh clone: a virtualenv in .venv with Partita installed (editable).
 #   hack/setup.sh          runtime only (enough for `partita sandbox`)
-#   hack/setup.sh --test   also the test tools: Debian packages (podman, runc, busybox-static,
-#                          shellcheck), the Python test extras and Helm (unpacked into .cache/tools)
+#   hack/setup.sh --test   also the test tools: the Debian packages podman, runc, busybox-static
+#                          and ShellCheck, and the Python test extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +20,16 @@ if $want_test; then
 fi
 
 if [ ! -x .venv/bin/python ]; then
+  if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null && command -v apt-get >/dev/null 2>&1; then
+    # Debian and Ubuntu ship venv/ensurepip separately.
+    ver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    sudo=()
+    [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && sudo=(sudo)
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "python${ver}-venv" >/dev/null || \
+      "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+  fi
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip

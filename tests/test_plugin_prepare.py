@@ -212,7 +212,34 @@ def test_recover_undoes_an_interrupted_mig_prepare(node) -> None:
                        mig=MigInstance(gpuUUID=gpu.uuid, profileID=19, placementStart=2, placementSize=1))])
     state.checkpoint.write(cp)
     restarted = make_state()
-    assert restarted.recover() == ["uid-1"]
+    assert asyncio.run(restarted.recover()) == ["uid-1"]
     assert backend.gpu_instances(h) == [] and gi not in [g.id for g in backend.gpu_instances(h)]
     assert backend.mig_mode(h).current is False
     assert restarted.prepared_claims() == {}
+
+
+def test_waiting_for_another_plugin_instance_does_not_block_the_plugin(node, tmp_path) -> None:
+    """During a rolling update two plugin instances share the directory lock; the waiting one keeps
+    serving (health checks, other RPCs) instead of freezing its event loop."""
+    import fcntl
+
+    state, _, inv, _ = node
+    claim = allocated_claim("c1", [_names(inv)[0]])
+    lock_path = tmp_path / "plugin" / "serialize.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+
+    async def scenario():
+        with open(lock_path, "a+") as other:
+            fcntl.flock(other, fcntl.LOCK_EX)
+            ref = ClaimRef("default", "c1", claim["metadata"]["uid"])
+            task = asyncio.create_task(state.prepare([(ref, claim)]))
+            ticks = 0
+            for _ in range(10):
+                await asyncio.sleep(0.01)
+                ticks += 1
+            assert ticks == 10 and not task.done()      # the loop ran while prepare waited
+            fcntl.flock(other, fcntl.LOCK_UN)
+        result = await asyncio.wait_for(task, 5)
+        assert result[claim["metadata"]["uid"]].error == ""
+
+    asyncio.run(scenario())

@@ -799,3 +799,32 @@ def _merge(target: Any, patch: Any) -> Any:
         else:
             target[k] = _merge(target.get(k), v)
     return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m controller.sandbox.apiserver [--port N]``: serve an empty emulated API until killed
+    (benchmarks run it in a process of its own; handy for trying clients). Prints the URL first."""
+    import argparse
+    import signal
+
+    p = argparse.ArgumentParser(prog="python -m controller.sandbox.apiserver", description=main.__doc__)
+    p.add_argument("--port", type=int, default=0)
+    args = p.parse_args(argv)
+
+    async def serve() -> None:
+        server = ApiServer(port=args.port)
+        url = await server.start()
+        print(url, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

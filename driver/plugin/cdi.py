@@ -85,10 +85,13 @@ def spec_path(cdi_root: Path, driver_name: str, claim_uid: str) -> Path:
 
 def write_spec(path: Path, spec: CdiSpec) -> None:
     """Atomic: a reader sees the old file, the new file, or nothing — never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(spec.to_json(), f)
+    data = json.dumps(spec.to_json())
+    try:
+        tmp.write_text(data)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(data)
     os.replace(tmp, path)
 
 

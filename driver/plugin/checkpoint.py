@@ -76,6 +76,7 @@ class Checkpoint(_Model):
 class CheckpointStore:
     def __init__(self, path: Path):
         self.path = path
+        self._dir_ready = False
 
     def read(self) -> Checkpoint:
         try:
@@ -108,7 +109,9 @@ class CheckpointStore:
             "or, once no pod on this node uses Partita devices, delete it and restart the plugin")
 
     def write(self, cp: Checkpoint) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._dir_ready:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._dir_ready = True
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         data = cp.model_dump_json(by_alias=True, exclude_none=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

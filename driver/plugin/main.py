@@ -141,7 +141,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     state = DeviceState(driver_name=args.driver_name, node_name=args.node_name, backend=backend,
                         inventory=inventory, cdi_root=cdi_root, plugin_dir=plugin_dir,
                         on_inventory_change=publisher.update_inventory)
-    state.recover()
+    await state.recover()
     claims = KubeClaimSource(kube)
     servers = PluginServers(DraService(state, claims), driver_name=args.driver_name,
                             dra_socket=plugin_dir / "dra.sock",

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 from driver.api import constants as C
 from driver.inventory import Inventory, discover
@@ -109,6 +109,7 @@ class DeviceState:
         self.checkpoint = CheckpointStore(plugin_dir / "checkpoint.json")
         self._cdi_search = cdi_search_dirs if cdi_search_dirs is not None else [Path("/etc/cdi"), Path("/var/run/cdi")]
         self._lock = asyncio.Lock()
+        self._lock_file: Any = None
         self._on_inventory_change = on_inventory_change
         self.prepared_count = 0
         self.set_inventory(inventory)
@@ -123,25 +124,28 @@ class DeviceState:
             self._on_inventory_change(self.inventory)
 
     # -- serialization --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _file_lock(self) -> Iterator[None]:
-        """Excludes a second plugin instance (rolling update) sharing the plugin directory."""
-        self.plugin_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.plugin_dir / "serialize.lock", "a+") as f:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise PrepareError(f"another plugin instance holds {self.plugin_dir / 'serialize.lock'} "
-                                           "for more than 30s; retrying later") from None
-                    time.sleep(0.01)
+    @contextlib.asynccontextmanager
+    async def _file_lock(self) -> AsyncIterator[None]:
+        """Excludes a second plugin instance (rolling update) sharing the plugin directory. The lock
+        file stays open for the plugin's lifetime; waiting for the other instance never blocks the loop."""
+        if self._lock_file is None:
+            self.plugin_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_file = open(self.plugin_dir / "serialize.lock", "a+")  # noqa: SIM115 - kept open
+        f = self._lock_file
+        deadline = time.monotonic() + 30
+        while True:
             try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PrepareError(f"another plugin instance holds {self.plugin_dir / 'serialize.lock'} "
+                                       "for more than 30s; retrying later") from None
+                await asyncio.sleep(0.01)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
     # -- prepare --------------------------------------------------------------------------------
     async def prepare(self, claims: list[tuple[ClaimRef, dict | Exception]]) -> dict[str, PreparedResult]:
@@ -149,7 +153,7 @@ class DeviceState:
         reading it). Returns one result per claim UID."""
         out: dict[str, PreparedResult] = {}
         async with self._lock:
-            with self._file_lock():
+            async with self._file_lock():
                 try:
                     cp = self.checkpoint.read()
                 except CheckpointError as e:
@@ -373,7 +377,7 @@ class DeviceState:
         """Error string per claim UID ("" = done). Unknown claims are success."""
         out: dict[str, str] = {}
         async with self._lock:
-            with self._file_lock():
+            async with self._file_lock():
                 try:
                     cp = self.checkpoint.read()
                 except CheckpointError as e:
@@ -420,9 +424,9 @@ class DeviceState:
                 log.info("disabled MIG mode on GPU %s: its last MIG device is gone", d.gpu_uuid)
 
     # -- start-up recovery ----------------------------------------------------------------------
-    def recover(self) -> list[str]:
+    async def recover(self) -> list[str]:
         """Undo prepares a crash interrupted (claims still ``Preparing``). Returns their UIDs."""
-        with self._file_lock():
+        async with self._file_lock():
             try:
                 cp = self.checkpoint.read()
             except CheckpointError as e:
