@@ -37,6 +37,10 @@ class NodePaths:
     def profile(self) -> Path:
         return self.root / "gpus.yaml"
 
+    def plugin_dir(self, driver: str) -> Path:
+        """Checkpoint, sockets, fake NVML state (``fake-nvml/``) and MPS directories of the plugin."""
+        return self.plugins / driver
+
     @property
     def log(self) -> Path:
         return self.root / "plugin.log"
@@ -49,14 +53,16 @@ class PluginProcess:
     """Start, wait for, and stop one node's plugin."""
 
     def __init__(self, profile: FakeGpuProfile, node: NodeProfile, workdir: Path, api_url: str,
-                 driver: str = C.DEFAULT_DRIVER_NAME, log_level: str = "INFO"):
+                 driver: str = C.DEFAULT_DRIVER_NAME, log_level: str = "INFO", env: dict[str, str] | None = None):
         self.profile = profile
         self.node = node
         self.driver = driver
         self.paths = NodePaths(workdir / node.name)
         self.api_url = api_url
         self.log_level = log_level
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
+        self._stale: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -74,8 +80,10 @@ class PluginProcess:
                "--kubelet-plugins-directory-path", str(self.paths.plugins),
                "--kube-api", self.api_url, "--health-port", "-1", "--metrics-port", "-1",
                "--log-level", self.log_level]
+        sock = self.paths.registration_socket(self.driver)
+        self._stale = _identity(sock)     # a socket left by a killed predecessor is not readiness
         log = open(self.paths.log, "ab")   # noqa: SIM115 - owned by the child for its lifetime
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
 
@@ -90,7 +98,7 @@ class PluginProcess:
         sock = self.paths.registration_socket(self.driver)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not sock.exists():
+        while _identity(sock) in (None, self._stale):
             if self.proc is None or self.proc.poll() is not None:
                 raise RuntimeError(f"the plugin of node {self.name} exited (code {self.proc and self.proc.returncode}):\n"
                                    f"{self.log_tail()}")
@@ -114,3 +122,11 @@ class PluginProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns

@@ -39,6 +39,7 @@ from driver.plugin.checkpoint import (
 )
 from driver.plugin.config import ConfigError, effective_configs
 from driver.plugin.devices import DeviceRef, device_index
+from driver.plugin.faults import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +238,11 @@ class DeviceState:
             cdi.write_spec(spec_path, self._spec(ref, devices))
             claim_entry.devices = devices
             claim_entry.cdi_spec = str(spec_path)
+            self._crash("cdi-spec-written")
             claim_entry.state = "Prepared"
             cp.claims[ref.uid] = claim_entry
             self.checkpoint.write(cp)
+            self._crash("claim-prepared")
         except BaseException:
             self._undo(claim_entry)   # devices done so far plus any MIG placeholder being created
             cdi.remove_spec(cdi.spec_path(self.cdi_root, self.driver_name, ref.uid))
@@ -316,6 +319,7 @@ class DeviceState:
                                                         cdiDeviceIDs=[], type=dev.type, gpuUUID=dev.gpu.uuid, mig=mig)]
         cp.claims[ref.uid] = entry
         self.checkpoint.write(cp)
+        self._crash("mig-intent-recorded")
         mode = self.backend.mig_mode(h)
         if not mode.current:
             if not self.backend.set_mig_mode(h, True):
@@ -323,14 +327,19 @@ class DeviceState:
                                    f"({dev.gpu.architecture}) applies it only after a GPU reset; enable MIG on this GPU "
                                    "(nvidia-smi -i <gpu> -mig 1 and a reset) or allocate another device")
             log.info("enabled MIG mode on GPU %s", dev.gpu.uuid)
+            self._crash("mig-mode-enabled")
         gi = self.backend.create_gpu_instance(h, dev.profile.profile_id, placement)
+        self._crash("gpu-instance-created")
         mig.gpu_instance_id = gi
         self.checkpoint.write(cp)
+        self._crash("gpu-instance-recorded")
         ci_info = self.backend.compute_instance_profile_info(h, gi, CI_PROFILE_FOR_SLICES[dev.profile.compute_slices])
         ci = self.backend.create_compute_instance(h, gi, ci_info.id)
+        self._crash("compute-instance-created")
         mig.compute_instance_id = ci
         mig.uuid = next(d.uuid for d in self.backend.mig_devices(h) if d.gpu_instance_id == gi and d.compute_instance_id == ci)
         self.checkpoint.write(cp)
+        self._crash("mig-device-recorded")
         log.info("created MIG device %s (%s at %d:%d) on GPU %s", mig.uuid, dev.profile.name, placement.start,
                  placement.size, dev.gpu.uuid)
         return mig
@@ -347,9 +356,12 @@ class DeviceState:
             return
         placement = Placement(mig.placement_start, mig.placement_size)
         for gi in self.backend.gpu_instances(h):
-            if (mig.gpu_instance_id is not None and gi.id == mig.gpu_instance_id) or (
-                    mig.gpu_instance_id is None and gi.profile_id == mig.profile_id and gi.placement == placement):
+            # Profile and placement always match: after a crash between a destroy and the checkpoint, a
+            # recorded instance id may since have been reused by another claim's instance elsewhere.
+            if gi.profile_id == mig.profile_id and gi.placement == placement and (
+                    mig.gpu_instance_id is None or gi.id == mig.gpu_instance_id):
                 self.backend.destroy_mig_device(h, gi.id)
+                self._crash("mig-destroyed")
                 log.info("destroyed MIG instance %s (GPU instance %d) on GPU %s", mig.uuid or "(unnamed)", gi.id,
                          mig.gpu_uuid)
 
@@ -401,6 +413,7 @@ class DeviceState:
                         continue
                     cdi.remove_spec(Path(entry.cdi_spec) if entry.cdi_spec else
                                     cdi.spec_path(self.cdi_root, self.driver_name, ref.uid))
+                    self._crash("cdi-spec-removed")
                     del cp.claims[ref.uid]
                     changed = True
                     out[ref.uid] = ""
@@ -422,6 +435,7 @@ class DeviceState:
             if self.backend.mig_mode(h).current and not self.backend.gpu_instances(h):
                 self.backend.set_mig_mode(h, False)
                 log.info("disabled MIG mode on GPU %s: its last MIG device is gone", d.gpu_uuid)
+                self._crash("mig-mode-disabled")
 
     # -- start-up recovery ----------------------------------------------------------------------
     async def recover(self) -> list[str]:
@@ -445,6 +459,9 @@ class DeviceState:
             if undone:
                 self.checkpoint.write(cp)
             return undone
+
+    def _crash(self, point: str) -> None:
+        crash_point(point, self.backend.kind)
 
     def prepared_claims(self) -> dict[str, PreparedClaim]:
         return self.checkpoint.read().claims
