@@ -6,9 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
-import jsonschema
 import pytest
-import referencing
 
 from driver.api import naming
 from driver.inventory import discover
@@ -53,16 +51,6 @@ def _prepare(state, *claims):
 def _unprepare(state, *claims):
     return asyncio.run(state.unprepare([ClaimRef(c["metadata"]["namespace"], c["metadata"]["name"],
                                                  c["metadata"]["uid"]) for c in claims]))
-
-
-@pytest.fixture(scope="module")
-def cdi_validator(shared_dir):
-    root = shared_dir / "reference" / "cdi"
-    schema = json.loads((root / "schema.json").read_text())
-    defs = json.loads((root / "defs.json").read_text())
-    registry = referencing.Registry().with_resource("defs.json", referencing.Resource.from_contents(
-        defs, default_specification=referencing.jsonschema.DRAFT7))
-    return jsonschema.Draft7Validator(schema, registry=registry)
 
 
 def test_whole_gpu_prepare_writes_a_valid_cdi_spec_and_checkpoint(node, tmp_path, cdi_validator) -> None:

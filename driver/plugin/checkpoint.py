@@ -56,6 +56,8 @@ class PreparedDevice(_Model):
     gpu_uuid: str = Field(alias="gpuUUID")
     mig: MigInstance | None = None
     config: dict | None = None                  # the effective opaque config applied (sharing)
+    consumed_capacity: dict[str, str] | None = Field(default=None, alias="consumedCapacity")
+    edits: dict | None = None                   # extra CDI container edits of a share (env, mounts)
 
 
 class PreparedClaim(_Model):

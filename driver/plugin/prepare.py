@@ -40,6 +40,8 @@ from driver.plugin.checkpoint import (
 from driver.plugin.config import ConfigError, effective_configs
 from driver.plugin.devices import DeviceRef, device_index
 from driver.plugin.faults import crash_point
+from driver.plugin.mps import MpsDaemons
+from driver.plugin.sharing import Sharing, SharingError
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,7 @@ class DeviceState:
         self._lock_file: Any = None
         self._on_inventory_change = on_inventory_change
         self.prepared_count = 0
+        self.sharing = Sharing(backend, MpsDaemons(plugin_dir / "mps", backend.kind))
         self.set_inventory(inventory)
 
     def set_inventory(self, inventory: Inventory) -> None:
@@ -165,7 +168,7 @@ class DeviceState:
                         if isinstance(claim, Exception):
                             raise claim
                         out[ref.uid] = PreparedResult(devices=self._prepare_one(cp, ref, claim))
-                    except (PrepareError, ConfigError) as e:
+                    except (PrepareError, ConfigError, SharingError) as e:
                         log.warning("prepare of claim %s (uid %s) failed: %s", ref, ref.uid, e)
                         out[ref.uid] = PreparedResult(error=str(e))
                     except NvmlError as e:
@@ -248,6 +251,8 @@ class DeviceState:
             cdi.remove_spec(cdi.spec_path(self.cdi_root, self.driver_name, ref.uid))
             cp.claims.pop(ref.uid, None)
             with contextlib.suppress(Exception):
+                self.sharing.release_unused(cp, [dev.gpu.uuid for _, dev in refs if dev.type == C.DEVICE_TYPE_SHARED])
+            with contextlib.suppress(Exception):
                 self.checkpoint.write(cp)
             raise
         log.info("prepared claim %s (uid %s): %s", ref, ref.uid, ", ".join(d.device for d in devices) or "no devices")
@@ -270,12 +275,16 @@ class DeviceState:
                         config: dict | None) -> PreparedDevice:
         h = self.backend.device_by_uuid(dev.gpu.uuid)
         mig: MigInstance | None = None
+        edits = None
         if dev.type == C.DEVICE_TYPE_MIG:
             mig = self._prepare_mig(cp, entry, ref, dev, h)
         else:
             self._leave_mig_mode(dev, h)
             if dev.type == C.DEVICE_TYPE_SHARED:
-                self._apply_sharing(dev, h, config)
+                e = self.sharing.prepare(cp, str(ref), ref.uid, dev.gpu.uuid, h, config,
+                                         result.get("consumedCapacity"), pending=entry.devices)
+                edits = cdi.ContainerEdits(env=e.env, mounts=e.mounts or None).model_dump(by_alias=True,
+                                                                                          exclude_none=True)
         share = result.get("shareID")
         cdi_name = f"{ref.uid}-{dev.name}" + (f"-{share}" if share else "")
         ids = [cdi.device_id(self.driver_name, cdi_name)]
@@ -285,7 +294,8 @@ class DeviceState:
                 ids.append(toolkit)
         return PreparedDevice(requestNames=[base_request(result["request"])], pool=result["pool"],
                               device=dev.name, shareID=share, cdiDeviceIDs=ids, type=dev.type,
-                              gpuUUID=dev.gpu.uuid, mig=mig, config=config)
+                              gpuUUID=dev.gpu.uuid, mig=mig, config=config,
+                              consumedCapacity=result.get("consumedCapacity"), edits=edits)
 
     def _leave_mig_mode(self, dev: DeviceRef, h: Any) -> None:
         """A Hopper GPU left in MIG mode by earlier MIG claims returns to whole use."""
@@ -297,11 +307,6 @@ class DeviceState:
                                    f"{dev.type} device {dev.name} until they are gone")
             self.backend.set_mig_mode(h, False)
             log.info("disabled MIG mode on GPU %s for %s use", dev.gpu.uuid, dev.type)
-
-    def _apply_sharing(self, dev: DeviceRef, h: Any, config: dict | None) -> None:
-        interval = ((config or {}).get("sharing") or {}).get("timeSlicingConfig", {}).get("interval")
-        if interval:
-            self.backend.set_time_slice(h, interval)
 
     def _prepare_mig(self, cp: Checkpoint, entry: PreparedClaim, ref: ClaimRef, dev: DeviceRef, h: Any) -> MigInstance:
         assert dev.profile is not None and dev.placement_start is not None
@@ -375,11 +380,10 @@ class DeviceState:
                 env.append(f"PARTITA_MIG_UUID={d.mig.uuid}")
             if d.share_id:
                 env.append(f"PARTITA_SHARE_ID={d.share_id}")
-            sharing = (d.config or {}).get("sharing") or {}
-            if sharing.get("strategy"):
-                env.append(f"PARTITA_SHARING_STRATEGY={sharing['strategy']}")
+            extra = cdi.ContainerEdits.model_validate(d.edits or {})
             name = d.cdi_device_ids[0].split("=", 1)[1]
-            cdi_devices.append(cdi.CdiDevice(name=name, containerEdits=cdi.ContainerEdits(env=env)))
+            cdi_devices.append(cdi.CdiDevice(name=name, containerEdits=cdi.ContainerEdits(
+                env=env + (extra.env or []), mounts=extra.mounts)))
         common = [f"PARTITA_CLAIM={ref.namespace}/{ref.name}", f"PARTITA_CLAIM_UID={ref.uid}",
                   f"PARTITA_NODE={self.node_name}"]
         return cdi.build_spec(self.driver_name, cdi_devices, common)
@@ -396,6 +400,7 @@ class DeviceState:
                     log.error("%s", e)
                     return {ref.uid: str(e) for ref in claims}
                 changed = False
+                released: list[str] = []
                 for ref in claims:
                     if not ref.uid:
                         out[ref.uid] = (f"the kubelet sent a claim with an empty uid ({ref.namespace}/{ref.name}); "
@@ -415,9 +420,12 @@ class DeviceState:
                                     cdi.spec_path(self.cdi_root, self.driver_name, ref.uid))
                     self._crash("cdi-spec-removed")
                     del cp.claims[ref.uid]
+                    released += [d.gpu_uuid for d in entry.devices if d.type == C.DEVICE_TYPE_SHARED]
                     changed = True
                     out[ref.uid] = ""
                     log.info("unprepared claim %s (uid %s)", ref, ref.uid)
+                if released:
+                    self.sharing.release_unused(cp, released)
                 if changed:
                     self.checkpoint.write(cp)
                 self.prepared_count = len(cp.claims)
@@ -447,8 +455,10 @@ class DeviceState:
                 log.error("%s", e)
                 return []
             undone = []
+            released: list[str] = []
             for uid, entry in list(cp.claims.items()):
                 if entry.state == "Preparing":
+                    released += [d.gpu_uuid for d in entry.devices if d.type == C.DEVICE_TYPE_SHARED]
                     self._undo(entry)
                     self._maybe_leave_mig(entry)
                     cdi.remove_spec(cdi.spec_path(self.cdi_root, self.driver_name, uid))
@@ -458,6 +468,8 @@ class DeviceState:
                                 entry.name, uid)
             if undone:
                 self.checkpoint.write(cp)
+            self.sharing.release_unused(cp, released)
+            self.sharing.reconcile(cp)
             return undone
 
     def _crash(self, point: str) -> None:

@@ -1,0 +1,111 @@
+"""A stand-in for ``nvidia-cuda-mps-control -d`` on fake-GPU nodes (sandbox, kind, tests).
+
+Like the real control daemon it runs detached from the plugin (it outlives a plugin restart), owns a
+control endpoint in its pipe directory, keeps the per-GPU defaults it is told
+(``set_default_active_thread_percentage``, ``set_default_device_pinned_mem_limit``), logs every command
+to ``control.log`` in its log directory and exits on ``quit``. Its endpoint is a unix socket named
+``control`` (the real daemon uses a named pipe there); :mod:`driver.plugin.mps` talks to either.
+
+    python -m driver.plugin.mps_standin --pipe-dir DIR --log-dir DIR --gpu UUID
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+PID_FILE = "nvidia-cuda-mps-control.pid"
+
+
+class Daemon:
+    def __init__(self, pipe_dir: Path, log_dir: Path, gpu: str):
+        self.pipe_dir, self.log_dir, self.gpu = pipe_dir, log_dir, gpu
+        self.active_thread_percentage = "100.0"
+        self.pinned: dict[str, str] = {}
+        self.running = True
+
+    def log(self, line: str) -> None:
+        with open(self.log_dir / "control.log", "a") as f:
+            f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n")
+
+    def handle(self, command: str) -> str:
+        words = command.split()
+        self.log(f"Command: {command}")
+        if not words:
+            return ""
+        op, args = words[0], words[1:]
+        if op == "quit":
+            self.running = False
+            return ""
+        if op == "get_server_list":
+            return ""
+        if op == "set_default_active_thread_percentage" and len(args) == 1:
+            try:
+                value = float(args[0])
+            except ValueError:
+                return f"Invalid value {args[0]}"
+            if not 0 < value <= 100:
+                return f"Invalid value {args[0]}"
+            self.active_thread_percentage = f"{value:.1f}"
+            return self.active_thread_percentage
+        if op == "get_default_active_thread_percentage":
+            return self.active_thread_percentage
+        if op == "set_default_device_pinned_mem_limit" and len(args) == 2:
+            self.pinned[args[0]] = args[1]
+            return ""
+        if op == "get_default_device_pinned_mem_limit" and len(args) == 1:
+            return self.pinned.get(args[0], "")
+        return f"Unrecognized command: {command}"
+
+    def serve(self) -> int:
+        sock_path = self.pipe_dir / "control"
+        sock_path.unlink(missing_ok=True)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(str(sock_path))
+        srv.listen(8)
+        srv.settimeout(0.5)
+        (self.pipe_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+        self.log(f"Control daemon started for GPU {self.gpu}")
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "running", False))
+        try:
+            while self.running:
+                try:
+                    conn, _ = srv.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.settimeout(5)
+                    data = b""
+                    while not data.endswith(b"\n"):
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        data += chunk
+                    reply = self.handle(data.decode(errors="replace").strip())
+                    conn.sendall(reply.encode() + b"\n")
+        finally:
+            srv.close()
+            sock_path.unlink(missing_ok=True)
+            (self.pipe_dir / PID_FILE).unlink(missing_ok=True)
+            self.log("Control daemon exited")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m driver.plugin.mps_standin")
+    p.add_argument("--pipe-dir", type=Path, required=True)
+    p.add_argument("--log-dir", type=Path, required=True)
+    p.add_argument("--gpu", required=True)
+    a = p.parse_args(argv)
+    a.pipe_dir.mkdir(parents=True, exist_ok=True)
+    a.log_dir.mkdir(parents=True, exist_ok=True)
+    return Daemon(a.pipe_dir, a.log_dir, a.gpu).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
