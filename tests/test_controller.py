@@ -330,3 +330,27 @@ def test_leader_election_one_active_controller_and_fast_failover() -> None:
             finally:
                 await asyncio.get_running_loop().run_in_executor(None, standby.stop)
     asyncio.run(main())
+
+
+def test_mps_and_time_slicing_shares_are_kept_on_separate_gpus() -> None:
+    """Pack would put every share on the first shared GPU; an MPS share must not join time-sliced ones
+    (the plugin would refuse it), so it goes to another GPU, and later MPS shares join it there."""
+    mps = [{"requests": ["gpu"], "opaque": {"driver": C.DEFAULT_DRIVER_NAME, "parameters": {
+        "apiVersion": "gpu.partita.dev/v1alpha1", "kind": "GpuConfig", "sharing": {"strategy": "MPS"}}}}]
+
+    def share(name: str, config=None) -> dict:
+        return claim(name, [request(cls=C.DEVICE_CLASS_SHARED, capacity={"requests": {"memory": "10Gi"}})],
+                     config=config)
+
+    async def scenario(cl):
+        cl.add_node("node-a", "A100-SXM4-80GB:2")
+        cl.submit(pod("nb1", ["ts1"]), share("ts1"))
+        ts_dev = devices_of(await cl.allocated("ts1"))
+        cl.submit(pod("svc1", ["mps1"]), share("mps1", mps))
+        mps_dev = devices_of(await cl.allocated("mps1"))
+        assert mps_dev != ts_dev
+        cl.submit(pod("svc2", ["mps2"]), share("mps2", mps))
+        cl.submit(pod("nb2", ["ts2"]), share("ts2"))
+        assert devices_of(await cl.allocated("mps2")) == mps_dev
+        assert devices_of(await cl.allocated("ts2")) == ts_dev
+    run(scenario, strategy="pack")

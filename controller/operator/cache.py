@@ -17,6 +17,7 @@ from typing import Mapping
 from controller.allocator import AllocatedState, SliceIndex
 from driver.api import constants as C
 
+from .sharingmodes import ShareModes
 from .claims import is_partita_class, is_pending, key, pod_claims
 from .writer import ANNOTATION_NODE, ANNOTATION_POD
 
@@ -48,6 +49,7 @@ class Cache:
         self.classes: dict[str, dict] = {}
         self.slices = SliceIndex()
         self.allocated = AllocatedState()
+        self.share_modes = ShareModes(driver_name)      # sharing strategy of each allocated share
         self._accounted: dict[str, dict] = {}          # claim uid -> allocation counted in self.allocated
         self.inflight: dict[str, InFlight] = {}        # claim uid -> allocation we wrote
         self.pods_by_node: dict[str, set[str]] = {}
@@ -128,9 +130,11 @@ class Cache:
             return
         if old is not None:
             self.allocated.remove_allocation(old)
+            self.share_modes.add(old, -1)
             del self._accounted[uid]
         if allocation is not None:
             self.allocated.add_allocation(allocation)
+            self.share_modes.add(allocation, 1)
             self._accounted[uid] = allocation
 
     def record_write(self, claim: dict, allocation: dict, write_rv: int, node: str, pod: str) -> None:

@@ -238,8 +238,9 @@ class Controller:
         candidates, reasons = self._candidates(pod, pod_key, allocated_claims)
         inputs = [copy_claim_with_tolerations(c, [C.managed_toleration()]) for c in todo]
         try:
-            choice = self.allocator.allocate_on_nodes([n.as_node() for n in candidates], inputs, self.cache.slices,
-                                                      self.cache.classes, self.cache.allocated)
+            with self.cache.share_modes.excluded(self.cache.allocated, todo, self.cache.classes):
+                choice = self.allocator.allocate_on_nodes([n.as_node() for n in candidates], inputs,
+                                                          self.cache.slices, self.cache.classes, self.cache.allocated)
         except AllocationError as e:
             metrics.ALLOCATIONS.labels("error").inc()
             self.why_pending[pod_key] = str(e)
