@@ -49,11 +49,32 @@ def test_example_uses_shipped_device_classes_and_pods_reference_their_claims(pat
         if doc["kind"] in ("ResourceClaimTemplate", "ResourceClaim"):
             for req in _requests(doc):
                 assert req["deviceClassName"] in SHIPPED_CLASSES, (path.name, req)
-        if doc["kind"] == "Pod":
-            pod_claims = {c["name"]: c for c in doc["spec"].get("resourceClaims", [])}
+        if doc["kind"] in ("Pod", "Deployment"):
+            pod_spec = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
+            pod_claims = {c["name"]: c for c in pod_spec.get("resourceClaims", [])}
+            assert pod_claims, f"{path.name}: {doc['kind']} {doc['metadata']['name']} uses no claim"
             for c in pod_claims.values():
                 ref = c.get("resourceClaimTemplateName") or c.get("resourceClaimName")
                 assert ref in templates | claims, f"{path.name}: pod claim {c['name']} refers to {ref}"
-            for container in doc["spec"]["containers"]:
+            if doc["kind"] == "Deployment":
+                # a Deployment's pods cannot share one ResourceClaim by accident: templates only
+                assert all("resourceClaimTemplateName" in c for c in pod_claims.values()), path.name
+            for container in pod_spec["containers"]:
                 for used in container.get("resources", {}).get("claims", []):
                     assert used["name"] in pod_claims, f"{path.name}: container uses unknown claim {used}"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_gpu_configs_are_valid(path: Path) -> None:
+    from driver.api.config import validate_claim_configs
+
+    for doc in _docs(path):
+        if doc["kind"] in ("ResourceClaimTemplate", "ResourceClaim"):
+            spec = doc["spec"]["spec"] if doc["kind"] == "ResourceClaimTemplate" else doc["spec"]
+            assert validate_claim_configs(spec, "gpu.partita.dev", f"{path.name} {doc['metadata']['name']}") == []
+
+
+def test_the_examples_cover_every_device_type() -> None:
+    used = {req["deviceClassName"] for path in EXAMPLES for doc in _docs(path)
+            if doc["kind"] in ("ResourceClaimTemplate", "ResourceClaim") for req in _requests(doc)}
+    assert used == SHIPPED_CLASSES

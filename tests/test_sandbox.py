@@ -33,10 +33,21 @@ def test_default_sandbox_runs_the_examples_and_cleans_up() -> None:
     assert rows["default/too-many-gpus"].split()[1] == "Pending"
     pending = out.split("Pending:")[1]
     assert "default/too-many-gpus" in pending and "needs 16" in pending
-    # utilization: 3 of 14 GPUs in use, all whole, on node-a
+    # MIG examples: three 1g.10gb replicas, a 3g.40gb pod and "any MIG with >= 20Gi", all running on MIG devices
+    for name in ("mig-inference-0", "mig-inference-1", "mig-inference-2"):
+        assert rows[f"default/{name}"].split()[1] == "Running" and "(MIG 1g.10gb at" in rows[f"default/{name}"]
+    assert "(MIG 3g.40gb at" in rows["default/mig-3g40gb"]
+    assert "(MIG " in rows["default/mig-20gi"] and rows["default/mig-20gi"].split()[1] == "Running"
+    # sharing examples: nine time-sliced notebooks and two MPS replicas, each on a shared device, never
+    # an MPS share on a notebook GPU
+    notebooks = {rows[f"default/notebooks-{i}"].split()[3] for i in range(9)}
+    mps = {rows[f"default/mps-inference-{i}"].split()[3] for i in range(2)}
+    assert all(d.endswith("-shared") for d in notebooks | mps) and not notebooks & mps
+    # utilization: pack kept everything on node-a (busy nodes first): 3 whole, 2 MIG, 3 shared GPUs
     util = out.split("GPU utilization:")[1]
-    assert [ln.split()[:4] for ln in util.splitlines() if ln.startswith("node-a")] == [["node-a", "8", "3", "3"]]
-    assert any(ln.startswith("total") and ln.split()[1:3] == ["14", "3"] for ln in util.splitlines())
+    assert [ln.split()[:7] for ln in util.splitlines() if ln.startswith("node-a")] == [
+        ["node-a", "8", "8", "3", "2", "3", "477.2Gi"]]
+    assert any(ln.startswith("total") and ln.split()[1:3] == ["14", "8"] for ln in util.splitlines())
     assert "every claim was unprepared" in out
 
 

@@ -1,4 +1,9 @@
-"""Workload manifests for the sandbox: load multi-document YAML files and create their objects."""
+"""Workload manifests for the sandbox: load multi-document YAML files and create their objects.
+
+The API emulator serves the objects DRA involves (see :data:`apiserver.RESOURCES`). An ``apps/v1``
+Deployment is expanded here into its pods, ``<name>-0`` .. ``<name>-<replicas-1>``, standing in for the
+Deployment and ReplicaSet controllers (no rollout, no re-creation of deleted pods).
+"""
 
 from __future__ import annotations
 
@@ -54,14 +59,39 @@ def load(paths: list[Path]) -> list[Manifest]:
             if not isinstance(doc, dict) or not doc.get("kind") or not doc.get("apiVersion"):
                 raise ManifestError(f"{path} document {i + 1}: expected a Kubernetes object with apiVersion and kind")
             m = Manifest(str(path), i, doc)
+            if (doc["apiVersion"], doc["kind"]) == ("apps/v1", "Deployment"):
+                out.extend(_deployment_pods(m))
+                continue
             if (doc["apiVersion"], doc["kind"]) not in _KINDS:
-                known = ", ".join(sorted(f"{k} ({v})" for v, k in _KINDS))
+                known = ", ".join(sorted([f"{k} ({v})" for v, k in _KINDS] + ["Deployment (apps/v1, as pods)"]))
                 raise ManifestError(f"{m.where}: the sandbox does not serve {doc['apiVersion']} {doc['kind']}; "
                                     f"it serves {known}")
             if not (doc.get("metadata") or {}).get("name"):
                 raise ManifestError(f"{m.where}: metadata.name is required")
             out.append(m)
     return out
+
+
+def _deployment_pods(m: Manifest) -> list[Manifest]:
+    md = m.obj.get("metadata") or {}
+    if not md.get("name"):
+        raise ManifestError(f"{m.where}: metadata.name is required")
+    spec = m.obj.get("spec") or {}
+    replicas = spec.get("replicas", 1)
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 1000:
+        raise ManifestError(f"{m.where}: spec.replicas must be an integer from 0 to 1000, got {replicas!r}")
+    template = spec.get("template") or {}
+    if not (template.get("spec") or {}).get("containers"):
+        raise ManifestError(f"{m.where}: spec.template.spec.containers is required")
+    pods = []
+    for i in range(replicas):
+        tmd = template.get("metadata") or {}
+        pod_md = {"name": f"{md['name']}-{i}", "labels": dict(tmd.get("labels") or {})}
+        if md.get("namespace"):
+            pod_md["namespace"] = md["namespace"]
+        pods.append(Manifest(m.source, m.index, {"apiVersion": "v1", "kind": "Pod", "metadata": pod_md,
+                                                 "spec": template["spec"]}))
+    return pods
 
 
 def apply(server: ApiServer, manifests: list[Manifest]) -> list[dict]:
