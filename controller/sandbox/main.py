@@ -47,7 +47,7 @@ class SandboxError(RuntimeError):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", type=Path, help="FakeGpuProfile file listing the nodes and their GPUs "
-                   "(default: 3 nodes, 8xH100 + 4xA100-80GB + 2xL4)")
+                   "(default: 4 nodes, 2 x 8xH100 + 4xA100-80GB + 2xL4)")
     p.add_argument("--node", action="append", default=[], metavar="NAME=MODEL:COUNT[,MODEL:COUNT]",
                    help="a node with built-in GPU models, e.g. node-a=H100-SXM5-80GB:8 (repeat; replaces the default)")
     p.add_argument("--manifests", "-f", type=Path, nargs="+", metavar="FILE",

@@ -41,7 +41,7 @@ from driver.plugin.config import ConfigError, effective_configs
 from driver.plugin.devices import DeviceRef, device_index
 from driver.plugin.faults import crash_point
 from driver.plugin.mps import MpsDaemons
-from driver.plugin.sharing import Sharing, SharingError
+from driver.plugin.sharing import Sharing, SharingError, uses_sharing
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,8 @@ class DeviceState:
             cdi.remove_spec(cdi.spec_path(self.cdi_root, self.driver_name, ref.uid))
             cp.claims.pop(ref.uid, None)
             with contextlib.suppress(Exception):
-                self.sharing.release_unused(cp, [dev.gpu.uuid for _, dev in refs if dev.type == C.DEVICE_TYPE_SHARED])
+                self.sharing.release_unused(cp, [dev.gpu.uuid for (_, dev), config in zip(refs, configs)
+                                                 if uses_sharing(dev.type, config)])
             with contextlib.suppress(Exception):
                 self.checkpoint.write(cp)
             raise
@@ -280,7 +281,7 @@ class DeviceState:
             mig = self._prepare_mig(cp, entry, ref, dev, h)
         else:
             self._leave_mig_mode(dev, h)
-            if dev.type == C.DEVICE_TYPE_SHARED:
+            if uses_sharing(dev.type, config):
                 e = self.sharing.prepare(cp, str(ref), ref.uid, dev.gpu.uuid, h, config,
                                          result.get("consumedCapacity"), pending=entry.devices)
                 edits = cdi.ContainerEdits(env=e.env, mounts=e.mounts or None).model_dump(by_alias=True,
@@ -420,7 +421,7 @@ class DeviceState:
                                     cdi.spec_path(self.cdi_root, self.driver_name, ref.uid))
                     self._crash("cdi-spec-removed")
                     del cp.claims[ref.uid]
-                    released += [d.gpu_uuid for d in entry.devices if d.type == C.DEVICE_TYPE_SHARED]
+                    released += [d.gpu_uuid for d in entry.devices if uses_sharing(d.type, d.config)]
                     changed = True
                     out[ref.uid] = ""
                     log.info("unprepared claim %s (uid %s)", ref, ref.uid)
@@ -458,7 +459,7 @@ class DeviceState:
             released: list[str] = []
             for uid, entry in list(cp.claims.items()):
                 if entry.state == "Preparing":
-                    released += [d.gpu_uuid for d in entry.devices if d.type == C.DEVICE_TYPE_SHARED]
+                    released += [d.gpu_uuid for d in entry.devices if uses_sharing(d.type, d.config)]
                     self._undo(entry)
                     self._maybe_leave_mig(entry)
                     cdi.remove_spec(cdi.spec_path(self.cdi_root, self.driver_name, uid))

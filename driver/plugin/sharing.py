@@ -12,6 +12,9 @@ defaults (time-slice ``Default``, compute mode ``Default``, no MPS daemon).
   mounted where CUDA looks for them, ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` from the memory the share was
   allocated (its consumed capacity), and ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` from the config.
 
+A whole GPU whose claim carries a GpuConfig is set up the same way: that is how several pods share one
+GPU through one ResourceClaim where consumable capacity (shared devices) is off.
+
 Time-slicing and MPS shares cannot run on one GPU at once (MPS needs the GPU to itself in exclusive-
 process mode): such a prepare fails with both claims named.
 """
@@ -59,6 +62,12 @@ def _mib(quantity: str, where: str) -> int:
         raise SharingError(f"{where}: {e}") from None
 
 
+def uses_sharing(device_type: str, config: dict | None) -> bool:
+    """Shares of a shared device, and whole GPUs whose claim carries a GpuConfig (one claim used by
+    several pods: the fallback when consumable capacity is off)."""
+    return device_type == C.DEVICE_TYPE_SHARED or (device_type == C.DEVICE_TYPE_GPU and config is not None)
+
+
 class Sharing:
     def __init__(self, backend: NvmlBackend, mps: MpsDaemons):
         self.backend = backend
@@ -68,13 +77,13 @@ class Sharing:
     def shares_of(cp: Checkpoint, gpu_uuid: str, *, exclude_uid: str | None = None) -> list[tuple[str, PreparedDevice]]:
         """(claim namespace/name, device) of every share of the GPU prepared or being prepared."""
         return [(f"{c.namespace}/{c.name}", d) for c in cp.claims.values() if c.uid != exclude_uid
-                for d in c.devices if d.type == C.DEVICE_TYPE_SHARED and d.gpu_uuid == gpu_uuid]
+                for d in c.devices if uses_sharing(d.type, d.config) and d.gpu_uuid == gpu_uuid]
 
     def prepare(self, cp: Checkpoint, claim: str, claim_uid: str, gpu_uuid: str, h: object, config: dict | None,
                 consumed: dict | None, pending: Iterable[PreparedDevice] = ()) -> ShareEdits:
         strategy, details = strategy_of(config)
         others = self.shares_of(cp, gpu_uuid, exclude_uid=claim_uid) + [
-            (claim, d) for d in pending if d.type == C.DEVICE_TYPE_SHARED and d.gpu_uuid == gpu_uuid]
+            (claim, d) for d in pending if uses_sharing(d.type, d.config) and d.gpu_uuid == gpu_uuid]
         for other, d in others:
             theirs, _ = strategy_of(d.config)
             if theirs != strategy:
@@ -141,7 +150,7 @@ class Sharing:
     def reconcile(self, cp: Checkpoint) -> None:
         """At start: restart daemons prepared MPS shares need (after a reboot), stop orphaned ones."""
         wanted = {d.gpu_uuid for c in cp.claims.values() if c.state == "Prepared" for d in c.devices
-                  if d.type == C.DEVICE_TYPE_SHARED and strategy_of(d.config)[0] == "MPS"}
+                  if uses_sharing(d.type, d.config) and strategy_of(d.config)[0] == "MPS"}
         for uuid in self.mps.running_gpus():
             if uuid not in wanted:
                 log.warning("stopping the MPS control daemon of GPU %s: no prepared claim uses it", uuid)
