@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from driver.plugin.mps_standin import PID_FILE
+from driver.plugin.mps_standin import PID_FILE, recv_line
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +140,11 @@ class MpsDaemons:
         try:
             s.connect(str(d.pipe / "control"))
             s.sendall(command.encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+            reply = recv_line(s)
         except OSError as e:
             raise MpsError(f"no MPS control daemon answers at {d.pipe / 'control'}: {e}") from None
         finally:
             s.close()
-        reply = data.decode(errors="replace").strip()
         if reply.startswith(("Invalid", "Unrecognized")):
             raise MpsError(f"MPS control daemon refused {command!r}: {reply}")
         return reply

@@ -22,6 +22,17 @@ from pathlib import Path
 PID_FILE = "nvidia-cuda-mps-control.pid"
 
 
+def recv_line(conn: socket.socket) -> str:
+    """One newline-terminated message of the control protocol (both directions)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
 class Daemon:
     def __init__(self, pipe_dir: Path, log_dir: Path, gpu: str):
         self.pipe_dir, self.log_dir, self.gpu = pipe_dir, log_dir, gpu
@@ -80,13 +91,7 @@ class Daemon:
                     continue
                 with conn:
                     conn.settimeout(5)
-                    data = b""
-                    while not data.endswith(b"\n"):
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    reply = self.handle(data.decode(errors="replace").strip())
+                    reply = self.handle(recv_line(conn))
                     conn.sendall(reply.encode() + b"\n")
         finally:
             srv.close()
