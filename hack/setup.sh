@@ -2,7 +2,7 @@
 # Prepares a fresh clone: a virtualenv in .venv with Partita installed (editable).
 #   hack/setup.sh          runtime only (enough for `partita sandbox`)
 #   hack/setup.sh --test   also the test tools: the Debian packages podman, runc, busybox-static
-#                          and ShellCheck, and the Python test extras
+#                          and ShellCheck, the Python test extras, and helm (hack/install-tools.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +35,7 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 if $want_test; then
   .venv/bin/python -m pip install --quiet -e '.[test]'
+  hack/install-tools.sh
 else
   .venv/bin/python -m pip install --quiet -e .
 fi

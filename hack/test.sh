@@ -9,4 +9,8 @@ hack/setup.sh --test
 if [ "$(id -u)" -eq 0 ]; then
   export PARTITA_REQUIRE_PODMAN=1
 fi
+# Likewise helm and shellcheck: where they could be installed, the chart and script tests must run.
+if [ -x .cache/tools/bin/helm ] && command -v shellcheck >/dev/null 2>&1; then
+  export PARTITA_REQUIRE_TOOLS=1
+fi
 exec .venv/bin/python -m pytest "$@"
