@@ -72,6 +72,7 @@ class MpsDaemons:
         if not self.running(gpu_uuid):
             for p in (d.pipe, d.log):
                 p.mkdir(parents=True, exist_ok=True)
+            (d.root / "gpu").write_text(gpu_uuid + "\n")      # which GPU this directory serves
             env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(d.pipe), "CUDA_MPS_LOG_DIRECTORY": str(d.log),
                    "CUDA_VISIBLE_DEVICES": gpu_uuid}
             if self.fake:
@@ -108,10 +109,10 @@ class MpsDaemons:
         log.info("stopped the MPS control daemon of GPU %s", gpu_uuid)
 
     def running_gpus(self) -> list[str]:
-        """GPU UUIDs whose daemon runs (from the pid files the daemons leave in their pipe directories)."""
+        """GPU UUIDs whose daemon runs (each daemon directory names its GPU in a ``gpu`` file)."""
         out = []
-        for pid_file in self.root.glob(f"*/pipe/{PID_FILE}") if self.root.exists() else []:
-            gpu = (pid_file.parent.parent / "gpu").read_text().strip() if (pid_file.parent.parent / "gpu").exists() else None
+        for marker in self.root.glob("*/gpu") if self.root.exists() else []:
+            gpu = marker.read_text().strip()
             if gpu and self.running(gpu):
                 out.append(gpu)
         return out
@@ -119,8 +120,6 @@ class MpsDaemons:
     # -- commands -------------------------------------------------------------------------------
     def control(self, gpu_uuid: str, command: str) -> str:
         d = self.dirs(gpu_uuid)
-        (d.root).mkdir(parents=True, exist_ok=True)
-        (d.root / "gpu").write_text(gpu_uuid + "\n")
         if self.fake:
             return self._fake_control(d, command)
         env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(d.pipe), "CUDA_MPS_LOG_DIRECTORY": str(d.log)}
