@@ -69,6 +69,10 @@ class Node:
         cdi = self.plugin.paths.cdi
         return sorted(p.name for p in cdi.glob("*")) if cdi.exists() else []
 
+    def clean(self) -> bool:
+        backend, h, _ = self.gpu()
+        return not backend.gpu_instances(h) and not backend.mig_mode(h).current and not self.cdi_specs()
+
     def assert_clean(self) -> None:
         backend, h, _ = self.gpu()
         assert backend.gpu_instances(h) == [], f"orphaned MIG instances: {backend.gpu_instances(h)}"
@@ -128,7 +132,7 @@ def test_a_crash_during_mig_prepare_leaves_no_orphan(tmp_path, point: str, then:
             await node.plugin.wait_ready()
             node.plugin.stop()
             await node.start()
-            await _until(lambda: not node.gpu()[0].gpu_instances(node.gpu()[1]))
+            await _until(node.clean)     # the start-up cleanup runs in the background
         node.assert_clean()
     _scenario(tmp_path, body)
 
@@ -159,7 +163,7 @@ def test_instances_of_claims_deleted_while_the_plugin_was_down_are_destroyed_at_
         # a claim of the same name, re-created with a new uid, is not the prepared one either
         node.server.create(allocated_claim("mig-3g", []))
         await node.start()
-        await _until(lambda: not node.gpu()[0].gpu_instances(node.gpu()[1]))
+        await _until(node.clean)     # the start-up cleanup runs in the background
         node.assert_clean()
         assert "which no longer exists" in node.plugin.paths.log.read_text()
     _scenario(tmp_path, body)

@@ -96,10 +96,14 @@ def test_custom_nodes_manifests_and_json_output(tmp_path) -> None:
 
 def test_bad_input_is_reported_with_the_fix(tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n")
+    bad.write_text("apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: web}\n")
     r = sandbox("--node", "n=L4:1", "-f", str(bad))
     assert r.returncode == 2
-    assert "bad.yaml document 1 (Deployment web)" in r.stderr and "it serves" in r.stderr
+    assert "bad.yaml document 1 (StatefulSet web)" in r.stderr and "it serves" in r.stderr
+    assert "Deployment (apps/v1, as pods)" in r.stderr
+    bad.write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec: {replicas: 2}\n")
+    r = sandbox("--node", "n=L4:1", "-f", str(bad))
+    assert r.returncode == 2 and "(Deployment web): spec.template.spec.containers is required" in r.stderr
     r = sandbox("--node", "n=X100:1")
     assert r.returncode == 2 and "unknown GPU model 'X100'" in r.stderr
     r = sandbox("--node", "justaname")
