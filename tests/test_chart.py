@@ -3,7 +3,8 @@ Kubernetes schemas of 1.34-1.37, and check what the objects promise: DeviceClass
 least-privilege RBAC, the admission policies' CEL evaluated on sample requests, schema-rejected values.
 
 Helm v4 comes from hack/install-tools.sh (.cache/tools/bin/helm), which hack/test.sh runs; without it the
-tests skip, unless PARTITA_REQUIRE_TOOLS=1 (hack/test.sh sets it when it could install tools), then fail.
+tests skip, unless PARTITA_REQUIRE_TOOLS=1 (hack/test.sh sets it where the tools can be installed), then fail.
+Each value set is rendered once (cached) and shared by the tests.
 """
 
 from __future__ import annotations
@@ -14,13 +15,20 @@ import subprocess
 from functools import lru_cache
 from pathlib import Path
 
+import hashlib
+import json
+
 import cel
+import jsonschema
 import kubernetes_validate
+import kubernetes_validate.utils
 import pytest
 import yaml
 
 from driver.api import constants as C
 from driver.api.deviceclasses import device_classes
+from driver.nvml.models import get_model, known_models
+from driver.nvml.profile import ProfileError, parse_profile
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "partita"
@@ -37,7 +45,10 @@ VALUE_SETS = {
     "webhook-cert-manager": ["--set", "webhook.enabled=true", "--set", "webhook.certManager.enabled=true"],
     "service-monitor": ["--set", "serviceMonitor.enabled=true", "--set", "fakeGpu.enabled=true"],
     "other-driver": ["--set", "driverName=gpu.example.com", "--set", "plugin.runtimeClassName=nvidia"],
+    # a driver name without the gpu. prefix, and the CDI specs written to /etc/cdi
+    "plain-driver": ["--set", "driverName=nvidia.example.org", "--set", "plugin.cdiRoot=/etc/cdi"],
 }
+DRIVER_OF = {"defaults": C.DEFAULT_DRIVER_NAME, "other-driver": "gpu.example.com", "plain-driver": "nvidia.example.org"}
 
 
 def _helm() -> str:
@@ -80,55 +91,112 @@ def test_lint_passes_for_every_value_set() -> None:
         assert "0 chart(s) failed" in r.stdout, r.stdout
 
 
+def test_kubernetes_validate_has_schemas_for_every_version() -> None:
+    # a missing schema version would make validate() raise, but say so plainly
+    bundled = set(kubernetes_validate.utils.all_versions())
+    assert set(VERSIONS) <= bundled, f"kubernetes-validate lacks {set(VERSIONS) - bundled}; upgrade it"
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_every_rendered_object_validates_against_kubernetes(name: str, version: str) -> None:
     for obj in render(name):
         if (obj["apiVersion"], obj["kind"]) in NOT_IN_KUBERNETES:
             continue
+        # strict: unknown fields fail too; a kind without a schema raises SchemaNotFoundError
         kubernetes_validate.validate(obj, version, strict=True)
 
 
-def test_crd_objects_are_well_formed() -> None:
-    [sm] = objects("service-monitor", "ServiceMonitor")
-    services = {s["metadata"]["name"]: s for s in objects("service-monitor", "Service")}
-    selected = [s for s in services.values()
-                if all(s["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
-                and s["metadata"]["labels"].get("app.kubernetes.io/component") in
-                sm["spec"]["selector"]["matchExpressions"][0]["values"]]
-    assert len(selected) == 2 and all(any(p["name"] == "metrics" for p in s["spec"]["ports"]) for s in selected)
-    cert = one("webhook-cert-manager", "Certificate")
-    webhook_deploy = one("webhook-cert-manager", "Deployment", "webhook")
-    assert webhook_deploy["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"] == cert["spec"]["secretName"]
+#: The part of the ServiceMonitor CRD (prometheus-operator, monitoring.coreos.com/v1) the chart uses, with
+#: the CRD's types, required fields and interval pattern; unknown fields fail, to catch typos.
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "spec": {
+            "type": "object",
+            "required": ["endpoints", "selector"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {"type": "object", "additionalProperties": False, "properties": {
+                    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "matchExpressions": {"type": "array", "items": {
+                        "type": "object", "required": ["key", "operator"], "additionalProperties": False,
+                        "properties": {"key": {"type": "string"}, "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                                       "values": {"type": "array", "items": {"type": "string"}}}}}}},
+                "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+                    "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "additionalProperties": False, "properties": {
+                        "port": {"type": "string"}, "path": {"type": "string"}, "scheme": {"type": "string"},
+                        "interval": {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?"
+                                                                     r"(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}}}},
+            },
+        },
+    },
+}
 
 
-@pytest.mark.parametrize("driver", [C.DEFAULT_DRIVER_NAME, "gpu.example.com"])
-def test_device_classes_are_the_drivers_own(driver: str) -> None:
-    name = "defaults" if driver == C.DEFAULT_DRIVER_NAME else "other-driver"
+@pytest.mark.parametrize("name", sorted(DRIVER_OF))
+def test_device_classes_are_the_drivers_own(name: str) -> None:
     rendered = sorted(({"apiVersion": o["apiVersion"], "kind": o["kind"], "metadata": {"name": o["metadata"]["name"]},
                         "spec": o["spec"]} for o in objects(name, "DeviceClass")), key=lambda o: o["metadata"]["name"])
-    assert rendered == sorted(device_classes(driver), key=lambda o: o["metadata"]["name"])
+    assert rendered == sorted(device_classes(DRIVER_OF[name]), key=lambda o: o["metadata"]["name"])
+    assert not any("extendedResourceName" in o["spec"] for o in rendered)   # controller mode forbids it
 
 
 def test_plugin_daemonset_mounts_and_update_strategy() -> None:
-    for name, fake in (("defaults", False), ("fake-gpus", True)):
+    for name, fake in (("defaults", False), ("fake-gpus", True), ("plain-driver", False)):
         ds = one(name, "DaemonSet")
         pod = ds["spec"]["template"]["spec"]
         [c] = pod["containers"]
-        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        assert len(mounts) == len(c["volumeMounts"]), "two volumes mounted at one path"
         hostpaths = {v["name"]: (v.get("hostPath") or {}).get("path") for v in pod["volumes"]}
-        for path in ("/var/lib/kubelet/plugins", "/var/lib/kubelet/plugins_registry", "/var/run/cdi"):
-            assert hostpaths[mounts[path]] == path       # same path inside and out: the kubelet dials it
+        cdi_root = "/etc/cdi" if name == "plain-driver" else "/var/run/cdi"
+        for path in ("/var/lib/kubelet/plugins", "/var/lib/kubelet/plugins_registry", cdi_root):
+            assert hostpaths[mounts[path]["name"]] == path       # same path inside and out: the kubelet dials it
+            assert not mounts[path].get("readOnly")
         assert ("/dev" in mounts) is not fake
+        # real GPUs: the toolkit's CDI spec in /etc/cdi is readable, unless /etc/cdi is the plugin's own root
+        if not fake and cdi_root != "/etc/cdi":
+            assert mounts["/etc/cdi"]["readOnly"] is True and hostpaths[mounts["/etc/cdi"]["name"]] == "/etc/cdi"
+        elif fake:
+            assert "/etc/cdi" not in mounts
         assert c["securityContext"].get("privileged") is (not fake)
+        assert c["securityContext"]["runAsUser"] == 0
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["NVML_BACKEND"] == ("fake" if fake else "real")
-        assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
-        assert c["livenessProbe"]["grpc"]["service"] == "liveness"
+        assert env["CDI_ROOT"] == cdi_root and env["DRIVER_NAME"] == DRIVER_OF.get(name, C.DEFAULT_DRIVER_NAME)
+        assert c["env"][0] == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+        assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
+                                                "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+        for probe in ("startupProbe", "livenessProbe"):
+            assert c[probe]["grpc"] == {"port": 51515, "service": "liveness"}
+        assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 300
         assert (pod.get("nodeSelector") is None) is fake      # real GPUs: NVIDIA nodes only
+    assert {e["name"]: e.get("value") for e in one("fake-gpus", "DaemonSet")["spec"]["template"]["spec"]
+            ["containers"][0]["env"]}["FAKE_GPU_PROFILE"] == "/etc/partita/fake-gpus/profile.yaml"
     cm = one("fake-gpus", "ConfigMap")
-    from driver.nvml.profile import parse_profile
     parse_profile(yaml.safe_load(cm["data"]["profile.yaml"]), "chart")
+
+
+def test_plugin_env_names_are_flags_of_partita_plugin() -> None:
+    """Every variable the chart sets is one the plugin reads (driver/plugin/main.py), so a renamed flag
+    cannot leave the chart setting a variable nobody reads."""
+    import argparse
+
+    from driver.plugin.main import add_arguments
+    source = (REPO / "driver" / "plugin" / "main.py").read_text()
+    for name in ("defaults", "fake-gpus"):
+        env = {e["name"] for e in one(name, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+        env -= {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}      # for the NVIDIA runtime
+        missing = {e for e in env if f'"{e}"' not in source}
+        assert not missing, f"the chart sets {missing}, which partita plugin does not read"
+    add_arguments(argparse.ArgumentParser())     # the module still defines them
+    controller_source = (REPO / "controller" / "operator" / "main.py").read_text()
+    env = {e["name"] for e in one("defaults", "Deployment", "controller")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not {e for e in env if f'"{e}"' not in controller_source}
 
 
 def test_controller_is_replicated_non_root_read_only_and_probed() -> None:
@@ -149,23 +217,39 @@ def _rules(name: str, role: str) -> list[dict]:
     return next(r for r in objects(name, "ClusterRole") if r["metadata"]["name"].endswith(role))["rules"]
 
 
-def _allowed(rules: list[dict], group: str, resource: str, verb: str) -> bool:
-    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
+def _grants(rules: list[dict]) -> set[tuple[str, str, str]]:
+    return {(g, res, v) for r in rules for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]}
+
+
+def _expand(group: str, resources: str, verbs: str) -> set[tuple[str, str, str]]:
+    return {(group, r, v) for r in resources.split() for v in verbs.split()}
 
 
 def test_rbac_is_least_privilege() -> None:
-    plugin, controller = _rules("defaults", "-plugin"), _rules("defaults", "-controller")
-    assert _allowed(plugin, "resource.k8s.io", "resourceslices", "create")
-    assert _allowed(plugin, "resource.k8s.io", "resourceclaims", "get")
-    assert not _allowed(plugin, "resource.k8s.io", "resourceclaims", "update")
-    assert not _allowed(plugin, "resource.k8s.io", "resourceclaims/status", "update")
-    assert _allowed(controller, "resource.k8s.io", "resourceclaims/status", "update")
-    assert _allowed(controller, "resource.k8s.io", "resourceclaims/binding", "update")      # 1.36+
-    assert not _allowed(controller, "resource.k8s.io", "resourceslices", "create")
-    assert not any("*" in r["verbs"] or "*" in r["resources"] for r in plugin + controller)
+    """Exactly the API calls the code makes (see the comments in the RBAC templates): a new call needs a
+    deliberate change here and in the chart."""
+    assert _grants(_rules("defaults", "-plugin")) == (
+        _expand("resource.k8s.io", "resourceslices", "get list watch create update delete")
+        | _expand("resource.k8s.io", "resourceclaims", "get")
+        | _expand("", "nodes", "get"))
+    assert _grants(_rules("defaults", "-controller")) == (
+        _expand("", "pods nodes", "get list watch")
+        | _expand("resource.k8s.io", "resourceclaims", "get list watch update")
+        | _expand("resource.k8s.io", "resourceclaims/status resourceclaims/binding", "update")   # binding: 1.36+
+        | _expand("resource.k8s.io", "resourceslices deviceclasses", "get list watch")
+        | _expand("", "events", "create"))
     [role] = objects("defaults", "Role")
-    assert {v for r in role["rules"] for v in r["verbs"]} == {"create", "get", "update"}
-    assert all(r["resources"] == ["leases"] for r in role["rules"])
+    assert role["metadata"]["namespace"] == "partita-system"
+    assert _grants(role["rules"]) == _expand("coordination.k8s.io", "leases", "create get update")
+    named = [r for r in role["rules"] if "get" in r["verbs"]]
+    assert named and all(r["resourceNames"] == ["partita-controller"] for r in named)   # only its own Lease
+    lease = {e["name"]: e.get("value") for e in one("defaults", "Deployment", "controller")["spec"]["template"]["spec"]
+             ["containers"][0]["env"]}["LEADER_ELECTION_ID"]
+    assert lease == "partita-controller"
+    bindings = {b["roleRef"]["name"]: b["subjects"] for b in objects("defaults", "ClusterRoleBinding")}
+    assert bindings["partita-plugin"] == [{"kind": "ServiceAccount", "name": "partita-plugin", "namespace": "partita-system"}]
+    assert bindings["partita-controller"][0]["name"] == "partita-controller"
+    assert one("defaults", "DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == "partita-plugin"
 
 
 def _validate(policy: dict, request: dict) -> list[str]:
@@ -213,17 +297,31 @@ def test_claims_may_not_tolerate_the_managed_taint_in_controller_mode() -> None:
         request = {"name": "gpu", "firstAvailable": [{"name": "a", **req}]} if first_available else \
             {"name": "gpu", "exactly": req}
         return {"spec": {"devices": {"requests": [request]}}}
-    ok = [None, [], [{"key": "example.com/other", "operator": "Exists"}]]
-    bad = [[{"key": C.MANAGED_TAINT_KEY, "operator": "Exists"}],
-           [{"key": C.MANAGED_TAINT_KEY, "operator": "Equal", "value": "controller", "effect": "NoSchedule"}],
-           [{"operator": "Exists"}]]
+
+    def denied(c: dict) -> tuple[int, int]:
+        return (len(_validate(policies["resourceclaims"], {"object": c})),
+                len(_validate(policies["resourceclaimtemplates"], {"object": {"spec": c}})))
+    key, value, effect = C.MANAGED_TAINT_KEY, C.MANAGED_TAINT_VALUE, C.MANAGED_TAINT_EFFECT
+    ok = [None, [], [{"key": "example.com/other", "operator": "Exists"}],
+          [{"operator": "Exists", "effect": "NoExecute"}],              # tolerates only NoExecute taints
+          [{"key": key, "operator": "Exists", "effect": "NoExecute"}],
+          [{"key": key, "operator": "Equal", "value": "other"}],        # another value
+          [{"key": key, "value": "other"}]]
+    bad = [[C.managed_toleration()],
+           [{"key": key, "operator": "Exists"}],
+           [{"key": key, "operator": "Equal", "value": value, "effect": effect}],
+           [{"key": key, "value": value}],                              # operator defaults to Equal
+           [{"operator": "Exists"}], [{"key": "", "operator": "Exists", "effect": effect}],
+           [{"key": "example.com/other", "operator": "Exists"}, {"operator": "Exists"}]]
     for fa in (False, True):
         for t in ok:
-            assert _validate(policies["resourceclaims"], {"object": claim(t, fa)}) == [], t
-            assert _validate(policies["resourceclaimtemplates"], {"object": {"spec": claim(t, fa)}}) == [], t
+            assert denied(claim(t, fa)) == (0, 0), t
         for t in bad:
-            assert len(_validate(policies["resourceclaims"], {"object": claim(t, fa)})) == 1, t
-            assert len(_validate(policies["resourceclaimtemplates"], {"object": {"spec": claim(t, fa)}})) == 1, t
+            assert denied(claim(t, fa)) == (1, 1), t
+    # claims without devices or requests are valid API objects: no CEL error (failurePolicy Fail would deny them)
+    for empty in ({"spec": {}}, {"spec": {"devices": {}}}, {"spec": {"devices": {"requests": []}}}):
+        assert denied(empty) == (0, 0), empty
+    assert _validate(policies["resourceclaimtemplates"], {"object": {"spec": {}}}) == []
     # scheduler mode: kube-scheduler allocates, there is no taint to protect
     assert not [p for p in objects("scheduler-mode", "ValidatingAdmissionPolicy") if "toleration" in p["metadata"]["name"]]
 
@@ -234,21 +332,83 @@ def test_webhook_is_wired_to_its_service_and_certificate() -> None:
     assert hook["clientConfig"]["caBundle"] and svc["spec"]["ports"][0]["port"] == 443
     assert set(hook["rules"][0]["resources"]) == {"resourceclaims", "resourceclaimtemplates", "deviceclasses"}
     deploy = one("webhook", "Deployment", "webhook")
-    assert deploy["spec"]["template"]["spec"]["containers"][0]["command"] == ["partita", "webhook"]
+    pod = deploy["spec"]["template"]
+    assert pod["spec"]["containers"][0]["command"] == ["partita", "webhook"]
+    # a regenerated certificate (every helm upgrade) restarts the pods, which load it at start
+    assert pod["metadata"]["annotations"]["checksum/tls"] == \
+        hashlib.sha256(hook["clientConfig"]["caBundle"].encode()).hexdigest()
+    secret = one("webhook", "Secret")
+    assert pod["spec"]["volumes"][0]["secret"]["secretName"] == secret["metadata"]["name"]
     assert not objects("defaults", "ValidatingWebhookConfiguration")
+    assert "annotations" not in one("webhook-cert-manager", "Deployment", "webhook")["spec"]["template"]["metadata"]
 
 
 @pytest.mark.parametrize("args, message", [
     (["--set", "allocationMode=auto"], "/allocationMode"),
+    (["--set", "strategy=best-fit"], "/strategy"),
     (["--set", "driverName=GPU_Driver"], "/driverName"),
     (["--set", "controller.leaderElection=false"], "/controller/replicas"),
     (["--set", "fakeGpu.enabled=true", "--set", "fakeGpu.profile.nodes[0].gpus[0].model=X100"], "model"),
+    (["--set", "fakeGpu.enabled=true", "--set", "fakeGpu.profile.nodes[0].name=*",
+      "--set", "fakeGpu.profile.nodes[0].gpus[0].model=L4", "--set", "fakeGpu.profile.nodes[0].gpus[0].count=0"],
+     "/fakeGpu/profile/nodes/0/gpus/0/count"),
+    (["--set", "fakeGpu.enabled=true", "--set", "fakeGpu.profile.nodes[0].name=*",
+      "--set", "fakeGpu.profile.nodes[0].gpus[0].model=L4", "--set", "fakeGpu.profile.nodes[0].gpus[0].migEnabled=true"],
+     "/fakeGpu/profile/nodes/0/gpus/0/migEnabled"),
+    (["--set", "fakeGpu.enabled=true", "--set", "fakeGpu.profile.nodes[0].name=a",
+      "--set", "fakeGpu.profile.nodes[0].gpus[0].model=L4", "--set", "fakeGpu.profile.nodes[1].name=a",
+      "--set", "fakeGpu.profile.nodes[1].gpus[0].model=T4"],
+     "node \"a\" is listed twice"),
+    (["--set", "fakeGpu.enabled=true", "--set", "fakeGpu.profile.nodes[0].name=*",
+      "--set", "fakeGpu.profile.nodes[0].gpus[0].model=L4", "--set", "fakeGpu.profile.nodes[0].gpus[0].count=2",
+      "--set", "fakeGpu.profile.nodes[0].gpus[0].unhealthy[0]=2"],
+     "fakeGpu.profile.nodes[0].gpus[0].unhealthy: index 2 is outside 0..1"),
     (["--set", "plugin.metricsPort=0"], "/plugin/metricsPort"),
+    (["--set", "plugin.cdiRoot=var/run/cdi"], "/plugin/cdiRoot"),
+    (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
     (["--set", "unknownKey=1"], "unknownKey"),
 ])
 def test_bad_values_are_rejected_naming_the_field(args: list[str], message: str) -> None:
     r = helm("template", "partita", str(CHART), *args, check=False)
     assert r.returncode != 0 and message in r.stderr, r.stderr
+
+
+def _profile_schema() -> dict:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    return {"$schema": schema["$schema"], **schema["properties"]["fakeGpu"]["properties"]["profile"]}
+
+
+def test_values_schema_knows_the_drivers_gpu_models() -> None:
+    gpu = _profile_schema()["properties"]["nodes"]["items"]["properties"]["gpus"]["items"]
+    assert gpu["properties"]["model"]["enum"] == list(known_models())
+    assert set(gpu["if"]["properties"]["model"]["enum"]) == {m for m in known_models() if not get_model(m).mig_capable}
+
+
+@pytest.mark.parametrize("nodes", [
+    [{"name": "*", "gpus": [{"model": "H100-SXM5-80GB", "count": 8}]}],
+    [{"name": "a", "gpus": [{"model": "A100-SXM4-80GB", "migEnabled": True}]}, {"name": "*"}],
+    [{"name": "*", "gpus": [{"model": "L4", "count": 2, "unhealthy": [1]}, {"model": "T4"}]}],
+    [{"name": "*", "gpus": []}], [], [{"gpus": []}], [{"name": ""}], [{"name": "*", "cpus": 4}],
+    [{"name": "*", "gpus": [{"model": "L4", "count": 0}]}], [{"name": "*", "gpus": [{"model": "L4", "count": 65}]}],
+    [{"name": "*", "gpus": [{"model": "T4", "migEnabled": True}]}],
+    [{"name": "*", "gpus": [{"model": "H100-SXM5-80GB", "mig": True}]}],
+    [{"name": "*", "gpus": [{"count": 1}]}], [{"name": "*", "gpus": [{"model": "H100"}]}],
+])
+def test_values_schema_and_the_plugin_agree_on_fake_profiles(nodes: list[dict]) -> None:
+    """values.schema.json accepts a fake-GPU profile exactly when the plugin's parser does (apart from
+    what only the template checks: duplicate node names, unhealthy indexes), so a value that passes
+    helm never crash-loops the plugin."""
+    profile = {"apiVersion": "gpu.partita.dev/v1alpha1", "kind": "FakeGpuProfile", "nodes": nodes}
+    schema_ok = jsonschema.Draft7Validator(_profile_schema()).is_valid(profile)
+    try:
+        parse_profile(profile, "test")
+        plugin_ok = True
+    except ProfileError:
+        plugin_ok = False
+    assert schema_ok == plugin_ok
+    # the chart's default profile and the sandbox's cluster are valid too
+    assert jsonschema.Draft7Validator(_profile_schema()).is_valid(
+        yaml.safe_load((CHART / "values.yaml").read_text())["fakeGpu"]["profile"])
 
 
 def test_kubernetes_older_than_1_34_is_refused() -> None:

@@ -43,5 +43,7 @@ the shipped names for gpu.partita.dev, else "<base>.<driver without a leading gp
 {{- end -}}
 {{- end -}}
 
-{{/* The managed device taint Partita's controller owns (driver/api/constants.py). */}}
+{{/* The managed device taint Partita's controller owns (driver/api/constants.py; a chart test checks). */}}
 {{- define "partita.taintKey" -}}partita.dev/managed{{- end -}}
+{{- define "partita.taintValue" -}}controller{{- end -}}
+{{- define "partita.taintEffect" -}}NoSchedule{{- end -}}
