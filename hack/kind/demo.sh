@@ -12,9 +12,13 @@ cluster_exists || die "no kind cluster ${KIND_CLUSTER_NAME}; run hack/kind/creat
 log "applying ${REPO_ROOT}/examples"
 kubectl_kind apply -f "${REPO_ROOT}/examples"
 
-log "waiting up to 3 minutes for the example pods"
+# Deployments create their pods a moment after apply, and `kubectl wait -l` only waits for pods that exist
+# when it starts: wait for the Deployments first, then for every pod.
+log "waiting up to 3 minutes for the example Deployments and pods"
+kubectl_kind wait deployment -l app.kubernetes.io/part-of=partita-examples \
+  --for=condition=Available --timeout=180s || log "not every Deployment became available; see below"
 kubectl_kind wait pod -l 'app.kubernetes.io/part-of=partita-examples,partita.dev/example-expects!=Pending' \
-  --for=condition=Ready --timeout=180s || log "not every pod became ready; see below"
+  --for=condition=Ready --timeout=60s || log "not every pod became ready; see below"
 
 for pod in $(kubectl_kind get pods -l app.kubernetes.io/part-of=partita-examples -o name); do
   phase=$(kubectl_kind get "${pod}" -o jsonpath='{.status.phase}')

@@ -10,6 +10,10 @@ need kubectl
 helm=$(helm_bin)
 cluster_exists || die "no kind cluster ${KIND_CLUSTER_NAME}; run hack/kind/create-cluster.sh first"
 
+workers=$(kubectl_kind get nodes -l partita.dev/fake-gpus=true -o name | wc -l)
+[ "${workers}" -gt 0 ] || die "no node is labelled partita.dev/fake-gpus=true, so no plugin runs;" \
+  "create the cluster with hack/kind/create-cluster.sh or label the nodes (kubectl label node NAME partita.dev/fake-gpus=true)"
+
 log "installing ${HELM_RELEASE} into namespace ${HELM_NAMESPACE}"
 "${helm}" upgrade --install "${HELM_RELEASE}" "${REPO_ROOT}/charts/partita" \
   --kube-context "${KUBE_CONTEXT}" --namespace "${HELM_NAMESPACE}" --create-namespace \
@@ -18,7 +22,6 @@ log "installing ${HELM_RELEASE} into namespace ${HELM_NAMESPACE}"
   --set-string 'plugin.nodeSelector.partita\.dev/fake-gpus=true' \
   --wait --timeout 5m "$@"
 
-workers=$(kubectl_kind get nodes -l partita.dev/fake-gpus=true -o name | wc -l)
 log "waiting for ResourceSlices from ${workers} node(s)"
 for _ in $(seq 1 60); do
   nodes=$(kubectl_kind get resourceslices -o jsonpath='{range .items[*]}{.spec.nodeName}{"\n"}{end}' \
