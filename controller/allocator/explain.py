@@ -1,15 +1,31 @@
 """``partita explain``: why a claim cannot be allocated, and the one change that would make it fit.
 
-Runs the allocator itself (the same selectors, CEL, counters, capacity and constraints the controller
-uses, :class:`Allocator`), first to see whether the claim fits anywhere, then device by device to count
-what excluded each published device for each request, in this order: the class selectors, the request's
-own selectors, device taints it does not tolerate, devices other claims hold, counters other claims used
-up (a GPU in another mode), shared capacity left, and finally whether any single node has enough of what
-is left (``node``) or, when one has, the claim's constraints. Then it tries single changes — a lower count,
-a toleration, dropping one selector, a smaller capacity request, freeing one other claim, dropping one
-constraint — and reports the first one with which the allocator finds a solution.
+Runs the allocator itself (the same selectors, CEL, counters, capacity, taints and constraints the
+controller uses, :class:`Allocator`), first to see whether the claim fits anywhere. When it does not,
+it goes device by device, per request, through what the allocator checks, and counts what excluded each
+published device, in this order:
 
-Inputs are files (claim or template, slices, classes, other allocated claims) or the cluster.
+* ``pool``: its resource pool is incomplete (being updated) or invalid;
+* ``node``: published for no node the claim could use (the slice's nodeName/nodeSelector/allNodes, or
+  the device's own node selection); such devices are not looked at further;
+* ``class selector`` / ``request selector``: the DeviceClass's or the request's CEL selectors;
+* ``taint``: a NoSchedule/NoExecute device taint the request does not tolerate;
+* ``allocated``: a dedicated device another claim holds;
+* ``counters``: the device's shared counters are used up by devices other claims hold (a GPU in another
+  mode: a whole GPU next to its MIG devices, a MIG placement overlapping another);
+* ``capacity``: a shared device without enough capacity left (or whose request policy refuses the amount);
+* ``constraint``: outside the largest set of the node's remaining devices that satisfies the claim's
+  ``matchAttribute``/``distinctAttribute`` constraints on the request (or lacking the attribute).
+
+A device is counted once, under the first reason, and not at all when any node could use it. The
+devices left per node say whether one node has enough; when one has, the claim's other requests or
+constraints across requests rule the combination out. Then it tries single changes — a lower count, a
+toleration, dropping one selector, a smaller capacity request, freeing the devices of one other claim,
+dropping one constraint, dropping one request — and reports the first one with which the allocator finds
+a solution (changes addressing the last stage that excluded devices first, as that is the one closest to
+fitting), and up to two alternatives.
+
+Inputs are files (claim or template, slices, classes, nodes, other allocated claims) or the cluster.
 """
 
 from __future__ import annotations
@@ -19,9 +35,10 @@ import asyncio
 import copy
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -30,12 +47,31 @@ from driver.api.deviceclasses import device_classes
 from driver.api.quantity import Quantity
 
 from .allocator import Allocator, copy_claim_with_tolerations
-from .pools import SliceIndex, available_counters
-from .search import claim_ref, taint_prevents
+from .constraints import lookup_attribute
+from .pools import CDevice, Pool, SliceIndex, available_counters
+from .search import Run, _device_node_fits, claim_ref, taint_prevents, tolerates
 from .types import AllocatedState, AllocationError, DeviceID, Features, Node
 
-STAGES = ("class selector", "request selector", "taint", "allocated", "counters", "capacity")
+#: stage -> what it means (the order is the order of the checks)
+STAGES = {
+    "pool": "resource pool incomplete (being updated) or invalid",
+    "node": "published for no node the claim can use",
+    "class selector": "the DeviceClass's selectors",
+    "request selector": "the request's own selectors",
+    "taint": "a device taint the request does not tolerate",
+    "allocated": "held by another claim",
+    "counters": "shared counters used up by other claims' devices: the GPU is in use in another mode",
+    "capacity": "not enough shared capacity left",
+    "constraint": "the claim's matchAttribute/distinctAttribute constraints",
+}
+#: stage -> the kinds of change that address it (tried first when it is the last stage that excluded devices)
+ADDRESSES = {"request selector": ("selector",), "taint": ("toleration",), "allocated": ("free",),
+             "counters": ("free",), "capacity": ("capacity", "free"), "constraint": ("constraint",)}
 EXAMPLES = 3
+MAX_FREE_TRIES = 20
+MAX_COUNT_TRIES = 8
+MAX_ALTERNATIVES = 2
+MAX_CHANGES = 60
 
 
 class ExplainInputError(ValueError):
@@ -47,7 +83,7 @@ class Stage:
     reason: str
     excluded: int = 0
     examples: list[str] = field(default_factory=list)
-    detail: str = ""
+    meaning: str = ""
 
 
 @dataclass
@@ -57,7 +93,7 @@ class RequestReport:
     needs: str
     published: int = 0
     stages: list[Stage] = field(default_factory=list)
-    candidates: dict[str, int] = field(default_factory=dict)    # node -> devices left
+    candidates: dict[str, int] = field(default_factory=dict)    # node -> devices left (constraints applied)
     verdict: str = ""
 
 
@@ -69,30 +105,47 @@ class Explanation:
     devices: list[str] = field(default_factory=list)
     requests: list[RequestReport] = field(default_factory=list)
     fix: str | None = None
-    error: str | None = None
+    alternatives: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Findings:
+    """Per request, what the fixes need beyond the report."""
+
+    taints: dict[tuple, dict] = field(default_factory=dict)          # (key, value, effect) -> taint
+    blockers: Counter = field(default_factory=Counter)                # DeviceID held by others that excluded a device
+
+
+_UNSEEN = object()
 
 
 # -- the analysis ---------------------------------------------------------------------------------
 class Explainer:
-    def __init__(self, slices: Sequence[Mapping], classes: Mapping[str, Mapping], allocated_claims: Sequence[Mapping] = (),
+    def __init__(self, slices: Sequence[Mapping], classes: Mapping[str, Mapping],
+                 allocated_claims: Sequence[Mapping] = (),
                  *, managed_toleration: bool = True, features: Features = Features(),
                  nodes: Sequence[Node] | None = None):
         self.slices = [dict(s) for s in slices]
         self.index = SliceIndex.from_slices(self.slices)
         self.classes = classes
-        self.allocated_claims = list(allocated_claims)
+        self.allocated_claims = [c for c in allocated_claims if (c.get("status") or {}).get("allocation")]
         self.managed_toleration = managed_toleration
         self.features = features
-        self.nodes = list(nodes) if nodes is not None else [Node(n) for n in sorted(self.index.node_names())]
+        named = self.index.node_names()
+        given = list(nodes or ())
+        self.nodes = given + [Node(n) for n in named if n not in {g.name for g in given}]
+        #: DeviceID -> refs of the allocated claims holding it
+        self.holders: dict[DeviceID, list[str]] = {}
+        for c in self.allocated_claims:
+            for r in ((c["status"]["allocation"].get("devices") or {}).get("results") or []):
+                if not r.get("adminAccess"):
+                    self.holders.setdefault(DeviceID(r["driver"], r["pool"], r["device"]), []).append(claim_ref(c))
 
     def _state(self, without: str | None = None) -> AllocatedState:
         state = AllocatedState()
         for c in self.allocated_claims:
-            if claim_ref(c) == without:
-                continue
-            alloc = (c.get("status") or {}).get("allocation")
-            if alloc:
-                state.add_allocation(alloc)
+            if claim_ref(c) != without:
+                state.add_allocation(c["status"]["allocation"], self.features.consumable_capacity)
         return state
 
     def _input(self, claim: Mapping) -> dict:
@@ -104,196 +157,326 @@ class Explainer:
                                            state if state is not None else self._state())
 
     def explain(self, claim: Mapping) -> Explanation:
-        ref = claim_ref(claim)
-        out = Explanation(claim=ref, fits=False)
+        """Raises :class:`AllocationError` for a claim the allocator refuses as bad input (unknown class,
+        CEL error, count, ...) and :class:`ExplainInputError` when there is nothing to explain against."""
         if not self.nodes:
-            out.error = "no ResourceSlices name a node; pass the slices of the nodes the claim could use"
-            return out
-        choice = self._try(claim)          # AllocationError: bad input, the caller reports it
+            raise ExplainInputError("no ResourceSlice names a node (spec.nodeName), and no nodes were given: pass "
+                                    "the slices of the nodes the claim could use, or the Node objects (--nodes)")
+        out = Explanation(claim=claim_ref(claim), fits=False)
+        choice = self._try(claim)
         if choice.node is not None:
             out.fits, out.node = True, choice.node.name
             out.devices = [f"{r['pool']}/{r['device']}" for r in choice.results[0]["devices"]["results"]]
             return out
-        out.requests = self._funnel(claim)
-        out.fix = self._fix(claim, out.requests)
+        out.requests, findings = self._funnel(claim)
+        out.fix, out.alternatives = self._fix(claim, out.requests, findings)
         return out
 
-    def _funnel(self, claim: Mapping) -> list[RequestReport]:
+    # -- per request, what excluded each device --------------------------------------------------------
+    def _funnel(self, claim: Mapping) -> tuple[list[RequestReport], dict[str, _Findings]]:
         allocator = Allocator(self.features, "first-fit")
         state = self._state()
         claims = [self._input(claim)]
         reports: dict[str, RequestReport] = {}
+        findings: dict[str, _Findings] = {}
+        outcome: dict[str, dict[DeviceID, str | None]] = {}
+        bad_pools: set[tuple[str, str]] = set()
         for node in self.nodes:
             run = allocator._run(node, claims, self.index, self.classes, state)   # noqa: SLF001 - same package
+            bad_pools.update(p.id for p in run.pools if p.incomplete or p.invalid)
             pools = [p for p in run.pools if not (p.incomplete or p.invalid)]
             for key, rd in sorted(run.req.items()):
-                cls = (rd.cls or {}).get("metadata", {}).get("name", "?")
-                rep = reports.get(rd.full_name)
-                if rep is None:
+                if rd.full_name not in reports:
                     need = str(rd.num_devices) if rd.mode == "ExactCount" else "all"
-                    rep = reports[rd.full_name] = RequestReport(rd.full_name, cls, need,
-                                                                stages=[Stage(s) for s in STAGES])
-                stages = {s.reason: s for s in rep.stages}
-                left = 0
+                    cls = (rd.cls or {}).get("metadata", {}).get("name", "?")
+                    reports[rd.full_name] = RequestReport(rd.full_name, cls, need)
+                    findings[rd.full_name] = _Findings()
+                    outcome[rd.full_name] = {}
+                seen, found = outcome[rd.full_name], findings[rd.full_name]
+                left: list[CDevice] = []
                 for pool in pools:
                     passing = {id(d): failure for d, failure in run.class_list(pool, rd)}
                     avail = available_counters(pool, state)
                     for dev in pool.devices():
-                        rep.published += 1
-                        reason = self._exclusion(run, key, rd, dev, passing, avail, state)
+                        reason = _exclusion(run, key, rd, dev, passing, avail, state)
                         if reason is None:
-                            left += 1
+                            left.append(dev)
                             continue
-                        st = stages[reason]
-                        st.excluded += 1
-                        if len(st.examples) < EXAMPLES:
-                            st.examples.append(f"{node.name}/{dev.name}")
-                rep.candidates[node.name] = left
-        for rep in reports.values():
-            rep.stages = [s for s in rep.stages if s.excluded]
-            best = max(rep.candidates.items(), key=lambda kv: kv[1], default=("-", 0))
-            if rep.needs == "all":
-                rep.verdict = "asks for all matching devices of a node"
-            elif best[1] < int(rep.needs):
-                rep.verdict = (f"needs {rep.needs} on one node; the most any node has left is {best[1]}"
-                               + (f" ({best[0]})" if best[1] else ""))
-            else:
-                rep.verdict = (f"node {best[0]} has {best[1]} candidate(s), enough alone; the claim's constraints "
-                               "or its other requests rule the combination out")
-        return list(reports.values())
+                        _merge(seen, dev.id, reason)
+                        self._note(found, reason, rd, dev, pool, state)
+                kept = _constrained(run, rd, left)
+                for dev in left:
+                    _merge(seen, dev.id, None if id(dev) in kept else "constraint")
+                reports[rd.full_name].candidates[node.name] = len(kept)
+        published = self._published()
+        for name, rep in reports.items():
+            seen = outcome[name]
+            stages = {s: Stage(s, meaning=m) for s, m in STAGES.items()}
+            rep.published = len(published)
+            for did in published:
+                reason = seen.get(did, _UNSEEN)
+                if reason is _UNSEEN:
+                    reason = "pool" if (did.driver, did.pool) in bad_pools else "node"
+                if reason is None:
+                    continue
+                st = stages[reason]
+                st.excluded += 1
+                if len(st.examples) < EXAMPLES:
+                    st.examples.append(f"{did.pool}/{did.device}")
+            rep.stages = [s for s in stages.values() if s.excluded]
+            rep.verdict = _verdict(rep)
+        return list(reports.values()), findings
 
-    @staticmethod
-    def _exclusion(run, key, rd, dev, passing: dict, avail: dict, state: AllocatedState) -> str | None:  # noqa: ANN001
-        failure = passing.get(id(dev), False)
-        if failure is False:
-            return "class selector"
-        if failure is not None:
-            run._raise_selector_error(rd, dev, failure, from_class=True)   # noqa: SLF001
-        if not run.request_ok(key, rd, dev):
-            return "request selector"
-        if run.f.device_taints and taint_prevents(dev, rd.tolerations):
-            return "taint"
-        multi = run.f.consumable_capacity and dev.allow_multiple
-        if not rd.admin and dev.id in state.devices:
-            return "allocated"
-        if dev.consumes and not (multi and dev.id in state.capacity):
-            for cs, counters in dev.consumes:
-                have = avail.get(cs, {})
-                if any(have.get(c, 0) < v for c, v in counters):
-                    return "counters"
-        if run.f.consumable_capacity and not run._capacity_fits(rd, dev):   # noqa: SLF001
-            return "capacity"
-        return None
+    def _published(self) -> list[DeviceID]:
+        out, seen = [], set()
+        for s in sorted(self.index.slices(), key=lambda s: (s.driver, s.pool, s.name)):
+            for d in s.devices:
+                if d.id not in seen:
+                    seen.add(d.id)
+                    out.append(d.id)
+        return out
+
+    def _note(self, found: _Findings, reason: str, rd, dev: CDevice, pool: Pool,  # noqa: ANN001
+              state: AllocatedState) -> None:
+        if reason == "taint":
+            for t in dev.taints:
+                if t.get("effect") in ("NoSchedule", "NoExecute") and not any(tolerates(x, t) for x in rd.tolerations):
+                    found.taints.setdefault((t.get("key"), t.get("value"), t.get("effect")), dict(t))
+        elif reason in ("allocated", "capacity"):
+            found.blockers[dev.id] += 1
+        elif reason == "counters":
+            sets = {cs for cs, _ in dev.consumes}
+            for name in state.allocated_in_pool(pool.driver, pool.name):
+                other = pool.by_name.get(name)
+                if other is not None and sets & {cs for cs, _ in other.consumes}:
+                    found.blockers[other.id] += 1
 
     # -- a single change that makes it fit ---------------------------------------------------------
-    def _fix(self, claim: Mapping, reports: list[RequestReport]) -> str | None:
-        for description, changed, state in self._changes(claim, reports):
+    def _fix(self, claim: Mapping, reports: list[RequestReport],
+             findings: dict[str, _Findings]) -> tuple[str | None, list[str]]:
+        """The first change with which the claim fits, and up to MAX_ALTERNATIVES others."""
+        preferred = {k for r in reports if r.stages for k in ADDRESSES.get(r.stages[-1].reason, ())}
+        changes = list(self._changes(claim, reports, findings))
+        changes.sort(key=lambda c: c[0] not in preferred)          # stable: otherwise the order of _changes
+        found: list[str] = []
+        done: set[str] = set()       # one answer per field: the largest count that fits, not every smaller one
+        for kind, description, changed, state in changes[:MAX_CHANGES]:
+            group = description.split(" from ")[0].split(" instead of ")[-1] if kind in ("count", "capacity") else ""
+            if group and group in done:
+                continue
             try:
                 if self._try(changed, state).node is not None:
-                    return description
+                    found.append(description)
+                    done.add(group)
             except AllocationError:
                 continue
-        return None
+            if len(found) > MAX_ALTERNATIVES:
+                break
+        return (found[0] if found else None), found[1:]
 
-    def _changes(self, claim: Mapping, reports: list[RequestReport]):  # noqa: ANN202 - generator
-        requests = ((claim.get("spec") or {}).get("devices") or {}).get("requests") or []
+    def _changes(self, claim: Mapping, reports: list[RequestReport],
+                 findings: dict[str, _Findings]) -> Iterator[tuple[str, str, dict, AllocatedState | None]]:
+        """(kind, description, changed claim, allocated state or None for the current one)."""
+        devices = (claim.get("spec") or {}).get("devices") or {}
+        requests = devices.get("requests") or []
         by_name = {r.request: r for r in reports}
         for i, req in enumerate(requests):
-            exactly = req.get("exactly")
-            where = f"spec.devices.requests[{i}].exactly"
-            rep = by_name.get(req.get("name", ""))
-            if exactly is None or rep is None:
-                continue
-            count = exactly.get("count", 1)
-            best = max(rep.candidates.values(), default=0)
-            if exactly.get("allocationMode", "ExactCount") == "ExactCount" and isinstance(count, int) and 0 < best < count:
-                yield (f"lower {where}.count from {count} to {best}",
-                       _edit(claim, i, lambda e, b=best: e.__setitem__("count", b)), None)
-            for taint in self._blocking_taints(rep):
-                tol = {"key": taint["key"], "operator": "Exists", "effect": taint["effect"]}
-                yield (f"add the toleration {json.dumps(tol)} to {where}.tolerations (devices carry the taint "
-                       f"{taint['key']}={taint.get('value', '')}:{taint['effect']})",
-                       _edit(claim, i, lambda e, t=tol: e.setdefault("tolerations", []).append(t)), None)
-            for j, sel in enumerate(exactly.get("selectors") or []):
-                expr = (sel.get("cel") or {}).get("expression", "")
-                yield (f"remove {where}.selectors[{j}] ({expr})",
-                       _edit(claim, i, lambda e, j=j: e["selectors"].pop(j)), None)
-            for name, amount in ((exactly.get("capacity") or {}).get("requests") or {}).items():
-                free = self._largest_free(name)
-                if free is None or not free < Quantity.parse(amount):
+            for where, name, locate in _request_specs(i, req):
+                rep = by_name.get(name)
+                spec = locate(claim)
+                if rep is None or spec is None:
                     continue
-                # the device's request policy may round a request up: offer whole GiB, then MiB, then exact
-                for unit, suffix in ((1 << 30, "Gi"), (1 << 20, "Mi")):
-                    whole = free.as_int() // unit
-                    if whole > 0:
-                        q = f"{whole}{suffix}"
-                        yield (f"ask for {q} instead of {amount} in {where}.capacity.requests.{name} (the most any "
-                               "shared device has left)",
-                               _edit(claim, i, lambda e, n=name, q=q: e["capacity"]["requests"].__setitem__(n, q)), None)
-        for holder in self._holders(claim):
-            yield (f"free the devices held by claim {holder} (delete it, or the pods using it)", claim,
-                   self._state(without=holder))
-        for k, _ in enumerate(((claim.get("spec") or {}).get("devices") or {}).get("constraints") or []):
+                yield from self._spec_changes(claim, where, spec, locate, rep, findings.get(name) or _Findings())
+        for description, state in self._free_changes(claim, findings):
+            yield "free", description, claim, state
+        for k, _ in enumerate(devices.get("constraints") or []):
             changed = copy.deepcopy(dict(claim))
             changed["spec"]["devices"]["constraints"].pop(k)
-            yield f"remove spec.devices.constraints[{k}]", changed, None
+            yield "constraint", f"remove spec.devices.constraints[{k}]", changed, None
+        if len(requests) > 1:
+            for i, req in enumerate(requests):
+                changed = copy.deepcopy(dict(claim))
+                changed["spec"]["devices"]["requests"].pop(i)
+                yield "request", f"remove spec.devices.requests[{i}] (request {req.get('name')})", changed, None
 
-    def _blocking_taints(self, rep: RequestReport) -> list[dict]:
-        seen, out = set(), []
-        stage = next((s for s in rep.stages if s.reason == "taint"), None)
-        for example in stage.examples if stage else []:
-            node, _, name = example.partition("/")
-            for s in self.slices:
-                if (s.get("spec") or {}).get("nodeName") != node:
-                    continue
-                for d in (s.get("spec") or {}).get("devices") or []:
-                    if d.get("name") == name:
-                        for t in d.get("taints") or []:
-                            k = (t.get("key"), t.get("effect"))
-                            if k not in seen and t.get("key") != C.MANAGED_TAINT_KEY:
-                                seen.add(k)
-                                out.append(t)
-        return out
+    def _spec_changes(self, claim: Mapping, where: str, spec: Mapping, locate: Callable, rep: RequestReport,
+                      found: _Findings) -> Iterator[tuple[str, str, dict, None]]:
+        def edit(change: Callable[[dict], None]) -> dict:
+            c = copy.deepcopy(dict(claim))
+            change(locate(c))
+            return c
+
+        count = spec.get("count", 1)
+        if spec.get("allocationMode", "ExactCount") == "ExactCount" and isinstance(count, int) and count > 1:
+            best = max(rep.candidates.values(), default=0)
+            top = min(best, count - 1)
+            for n in range(top, max(0, top - MAX_COUNT_TRIES), -1):
+                yield ("count", f"lower {where}.count from {count} to {n}",
+                       edit(lambda e, n=n: e.__setitem__("count", n)), None)
+        for taint in found.taints.values():
+            if taint.get("key") == C.MANAGED_TAINT_KEY:
+                continue       # Partita's own taint: the controller tolerates it; never advise users to
+            tol = {"key": taint["key"], "operator": "Exists", "effect": taint["effect"]}
+            yield ("toleration", f"add the toleration {json.dumps(tol)} to {where}.tolerations (devices carry "
+                   f"the taint {taint['key']}={taint.get('value', '')}:{taint['effect']})",
+                   edit(lambda e, t=tol: e.setdefault("tolerations", []).append(t)), None)
+        for j, sel in enumerate(spec.get("selectors") or []):
+            expr = (sel.get("cel") or {}).get("expression", "")
+            yield ("selector", f"remove {where}.selectors[{j}] ({expr})",
+                   edit(lambda e, j=j: e["selectors"].pop(j)), None)
+        for name, amount in ((spec.get("capacity") or {}).get("requests") or {}).items():
+            try:
+                asked = Quantity.parse(amount)
+            except ValueError:
+                continue
+            free = self._largest_free(name)
+            if free is None or not free < asked:
+                continue
+            # the device's request policy may round a request up: offer whole GiB, then MiB
+            for unit, suffix in ((1 << 30, "Gi"), (1 << 20, "Mi")):
+                whole = free.as_int() // unit
+                if whole > 0:
+                    q = f"{whole}{suffix}"
+                    yield ("capacity", f"ask for {q} instead of {amount} in {where}.capacity.requests.{name} "
+                           "(the most any shared device has left)",
+                           edit(lambda e, n=name, q=q: e["capacity"]["requests"].__setitem__(n, q)), None)
+
+    def _free_changes(self, claim: Mapping, findings: dict[str, _Findings]) -> Iterator[tuple[str, AllocatedState]]:
+        """Free one other claim: first those holding the devices that excluded the most candidates, then
+        any other allocated claim (the allocator decides which would help)."""
+        ref = claim_ref(claim)
+        weight: Counter = Counter()
+        held: dict[str, list[DeviceID]] = {}
+        for found in findings.values():
+            for did, n in found.blockers.items():
+                for holder in self.holders.get(did, ()):
+                    weight[holder] += n
+                    if did not in held.setdefault(holder, []):
+                        held[holder].append(did)
+        order = [h for h, _ in weight.most_common()]
+        order += [claim_ref(c) for c in self.allocated_claims if claim_ref(c) not in weight]
+        tried = 0
+        for holder in order:
+            if holder == ref:
+                continue
+            if tried >= MAX_FREE_TRIES:
+                break
+            tried += 1
+            devices = held.get(holder) or [d for d, hs in self.holders.items() if holder in hs]
+            names = ", ".join(f"{d.pool}/{d.device}" for d in devices[:EXAMPLES])
+            more = f" and {len(devices) - EXAMPLES} more" if len(devices) > EXAMPLES else ""
+            yield (f"free {names}{more} held by claim {holder} (delete that claim, or the pods using it)",
+                   self._state(without=holder))
 
     def _largest_free(self, name: str) -> Quantity | None:
         state = self._state()
         best = None
-        for s in self.slices:
-            for d in (s.get("spec") or {}).get("devices") or []:
-                if not d.get("allowMultipleAllocations"):
+        for s in self.index.slices():
+            for d in s.devices:
+                if not d.allow_multiple:
                     continue
-                total = ((d.get("capacity") or {}).get(name) or {}).get("value")
+                total = next((q for n, q, _ in d.capacity if n == name), None)
                 if total is None:
                     continue
-                did = DeviceID(s["spec"]["driver"], s["spec"]["pool"]["name"], d["name"])
-                used = state.capacity.get(did, {}).get(name, Quantity.from_int(0))
-                free = Quantity.parse(total) - used
+                free = total - state.capacity.get(d.id, {}).get(name, Quantity.from_int(0))
                 if best is None or best < free:
                     best = free
         return best if best is not None and best.sign() > 0 else None
 
-    def _holders(self, claim: Mapping, limit: int = 20) -> list[str]:
-        """Other allocated claims, each tried as "free it" (the allocator decides which would help)."""
-        ref = claim_ref(claim)
-        out = []
-        for c in self.allocated_claims:
-            if claim_ref(c) != ref and (c.get("status") or {}).get("allocation"):
-                out.append(claim_ref(c))
-            if len(out) >= limit:
-                break
-        return out
+
+def _exclusion(run: Run, key: tuple, rd, dev: CDevice, passing: dict, avail: dict,  # noqa: ANN001
+               state: AllocatedState) -> str | None:
+    """The first of the allocator's own checks that rules ``dev`` out for the request, or None."""
+    if dev.slice.per_device and not _device_node_fits(run.node, dev):
+        return "node"
+    failure = passing.get(id(dev), False)
+    if failure is False:
+        return "class selector"
+    if failure is not None:
+        run._raise_selector_error(rd, dev, failure, from_class=True)   # noqa: SLF001
+    if not run.request_ok(key, rd, dev):
+        return "request selector"
+    if run.f.device_taints and taint_prevents(dev, rd.tolerations):
+        return "taint"
+    multi = run.f.consumable_capacity and dev.allow_multiple
+    if not rd.admin and dev.id in state.devices:
+        return "allocated"
+    if not run.f.partitionable_devices and dev.consumes:
+        return "counters"
+    if dev.consumes and not (multi and dev.id in state.capacity):
+        for cs, counters in dev.consumes:
+            have = avail.get(cs, {})
+            if any(have.get(c, 0) < v for c, v in counters):
+                return "counters"
+    if run.f.consumable_capacity and not run._capacity_fits(rd, dev):   # noqa: SLF001
+        return "capacity"
+    return None
 
 
-def _edit(claim: Mapping, index: int, change) -> dict:  # noqa: ANN001
-    c = copy.deepcopy(dict(claim))
-    change(c["spec"]["devices"]["requests"][index]["exactly"])
-    return c
+def _merge(seen: dict, did: DeviceID, reason: str | None) -> None:
+    """A device usable on any node is not excluded; "node" gives way to a reason from a node that can use it."""
+    prev = seen.get(did, _UNSEEN)
+    if prev is _UNSEEN or reason is None or prev == "node":
+        if prev is not None:
+            seen[did] = reason
+
+
+def _constrained(run: Run, rd, devices: list[CDevice]) -> set[int]:  # noqa: ANN001
+    """ids of the largest subset of ``devices`` that the claim's constraints on this request accept
+    together, found with the allocator's own constraint objects (fresh ones, one try per value)."""
+    kept = list(devices)
+    base, sub = (rd.parent, rd.name) if rd.parent else (rd.name, "")
+    for c in run.constraints[rd.claim_index]:
+        if not c.applies(base, sub):
+            continue
+        best: list[CDevice] = []
+        anchors: dict[object, CDevice] = {}
+        for dev in kept:
+            value = lookup_attribute(dev, c.attribute)
+            if value is not None and value[0]:
+                anchors.setdefault(value, dev)
+        for anchor in anchors.values():
+            fresh = type(c)(c.requests, c.attribute)
+            group = [d for d in [anchor] + [d for d in kept if d is not anchor] if fresh.add(base, sub, d)]
+            if len(group) > len(best):
+                best = group
+        kept = best
+    return {id(d) for d in kept}
+
+
+def _verdict(rep: RequestReport) -> str:
+    node, most = max(rep.candidates.items(), key=lambda kv: kv[1], default=("-", 0))
+    if rep.needs == "all":
+        return "asks for all matching devices of a node" + ("" if most else "; no node has any left")
+    if most < int(rep.needs):
+        return f"needs {rep.needs} on one node; the most any node has left is {most}" + (f" ({node})" if most else "")
+    return (f"node {node} has {most} candidate(s), enough alone; the claim's other requests, or constraints "
+            "across requests, rule the combination out")
+
+
+def _request_specs(i: int, req: Mapping) -> Iterator[tuple[str, str, Callable[[Mapping], dict | None]]]:
+    """(field path, report name, function finding that spec in a copy of the claim) per (sub)request."""
+    def at(*path: object) -> Callable[[Mapping], dict | None]:
+        def locate(c: Mapping) -> dict | None:
+            node: object = c
+            for p in ("spec", "devices", "requests", i, *path):
+                try:
+                    node = node[p]  # type: ignore[index]
+                except (KeyError, IndexError, TypeError):
+                    return None
+            return node if isinstance(node, dict) else None
+        return locate
+
+    name = req.get("name", "")
+    if "exactly" in req:
+        yield f"spec.devices.requests[{i}].exactly", name, at("exactly")
+    for j, sub in enumerate(req.get("firstAvailable") or []):
+        yield (f"spec.devices.requests[{i}].firstAvailable[{j}]", f"{name}/{sub.get('name', '')}",
+               at("firstAvailable", j))
 
 
 # -- rendering ------------------------------------------------------------------------------------
 def render(e: Explanation) -> str:
-    if e.error:
-        return f"claim {e.claim}: {e.error}"
     if e.fits:
         return f"claim {e.claim} fits: node {e.node}, devices {', '.join(e.devices)}"
     lines = [f"claim {e.claim} cannot be allocated:"]
@@ -301,32 +484,41 @@ def render(e: Explanation) -> str:
         lines.append(f"  request {r.request} (class {r.device_class}, needs {r.needs}): "
                      f"{r.published} device(s) published")
         for s in r.stages:
-            ex = f" e.g. {', '.join(s.examples)}" if s.examples else ""
-            lines.append(f"    - {s.excluded:>5} excluded by {s.reason}{ex}")
+            ex = f"; e.g. {', '.join(s.examples)}" if s.examples else ""
+            lines.append(f"    - {s.excluded:>5} excluded by {s.reason} ({s.meaning}){ex}")
         left = ", ".join(f"{n} {k}" for n, k in sorted(r.candidates.items(), key=lambda kv: -kv[1]) if k) or "none"
-        lines.append(f"    = candidates left: {left}")
+        lines.append(f"    = left on a node: {left}")
         lines.append(f"    {r.verdict}")
     lines.append(f"fix: {e.fix}" if e.fix else "fix: no single change makes it fit")
+    lines.extend(f"  or: {a}" for a in e.alternatives)
     return "\n".join(lines)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
-def _load_docs(paths: Sequence[Path]) -> list[dict]:
+def _load_docs(paths: Sequence[Path], what: str) -> list[dict]:
     docs: list[dict] = []
     for p in paths:
-        files = sorted(Path(p).glob("*.y*ml")) + sorted(Path(p).glob("*.json")) if Path(p).is_dir() else [Path(p)]
+        p = Path(p)
+        if p.is_dir():
+            files = sorted([*p.glob("*.yaml"), *p.glob("*.yml"), *p.glob("*.json")])
+            if not files:
+                raise ExplainInputError(f"{what}: directory {p} holds no .yaml, .yml or .json file")
+        else:
+            files = [p]
         for f in files:
             try:
                 loaded = list(yaml.safe_load_all(f.read_text()))
             except OSError as e:
-                raise ExplainInputError(f"cannot read {f}: {e.strerror}") from None
+                raise ExplainInputError(f"{what}: cannot read {f}: {e.strerror}") from None
             except yaml.YAMLError as e:
-                raise ExplainInputError(f"{f} is not valid YAML or JSON: {e}") from None
+                raise ExplainInputError(f"{what}: {f} is not valid YAML or JSON: {e}") from None
             for d in loaded:
-                if isinstance(d, dict) and d.get("kind", "").endswith("List"):
-                    docs.extend(d.get("items") or [])
+                if isinstance(d, dict) and str(d.get("kind", "")).endswith("List"):
+                    docs.extend(x for x in d.get("items") or [] if isinstance(x, dict))
                 elif isinstance(d, dict):
                     docs.append(d)
+                elif d is not None:
+                    raise ExplainInputError(f"{what}: {f} holds a {type(d).__name__}, not a Kubernetes object")
     return docs
 
 
@@ -334,29 +526,72 @@ def claim_from(doc: Mapping, where: str) -> dict:
     kind = doc.get("kind")
     if kind == "ResourceClaimTemplate":
         md = doc.get("metadata") or {}
-        return {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-                "metadata": {"name": md.get("name", "template"), "namespace": md.get("namespace", "default")},
-                "spec": copy.deepcopy((doc.get("spec") or {}).get("spec") or {})}
-    if kind != "ResourceClaim":
+        claim = {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+                 "metadata": {"name": md.get("name", "template"), "namespace": md.get("namespace", "default")},
+                 "spec": copy.deepcopy((doc.get("spec") or {}).get("spec") or {})}
+    elif kind == "ResourceClaim":
+        claim = copy.deepcopy(dict(doc))
+    else:
         raise ExplainInputError(f"{where}: expected a ResourceClaim or ResourceClaimTemplate, got kind {kind!r}")
-    return copy.deepcopy(dict(doc))
+    name = (claim.get("metadata") or {}).get("name")
+    requests = ((claim.get("spec") or {}).get("devices") or {}).get("requests")
+    if not isinstance(requests, list) or not requests:
+        raise ExplainInputError(f"{where}: {kind} {name!r} has no spec.devices.requests; a claim needs at least "
+                                "one request")
+    for i, r in enumerate(requests):
+        if not isinstance(r, dict) or not r.get("name") or ("exactly" not in r and "firstAvailable" not in r):
+            raise ExplainInputError(f"{where}: {kind} {name!r}: spec.devices.requests[{i}] needs a name and either "
+                                    "exactly or firstAvailable")
+    return claim
 
 
-async def _from_cluster(kube_api: str | None, claim_name: str | None) -> tuple[dict | None, list, list, list]:
+def _nodes(docs: Sequence[Mapping]) -> list[Node]:
+    return [Node(d["metadata"]["name"], dict((d["metadata"].get("labels") or {})))
+            for d in docs if d.get("kind") == "Node" and (d.get("metadata") or {}).get("name")]
+
+
+async def _from_cluster(kube_api: str | None, claim_name: str | None) -> dict:
     from driver.api.kube import Kube, KubeError
 
-    kube = await Kube.connect(kube_api)
     try:
-        claim = None
+        kube = await Kube.connect(kube_api)
+    except Exception as e:  # noqa: BLE001 - no kubeconfig, bad URL: a clear message, not a traceback
+        raise ExplainInputError(f"cannot reach the API server ({kube_api or 'in-cluster or kubeconfig'}): {e}; "
+                                "pass --kube-api URL, or give the slices as files (--slices)") from None
+    where = kube_api or "in-cluster or kubeconfig"
+    try:
+        out: dict = {}
         if claim_name:
             ns, _, name = claim_name.rpartition("/")
-            claim = await kube.get(f"/apis/resource.k8s.io/v1/namespaces/{ns or 'default'}/resourceclaims/{name}")
-        slices = (await kube.list("/apis/resource.k8s.io/v1/resourceslices")).get("items") or []
-        classes = (await kube.list("/apis/resource.k8s.io/v1/deviceclasses")).get("items") or []
-        claims = (await kube.list("/apis/resource.k8s.io/v1/resourceclaims")).get("items") or []
-        return claim, slices, classes, claims
+            try:
+                out["claim"] = await kube.get(
+                    f"/apis/resource.k8s.io/v1/namespaces/{ns or 'default'}/resourceclaims/{name}")
+            except KubeError as e:
+                if e.not_found:
+                    raise ExplainInputError(f"--claim {claim_name}: ResourceClaim {name} not found in namespace "
+                                            f"{ns or 'default'}; give it as NAMESPACE/NAME") from None
+                raise
+        for key, kind, path in (("slices", "ResourceSlice", "/apis/resource.k8s.io/v1/resourceslices"),
+                                ("classes", "DeviceClass", "/apis/resource.k8s.io/v1/deviceclasses"),
+                                ("claims", "ResourceClaim", "/apis/resource.k8s.io/v1/resourceclaims"),
+                                ("nodes", "Node", "/api/v1/nodes")):
+            try:
+                items = (await kube.list(path)).get("items") or []
+            except KubeError:
+                if key != "nodes":
+                    raise
+                items = []          # not allowed to list nodes: the nodes the slices name still count
+            out[key] = [{"kind": kind, **i} for i in items]
+        return out
     except KubeError as e:
-        raise ExplainInputError(f"reading from the API server: {e}") from None
+        raise ExplainInputError(f"reading from the API server ({where}): {e}") from None
+    except (OSError, asyncio.TimeoutError) as e:
+        raise ExplainInputError(f"cannot reach the API server ({where}): {e}; pass --kube-api URL, or give the "
+                                "slices as files (--slices)") from None
+    except Exception as e:  # noqa: BLE001 - a client library error: a clear message, not a traceback
+        if isinstance(e, ExplainInputError):
+            raise
+        raise ExplainInputError(f"reading from the API server ({where}): {type(e).__name__}: {e}") from None
     finally:
         await kube.close()
 
@@ -365,12 +600,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--claim-file", type=Path, help="a ResourceClaim or ResourceClaimTemplate (YAML/JSON)")
     p.add_argument("--claim", metavar="NAMESPACE/NAME", help="a claim in the cluster instead of a file")
     p.add_argument("--slices", type=Path, nargs="+", metavar="PATH",
-                   help="ResourceSlice files or directories (e.g. `partita inventory -o yaml` output); "
-                        "default: the cluster's")
+                   help="ResourceSlice files or directories (e.g. `partita inventory --fake H100-SXM5-80GB:8 -o yaml` "
+                        "output); default: the cluster's")
     p.add_argument("--classes", type=Path, nargs="+", metavar="PATH",
-                   help="DeviceClass files (default: the cluster's with --slices absent, else Partita's shipped classes)")
+                   help="DeviceClass files (default: the cluster's with --slices absent, else Partita's shipped "
+                        "classes)")
     p.add_argument("--allocated", type=Path, nargs="+", metavar="PATH",
-                   help="other allocated ResourceClaims, whose devices, counters and capacity are in use")
+                   help="other allocated ResourceClaims, whose devices, counters and capacity are in use "
+                        "(default: the cluster's with --slices absent)")
+    p.add_argument("--nodes", type=Path, nargs="+", metavar="PATH",
+                   help="Node objects, for slices that select nodes by label (default: the cluster's with --slices "
+                        "absent; the nodes the slices name are always included)")
     p.add_argument("--allocation-mode", choices=C.ALLOCATION_MODES, default=C.ALLOCATION_MODE_CONTROLLER,
                    help="controller (default): the claim tolerates Partita's managed taint, as the controller "
                         "makes it; scheduler: as kube-scheduler sees it")
@@ -393,32 +633,46 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> Explanation:
     if bool(args.claim_file) == bool(args.claim):
-        raise ExplainInputError("give the claim either as a file (-f FILE) or as NAMESPACE/NAME in the cluster (--claim)")
-    cluster: tuple | None = None
+        raise ExplainInputError("give the claim either as a file (-f FILE) or as NAMESPACE/NAME in the cluster "
+                                "(--claim)")
+    cluster: dict = {}
     if args.claim or not args.slices:
         cluster = asyncio.run(_from_cluster(args.kube_api, args.claim))
     if args.claim_file:
-        docs = _load_docs([args.claim_file])
+        docs = _load_docs([args.claim_file], "claim")
         if len(docs) != 1:
             raise ExplainInputError(f"{args.claim_file}: expected one ResourceClaim or ResourceClaimTemplate, "
                                     f"found {len(docs)} objects")
         claim = claim_from(docs[0], str(args.claim_file))
     else:
-        claim = claim_from(cluster[0], args.claim)
-    slices = _load_docs(args.slices) if args.slices else cluster[1]
+        claim = claim_from(cluster["claim"], f"claim {args.claim}")
+    from_cluster = not args.slices
+    slices = _load_docs(args.slices, "--slices") if args.slices else cluster["slices"]
+    wrong = sorted({str(s.get("kind")) for s in slices if s.get("kind", "ResourceSlice") != "ResourceSlice"})
     slices = [s for s in slices if s.get("kind", "ResourceSlice") == "ResourceSlice"]
+    if not slices:
+        raise ExplainInputError("no ResourceSlices found" + (f" (only {', '.join(wrong)})" if wrong else "") +
+                                (" in the cluster: is the Partita plugin running on the GPU nodes?" if from_cluster
+                                 else " in --slices: pass files or directories of ResourceSlice objects"))
     if args.classes:
-        classes_list = _load_docs(args.classes)
-    elif cluster is not None and not args.slices:
-        classes_list = cluster[2]
+        classes_list = _load_docs(args.classes, "--classes")
+    elif from_cluster:
+        classes_list = cluster["classes"]
     else:
-        drivers = {(s.get("spec") or {}).get("driver") for s in slices} or {C.DEFAULT_DRIVER_NAME}
-        classes_list = [c for d in sorted(x for x in drivers if x) for c in device_classes(d)]
-    classes = {c["metadata"]["name"]: c for c in classes_list if c.get("kind") == "DeviceClass"}
-    allocated = _load_docs(args.allocated) if args.allocated else (cluster[3] if cluster is not None else [])
+        drivers = sorted({(s.get("spec") or {}).get("driver") or C.DEFAULT_DRIVER_NAME for s in slices})
+        classes_list = [c for d in drivers for c in device_classes(d)]
+    classes = {c["metadata"]["name"]: c for c in classes_list
+               if c.get("kind", "DeviceClass") == "DeviceClass" and (c.get("metadata") or {}).get("name")}
+    if args.allocated:
+        allocated = [c for c in _load_docs(args.allocated, "--allocated")
+                     if c.get("kind", "ResourceClaim") == "ResourceClaim"]
+    else:
+        allocated = cluster.get("claims", []) if from_cluster or args.claim else []
+    nodes = _nodes(_load_docs(args.nodes, "--nodes")) if args.nodes else _nodes(cluster.get("nodes", []))
     explainer = Explainer(slices, classes, [c for c in allocated if claim_ref(c) != claim_ref(claim)],
-                          managed_toleration=args.allocation_mode == C.ALLOCATION_MODE_CONTROLLER)
+                          managed_toleration=args.allocation_mode == C.ALLOCATION_MODE_CONTROLLER, nodes=nodes)
     return explainer.explain(claim)
 
 
-__all__ = ["Explainer", "Explanation", "RequestReport", "add_arguments", "render", "run"]
+__all__ = ["STAGES", "ExplainInputError", "Explainer", "Explanation", "RequestReport", "add_arguments", "render",
+           "run"]
