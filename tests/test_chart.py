@@ -87,8 +87,8 @@ def one(name: str, kind: str, component: str | None = None) -> dict:
 
 def test_lint_passes_for_every_value_set() -> None:
     for args in VALUE_SETS.values():
-        r = helm("lint", str(CHART), *args)
-        assert "0 chart(s) failed" in r.stdout, r.stdout
+        r = helm("lint", "--strict", str(CHART), *args)       # --strict: warnings fail too
+        assert "0 chart(s) failed" in r.stdout and "[WARNING]" not in r.stdout, r.stdout
 
 
 def test_kubernetes_validate_has_schemas_for_every_version() -> None:
