@@ -37,6 +37,7 @@ def build_registry(controller: Controller, kube_api: str | None) -> kopf.Operato
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         settings.peering.standalone = True
+        settings.scanning.disabled = True          # fixed resources; no CRD watch (the chart grants none)
         settings.posting.enabled = False          # the controller posts its own, deduplicated events
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="partita.dev")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="partita.dev",
