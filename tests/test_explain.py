@@ -235,6 +235,33 @@ def test_no_single_change_is_said_honestly(h100x2) -> None:
     assert e.fix is None and e.alternatives == [] and render(e).endswith("fix: no single change makes it fit")
 
 
+def test_a_search_that_gives_up_is_reported_not_taken_for_unsatisfiable(h100x2, monkeypatch) -> None:
+    import controller.allocator.explain as explain
+
+    slices, _ = h100x2
+    claim = _claim(_req(count=2), _req("share", cls=C.DEVICE_CLASS_SHARED, capacity={"requests": {"memory": "90Gi"}}))
+    assert Explainer(slices, CLASSES).explain(claim).undecided == []
+    # the allocator's hook: a step limit per node, node-local (other nodes may still be tried)
+    from controller.allocator import AllocatedState, Allocator, Node, SliceIndex, copy_claim_with_tolerations
+    from controller.allocator.search import SearchLimitExceeded
+
+    tolerated = copy_claim_with_tolerations(claim, [C.managed_toleration()])
+    with pytest.raises(SearchLimitExceeded, match="search on node node-a gave up after 3 steps") as err:
+        Allocator(max_steps=3).allocate(Node("node-a"), [tolerated], SliceIndex.from_slices(slices), CLASSES,
+                                        AllocatedState())
+    assert err.value.node_local
+    assert Allocator().allocate(Node("node-a"), [tolerated], SliceIndex.from_slices(slices), CLASSES,
+                                AllocatedState()) is None
+    monkeypatch.setattr(explain, "CLAIM_STEPS", 3)
+    e = Explainer(slices, CLASSES).explain(claim)
+    assert not e.fits and e.undecided == ["node-a"]
+    assert "the search gave up on 1 node(s) after 3 steps each (too many combinations); the claim may fit there: " \
+        "node-a" in render(e)
+    monkeypatch.setattr(explain, "FIX_SECONDS", 0.0)
+    e = Explainer(slices, CLASSES).explain(claim)
+    assert e.fix is None and e.notes and e.notes[0].startswith("stopped trying changes after 0s (0 of ")
+
+
 # -- bad input -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("request_, match", [
     (_req(cls="nope.partita.dev"), r"request gpu.*nope\.partita\.dev.*not found"),

@@ -21,8 +21,11 @@ log = logging.getLogger(__name__)
 
 
 class Allocator:
-    def __init__(self, features: Features = Features(), strategy: str | Strategy = "first-fit"):
+    def __init__(self, features: Features = Features(), strategy: str | Strategy = "first-fit", max_steps: int = 0):
+        """``max_steps``: give up on a node after that many search steps (SearchLimitExceeded, node-local);
+        0, the default, searches exhaustively as upstream does."""
         self.features = features
+        self.max_steps = max_steps
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         self.evaluator = Evaluator()
         self.last_steps = 0
@@ -51,6 +54,7 @@ class Allocator:
                       order=None if strategy.name == "first-fit" else
                       (lambda rd, cands: strategy.order_devices(rd, cands, allocated)))
             run.prepare()
+            run.max_steps = self.max_steps
             return run
         except AllocationError:
             raise

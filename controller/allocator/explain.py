@@ -35,6 +35,7 @@ import asyncio
 import copy
 import json
 import sys
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,7 +62,7 @@ STAGES = {
     "taint": "a device taint the request does not tolerate",
     "allocated": "held by another claim",
     "counters": "shared counters used up by other claims' devices: the GPU is in use in another mode",
-    "capacity": "not enough shared capacity left",
+    "capacity": "not enough shared capacity left, or the device's request policy refuses the amount",
     "constraint": "the claim's matchAttribute/distinctAttribute constraints",
 }
 #: stage -> the kinds of change that address it (tried first when it is the last stage that excluded devices)
@@ -72,6 +73,12 @@ MAX_FREE_TRIES = 20
 MAX_COUNT_TRIES = 8
 MAX_ALTERNATIVES = 2
 MAX_CHANGES = 60
+#: search steps per node: the allocator's search is exhaustive (as upstream's), so a claim that does not fit
+#: can take exponential time; explain gives up on a node after this many steps (a few seconds at most)
+CLAIM_STEPS = 5_000
+CHANGE_STEPS = 1_000
+#: seconds spent trying changes at most
+FIX_SECONDS = 20.0
 
 
 class ExplainInputError(ValueError):
@@ -106,6 +113,10 @@ class Explanation:
     requests: list[RequestReport] = field(default_factory=list)
     fix: str | None = None
     alternatives: list[str] = field(default_factory=list)
+    #: nodes where the search gave up (too many combinations): the claim may still fit there
+    undecided: list[str] = field(default_factory=list)
+    #: limits that cut the search for a fix short
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -151,10 +162,11 @@ class Explainer:
     def _input(self, claim: Mapping) -> dict:
         return copy_claim_with_tolerations(claim, [C.managed_toleration()]) if self.managed_toleration else dict(claim)
 
-    def _try(self, claim: Mapping, state: AllocatedState | None = None):  # noqa: ANN202
-        allocator = Allocator(self.features, "first-fit")
+    def _try(self, claim: Mapping, state: AllocatedState | None = None, steps: int = CHANGE_STEPS,
+             reasons: int = 0):  # noqa: ANN202
+        allocator = Allocator(self.features, "first-fit", max_steps=steps)
         return allocator.allocate_on_nodes(self.nodes, [self._input(claim)], self.index, self.classes,
-                                           state if state is not None else self._state())
+                                           state if state is not None else self._state(), max_reasons=reasons)
 
     def explain(self, claim: Mapping) -> Explanation:
         """Raises :class:`AllocationError` for a claim the allocator refuses as bad input (unknown class,
@@ -163,13 +175,15 @@ class Explainer:
             raise ExplainInputError("no ResourceSlice names a node (spec.nodeName), and no nodes were given: pass "
                                     "the slices of the nodes the claim could use, or the Node objects (--nodes)")
         out = Explanation(claim=claim_ref(claim), fits=False)
-        choice = self._try(claim)
+        choice = self._try(claim, steps=CLAIM_STEPS, reasons=len(self.nodes))
+        out.undecided = sorted(n for n, why in choice.unsatisfiable_reasons.items() if "search" in why and
+                               "gave up after" in why)
         if choice.node is not None:
             out.fits, out.node = True, choice.node.name
             out.devices = [f"{r['pool']}/{r['device']}" for r in choice.results[0]["devices"]["results"]]
             return out
         out.requests, findings = self._funnel(claim)
-        out.fix, out.alternatives = self._fix(claim, out.requests, findings)
+        out.fix, out.alternatives = self._fix(claim, out.requests, findings, out.notes)
         return out
 
     # -- per request, what excluded each device --------------------------------------------------------
@@ -252,15 +266,19 @@ class Explainer:
                     found.blockers[other.id] += 1
 
     # -- a single change that makes it fit ---------------------------------------------------------
-    def _fix(self, claim: Mapping, reports: list[RequestReport],
-             findings: dict[str, _Findings]) -> tuple[str | None, list[str]]:
+    def _fix(self, claim: Mapping, reports: list[RequestReport], findings: dict[str, _Findings],
+             notes: list[str]) -> tuple[str | None, list[str]]:
         """The first change with which the claim fits, and up to MAX_ALTERNATIVES others."""
         preferred = {k for r in reports if r.stages for k in ADDRESSES.get(r.stages[-1].reason, ())}
         changes = list(self._changes(claim, reports, findings))
         changes.sort(key=lambda c: c[0] not in preferred)          # stable: otherwise the order of _changes
         found: list[str] = []
         done: set[str] = set()       # one answer per field: the largest count that fits, not every smaller one
-        for kind, description, changed, state in changes[:MAX_CHANGES]:
+        deadline = time.monotonic() + FIX_SECONDS
+        for n, (kind, description, changed, state) in enumerate(changes[:MAX_CHANGES]):
+            if time.monotonic() > deadline:
+                notes.append(f"stopped trying changes after {FIX_SECONDS:.0f}s ({n} of {len(changes)} tried)")
+                break
             group = description.split(" from ")[0].split(" instead of ")[-1] if kind in ("count", "capacity") else ""
             if group and group in done:
                 continue
@@ -489,8 +507,12 @@ def render(e: Explanation) -> str:
         left = ", ".join(f"{n} {k}" for n, k in sorted(r.candidates.items(), key=lambda kv: -kv[1]) if k) or "none"
         lines.append(f"    = left on a node: {left}")
         lines.append(f"    {r.verdict}")
+    if e.undecided:
+        lines.append(f"  the search gave up on {len(e.undecided)} node(s) after {CLAIM_STEPS} steps each (too many "
+                     f"combinations); the claim may fit there: {', '.join(e.undecided[:EXAMPLES])}")
     lines.append(f"fix: {e.fix}" if e.fix else "fix: no single change makes it fit")
     lines.extend(f"  or: {a}" for a in e.alternatives)
+    lines.extend(f"note: {n}" for n in e.notes)
     return "\n".join(lines)
 
 

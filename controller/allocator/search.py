@@ -27,6 +27,11 @@ class _MaxSizeExceeded(Exception):
     pass
 
 
+class SearchLimitExceeded(AllocationError):
+    """The search took more than ``Run.max_steps`` steps on a node (only when a limit is set; upstream has
+    none, kube-scheduler bounds the whole filter by time instead). Node-local: other nodes may be tried."""
+
+
 def claim_ref(claim: Mapping) -> str:
     md = claim.get("metadata") or {}
     return f"{md['namespace']}/{md.get('name', '')}" if md.get("namespace") else md.get("name", "")
@@ -110,6 +115,7 @@ class Run:
         self.match_cache: dict[tuple[CDevice, tuple[int, int, int]], bool] = {}
         self.candidates: dict[tuple[int, int, int], list[tuple[Pool, CDevice, tuple | None]]] = {}
         self.steps = 0
+        self.max_steps = 0               # 0: no limit (upstream); see SearchLimitExceeded
         self.invalid_pools = [p for p in pools if p.invalid]
 
     # -- validation (upstream Allocate prologue) -------------------------------------------------
@@ -391,6 +397,9 @@ class Run:
 
     def _one(self, ci: int, ri: int, si: int, di: int, in_sub: bool, start: int) -> bool:
         self.steps += 1
+        if self.max_steps and self.steps > self.max_steps:
+            raise SearchLimitExceeded(f"allocation search on node {self.node.name} gave up after {self.max_steps} "
+                                      "steps", node_local=True)
         if ci >= len(self.claims):
             return True
         requests = ((self.claims[ci].get("spec") or {}).get("devices") or {}).get("requests") or []
