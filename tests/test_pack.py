@@ -80,8 +80,29 @@ def test_small_mig_devices_keep_the_large_placements_free() -> None:
     assert ff.gpu_of(ff.add(mig("big", "4g.40gb"))) != ff.gpu_of(ff_small[0])
 
 
+def test_a_3g_takes_the_placement_that_keeps_the_4g_free() -> None:
+    cl = Cluster("pack", node="H100-SXM5-80GB:2")
+    three, four = cl.add(mig("m3", "3g.40gb")), cl.add(mig("m4", "4g.40gb"))
+    assert cl.gpu_of(three) == cl.gpu_of(four)
+    assert (cl.parent[three["device"]][1], cl.parent[four["device"]][1]) == (4, 0)
+    ff = Cluster("first-fit", node="H100-SXM5-80GB:2")
+    three, four = ff.add(mig("m3", "3g.40gb")), ff.add(mig("m4", "4g.40gb"))
+    assert ff.parent[three["device"]][1] == 0 and ff.gpu_of(three) != ff.gpu_of(four)
+
+
+def test_mixed_small_profiles_share_one_gpu_and_a_7g_still_fits() -> None:
+    cl = Cluster("pack", node="H100-SXM5-80GB:2")
+    small = [cl.add(mig(f"m{i}", p)) for i, p in enumerate(["1g.10gb", "2g.20gb", "1g.10gb", "1g.20gb"])]
+    assert len({cl.gpu_of(r) for r in small}) == 1
+    seven = cl.add(mig("m7", "7g.80gb"))
+    assert seven is not None and cl.gpu_of(seven) != cl.gpu_of(small[0])
+    assert cl.add(whole("w")) is None            # both GPUs are in MIG use now: nothing whole is left
+
+
 def test_eight_10gi_shares_fill_an_80gb_gpu_and_the_ninth_opens_another() -> None:
     cl = Cluster("pack", node="A100-SXM4-80GB:2")
+    [capacity] = {c.value for s in cl.index.slices() for d in s.devices if d.allow_multiple for _, c, _ in d.capacity}
+    assert capacity == 80 * 1024**3                     # 81920Mi: exactly eight 10Gi shares
     devices = [cl.add(share(f"s{i}"))["device"] for i in range(9)]
     assert sorted(Counter(devices).values()) == [1, 8]
     assert len(set(devices[:8])) == 1
@@ -104,4 +125,9 @@ def test_busy_nodes_first_and_first_fit_keeps_node_order() -> None:
     assert [cl.add(whole(f"w{i}"))["pool"] for i in range(1, 4)] == ["node-b"] * 3
     ff = Cluster("first-fit", **{"node-a": "H100-SXM5-80GB:8", "node-b": "H100-SXM5-80GB:8"})
     assert ff.add(whole("w0"), nodes=["node-b"])["pool"] == "node-b"
-    assert ff.add(whole("w1"))["pool"] == "node-a"
+    first = ff.add(whole("w1"))
+    assert first["pool"] == "node-a"
+    # and within a node, upstream's device order: slices by name, devices in slice order
+    in_order = [d.name for sl in sorted(ff.index.slices(), key=lambda x: x.name) if sl.pool == "node-a"
+                for d in sl.devices if d.type == "gpu"]
+    assert [first["device"], *(ff.add(whole(f"x{i}"))["device"] for i in range(7))] == in_order
