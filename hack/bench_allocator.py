@@ -3,26 +3,31 @@
 
 * **Scale**: synthetic clusters of N nodes x 8 H100-SXM5-80GB with the driver's full device model (whole
   GPU, every MIG placement with counters, shared device; built by driver/slices.py for one node and cloned
-  per node), in controller mode (managed taint, tolerated as the controller does). For each mix (single:
-  one whole GPU per claim; mig: 1g.10gb/2g.20gb/3g.40gb; shared: 10Gi/20Gi shares) and strategy, claims
-  are allocated one at a time over all nodes with the allocated state updated after each, as the
-  operator does: claims/s, p50/p99 per-claim latency, and peak RSS of the process (each configuration
-  runs in its own process, so RSS is its own).
+  per node with renamed slices, pool and nodeName), in controller mode (managed taint, tolerated as the
+  controller does). For each mix (single: one whole GPU per claim, at most one claim per GPU; mig:
+  1g.10gb/2g.20gb/3g.40gb; shared: 10Gi/20Gi shares; fill: single-GPU claims until every GPU is taken,
+  with claims/s per quarter of the fill) and strategy, claims are allocated one at a time over
+  all nodes with the allocated state updated after each, as the operator does: claims/s, p50/p99
+  per-claim latency, and peak RSS. One process per cluster size builds the slice index once, then forks
+  one child per configuration, so each configuration starts from the same cold caches and its peak RSS
+  (index included) is its own.
 * **Packing**: mixed traces (whole, MIG and shared claims in random order, no releases; 5 seeds) on 10
   nodes, each allocated until the first unsatisfiable claim, for pack, first-fit and whole-GPU-only (every claim
   takes a whole GPU, as with the device plugin): claims placed and the share of GPU capacity they asked
   for (a MIG device counts its memory slices out of 8, a share its memory out of the GPU's).
-* **Property run**: long random allocate/release streams through both strategies, every result checked
-  by the independent validity checker of the test suite (tests/support/validity.py): violations must be 0.
+* **Property run**: long random allocate/release streams (2,000 operations each) through both strategies
+  on the test suite's cluster (tests/support/allocstream.py), every state checked by its independent
+  validity checker (tests/support/validity.py; its slice parsing is memoized here, nothing else changes):
+  violations must be 0.
 
-Usage: .venv/bin/python hack/bench_allocator.py [--nodes 100 1000] [--claims 2000] [--quick] [--json]
+Usage: .venv/bin/python hack/bench_allocator.py [--nodes 100 1000] [--claims 2000] [--quick] [--json FILE]
+A full run takes about 3 minutes on 2 cores; --quick (100 nodes, 500 claims, short property run) 20 seconds.
 Targets (issue 3) at 1,000 nodes, pack: >= 1,000 single-GPU claims/s, p99 <= 20 ms per claim, RSS <= 500 MB.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import random
@@ -57,13 +62,15 @@ def template_slices(model: str = MODEL, gpus: int = 8) -> list[dict]:
 
 
 def cluster(n: int, model: str = MODEL) -> tuple[SliceIndex, list[Node]]:
-    template = template_slices(model)
+    """``n`` nodes, each a clone of one node's slices from the real builder, renamed."""
+    template = json.dumps(template_slices(model))
     index = SliceIndex()
     for i in range(n):
         name = f"node-{i:04d}"
-        for s in template:
-            c = copy.deepcopy(s)
+        for c in json.loads(template):
             c["metadata"]["name"] = c["metadata"]["name"].replace("template", name)
+            c["metadata"]["labels"] = {k: (name if v == "template" else v)
+                                       for k, v in (c["metadata"].get("labels") or {}).items()}
             c["metadata"].pop("ownerReferences", None)
             c["spec"]["nodeName"] = name
             c["spec"]["pool"]["name"] = name
@@ -87,7 +94,7 @@ def mig_claim(i: int, profile: str) -> dict:
 
 
 def mix(kind: str, n: int, rng: random.Random) -> list[dict]:
-    if kind == "single":
+    if kind in ("single", "fill"):
         return [claim(i, C.DEVICE_CLASS_GPU) for i in range(n)]
     if kind == "mig":
         return [mig_claim(i, rng.choice(("1g.10gb", "1g.10gb", "2g.20gb", "3g.40gb"))) for i in range(n)]
@@ -97,14 +104,15 @@ def mix(kind: str, n: int, rng: random.Random) -> list[dict]:
 
 
 # -- scale ----------------------------------------------------------------------------------------
-def scale(nodes: int, kind: str, strategy: str, claims: int) -> dict:
-    t0 = time.perf_counter()
-    index, node_list = cluster(nodes)
-    build_s = time.perf_counter() - t0
+def scale(index: SliceIndex, node_list: list[Node], kind: str, strategy: str, claims: int) -> dict:
     allocator = Allocator(strategy=strategy)
     state = AllocatedState()
     latencies = []
     placed = 0
+    if kind == "single":
+        claims = min(claims, 8 * len(node_list))      # one whole GPU each: no more claims than GPUs
+    elif kind == "fill":
+        claims = 8 * len(node_list)                   # single-GPU claims until every GPU is taken
     work = mix(kind, claims, random.Random(1))
     start = time.perf_counter()
     for c in work:
@@ -115,12 +123,48 @@ def scale(nodes: int, kind: str, strategy: str, claims: int) -> dict:
             placed += 1
         latencies.append(time.perf_counter() - t)
     total = time.perf_counter() - start
+    quarter = max(1, len(latencies) // 4)
+    quarters = [round(len(q) / sum(q)) for q in (latencies[i:i + quarter] for i in range(0, quarter * 4, quarter))]
     latencies.sort()
-    return {"nodes": nodes, "gpus": nodes * 8, "mix": kind, "strategy": strategy, "claims": claims, "placed": placed,
-            "claims_per_s": claims / total, "p50_ms": 1000 * latencies[len(latencies) // 2],
+    return {"nodes": len(node_list), "gpus": len(node_list) * 8, "mix": kind, "strategy": strategy,
+            "claims": claims, "placed": placed, "claims_per_s": claims / total,
+            "p50_ms": 1000 * latencies[len(latencies) // 2],
             "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-            "max_ms": 1000 * latencies[-1], "build_s": build_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "max_ms": 1000 * latencies[-1], "peak_rss_mb": _rss_mb(), "claims_per_s_by_quarter": quarters}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def scale_size(nodes: int, configs: list[tuple[str, str]], claims: int) -> list[dict]:
+    """Build the index once, then fork one child per configuration (copy-on-write: the child starts with
+    the built index and cold allocator caches; ru_maxrss of a child counts the pages it inherited)."""
+    t0 = time.perf_counter()
+    index, node_list = cluster(nodes)
+    build_s = time.perf_counter() - t0
+    base_rss = _rss_mb()
+    out = []
+    for kind, strategy in configs:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:           # child
+            os.close(r)
+            try:
+                got = scale(index, node_list, kind, strategy, claims)
+                os.write(w, json.dumps(got).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            data = f.read()
+        _, status = os.waitpid(pid, 0)
+        if not data or status:
+            raise SystemExit(f"configuration {nodes} nodes {kind} {strategy} failed (status {status})")
+        got = json.loads(data)
+        got.update(build_s=build_s, build_peak_rss_mb=base_rss)
+        out.append(got)
+    return out
 
 
 # -- packing efficiency ---------------------------------------------------------------------------
@@ -179,85 +223,131 @@ def _packing(index: SliceIndex, node_list: list[Node], nodes: int, items: list) 
 
 
 # -- long property run ----------------------------------------------------------------------------
-def property_run(streams: int, length: int) -> list[dict]:
+def property_run(streams: int, length: int, release: float = 0.35) -> list[dict]:
+    from tests.support import validity
     from tests.support.allocstream import KINDS, MIG_PROFILES, WHOLE, StreamResult, cluster_slices, run_stream
 
+    parsed: dict = {}
+    read_slices = validity.read_slices
+
+    def memo(slices: list[dict], driver: str):  # noqa: ANN202 - the checker never mutates what it reads
+        key = (id(slices), driver)
+        if key not in parsed:
+            parsed[key] = (slices, read_slices(slices, driver))
+        return parsed[key][1]
+
+    validity.read_slices = memo
     slices, nodes = cluster_slices()
     out = []
-    for strategy in ("first-fit", "pack"):
-        rng = random.Random(7)
-        total = StreamResult()
-        start = time.perf_counter()
-        for _ in range(streams):
-            ops: list[tuple] = []
-            for _ in range(length):
-                if rng.random() < 0.25:
-                    ops.append(("release", rng.randrange(1000)))
-                    continue
-                kind = rng.choice(KINDS)
-                arg = {"whole": lambda: rng.choice(sorted(WHOLE)), "mig": lambda: rng.choice(MIG_PROFILES),
-                       "shared": lambda: rng.randint(1, 40), "pair": lambda: None}[kind]()
-                ops.append(("alloc", kind, arg))
-            res = run_stream(ops, strategy, slices, nodes)
-            total.allocated += res.allocated
-            total.unsatisfiable += res.unsatisfiable
-            total.problems += res.problems
-        out.append({"strategy": strategy, "operations": streams * length, "allocated": total.allocated,
-                    "unsatisfiable": total.unsatisfiable, "violations": len(total.problems),
-                    "first_violations": total.problems[:3], "seconds": time.perf_counter() - start})
+    try:
+        for strategy in ("first-fit", "pack"):
+            rng = random.Random(7)
+            total = StreamResult()
+            start = time.perf_counter()
+            for _ in range(streams):
+                ops: list[tuple] = []
+                for _ in range(length):
+                    if rng.random() < release:
+                        ops.append(("release", rng.randrange(1000)))
+                        continue
+                    kind = rng.choice(KINDS)
+                    arg = {"whole": lambda: rng.choice(sorted(WHOLE)), "mig": lambda: rng.choice(MIG_PROFILES),
+                           "shared": lambda: rng.randint(1, 40), "pair": lambda: None}[kind]()
+                    ops.append(("alloc", kind, arg))
+                res = run_stream(ops, strategy, slices, nodes)
+                total.allocated += res.allocated
+                total.unsatisfiable += res.unsatisfiable
+                total.released += res.released
+                total.problems += res.problems
+            out.append({"strategy": strategy, "streams": streams, "stream_length": length,
+                        "operations": streams * length, "allocated": total.allocated, "released": total.released,
+                        "unsatisfiable": total.unsatisfiable, "violations": len(total.problems),
+                        "first_violations": total.problems[:3], "seconds": time.perf_counter() - start})
+    finally:
+        validity.read_slices = read_slices
     return out
 
 
 # -- driver ---------------------------------------------------------------------------------------
-def _child(args: list[str]) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+def _child(nodes: int, configs: list[tuple[str, str]], claims: int) -> list[dict]:
+    arg = json.dumps({"nodes": nodes, "configs": configs, "claims": claims})
+    r = subprocess.run([sys.executable, __file__, "--child", arg], capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"configuration {args} failed:\n{r.stderr}")
+        raise SystemExit(f"scale run for {nodes} nodes failed:\n{r.stderr}")
     return json.loads(r.stdout)
+
+
+TARGETS = {"claims_per_s": 1000.0, "p99_ms": 20.0, "peak_rss_mb": 500.0}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--nodes", type=int, nargs="+", default=[100, 1000])
-    p.add_argument("--claims", type=int, default=2000, help="claims per scale configuration")
-    p.add_argument("--mixes", nargs="+", default=["single", "mig", "shared"])
-    p.add_argument("--strategies", nargs="+", default=["pack", "first-fit"])
-    p.add_argument("--streams", type=int, default=40, help="property run: streams per strategy")
-    p.add_argument("--stream-length", type=int, default=150)
-    p.add_argument("--quick", action="store_true", help="100 nodes, 500 claims, a short property run")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--child", nargs=4, metavar=("NODES", "MIX", "STRATEGY", "CLAIMS"), help=argparse.SUPPRESS)
+    p.add_argument("--claims", type=int, default=2000, help="claims per scale configuration (default 2000)")
+    p.add_argument("--mixes", nargs="+", default=["single", "mig", "shared", "fill"],
+                   choices=["single", "mig", "shared", "fill"],
+                   help="claim mixes (fill: single-GPU claims until every GPU of the cluster is taken)")
+    p.add_argument("--strategies", nargs="+", default=["pack", "first-fit"], choices=["pack", "first-fit"])
+    p.add_argument("--streams", type=int, default=20, help="property run: streams per strategy (default 20)")
+    p.add_argument("--stream-length", type=int, default=2000, help="property run: operations per stream")
+    p.add_argument("--quick", action="store_true", help="100 nodes, 500 claims, 2 streams of 500 operations")
+    p.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(scale(int(a.child[0]), a.child[1], a.child[2], int(a.child[3]))))
+        spec = json.loads(a.child)
+        print(json.dumps(scale_size(spec["nodes"], [tuple(c) for c in spec["configs"]], spec["claims"])))
         return 0
     if a.quick:
-        a.nodes, a.claims, a.streams = [100], 500, 5
-    results = {"scale": [], "packing": [], "property": []}
+        a.nodes, a.claims, a.streams, a.stream_length = [100], 500, 2, 500
+    started = time.perf_counter()
+    results: dict = {"scale": [], "packing": [], "property": []}
     print(f"# allocator benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
-          f"{MODEL} x 8 per node, full device model", flush=True)
+          f"{MODEL} x 8 per node, full device model ({len(template_slices())} slices, "
+          f"{sum(len(s['spec'].get('devices') or []) for s in template_slices())} devices per node)", flush=True)
     print(f"{'nodes':>5} {'mix':<7} {'strategy':<9} {'claims':>6} {'placed':>6} {'claims/s':>9} {'p50 ms':>7} "
           f"{'p99 ms':>7} {'max ms':>7} {'RSS MB':>7}", flush=True)
+    configs = [(kind, strategy) for kind in a.mixes for strategy in a.strategies]
     for n in a.nodes:
-        for kind in a.mixes:
-            for strategy in a.strategies:
-                r = _child([str(n), kind, strategy, str(a.claims)])
-                results["scale"].append(r)
-                print(f"{n:>5} {kind:<7} {strategy:<9} {r['claims']:>6} {r['placed']:>6} {r['claims_per_s']:>9.0f} "
-                      f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['max_ms']:>7.1f} {r['peak_rss_mb']:>7.0f}", flush=True)
+        rows = _child(n, configs, a.claims)
+        results["scale"] += rows
+        for r in rows:
+            print(f"{n:>5} {r['mix']:<7} {r['strategy']:<9} {r['claims']:>6} {r['placed']:>6} "
+                  f"{r['claims_per_s']:>9.0f} "
+                  f"{r['p50_ms']:>7.2f} {r['p99_ms']:>7.2f} {r['max_ms']:>7.1f} {r['peak_rss_mb']:>7.0f}", flush=True)
+            if r["mix"] == "fill":
+                print(f"{'':>5}   claims/s by quarter of the fill: "
+                      f"{', '.join(str(q) for q in r['claims_per_s_by_quarter'])}", flush=True)
+        print(f"{n:>5} nodes: slice index built in {rows[0]['build_s']:.1f}s (peak RSS while building "
+              f"{rows[0]['build_peak_rss_mb']:.0f} MB; a configuration's RSS starts from the built index)", flush=True)
+    target = next((r for r in results["scale"] if r["nodes"] == 1000 and r["mix"] == "single"
+                   and r["strategy"] == "pack"), None)
+    if target is not None:
+        ok = (target["claims_per_s"] >= TARGETS["claims_per_s"] and target["p99_ms"] <= TARGETS["p99_ms"]
+              and target["peak_rss_mb"] <= TARGETS["peak_rss_mb"])
+        print(f"targets at 1,000 nodes, pack, single GPU (>= 1,000 claims/s, p99 <= 20 ms, RSS <= 500 MB): "
+              f"{target['claims_per_s']:.0f} claims/s, p99 {target['p99_ms']:.2f} ms, "
+              f"RSS {target['peak_rss_mb']:.0f} MB"
+              f" -> {'met' if ok else 'MISSED'}", flush=True)
+        results["targets_met"] = ok
     print("\n# packing: mixed traces (5 seeds) on 10 nodes (80 GPUs), each until its first unsatisfiable claim")
     for r in packing():
         results["packing"].append(r)
         print(f"{r['strategy']:<15} claims placed {r['claims_placed']:>6.1f}   GPU capacity asked for by them "
               f"{100 * r['capacity_allocated']:5.1f}%   per trace "
               f"{', '.join(f'{100 * x:.1f}' for x in r['per_trace'])}", flush=True)
-    print(f"\n# property run: {a.streams} streams x {a.stream_length} operations per strategy, every result checked")
+    print(f"\n# property run: {a.streams} streams x {a.stream_length} operations per strategy, every state checked")
     for r in property_run(a.streams, a.stream_length):
         results["property"].append(r)
-        print(f"{r['strategy']:<10} operations {r['operations']:>6}  allocated {r['allocated']:>6}  "
-              f"unsatisfiable {r['unsatisfiable']:>5}  violations {r['violations']}  ({r['seconds']:.1f}s)", flush=True)
+        print(f"{r['strategy']:<10} operations {r['operations']:>6}  allocated {r['allocated']:>6}  released "
+              f"{r['released']:>6}  unsatisfiable {r['unsatisfiable']:>5}  violations {r['violations']}  "
+              f"({r['seconds']:.1f}s)", flush=True)
+        for v in r["first_violations"]:
+            print(f"    {v}", flush=True)
+    results["seconds"] = time.perf_counter() - started
+    print(f"\n# total {results['seconds']:.0f}s", flush=True)
     if a.json:
-        print(json.dumps(results, indent=2))
+        Path(a.json).write_text(json.dumps(results, indent=2))
     bad = sum(r["violations"] for r in results["property"])
     return 1 if bad else 0
 
