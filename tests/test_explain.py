@@ -117,6 +117,8 @@ def test_the_managed_taint_counts_as_kube_scheduler_sees_it_but_is_never_advised
     assert _stages(r) == {"class selector": r.published - 2, "taint": 2}
     e = Explainer(slices, CLASSES, managed_toleration=False).explain(_claim(_req()))
     assert e.fix is None      # tolerating partita.dev/managed is the controller's business, not the user's
+    assert e.notes and e.notes[-1].startswith("devices carry Partita's taint partita.dev/managed")
+    assert "\nnote: devices carry Partita's taint" in render(e)
 
 
 def test_devices_held_by_others_and_counters_used_by_another_mode(h100x2) -> None:

@@ -184,6 +184,10 @@ class Explainer:
             return out
         out.requests, findings = self._funnel(claim)
         out.fix, out.alternatives = self._fix(claim, out.requests, findings, out.notes)
+        if any(key[0] == C.MANAGED_TAINT_KEY for f in findings.values() for key in f.taints):
+            out.notes.append(f"devices carry Partita's taint {C.MANAGED_TAINT_KEY}: kube-scheduler leaves them to "
+                             "Partita's controller, which allocates such claims itself (--allocation-mode controller "
+                             "shows how it sees this claim)")
         return out
 
     # -- per request, what excluded each device --------------------------------------------------------
