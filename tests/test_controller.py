@@ -354,3 +354,13 @@ def test_mps_and_time_slicing_shares_are_kept_on_separate_gpus() -> None:
         assert devices_of(await cl.allocated("mps2")) == mps_dev
         assert devices_of(await cl.allocated("ts2")) == ts_dev
     run(scenario, strategy="pack")
+
+
+def test_a_search_that_exceeds_its_step_limit_leaves_the_pod_pending_with_the_reason() -> None:
+    async def scenario(cl):
+        cl.add_node("node-a", "H100-SXM5-80GB:2")
+        cl.submit(pod("p1", ["c1"]), claim("c1", [request(count=2)]))
+        await cl.event("PartitaUnschedulable")
+        assert "search" in cl.controller.why_pending["default/p1"].lower()
+        assert (cl.claim("c1").get("status") or {}).get("allocation") is None
+    run(scenario, max_search_steps=1)

@@ -35,6 +35,9 @@ class ControllerConfig:
     allocation_mode: str = C.ALLOCATION_MODE_CONTROLLER
     strategy: str = "pack"
     features: Features = field(default_factory=Features)
+    #: give up on a node after this many search steps for one pod's claims (the search is exhaustive, as
+    #: upstream's; a pathological claim must not stall the controller): that node counts as not fitting
+    max_search_steps: int = 200_000
     retry_min: float = 1.0
     retry_max: float = 60.0
     rejection_seconds: float = 300.0
@@ -48,7 +51,7 @@ class Controller:
         self.cfg = cfg
         self.kube = kube
         self.cache = Cache(cfg.driver_name)
-        self.allocator = Allocator(cfg.features, cfg.strategy)
+        self.allocator = Allocator(cfg.features, cfg.strategy, max_steps=cfg.max_search_steps)
         self.events = EventRecorder(kube)
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
