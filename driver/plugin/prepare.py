@@ -151,33 +151,42 @@ class DeviceState:
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
+    @contextlib.asynccontextmanager
+    async def _checkpoint_session(self) -> AsyncIterator[Checkpoint | CheckpointError]:
+        """Serialized access (this process and a second plugin instance) to the checkpoint read at its
+        start: yields it, or the error that makes it unreadable (logged; the file is left untouched)."""
+        async with self._lock:
+            async with self._file_lock():
+                try:
+                    cp: Checkpoint | CheckpointError = self.checkpoint.read()
+                except CheckpointError as e:
+                    log.error("%s", e)
+                    cp = e
+                yield cp
+
     # -- prepare --------------------------------------------------------------------------------
     async def prepare(self, claims: list[tuple[ClaimRef, dict | Exception]]) -> dict[str, PreparedResult]:
         """``claims``: each kubelet claim with the ResourceClaim read from the API server (or the error
         reading it). Returns one result per claim UID."""
         out: dict[str, PreparedResult] = {}
-        async with self._lock:
-            async with self._file_lock():
+        async with self._checkpoint_session() as cp:
+            if isinstance(cp, CheckpointError):
+                return {ref.uid: PreparedResult(error=str(cp)) for ref, _ in claims}
+            for ref, claim in claims:
                 try:
-                    cp = self.checkpoint.read()
-                except CheckpointError as e:
-                    log.error("%s", e)
-                    return {ref.uid: PreparedResult(error=str(e)) for ref, _ in claims}
-                for ref, claim in claims:
-                    try:
-                        if isinstance(claim, Exception):
-                            raise claim
-                        out[ref.uid] = PreparedResult(devices=self._prepare_one(cp, ref, claim))
-                    except (PrepareError, ConfigError, SharingError) as e:
-                        log.warning("prepare of claim %s (uid %s) failed: %s", ref, ref.uid, e)
-                        out[ref.uid] = PreparedResult(error=str(e))
-                    except NvmlError as e:
-                        log.warning("prepare of claim %s (uid %s) failed in NVML: %s", ref, ref.uid, e)
-                        out[ref.uid] = PreparedResult(error=f"claim {ref}: {e}")
-                    except Exception as e:  # noqa: BLE001 - a bug must not take the plugin down
-                        log.exception("prepare of claim %s (uid %s) failed unexpectedly", ref, ref.uid)
-                        out[ref.uid] = PreparedResult(error=f"claim {ref}: internal error: {e}")
-                self.prepared_count = len(cp.claims)
+                    if isinstance(claim, Exception):
+                        raise claim
+                    out[ref.uid] = PreparedResult(devices=self._prepare_one(cp, ref, claim))
+                except (PrepareError, ConfigError, SharingError) as e:
+                    log.warning("prepare of claim %s (uid %s) failed: %s", ref, ref.uid, e)
+                    out[ref.uid] = PreparedResult(error=str(e))
+                except NvmlError as e:
+                    log.warning("prepare of claim %s (uid %s) failed in NVML: %s", ref, ref.uid, e)
+                    out[ref.uid] = PreparedResult(error=f"claim {ref}: {e}")
+                except Exception as e:  # noqa: BLE001 - a bug must not take the plugin down
+                    log.exception("prepare of claim %s (uid %s) failed unexpectedly", ref, ref.uid)
+                    out[ref.uid] = PreparedResult(error=f"claim {ref}: internal error: {e}")
+            self.prepared_count = len(cp.claims)
         return out
 
     def _check_claim(self, ref: ClaimRef, claim: dict) -> list[dict]:
@@ -393,43 +402,39 @@ class DeviceState:
     async def unprepare(self, claims: list[ClaimRef]) -> dict[str, str]:
         """Error string per claim UID ("" = done). Unknown claims are success."""
         out: dict[str, str] = {}
-        async with self._lock:
-            async with self._file_lock():
-                try:
-                    cp = self.checkpoint.read()
-                except CheckpointError as e:
-                    log.error("%s", e)
-                    return {ref.uid: str(e) for ref in claims}
-                changed = False
-                released: list[str] = []
-                for ref in claims:
-                    if not ref.uid:
-                        out[ref.uid] = (f"the kubelet sent a claim with an empty uid ({ref.namespace}/{ref.name}); "
-                                        "nothing to unprepare")
-                        continue
-                    entry = cp.claims.get(ref.uid)
-                    if entry is None:
-                        out[ref.uid] = ""
-                        continue
-                    try:
-                        self._undo(entry)
-                        self._maybe_leave_mig(entry)
-                    except NvmlError as e:
-                        out[ref.uid] = f"claim {ref}: {e}; the kubelet retries"
-                        continue
-                    cdi.remove_spec(Path(entry.cdi_spec) if entry.cdi_spec else
-                                    cdi.spec_path(self.cdi_root, self.driver_name, ref.uid))
-                    self._crash("cdi-spec-removed")
-                    del cp.claims[ref.uid]
-                    released += [d.gpu_uuid for d in entry.devices if uses_sharing(d.type, d.config)]
-                    changed = True
+        async with self._checkpoint_session() as cp:
+            if isinstance(cp, CheckpointError):
+                return {ref.uid: str(cp) for ref in claims}
+            changed = False
+            released: list[str] = []
+            for ref in claims:
+                if not ref.uid:
+                    out[ref.uid] = (f"the kubelet sent a claim with an empty uid ({ref.namespace}/{ref.name}); "
+                                    "nothing to unprepare")
+                    continue
+                entry = cp.claims.get(ref.uid)
+                if entry is None:
                     out[ref.uid] = ""
-                    log.info("unprepared claim %s (uid %s)", ref, ref.uid)
-                if released:
-                    self.sharing.release_unused(cp, released)
-                if changed:
-                    self.checkpoint.write(cp)
-                self.prepared_count = len(cp.claims)
+                    continue
+                try:
+                    self._undo(entry)
+                    self._maybe_leave_mig(entry)
+                except NvmlError as e:
+                    out[ref.uid] = f"claim {ref}: {e}; the kubelet retries"
+                    continue
+                cdi.remove_spec(Path(entry.cdi_spec) if entry.cdi_spec else
+                                cdi.spec_path(self.cdi_root, self.driver_name, ref.uid))
+                self._crash("cdi-spec-removed")
+                del cp.claims[ref.uid]
+                released += [d.gpu_uuid for d in entry.devices if uses_sharing(d.type, d.config)]
+                changed = True
+                out[ref.uid] = ""
+                log.info("unprepared claim %s (uid %s)", ref, ref.uid)
+            if released:
+                self.sharing.release_unused(cp, released)
+            if changed:
+                self.checkpoint.write(cp)
+            self.prepared_count = len(cp.claims)
         return out
 
     def _maybe_leave_mig(self, entry: PreparedClaim) -> None:
@@ -449,11 +454,8 @@ class DeviceState:
     # -- start-up recovery ----------------------------------------------------------------------
     async def recover(self) -> list[str]:
         """Undo prepares a crash interrupted (claims still ``Preparing``). Returns their UIDs."""
-        async with self._file_lock():
-            try:
-                cp = self.checkpoint.read()
-            except CheckpointError as e:
-                log.error("%s", e)
+        async with self._checkpoint_session() as cp:
+            if isinstance(cp, CheckpointError):
                 return []
             undone = []
             released: list[str] = []
