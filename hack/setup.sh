@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Prepares a fresh clone: a virtualenv in .venv with Partita installed (editable).
-#   hack/setup.sh          runtime only (enough for `partita sandbox`)
-#   hack/setup.sh --test   also the test tools: the Debian packages podman, runc, busybox-static
-#                          and ShellCheck, the Python test extras, and helm (hack/install-tools.sh)
+# Prepares a fresh clone: a virtualenv in .venv with Partita installed (editable) from the hashed locks.
+#   hack/setup.sh          runtime only, from requirements-runtime.lock (enough for `partita sandbox`)
+#   hack/setup.sh --test   everything the suite needs: requirements.lock (runtime + test), the Debian packages
+#                          podman, runc, busybox-static and ShellCheck, and helm (hack/install-tools.sh)
+# Every Python package comes from a lock (exact versions, sha256-checked; refresh with hack/lock.sh).
+# A re-run installs nothing when neither pyproject.toml nor the lock changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,10 +34,28 @@ if [ ! -x .venv/bin/python ]; then
   fi
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
+
+# What is installed is recorded in .venv/partita-installed as "<mode> <sha256 of pyproject.toml + lock>"; the
+# full (test) install also satisfies a runtime-only request.
+stamp=.venv/partita-installed
+fingerprint() { cat pyproject.toml "$1" | sha256sum | cut -d' ' -f1; }
+test_fp="test $(fingerprint requirements.lock)"
+runtime_fp="runtime $(fingerprint requirements-runtime.lock)"
+have=$(cat "$stamp" 2>/dev/null || true)
+if $want_test; then lock=requirements.lock want=$test_fp; else lock=requirements-runtime.lock want=$runtime_fp; fi
+
+if [ "$have" != "$want" ] && { $want_test || [ "$have" != "$test_fp" ]; }; then
+  echo "Installing Python packages from $lock into .venv"
+  rm -f "$stamp"
+  pip=(.venv/bin/python -m pip --disable-pip-version-check --no-input)
+  # Hash-checking mode: every package, dependencies included, must be in the lock with a matching sha256.
+  "${pip[@]}" install --quiet --require-hashes --only-binary=:all: -r "$lock"
+  # The project itself, from this checkout, with the locked setuptools (no download of a build backend).
+  "${pip[@]}" install --quiet --no-deps --no-build-isolation --editable .
+  "${pip[@]}" check >/dev/null || { "${pip[@]}" check >&2; exit 1; }
+  echo "$want" > "$stamp"
+fi
+
 if $want_test; then
-  .venv/bin/python -m pip install --quiet -e '.[test]'
   hack/install-tools.sh
-else
-  .venv/bin/python -m pip install --quiet -e .
 fi

@@ -1,4 +1,4 @@
-"""Built-in model data matches the cited reference (shared/reference/gpu-models.yaml)."""
+"""Built-in model data matches the cited reference (tests/reference/gpu-models.yaml)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ REQUIRED = ["A100-SXM4-40GB", "A100-SXM4-80GB", "H100-SXM5-80GB", "H200-SXM-141G
 
 
 @pytest.fixture(scope="module")
-def reference(shared_dir) -> dict:
-    data = yaml.safe_load((shared_dir / "reference" / "gpu-models.yaml").read_text())
+def reference(reference_dir) -> dict:
+    data = yaml.safe_load((reference_dir / "gpu-models.yaml").read_text())
     return {m["key"]: m for m in data["models"]}
 
 

@@ -37,7 +37,15 @@ def test_dockerfile_installs_from_pyproject_and_runs_non_root() -> None:
     text = (REPO / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     assert lines[0].startswith("FROM python:3.11-slim")
-    assert "COPY pyproject.toml README.md ./" in lines
+    assert "COPY requirements-runtime.lock pyproject.toml README.md ./" in lines
+    installs = [ln for ln in text.replace("\\\n", " ").splitlines() if "pip install" in ln]
+    # every install is the hashed runtime lock or our own wheel without dependencies
+    for ln in installs:
+        for cmd in ln.split("&&"):
+            if "pip install" in cmd:
+                assert ("--require-hashes" in cmd and "requirements-runtime.lock" in cmd) or \
+                       ("--no-deps" in cmd and "partita-" in cmd), cmd
+    assert "--upgrade pip" not in text
     users = [ln for ln in lines if ln.startswith("USER ")]
     assert users and users[-1] != "USER root" and not users[-1].startswith("USER 0")
     assert 'ENTRYPOINT ["partita"]' in lines

@@ -1,8 +1,8 @@
-"""Our kubelet protos are wire-identical to the references, and the committed stubs match them."""
+"""Our kubelet protos are wire-identical to upstream's (tests/reference/kubelet-api), and the committed stubs are
+exactly what the locked grpcio-tools generates from them."""
 
 from __future__ import annotations
 
-import filecmp
 import os
 import shutil
 import subprocess
@@ -13,7 +13,7 @@ from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 
 REPO = Path(__file__).resolve().parents[1]
-PAIRS = {  # ours (under proto/) -> reference (under shared/reference/kubelet-api)
+PAIRS = {  # ours (under proto/) -> upstream's (under tests/reference/kubelet-api)
     "dra/v1/api.proto": "dra-v1.proto",
     "dra/v1beta1/api.proto": "dra-v1beta1.proto",
     "drahealth/v1/api.proto": "dra-health-v1.proto",
@@ -52,9 +52,9 @@ def _wire(fd: descriptor_pb2.FileDescriptorProto) -> dict:
 
 
 @pytest.mark.parametrize("ours,ref", list(PAIRS.items()))
-def test_proto_is_wire_identical_to_reference(ours, ref, shared_dir, tmp_path) -> None:
+def test_proto_is_wire_identical_to_reference(ours, ref, reference_dir, tmp_path) -> None:
     mine = _wire(_compile(REPO / "proto", ours, tmp_path / "ours.pb"))
-    theirs = _wire(_compile(shared_dir / "reference" / "kubelet-api", ref, tmp_path / "ref.pb"))
+    theirs = _wire(_compile(reference_dir / "kubelet-api", ref, tmp_path / "ref.pb"))
     assert mine == theirs
     assert mine["services"], "a service must be defined"
 
@@ -66,7 +66,20 @@ def test_v1_has_share_id_and_v1beta1_does_not(tmp_path) -> None:
     assert "share_id" not in {f[0] for f in b1["messages"]["Device"]["fields"]}
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
 def test_committed_stubs_match_the_protos(tmp_path) -> None:
+    """Regenerates driver/kubeletapi with hack/gen-proto.sh and the locked grpcio-tools; every file byte-exact."""
+    from importlib import metadata
+
+    from test_lock import parse_lock
+
+    locked = parse_lock(REPO / "requirements.lock")["grpcio-tools"][0]
+    assert metadata.version("grpcio-tools") == locked, \
+        f"this environment has grpcio-tools {metadata.version('grpcio-tools')}, the lock {locked}: run hack/setup.sh --test"
     work = tmp_path / "repo"
     (work / "hack").mkdir(parents=True)
     shutil.copy(REPO / "hack" / "gen-proto.sh", work / "hack")
@@ -74,12 +87,7 @@ def test_committed_stubs_match_the_protos(tmp_path) -> None:
     (work / "driver").mkdir()
     env = {**os.environ, "PYTHON": str(Path(os.sys.executable))}
     subprocess.run(["bash", str(work / "hack" / "gen-proto.sh")], check=True, env=env, capture_output=True)
-    cmp = filecmp.dircmp(work / "driver" / "kubeletapi", REPO / "driver" / "kubeletapi", ignore=["__pycache__"])
-
-    def diffs(c: filecmp.dircmp) -> list[str]:
-        out = [f"{c.left}/{n}" for n in c.diff_files + c.left_only + c.right_only]
-        for sub in c.subdirs.values():
-            out += diffs(sub)
-        return out
-
-    assert diffs(cmp) == [], "driver/kubeletapi is out of date: run hack/gen-proto.sh and commit the result"
+    fresh, committed = _tree(work / "driver" / "kubeletapi"), _tree(REPO / "driver" / "kubeletapi")
+    assert sorted(fresh) == sorted(committed), "driver/kubeletapi has other files than hack/gen-proto.sh makes"
+    stale = [name for name in fresh if fresh[name] != committed[name]]
+    assert stale == [], f"driver/kubeletapi is out of date ({stale}): run hack/gen-proto.sh and commit the result"

@@ -1,9 +1,26 @@
 """Allocator conformance runner: ``python -m controller.allocator.conformance DIR [--strategy first-fit]``.
 
-Runs every ``*.yaml`` fixture (schema ``dra-allocator-fixture/v1``, see shared/conformance/README.md)
-through Partita's allocator and compares the outcome with upstream's. Prints ``PASS name`` or
-``FAIL name: <why>`` per fixture and a closing ``N passed, M failed``; exits non-zero when any fixture
-failed or could not be read. A fixture needing a feature Partita does not implement is a FAIL.
+Runs every ``*.yaml`` fixture in DIR through Partita's allocator and compares the outcome with upstream's. Prints
+``PASS name`` or ``FAIL name: <why>`` per fixture and a closing ``N passed, M failed``; exits non-zero when any
+fixture failed or could not be read. A fixture needing a feature Partita does not implement is a FAIL.
+
+A fixture (``schema: dra-allocator-fixture/v1``) is one upstream allocator test case as data
+(tests/reference/conformance, tests/fixtures/allocator)::
+
+    name: <upstream case>            features: [DRAPrioritizedList, ...]   # upstream feature gate names
+    input:
+      node: {name, labels}           deviceClasses: [...]   resourceSlices: [...]   # resource.k8s.io/v1, in order
+      allocatedDevices: [{driver, pool, device}]             allocatedShares: [{driver, pool, device, shareID}]
+      aggregatedCapacity: [{driver, pool, device, capacity: {name: quantity}}]
+      claims: [...]                  # allocated together, in this order
+    expected:
+      outcome: allocated | unsatisfiable | error
+      errorContains: <substring>     errorIsNodeLocal: <bool>
+      allocations: [{claim: <name>, allocation: <AllocationResult>}]   # one per claim, in the claims' order
+    compare: {claimOrder: ignore|exact, deviceResultsOrder: ignore|exact, nodeSelectorOrder: ignore,
+              configMustBeAbsent, allocationTimestampMustBeAbsent, shareID: any-non-null, quantities: by-value}
+
+Allocations are matched to claims by position (see :func:`compare`), never by name.
 """
 
 from __future__ import annotations
@@ -143,42 +160,63 @@ def _drop_nulls(v: Any) -> Any:
 
 
 def compare(doc: dict, claims: list[dict], results: list[dict]) -> str:
+    """Expected allocations are matched to the claims by position, never by name: upstream fixtures may give two
+    claims one name (``several different drivers``), and claims in different namespaces may share one. With
+    ``claimOrder: exact`` allocation i must be claim i's; with ``ignore`` (upstream's ``ConsistOf``) each expected
+    allocation must equal a different actual one."""
     cmp = doc.get("compare") or {}
-    exp = doc["expected"]
-    got = {c["metadata"]["name"]: r for c, r in zip(claims, results)}
-    expected = exp.get("allocations") or []
+    expected = doc["expected"].get("allocations") or []
+    got = [(c["metadata"]["name"], r) for c, r in zip(claims, results)]
+    if len(got) != len(expected):
+        return (f"{len(got)} allocations {[n for n, _ in got]} != {len(expected)} expected "
+                f"{[a['claim'] for a in expected]}")
     if cmp.get("claimOrder") == "exact":
-        order_got = [c["metadata"]["name"] for c in claims]
-        order_exp = [a["claim"] for a in expected]
+        order_got, order_exp = [n for n, _ in got], [a["claim"] for a in expected]
         if order_got != order_exp:
             return f"claim order {order_got} != expected {order_exp}"
-    if sorted(got) != sorted(a["claim"] for a in expected):
-        return f"allocated claims {sorted(got)} != expected {sorted(a['claim'] for a in expected)}"
-    for a in expected:
-        name, want, have = a["claim"], a["allocation"], got[a["claim"]]
-        w_res = [_norm_result(_drop_nulls(r), cmp) for r in (want.get("devices") or {}).get("results") or []]
-        h_res = [_norm_result(_drop_nulls(r), cmp) for r in (have.get("devices") or {}).get("results") or []]
-        if cmp.get("deviceResultsOrder", "ignore") == "ignore":
-            key = lambda r: repr(sorted(r.items()))  # noqa: E731
-            w_res, h_res = sorted(w_res, key=key), sorted(h_res, key=key)
-        if w_res != h_res:
-            return f"claim {name}: results\n  got      {h_res}\n  expected {w_res}"
-        if cmp.get("shareID") == "any-non-null":
-            for r in (have.get("devices") or {}).get("results") or []:
-                want_share = any(x.get("device") == r["device"] and x.get("shareID")
-                                 for x in (want.get("devices") or {}).get("results") or [])
-                if want_share and not r.get("shareID"):
-                    return f"claim {name}: result for {r['device']} has no shareID"
-        if cmp.get("configMustBeAbsent"):
-            if (have.get("devices") or {}).get("config"):
-                return f"claim {name}: devices.config must be absent, got {have['devices']['config']}"
-        elif _drop_nulls((want.get("devices") or {}).get("config")) != _drop_nulls((have.get("devices") or {}).get("config")):
-            return f"claim {name}: config\n  got      {(have.get('devices') or {}).get('config')}\n" \
-                   f"  expected {(want.get('devices') or {}).get('config')}"
-        if cmp.get("allocationTimestampMustBeAbsent") and "allocationTimestamp" in have:
-            return f"claim {name}: allocationTimestamp must be absent"
-        if _norm_selector(want.get("nodeSelector"), cmp) != _norm_selector(have.get("nodeSelector"), cmp):
-            return f"claim {name}: nodeSelector {have.get('nodeSelector')} != expected {want.get('nodeSelector')}"
+        for i, (a, (_, have)) in enumerate(zip(expected, got)):
+            why = _compare_allocation(a["allocation"], have, cmp)
+            if why:
+                return f"claim #{i} {a['claim']}: {why}"
+        return ""
+    unused = list(range(len(got)))
+    for i, a in enumerate(expected):
+        same_name = [j for j in unused if got[j][0] == a["claim"]]
+        if not same_name:
+            return f"expected allocation #{i} for claim {a['claim']}: no such claim left among {[n for n, _ in got]}"
+        whys = [(j, _compare_allocation(a["allocation"], got[j][1], cmp)) for j in same_name]
+        match = next((j for j, why in whys if not why), None)
+        if match is None:
+            return f"claim {a['claim']}: {whys[0][1]}"
+        unused.remove(match)
+    return ""
+
+
+def _compare_allocation(want: dict, have: dict, cmp: dict) -> str:
+    """Why one actual AllocationResult differs from the expected one ("" when it does not)."""
+    w_res = [_norm_result(_drop_nulls(r), cmp) for r in (want.get("devices") or {}).get("results") or []]
+    h_res = [_norm_result(_drop_nulls(r), cmp) for r in (have.get("devices") or {}).get("results") or []]
+    if cmp.get("deviceResultsOrder", "ignore") == "ignore":
+        key = lambda r: repr(sorted(r.items()))  # noqa: E731
+        w_res, h_res = sorted(w_res, key=key), sorted(h_res, key=key)
+    if w_res != h_res:
+        return f"results\n  got      {h_res}\n  expected {w_res}"
+    if cmp.get("shareID") == "any-non-null":
+        for r in (have.get("devices") or {}).get("results") or []:
+            want_share = any(x.get("device") == r["device"] and x.get("shareID")
+                             for x in (want.get("devices") or {}).get("results") or [])
+            if want_share and not r.get("shareID"):
+                return f"result for {r['device']} has no shareID"
+    if cmp.get("configMustBeAbsent"):
+        if (have.get("devices") or {}).get("config"):
+            return f"devices.config must be absent, got {have['devices']['config']}"
+    elif _drop_nulls((want.get("devices") or {}).get("config")) != _drop_nulls((have.get("devices") or {}).get("config")):
+        return f"config\n  got      {(have.get('devices') or {}).get('config')}\n" \
+               f"  expected {(want.get('devices') or {}).get('config')}"
+    if cmp.get("allocationTimestampMustBeAbsent") and "allocationTimestamp" in have:
+        return "allocationTimestamp must be absent"
+    if _norm_selector(want.get("nodeSelector"), cmp) != _norm_selector(have.get("nodeSelector"), cmp):
+        return f"nodeSelector {have.get('nodeSelector')} != expected {want.get('nodeSelector')}"
     return ""
 
 
