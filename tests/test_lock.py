@@ -17,24 +17,35 @@ REPO = Path(__file__).resolve().parents[1]
 _PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^ ;\\]+)(?: ; (?P<marker>[^\\]+?))?\s*\\?$")
 
 
-def parse_lock(path: Path) -> dict[str, tuple[str, str | None, list[str]]]:
-    """name -> (version, marker, hashes), failing on any requirement line that is not an exact pin."""
-    out: dict[str, tuple[str, str | None, list[str]]] = {}
-    current = None
+def parse_lock(path: Path) -> dict[str, list[tuple[str, str | None, list[str]]]]:
+    """name -> [(version, marker, hashes)], failing on any requirement line that is not an exact pin. A universal
+    lock may pin a package twice, at different versions for different Pythons, under markers that exclude each
+    other."""
+    out: dict[str, list[tuple[str, str | None, list[str]]]] = {}
+    hashes: list[str] | None = None
     for raw in path.read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("--hash=sha256:"):
-            assert current, f"{path.name}: a hash before any requirement"
-            out[current][2].append(line.split(":", 1)[1].rstrip(" \\"))
+            assert hashes is not None, f"{path.name}: a hash before any requirement"
+            hashes.append(line.split(":", 1)[1].rstrip(" \\"))
             continue
         m = _PIN.match(line)
         assert m, f"{path.name}: not an exact pin: {raw!r}"
-        current = canonicalize_name(m["name"])
-        assert current not in out, f"{path.name}: {current} pinned twice"
-        out[current] = (m["version"], m["marker"], [])
+        hashes = []
+        out.setdefault(canonicalize_name(m["name"]), []).append((m["version"], m["marker"], hashes))
+    for name, pins in out.items():
+        assert len(pins) == 1 or all(marker for _, marker, _ in pins), f"{path.name}: {name} pinned twice"
     return out
+
+
+def locked_version(lock: dict, name: str) -> str | None:
+    """The version of ``name`` the lock installs in this environment (None: not for this Python/platform)."""
+    for version, marker, _ in lock.get(canonicalize_name(name), []):
+        if not marker or Marker(marker).evaluate():
+            return version
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -53,15 +64,18 @@ def _pyproject() -> dict:
 
 def test_every_pin_carries_sha256_hashes(full, runtime) -> None:
     for lock in (full, runtime):
-        for name, (_, _, hashes) in lock.items():
-            assert hashes and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), name
+        for name, pins in lock.items():
+            for _, _, hashes in pins:
+                assert hashes and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), name
 
 
 def test_the_runtime_lock_is_a_subset_of_the_full_one_with_the_same_versions(full, runtime) -> None:
     assert set(runtime) <= set(full)
-    for name, (version, marker, hashes) in runtime.items():
-        assert (version, marker) == full[name][:2], f"{name}: runtime lock {version} != full lock {full[name][0]}"
-        assert set(hashes) == set(full[name][2]), name
+    for name, pins in runtime.items():
+        theirs = {(v, m): set(h) for v, m, h in full[name]}
+        for version, marker, hashes in pins:
+            assert (version, marker) in theirs, f"{name}: runtime lock {version} ; {marker} is not in the full lock"
+            assert set(hashes) == theirs[(version, marker)], name
 
 
 def test_every_declared_dependency_is_locked_within_its_range(full, runtime) -> None:
@@ -73,12 +87,13 @@ def test_every_declared_dependency_is_locked_within_its_range(full, runtime) -> 
         req = Requirement(spec)
         name = canonicalize_name(req.name)
         assert name in lock, f"{req.name} is declared in pyproject.toml but not locked: run hack/lock.sh"
-        assert req.specifier.contains(lock[name][0], prereleases=True), \
-            f"{req.name}=={lock[name][0]} in the lock is outside pyproject.toml's {req.specifier}: run hack/lock.sh"
+        for version, _, _ in lock[name]:
+            assert req.specifier.contains(version, prereleases=True), \
+                f"{req.name}=={version} in the lock is outside pyproject.toml's {req.specifier}: run hack/lock.sh"
 
 
 def test_the_grpc_family_is_locked_together_and_matches_the_committed_stubs(full) -> None:
-    versions = {n: full[n][0] for n in ("grpcio", "grpcio-tools", "grpcio-health-checking")}
+    versions = {n: locked_version(full, n) for n in ("grpcio", "grpcio-tools", "grpcio-health-checking")}
     assert len(set(versions.values())) == 1, versions
     stub = (REPO / "driver" / "kubeletapi" / "dra" / "v1" / "api_pb2_grpc.py").read_text()
     generated = re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", stub)[1]
@@ -90,8 +105,9 @@ def test_this_environment_is_exactly_the_lock(full) -> None:
     """The suite runs on what the lock says (hack/setup.sh --test installs it): a package at another version,
     or one the lock needs that is missing, means the install path does not use the lock."""
     wrong = []
-    for name, (version, marker, _) in full.items():
-        if marker and not Marker(marker).evaluate():
+    for name in full:
+        version = locked_version(full, name)
+        if version is None:
             continue
         try:
             have = metadata.version(name)

@@ -75,9 +75,9 @@ def test_committed_stubs_match_the_protos(tmp_path) -> None:
     """Regenerates driver/kubeletapi with hack/gen-proto.sh and the locked grpcio-tools; every file byte-exact."""
     from importlib import metadata
 
-    from test_lock import parse_lock
+    from test_lock import locked_version, parse_lock
 
-    locked = parse_lock(REPO / "requirements.lock")["grpcio-tools"][0]
+    locked = locked_version(parse_lock(REPO / "requirements.lock"), "grpcio-tools")
     assert metadata.version("grpcio-tools") == locked, \
         f"this environment has grpcio-tools {metadata.version('grpcio-tools')}, the lock {locked}: run hack/setup.sh --test"
     work = tmp_path / "repo"
