@@ -30,6 +30,7 @@ _QUANTITY = re.compile(
 )
 
 _NANO = Fraction(1, 10**9)
+_MAX_ALLOWED = 2**63 - 1
 
 
 class QuantityError(ValueError):
@@ -67,12 +68,23 @@ class Quantity:
                 "(Ki, Mi, Gi, Ti, Pi, Ei, n, u, m, k, M, G, T, P, E) or exponent (e.g. 1e3)"
             )
         num = Fraction(m.group("num"))
-        if m.group("exp"):
-            return cls(num * Fraction(10) ** int(m.group("exp")[1:]), DECIMAL_EXPONENT)
         suffix = m.group("suffix") or ""
-        if suffix in _BINARY:
-            return cls(num * 1024 ** _BINARY[suffix], BINARY_SI)
-        return cls(num * Fraction(10) ** _DECIMAL[suffix], DECIMAL_SI)
+        if m.group("exp"):
+            value, fmt = num * Fraction(10) ** int(m.group("exp")[1:]), DECIMAL_EXPONENT
+        elif suffix in _BINARY:
+            value, fmt = num * 1024 ** _BINARY[suffix], BINARY_SI
+        else:
+            value, fmt = num * Fraction(10) ** _DECIMAL[suffix], DECIMAL_SI
+        if value == 0:
+            return cls(value, fmt)
+        # As ParseQuantity does: the magnitude is rounded up to whole nano units (asking for a tiny amount still
+        # gets some), a binary value is capped at 2^63-1, and a binary value below one prints as decimal.
+        mag = _round_up_nano(abs(value))
+        if fmt == BINARY_SI:
+            mag = min(mag, Fraction(_MAX_ALLOWED))
+            if mag < 1:
+                fmt = DECIMAL_SI
+        return cls(mag if value > 0 else -mag, fmt)
 
     @classmethod
     def from_int(cls, value: int, fmt: str = DECIMAL_SI) -> "Quantity":
@@ -84,10 +96,16 @@ class Quantity:
 
     # -- arithmetic and comparison ------------------------------------------------------------
     def __add__(self, other: "Quantity | int") -> "Quantity":
-        return Quantity(self.value + _as_fraction(other), self.format)
+        return Quantity(self.value + _as_fraction(other), self._format_with(other))
 
     def __sub__(self, other: "Quantity | int") -> "Quantity":
-        return Quantity(self.value - _as_fraction(other), self.format)
+        return Quantity(self.value - _as_fraction(other), self._format_with(other))
+
+    def _format_with(self, other: "Quantity | int") -> str:
+        """Upstream's Add and Sub: a zero takes the other operand's format (0 + 1Gi prints 1Gi)."""
+        if self.value == 0 and isinstance(other, Quantity):
+            return other.format
+        return self.format
 
     def __neg__(self) -> "Quantity":
         return Quantity(-self.value, self.format)
@@ -146,7 +164,8 @@ class Quantity:
                     exp += 1
                 return f"{n}{_BINARY_BY_EXP[exp] if exp else ''}"
         mantissa, exp10 = _decimal_parts(v)
-        if fmt == DECIMAL_EXPONENT:
+        # DecimalSI has no suffix beyond E (10^18): larger values print with an exponent, as upstream does.
+        if fmt == DECIMAL_EXPONENT or exp10 > 18:
             return f"{mantissa}e{exp10}" if exp10 else f"{mantissa}"
         return f"{mantissa}{_DECIMAL_BY_EXP[exp10]}"
 
@@ -166,18 +185,15 @@ def _round_up_nano(v: Fraction) -> Fraction:
 
 
 def _decimal_parts(v: Fraction) -> tuple[int, int]:
-    """Integer mantissa and exponent (a multiple of 3 between -9 and 18) with the largest exponent."""
+    """Integer mantissa and the largest exponent (a multiple of 3, at least -9) that keeps it an integer."""
     if v == 0:
         return 0, 0
-    best = None
-    for exp in range(18, -12, -3):
-        scaled = v / Fraction(10) ** exp
-        if scaled.denominator == 1:
-            best = (int(scaled), exp)
-            break
-    if best is None:  # cannot happen after nano rounding, kept for safety
-        best = (math.ceil(v / _NANO), -9)
-    return best
+    n = math.ceil(v / _NANO)          # v is in whole nano units after rounding
+    exp = -9
+    while n % 1000 == 0:
+        n //= 1000
+        exp += 3
+    return n, exp
 
 
 def parse_quantity(text: str | int | Quantity) -> Quantity:
