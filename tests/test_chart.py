@@ -154,9 +154,14 @@ def test_plugin_daemonset_mounts_and_update_strategy() -> None:
         assert len(mounts) == len(c["volumeMounts"]), "two volumes mounted at one path"
         hostpaths = {v["name"]: (v.get("hostPath") or {}).get("path") for v in pod["volumes"]}
         cdi_root = "/etc/cdi" if name == "plain-driver" else "/var/run/cdi"
-        for path in ("/var/lib/kubelet/plugins", "/var/lib/kubelet/plugins_registry", cdi_root):
+        plugin_dir = f"/var/lib/kubelet/plugins/{DRIVER_OF.get(name, C.DEFAULT_DRIVER_NAME)}"
+        for path in (plugin_dir, "/var/lib/kubelet/plugins_registry", cdi_root):
             assert hostpaths[mounts[path]["name"]] == path       # same path inside and out: the kubelet dials it
             assert not mounts[path].get("readOnly")
+        # only its own plugin directory: never the kubelet's whole plugins dir (other drivers' sockets)
+        assert "/var/lib/kubelet/plugins" not in mounts and "/var/lib/kubelet/plugins" not in hostpaths.values()
+        assert not [p for p in hostpaths.values() if p and p.startswith("/var/lib/kubelet")
+                    and p not in (plugin_dir, "/var/lib/kubelet/plugins_registry")], hostpaths
         assert ("/dev" in mounts) is not fake
         # real GPUs: the toolkit's CDI spec in /etc/cdi is readable, unless /etc/cdi is the plugin's own root
         if not fake and cdi_root != "/etc/cdi":
@@ -169,6 +174,11 @@ def test_plugin_daemonset_mounts_and_update_strategy() -> None:
         assert env["NVML_BACKEND"] == ("fake" if fake else "real")
         assert env["CDI_ROOT"] == cdi_root and env["DRIVER_NAME"] == DRIVER_OF.get(name, C.DEFAULT_DRIVER_NAME)
         assert c["env"][0] == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+        # metrics on the pod's own IP by default, not 0.0.0.0
+        [addr] = [e for e in c["env"] if e["name"] == "METRICS_ADDRESS"]
+        assert addr == {"name": "METRICS_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+        assert {e["name"]: e.get("value") for e in c["env"]}["KUBELET_PLUGINS_DIRECTORY_PATH"] == \
+            "/var/lib/kubelet/plugins"      # the plugin derives <this>/<driver>, the directory mounted
         assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
                                                 "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
         for probe in ("startupProbe", "livenessProbe"):
@@ -179,6 +189,31 @@ def test_plugin_daemonset_mounts_and_update_strategy() -> None:
             ["containers"][0]["env"]}["FAKE_GPU_PROFILE"] == "/etc/partita/fake-gpus/profile.yaml"
     cm = one("fake-gpus", "ConfigMap")
     parse_profile(yaml.safe_load(cm["data"]["profile.yaml"]), "chart")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "0.0.0.0", "::", "10.1.2.3"])
+def test_plugin_metrics_address_is_a_value(address: str) -> None:
+    out = helm("template", "partita", str(CHART), "--set", f"plugin.metricsAddress={address}").stdout
+    [ds] = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet"]
+    env = ds["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "METRICS_ADDRESS"] == [{"name": "METRICS_ADDRESS", "value": address}]
+
+
+def test_plugin_serves_metrics_on_the_address_it_is_given(monkeypatch) -> None:
+    """The plugin's own default is loopback; the chart's env (METRICS_ADDRESS) overrides it."""
+    import argparse
+
+    from driver.plugin.main import add_arguments
+
+    def parse(*argv: str) -> argparse.Namespace:
+        p = argparse.ArgumentParser()
+        add_arguments(p)
+        return p.parse_args(list(argv))
+    monkeypatch.delenv("METRICS_ADDRESS", raising=False)
+    assert parse().metrics_address == "127.0.0.1"
+    assert parse("--metrics-address", "0.0.0.0").metrics_address == "0.0.0.0"
+    monkeypatch.setenv("METRICS_ADDRESS", "10.1.2.3")
+    assert parse().metrics_address == "10.1.2.3"
 
 
 def test_plugin_env_names_are_flags_of_partita_plugin() -> None:
@@ -452,6 +487,7 @@ def test_webhook_is_wired_to_its_service_and_certificate() -> None:
       "--set", "fakeGpu.profile.nodes[0].gpus[0].unhealthy[0]=2"],
      "fakeGpu.profile.nodes[0].gpus[0].unhealthy: index 2 is outside 0..1"),
     (["--set", "plugin.metricsPort=0"], "/plugin/metricsPort"),
+    (["--set", "plugin.metricsAddress=all interfaces"], "/plugin/metricsAddress"),
     (["--set", "plugin.cdiRoot=var/run/cdi"], "/plugin/cdiRoot"),
     (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
     (["--set", "unknownKey=1"], "unknownKey"),
