@@ -282,3 +282,28 @@ def test_errors_are_shortened_until_the_whole_response_fits(tmp_path) -> None:
     assert resp.ByteSize() <= MAX_RESPONSE_BYTES and len(resp.claims) == 5000
     assert all(e.error.startswith("claim default/c") and "why why" in e.error for e in resp.claims.values())
     json.dumps({k: v.error for k, v in resp.claims.items()})       # valid text, no split characters
+
+
+def test_explain_refuses_a_hostile_claim_name_without_a_request() -> None:
+    from controller.allocator.explain import ExplainInputError, _from_cluster
+
+    async def scenario():
+        async with RecordingApi() as api:
+            for claim in ("default/x?watch=true", "../../api/v1/nodes/node-a", "a/b/c"):
+                with pytest.raises(ExplainInputError, match=r"^--claim .*: ResourceClaim (name|namespace) .* is not a valid "
+                                                            r"Kubernetes name.*; give it as NAMESPACE/NAME"):
+                    await asyncio.wait_for(_from_cluster(api.url, claim), timeout=10)
+        return api.requests
+
+    assert asyncio.run(scenario()) == []
+
+
+def test_the_plugin_refuses_an_invalid_node_name_at_start(capsys) -> None:
+    import argparse
+
+    from driver.plugin.main import add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run(p.parse_args(["--node-name", "../nodes/x"])) == 2
+    assert "--node-name (NODE_NAME) '../nodes/x' is not a valid Kubernetes name" in capsys.readouterr().err

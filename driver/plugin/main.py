@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from driver.api import constants as C
-from driver.api.kube import Kube, KubeError
+from driver.api.kube import InvalidName, Kube, KubeError, check_name
 from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
 from driver.plugin.claims import KubeClaimSource
@@ -74,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.node_name:
         print("partita plugin: --node-name (or NODE_NAME) is required; in the DaemonSet it comes from "
               "spec.nodeName through the downward API", file=sys.stderr)
+        return 2
+    try:
+        check_name(args.node_name, "--node-name (NODE_NAME)")
+        check_name(args.driver_name, "--driver-name (DRIVER_NAME)")
+    except InvalidName as e:
+        print(f"partita plugin: {e}", file=sys.stderr)
         return 2
     try:
         return asyncio.run(serve(args))
