@@ -113,6 +113,9 @@ def test_hostile_claim_names_get_a_clear_error_and_reach_no_other_object(tmp_pat
                     beta = await asyncio.wait_for(v1beta1_grpc.DRAPluginStub(ch).NodePrepareResources(
                         v1beta1.NodePrepareResourcesRequest(claims=[v1beta1.Claim(
                             namespace="default", name="x?watch=true", uid="ub")])), timeout=20)
+                    # unprepare reads nothing from the API server: unknown claims are done, hostile names or not
+                    un = await asyncio.wait_for(v1_grpc.DRAPluginStub(ch).NodeUnprepareResources(
+                        v1.NodeUnprepareResourcesRequest(claims=claims[:-1])), timeout=20)
             finally:
                 await servers.stop()
                 await kube.close()
@@ -126,6 +129,7 @@ def test_hostile_claim_names_get_a_clear_error_and_reach_no_other_object(tmp_pat
             assert "is not a valid Kubernetes name" in err and "DNS-1123" in err, err
             assert len(err.encode()) <= MAX_MESSAGE, len(err)            # the 3 MB name is not echoed
         assert "name 'x?watch=true' is not a valid Kubernetes name" in beta.claims["ub"].error
+        assert {uid: c.error for uid, c in un.claims.items()} == {f"u{i}": "" for i in range(len(HOSTILE))}
         assert state.prepared_claims().keys() == {good["metadata"]["uid"]}
 
     asyncio.run(scenario())

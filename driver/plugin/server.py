@@ -15,13 +15,13 @@ from pathlib import Path
 
 import grpc
 
+from driver.api.messages import MAX_MESSAGE, MIN_MESSAGE, bound
 from driver.kubeletapi.dra.v1 import api_pb2 as v1
 from driver.kubeletapi.dra.v1 import api_pb2_grpc as v1_grpc
 from driver.kubeletapi.dra.v1beta1 import api_pb2 as v1beta1
 from driver.kubeletapi.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
 from driver.kubeletapi.pluginregistration.v1 import api_pb2 as reg
 from driver.kubeletapi.pluginregistration.v1 import api_pb2_grpc as reg_grpc
-from driver.api.messages import MAX_MESSAGE, MIN_MESSAGE, bound
 from driver.plugin import metrics
 from driver.plugin.claims import ClaimSource, check_claim_ref, check_claim_shape
 from driver.plugin.prepare import ClaimRef, DeviceState
