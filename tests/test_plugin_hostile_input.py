@@ -211,6 +211,8 @@ def _malformed(inv) -> list[tuple[dict, str]]:  # noqa: ANN001
         (claim("dict-results", lambda a: a["devices"].update(results={"a": 1})), f"{R} must be a list"),
         (claim("str-devices", lambda a: a.update(devices="x")), "status.allocation.devices must be an object"),
         (claim("share-int", lambda a: a["devices"]["results"][0].update(shareID=7)), f"{R}[0].shareID must be a string"),
+        (claim("capacity-int", lambda a: a["devices"]["results"][0].update(consumedCapacity={"memory": {"x": 1}})),
+         f"{R}[0].consumedCapacity.memory must be a string, not {{'x': 1}}"),
         (claim("config-str", lambda a: a["devices"].update(config=["x"])),
          "status.allocation.devices.config[0] must be an object"),
         (claim("config-no-source", lambda a: a["devices"].update(config=[{"opaque": {"driver": DRIVER}}])),

@@ -117,7 +117,8 @@ def check_claim_shape(ref: ClaimRef, claim: object) -> None:
             s.get(r, key, rpath, str, required=True, non_empty=True)
         s.get(r, "shareID", rpath, str)
         s.get(r, "adminAccess", rpath, bool)
-        s.get(r, "consumedCapacity", rpath, dict)
+        for cap in s.get(r, "consumedCapacity", rpath, dict) or {}:
+            s.get(r["consumedCapacity"], cap, f"{rpath}.consumedCapacity", str, required=True)
     for cpath, c in s.items(devices, "config", "status.allocation.devices", dict):
         s.get(c, "source", cpath, str, required=True)
         s.items(c, "requests", cpath, str)
