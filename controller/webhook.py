@@ -18,6 +18,7 @@ from aiohttp import web
 
 from driver.api import constants as C
 from driver.api.config import validate_claim_configs
+from driver.api.messages import bound_list
 
 log = logging.getLogger("partita.webhook")
 
@@ -42,8 +43,8 @@ def review(body: dict, driver: str) -> dict:
         errors = []
     response: dict = {"uid": uid, "allowed": not errors}
     if errors:
-        response["status"] = {"code": 422, "reason": "Invalid", "message": "; ".join(errors)}
-        log.info("denied %s: %s", where, "; ".join(errors))
+        response["status"] = {"code": 422, "reason": "Invalid", "message": bound_list(errors)}
+        log.info("denied %s: %s", where, response["status"]["message"])
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
 
 

@@ -33,7 +33,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from driver.api.kube import Kube, claims_path  # noqa: E402
+from driver.api.kube import Kube, claim_path, claims_path  # noqa: E402
 from controller.sandbox.plugin import PluginProcess  # noqa: E402
 from driver.api import naming  # noqa: E402
 from driver.kubeletapi.dra.v1 import api_pb2 as dra  # noqa: E402
@@ -84,7 +84,7 @@ async def _create(kube: Kube, claim: dict) -> dict:
     status = claim.pop("status")
     created = await kube.create(claims_path("default"), claim)
     created["status"] = status
-    return await kube.replace(claims_path("default") + f"/{created['metadata']['name']}/status", created)
+    return await kube.replace(claim_path("default", created["metadata"]["name"], status=True), created)
 
 
 async def _bench(args: argparse.Namespace, kube: Kube, plugin: PluginProcess, gpus: list[str]) -> list[dict]:

@@ -154,9 +154,14 @@ def test_plugin_daemonset_mounts_and_update_strategy() -> None:
         assert len(mounts) == len(c["volumeMounts"]), "two volumes mounted at one path"
         hostpaths = {v["name"]: (v.get("hostPath") or {}).get("path") for v in pod["volumes"]}
         cdi_root = "/etc/cdi" if name == "plain-driver" else "/var/run/cdi"
-        for path in ("/var/lib/kubelet/plugins", "/var/lib/kubelet/plugins_registry", cdi_root):
+        plugin_dir = f"/var/lib/kubelet/plugins/{DRIVER_OF.get(name, C.DEFAULT_DRIVER_NAME)}"
+        for path in (plugin_dir, "/var/lib/kubelet/plugins_registry", cdi_root):
             assert hostpaths[mounts[path]["name"]] == path       # same path inside and out: the kubelet dials it
             assert not mounts[path].get("readOnly")
+        # only its own plugin directory: never the kubelet's whole plugins dir (other drivers' sockets)
+        assert "/var/lib/kubelet/plugins" not in mounts and "/var/lib/kubelet/plugins" not in hostpaths.values()
+        assert not [p for p in hostpaths.values() if p and p.startswith("/var/lib/kubelet")
+                    and p not in (plugin_dir, "/var/lib/kubelet/plugins_registry")], hostpaths
         assert ("/dev" in mounts) is not fake
         # real GPUs: the toolkit's CDI spec in /etc/cdi is readable, unless /etc/cdi is the plugin's own root
         if not fake and cdi_root != "/etc/cdi":
@@ -169,6 +174,11 @@ def test_plugin_daemonset_mounts_and_update_strategy() -> None:
         assert env["NVML_BACKEND"] == ("fake" if fake else "real")
         assert env["CDI_ROOT"] == cdi_root and env["DRIVER_NAME"] == DRIVER_OF.get(name, C.DEFAULT_DRIVER_NAME)
         assert c["env"][0] == {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}
+        # metrics on the pod's own IP by default, not 0.0.0.0
+        [addr] = [e for e in c["env"] if e["name"] == "METRICS_ADDRESS"]
+        assert addr == {"name": "METRICS_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+        assert {e["name"]: e.get("value") for e in c["env"]}["KUBELET_PLUGINS_DIRECTORY_PATH"] == \
+            "/var/lib/kubelet/plugins"      # the plugin derives <this>/<driver>, the directory mounted
         assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
                                                 "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
         for probe in ("startupProbe", "livenessProbe"):
@@ -179,6 +189,31 @@ def test_plugin_daemonset_mounts_and_update_strategy() -> None:
             ["containers"][0]["env"]}["FAKE_GPU_PROFILE"] == "/etc/partita/fake-gpus/profile.yaml"
     cm = one("fake-gpus", "ConfigMap")
     parse_profile(yaml.safe_load(cm["data"]["profile.yaml"]), "chart")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "0.0.0.0", "::", "10.1.2.3"])
+def test_plugin_metrics_address_is_a_value(address: str) -> None:
+    out = helm("template", "partita", str(CHART), "--set", f"plugin.metricsAddress={address}").stdout
+    [ds] = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet"]
+    env = ds["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "METRICS_ADDRESS"] == [{"name": "METRICS_ADDRESS", "value": address}]
+
+
+def test_plugin_serves_metrics_on_the_address_it_is_given(monkeypatch) -> None:
+    """The plugin's own default is loopback; the chart's env (METRICS_ADDRESS) overrides it."""
+    import argparse
+
+    from driver.plugin.main import add_arguments
+
+    def parse(*argv: str) -> argparse.Namespace:
+        p = argparse.ArgumentParser()
+        add_arguments(p)
+        return p.parse_args(list(argv))
+    monkeypatch.delenv("METRICS_ADDRESS", raising=False)
+    assert parse().metrics_address == "127.0.0.1"
+    assert parse("--metrics-address", "0.0.0.0").metrics_address == "0.0.0.0"
+    monkeypatch.setenv("METRICS_ADDRESS", "10.1.2.3")
+    assert parse().metrics_address == "10.1.2.3"
 
 
 def test_plugin_env_names_are_flags_of_partita_plugin() -> None:
@@ -253,36 +288,103 @@ def test_rbac_is_least_privilege() -> None:
 
 
 def _validate(policy: dict, request: dict) -> list[str]:
-    """Evaluate a ValidatingAdmissionPolicy's variables and validations like the API server would."""
-    ctx = dict(request)
-    variables = {}
-    for v in policy["spec"].get("variables", []):
-        variables[v["name"]] = cel.compile(v["expression"]).execute(cel.Context({**ctx, "variables": variables}))
+    """Evaluate a ValidatingAdmissionPolicy's variables and validations like the API server would: the
+    messages of the failed validations (a messageExpression evaluated, so an error in it fails the test)."""
+    ctx = {"object": None, "oldObject": None, **request}
     for cond in policy["spec"].get("matchConditions", []):
         if not cel.compile(cond["expression"]).execute(cel.Context(ctx)):
             return []
-    return [v.get("message") or v["messageExpression"] for v in policy["spec"]["validations"]
-            if not cel.compile(v["expression"]).execute(cel.Context({**ctx, "variables": variables}))]
+    variables: dict = {}
+    for v in policy["spec"].get("variables", []):
+        variables[v["name"]] = cel.compile(v["expression"]).execute(cel.Context({**ctx, "variables": variables}))
+    env = cel.Context({**ctx, "variables": variables})
+    out = []
+    for v in policy["spec"]["validations"]:
+        allowed = cel.compile(v["expression"]).execute(env)
+        assert isinstance(allowed, bool), (v["expression"], allowed)
+        if not allowed:
+            out.append(cel.compile(v["messageExpression"]).execute(env) if "messageExpression" in v else v["message"])
+    return out
+
+
+#: the ResourceSlice versions a plugin can write (the fields the policy reads have these names in all)
+SLICE_VERSIONS = ["resource.k8s.io/v1", "resource.k8s.io/v1beta2", "resource.k8s.io/v1beta1"]
+
+
+def _slice_policy(name: str = "defaults") -> dict:
+    [policy] = [p for p in objects(name, "ValidatingAdmissionPolicy") if "own-node-slices" in p["metadata"]["name"]]
+    return policy
+
+
+def _slice_request(op: str, user_node: str | None, new: dict | None, old: dict | None,
+                   user: str = "system:serviceaccount:partita-system:partita-plugin") -> dict:
+    extra = {"authentication.kubernetes.io/node-name": [user_node]} if user_node else {}
+    return {"request": {"operation": op, "userInfo": {"username": user, "extra": extra}}, "object": new,
+            "oldObject": old}
+
+
+def _slice(node: str | None = "node-a", pool: str | None = None, driver: str = C.DEFAULT_DRIVER_NAME,
+           version: str = "resource.k8s.io/v1", **spec: object) -> dict:
+    body: dict = {"driver": driver, "pool": {"name": pool or node or "", "generation": 1, "resourceSliceCount": 1},
+                  **spec}
+    if node is not None:
+        body["nodeName"] = node
+    if pool == "":
+        del body["pool"]
+    return {"apiVersion": version, "kind": "ResourceSlice", "metadata": {"name": f"{node}-gpu-x"}, "spec": body}
 
 
 def test_plugins_may_write_only_their_own_nodes_slices() -> None:
-    [policy] = [p for p in objects("defaults", "ValidatingAdmissionPolicy") if "own-node-slices" in p["metadata"]["name"]]
+    policy = _slice_policy()
     [binding] = [b for b in objects("defaults", "ValidatingAdmissionPolicyBinding")
                  if b["spec"]["policyName"] == policy["metadata"]["name"]]
     assert binding["spec"]["validationActions"] == ["Deny"]
-    sa = "system:serviceaccount:partita-system:partita-plugin"
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    rule = policy["spec"]["matchConstraints"]["resourceRules"][0]
+    assert rule["apiVersions"] == ["*"] and set(rule["operations"]) == {"CREATE", "UPDATE", "DELETE"}
 
-    def req(op: str, user_node: str | None, slice_node: str, user: str = sa) -> dict:
-        extra = {"authentication.kubernetes.io/node-name": [user_node]} if user_node else {}
-        obj = {"spec": {"nodeName": slice_node, "driver": C.DEFAULT_DRIVER_NAME}}
-        return {"request": {"operation": op, "userInfo": {"username": user, "extra": extra}},
-                "object": None if op == "DELETE" else obj, "oldObject": obj if op != "CREATE" else None}
-    assert _validate(policy, req("CREATE", "node-a", "node-a")) == []
-    assert _validate(policy, req("DELETE", "node-a", "node-a")) == []
-    assert len(_validate(policy, req("CREATE", "node-a", "node-b"))) == 1
-    assert len(_validate(policy, req("DELETE", "node-a", "node-b"))) == 1
-    assert len(_validate(policy, req("CREATE", None, "node-a"))) == 2          # token without node info
-    assert _validate(policy, req("CREATE", None, "node-b", user="system:admin")) == []   # not the plugin
+    def check(op: str, user_node: str | None, new: dict | None, old: dict | None, **kw: str) -> list[str]:
+        return _validate(policy, _slice_request(op, user_node, new, old, **kw))
+
+    for v in SLICE_VERSIONS:
+        mine, theirs = _slice("node-a", version=v), _slice("node-b", version=v)
+        assert check("CREATE", "node-a", mine, None) == []
+        assert check("UPDATE", "node-a", mine, mine) == []
+        assert check("DELETE", "node-a", None, mine) == []
+        assert check("CREATE", "node-a", theirs, None) == [
+            "the Partita plugin on node node-a may not write ResourceSlices of node 'node-b' (spec.nodeName, old and "
+            "new, must be its own node)",
+            "the Partita plugin on node node-a may not write ResourceSlices of pool 'node-b' (spec.pool.name, old and "
+            "new, must be its node's name)"]
+        assert len(check("DELETE", "node-a", None, theirs)) == 2
+        assert len(check("UPDATE", "node-a", theirs, theirs)) == 2
+        # the bypasses: moving another node's slice here (only the new object names this node) ...
+        moved = check("UPDATE", "node-a", mine, theirs)
+        assert len(moved) == 2 and "node 'node-b'" in moved[0] and "pool 'node-b'" in moved[1], moved
+        assert len(check("UPDATE", "node-a", theirs, mine)) == 2          # ... or moving this node's away
+        # ... a slice of another node's pool published with this node's name ...
+        assert check("CREATE", "node-a", _slice("node-a", pool="node-b", version=v), None) == [
+            "the Partita plugin on node node-a may not write ResourceSlices of pool 'node-b' (spec.pool.name, old and "
+            "new, must be its node's name)"]
+        assert len(check("UPDATE", "node-a", _slice("node-a", pool="node-b", version=v), mine)) == 1
+        # ... a slice of another driver
+        assert check("CREATE", "node-a", _slice("node-a", driver="gpu.example.com", version=v), None) == [
+            "the Partita plugin may not write ResourceSlices of driver 'gpu.example.com' (spec.driver, old and new, "
+            f"must be {C.DEFAULT_DRIVER_NAME})"]
+        assert len(check("UPDATE", "node-a", mine, _slice("node-a", driver="gpu.example.com", version=v))) == 1
+        assert len(check("DELETE", "node-a", None, _slice("node-a", driver="gpu.example.com", version=v))) == 1
+        # slices that select nodes some other way, or lack a pool: not the plugin's own node's
+        assert len(check("CREATE", "node-a", _slice(None, pool="node-a", allNodes=True, version=v), None)) == 1
+        assert len(check("CREATE", "node-a", _slice("node-a", pool="", version=v), None)) == 1
+        assert len(check("CREATE", "node-a", {"apiVersion": v, "kind": "ResourceSlice", "metadata": {}}, None)) == 3
+    assert len(check("CREATE", None, _slice("node-a"), None)) == 3           # token without node info
+    assert check("CREATE", None, _slice("node-b"), None, user="system:admin") == []   # not the plugin
+    assert check("UPDATE", None, _slice("node-b"), _slice("node-c"), user="system:admin") == []
+    # another release's driver name is the one its policy requires
+    other = _slice_policy("other-driver")
+    req = _slice_request("CREATE", "node-a", _slice("node-a", driver="gpu.example.com"), None)
+    assert _validate(other, req) == []
+    assert len(_validate(other, _slice_request("CREATE", "node-a", _slice("node-a"), None))) == 1
 
 
 def test_claims_may_not_tolerate_the_managed_taint_in_controller_mode() -> None:
@@ -290,13 +392,29 @@ def test_claims_may_not_tolerate_the_managed_taint_in_controller_mode() -> None:
                 for p in objects("defaults", "ValidatingAdmissionPolicy") if "no-managed-toleration" in p["metadata"]["name"]}
     assert set(policies) == {"resourceclaims", "resourceclaimtemplates"}
 
-    def claim(tolerations: list[dict] | None, first_available: bool = False) -> dict:
+    for p in policies.values():
+        rule = p["spec"]["matchConstraints"]["resourceRules"][0]
+        assert rule["apiVersions"] == ["*"] and p["spec"]["failurePolicy"] == "Fail"   # every served version
+
+    def claim(tolerations: list[dict] | None, shape: str = "exactly", version: str = "v1") -> dict:
+        """A claim spec in ``version``'s shape: v1 and v1beta2 wrap a request in exactly or firstAvailable;
+        v1beta1 has the exact request's fields on the request itself (shape "exactly" = that)."""
         req: dict = {"deviceClassName": "gpu.partita.dev"}
         if tolerations is not None:
             req["tolerations"] = tolerations
-        request = {"name": "gpu", "firstAvailable": [{"name": "a", **req}]} if first_available else \
-            {"name": "gpu", "exactly": req}
-        return {"spec": {"devices": {"requests": [request]}}}
+        if shape == "firstAvailable":
+            # a harmless first alternative, the toleration in a later one
+            request = {"name": "gpu", "firstAvailable": [{"name": "a", "deviceClassName": "gpu.partita.dev"},
+                                                         {"name": "b", **req}]}
+        elif version == "v1beta1":
+            request = {"name": "gpu", **req, "allocationMode": "ExactCount", "count": 1}
+        else:
+            request = {"name": "gpu", "exactly": req}
+        # the toleration in a later request than the first
+        return {"apiVersion": f"resource.k8s.io/{version}", "kind": "ResourceClaim",
+                "spec": {"devices": {"requests": [{"name": "other", **({"exactly": {"deviceClassName": "x"}}
+                                                                        if version != "v1beta1" else
+                                                                        {"deviceClassName": "x"})}, request]}}}
 
     def denied(c: dict) -> tuple[int, int]:
         return (len(_validate(policies["resourceclaims"], {"object": c})),
@@ -313,11 +431,16 @@ def test_claims_may_not_tolerate_the_managed_taint_in_controller_mode() -> None:
            [{"key": key, "value": value}],                              # operator defaults to Equal
            [{"operator": "Exists"}], [{"key": "", "operator": "Exists", "effect": effect}],
            [{"key": "example.com/other", "operator": "Exists"}, {"operator": "Exists"}]]
-    for fa in (False, True):
-        for t in ok:
-            assert denied(claim(t, fa)) == (0, 0), t
-        for t in bad:
-            assert denied(claim(t, fa)) == (1, 1), t
+    for version in ("v1", "v1beta2", "v1beta1"):
+        for shape in ("exactly", "firstAvailable"):
+            for t in ok:
+                assert denied(claim(t, shape, version)) == (0, 0), (version, shape, t)
+            for t in bad:
+                assert denied(claim(t, shape, version)) == (1, 1), (version, shape, t)
+    # the v1beta1 bypass as found: tolerations directly on the request, no exactly/firstAvailable
+    beta = {"spec": {"devices": {"requests": [{"name": "gpu", "deviceClassName": "gpu.partita.dev",
+                                               "tolerations": [{"key": key, "operator": "Exists"}]}]}}}
+    assert denied(beta) == (1, 1)
     # claims without devices or requests are valid API objects: no CEL error (failurePolicy Fail would deny them)
     for empty in ({"spec": {}}, {"spec": {"devices": {}}}, {"spec": {"devices": {"requests": []}}}):
         assert denied(empty) == (0, 0), empty
@@ -364,6 +487,7 @@ def test_webhook_is_wired_to_its_service_and_certificate() -> None:
       "--set", "fakeGpu.profile.nodes[0].gpus[0].unhealthy[0]=2"],
      "fakeGpu.profile.nodes[0].gpus[0].unhealthy: index 2 is outside 0..1"),
     (["--set", "plugin.metricsPort=0"], "/plugin/metricsPort"),
+    (["--set", "plugin.metricsAddress=all interfaces"], "/plugin/metricsAddress"),
     (["--set", "plugin.cdiRoot=var/run/cdi"], "/plugin/cdiRoot"),
     (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
     (["--set", "unknownKey=1"], "unknownKey"),

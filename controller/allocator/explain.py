@@ -577,7 +577,7 @@ def _nodes(docs: Sequence[Mapping]) -> list[Node]:
 
 
 async def _from_cluster(kube_api: str | None, claim_name: str | None) -> dict:
-    from driver.api.kube import Kube, KubeError
+    from driver.api.kube import CLAIMS, DEVICE_CLASSES, NODES, SLICES, InvalidName, Kube, KubeError, claim_path
 
     try:
         kube = await Kube.connect(kube_api)
@@ -590,17 +590,16 @@ async def _from_cluster(kube_api: str | None, claim_name: str | None) -> dict:
         if claim_name:
             ns, _, name = claim_name.rpartition("/")
             try:
-                out["claim"] = await kube.get(
-                    f"/apis/resource.k8s.io/v1/namespaces/{ns or 'default'}/resourceclaims/{name}")
+                out["claim"] = await kube.get(claim_path(ns or "default", name))
+            except InvalidName as e:
+                raise ExplainInputError(f"--claim {claim_name}: {e}; give it as NAMESPACE/NAME") from None
             except KubeError as e:
                 if e.not_found:
                     raise ExplainInputError(f"--claim {claim_name}: ResourceClaim {name} not found in namespace "
                                             f"{ns or 'default'}; give it as NAMESPACE/NAME") from None
                 raise
-        for key, kind, path in (("slices", "ResourceSlice", "/apis/resource.k8s.io/v1/resourceslices"),
-                                ("classes", "DeviceClass", "/apis/resource.k8s.io/v1/deviceclasses"),
-                                ("claims", "ResourceClaim", "/apis/resource.k8s.io/v1/resourceclaims"),
-                                ("nodes", "Node", "/api/v1/nodes")):
+        for key, kind, path in (("slices", "ResourceSlice", SLICES), ("classes", "DeviceClass", DEVICE_CLASSES),
+                                ("claims", "ResourceClaim", CLAIMS), ("nodes", "Node", NODES)):
             try:
                 items = (await kube.list(path)).get("items") or []
             except KubeError:

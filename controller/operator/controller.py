@@ -18,6 +18,7 @@ from controller.allocator.nodeselector import node_matches
 from driver.api import constants as C
 from driver.api.config import validate_claim_configs
 from driver.api.kube import Kube, KubeError, claim_path
+from driver.api.messages import bound_list
 
 from . import metrics
 from .cache import Cache
@@ -196,8 +197,8 @@ class Controller:
         for c in todo:
             errors += validate_claim_configs(c.get("spec") or {}, self.cfg.driver_name, f"claim {key(c)} spec.devices")
         if errors:
-            self.why_pending[pod_key] = "; ".join(errors)
-            await self.events.post(pod, "Warning", "PartitaInvalidConfig", "; ".join(errors))
+            self.why_pending[pod_key] = bound_list(errors)
+            await self.events.post(pod, "Warning", "PartitaInvalidConfig", self.why_pending[pod_key])
             self._backoff(k)
             return
         if self.cfg.allocation_mode != C.ALLOCATION_MODE_CONTROLLER:

@@ -11,11 +11,11 @@ import logging
 import time
 from typing import Mapping
 
-from driver.api.kube import Kube, KubeError
+from driver.api.kube import InvalidName, Kube, KubeError, namespaced_path
+from driver.api.messages import MAX_MESSAGE, bound
 
 log = logging.getLogger(__name__)
 COMPONENT = "partita-controller"
-MAX_MESSAGE = 1024
 
 
 class EventRecorder:
@@ -35,8 +35,7 @@ class EventRecorder:
         self._seen[k] = now
         if len(self._seen) > 10000:
             self._seen = {x: t for x, t in self._seen.items() if now - t < self._dedup}
-        if len(message) > MAX_MESSAGE:
-            message = message[:MAX_MESSAGE - 3] + "..."
+        message = bound(message, MAX_MESSAGE)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         body = {
             "apiVersion": "v1", "kind": "Event",
@@ -49,6 +48,6 @@ class EventRecorder:
         }
         self.posted.append((k[0], reason, message))
         try:
-            await self._kube.create(f"/api/v1/namespaces/{ns}/events", body)
-        except (KubeError, OSError) as e:
+            await self._kube.create(namespaced_path("/api/v1", ns, "events", kind="Event"), body)
+        except (KubeError, InvalidName, OSError) as e:
             log.warning("could not post event %s on %s: %s", reason, k[0], e)

@@ -10,7 +10,7 @@ import logging
 import socket
 import uuid
 
-from driver.api.kube import Kube, KubeError
+from driver.api.kube import Kube, KubeError, namespaced_path
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ class LeaderElector:
     def __init__(self, kube: Kube, namespace: str, name: str, identity: str | None = None,
                  lease_seconds: int = 15, retry_seconds: float = 2.0):
         self._kube = kube
-        self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}"
-        self.collection = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+        self.path = namespaced_path("/apis/coordination.k8s.io/v1", namespace, "leases", name, kind="Lease")
+        self.collection = namespaced_path("/apis/coordination.k8s.io/v1", namespace, "leases", kind="Lease")
         self.namespace, self.name = namespace, name
         self.identity = identity or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.lease_seconds = lease_seconds

@@ -24,6 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from driver.api.messages import bound_list, brief
 from driver.api.quantity import Quantity, QuantityError
 
 API_VERSION = "gpu.partita.dev/v1alpha1"
@@ -120,13 +121,13 @@ def parse_gpu_config(parameters: object, where: str = "opaque.parameters") -> Gp
                 msg = "unknown field; remove it"
             elif leaf in _ALLOWED and err["type"] in ("literal_error", "greater_than_equal", "less_than_equal",
                                                        "int_parsing", "int_type"):
-                msg = f"must be {_ALLOWED[leaf]}, got {err.get('input')!r}"
+                msg = f"must be {_ALLOWED[leaf]}, got {brief(err.get('input'))}"
             elif err["type"] == "missing":
                 msg = "required field is missing"
             else:
                 msg = err["msg"].removeprefix("Value error, ")
             msgs.append(f"{where}.{path}: {msg}" if path else f"{where}: {msg}")
-        raise ConfigError("; ".join(msgs)) from None
+        raise ConfigError(bound_list(msgs)) from None
 
 
 def config_applies(config_requests: list[str] | None, request: str) -> bool:

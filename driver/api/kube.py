@@ -15,7 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Any, AsyncIterator, Mapping
+from urllib.parse import quote
+
+from driver.api.messages import bound, brief
 
 log = logging.getLogger(__name__)
 
@@ -25,30 +29,82 @@ SLICES = "/apis/resource.k8s.io/v1/resourceslices"
 DEVICE_CLASSES = "/apis/resource.k8s.io/v1/deviceclasses"
 NODES = "/api/v1/nodes"
 PODS = "/api/v1/pods"
+CLAIMS = "/apis/resource.k8s.io/v1/resourceclaims"
+
+# -- object names in API paths ------------------------------------------------------------------
+# Every path this module builds validates each name (DNS-1123, as the API server validates the
+# object's metadata) and percent-quotes it as one path segment, so a name such as
+# ``../../api/v1/nodes/x`` or ``x?watch=true`` can never address another object or open a watch.
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+MAX_LABEL = 63
+MAX_SUBDOMAIN = 253
+
+
+class InvalidName(ValueError):
+    """A namespace or object name that is not a valid Kubernetes name; the message names the field."""
+
+    def __init__(self, field: str, value: object, rule: str):
+        super().__init__(f"{field} {brief(value)} is not a valid Kubernetes name: {rule}")
+        self.field = field
+
+
+def check_namespace(value: object, field: str = "namespace") -> str:
+    """A namespace is a DNS-1123 label: at most 63 lowercase alphanumerics or '-', alphanumeric at both ends."""
+    if not isinstance(value, str) or len(value) > MAX_LABEL or not _DNS_LABEL.fullmatch(value):
+        raise InvalidName(field, value, f"a namespace must be a DNS-1123 label (at most {MAX_LABEL} lowercase "
+                                        "letters, digits or '-', starting and ending with a letter or digit)")
+    return value
+
+
+def check_name(value: object, field: str = "name") -> str:
+    """An object name (claim, node, slice, lease) is a DNS-1123 subdomain: at most 253 characters of
+    DNS labels joined by '.'."""
+    if not isinstance(value, str) or len(value) > MAX_SUBDOMAIN or not _DNS_SUBDOMAIN.fullmatch(value):
+        raise InvalidName(field, value, f"an object name must be a DNS-1123 subdomain (at most {MAX_SUBDOMAIN} "
+                                        "lowercase letters, digits, '-' or '.', starting and ending with a letter "
+                                        "or digit)")
+    return value
+
+
+def segment(value: str) -> str:
+    """One path segment, percent-quoted ('/', '?', '#', '%' and the rest escaped)."""
+    return quote(value, safe="")
+
+
+def namespaced_path(collection: str, namespace: str, plural: str, name: str | None = None, *,
+                    kind: str = "object") -> str:
+    """``<collection>/namespaces/<ns>/<plural>[/<name>]`` for an API prefix such as ``/api/v1`` or
+    ``/apis/coordination.k8s.io/v1``, with both names checked and quoted."""
+    path = f"{collection}/namespaces/{segment(check_namespace(namespace, f'{kind} namespace'))}/{plural}"
+    return f"{path}/{segment(check_name(name, f'{kind} name'))}" if name is not None else path
 
 
 def claims_path(namespace: str | None = None) -> str:
-    return f"/apis/resource.k8s.io/v1/namespaces/{namespace}/resourceclaims" if namespace else \
-        "/apis/resource.k8s.io/v1/resourceclaims"
+    return namespaced_path("/apis/resource.k8s.io/v1", namespace, "resourceclaims", kind="ResourceClaim") \
+        if namespace else CLAIMS
 
 
 def claim_path(namespace: str, name: str, status: bool = False) -> str:
-    return f"{claims_path(namespace)}/{name}" + ("/status" if status else "")
+    return namespaced_path("/apis/resource.k8s.io/v1", namespace, "resourceclaims", name, kind="ResourceClaim") \
+        + ("/status" if status else "")
 
 
 def slice_path(name: str) -> str:
-    return f"{SLICES}/{name}"
+    return f"{SLICES}/{segment(check_name(name, 'ResourceSlice name'))}"
 
 
 def node_path(name: str) -> str:
-    return f"{NODES}/{name}"
+    return f"{NODES}/{segment(check_name(name, 'Node name'))}"
 
 
 class KubeError(Exception):
     """A non-2xx answer from the API server (``status`` is the HTTP status, ``reason`` the Status reason)."""
 
     def __init__(self, status: int, reason: str, message: str, method: str = "", path: str = ""):
-        super().__init__(f"{method} {path}: {status} {reason}: {message}".strip())
+        message = bound(str(message))        # an API server message may quote a whole object
+        super().__init__(bound(f"{method} {path}: {status} {reason}: {message}".strip()))
         self.status = status
         self.reason = reason
         self.message = message
@@ -123,11 +179,11 @@ class Kube:
             data = await resp.read()
         finally:
             resp.release()
-        obj = json.loads(data) if data else {}
         if resp.status >= 400:
-            raise KubeError(resp.status, obj.get("reason", resp.reason or ""), obj.get("message", data.decode()[:500]),
-                            method, path)
-        return obj
+            obj = _status(data)
+            raise KubeError(resp.status, obj.get("reason", resp.reason or ""),
+                            obj.get("message", data[:500].decode("utf-8", "replace")), method, path)
+        return json.loads(data) if data else {}
 
     async def get(self, path: str, **params: Any) -> dict:
         return await self.request("GET", path, params=params)
@@ -165,8 +221,7 @@ class Kube:
         resp = await self._send("GET", path, q, None, None, timeout_seconds + 30)
         try:
             if resp.status >= 400:
-                data = await resp.read()
-                obj = json.loads(data) if data else {}
+                obj = _status(await resp.read())
                 raise KubeError(resp.status, obj.get("reason", ""), obj.get("message", ""), "WATCH", path)
             buf = b""
             async for chunk in resp.content.iter_any():
@@ -177,6 +232,15 @@ class Kube:
                         yield json.loads(line)
         finally:
             resp.release()
+
+
+def _status(data: bytes) -> dict:
+    """The Status object of an error answer; {} when the body is not one (a proxy's HTML page)."""
+    try:
+        obj = json.loads(data) if data else {}
+    except ValueError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
 
 
 def _qv(v: Any) -> str:

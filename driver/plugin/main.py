@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from driver.api import constants as C
-from driver.api.kube import Kube, KubeError
+from driver.api.kube import InvalidName, Kube, KubeError, check_name
 from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
 from driver.plugin.claims import KubeClaimSource
@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="gRPC health (service 'liveness') port, -1 = off (env HEALTH_PORT)")
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "8080") or 8080),
                    help="Prometheus metrics port, -1 = off (env METRICS_PORT)")
+    p.add_argument("--metrics-address", default=_env("METRICS_ADDRESS") or "127.0.0.1",
+                   help="IP address to serve metrics on (env METRICS_ADDRESS; default %(default)s; the chart "
+                        "sets the pod IP; 0.0.0.0 serves every interface)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="log level (env LOG_LEVEL)")
 
 
@@ -71,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.node_name:
         print("partita plugin: --node-name (or NODE_NAME) is required; in the DaemonSet it comes from "
               "spec.nodeName through the downward API", file=sys.stderr)
+        return 2
+    try:
+        check_name(args.node_name, "--node-name (NODE_NAME)")
+        check_name(args.driver_name, "--driver-name (DRIVER_NAME)")
+    except InvalidName as e:
+        print(f"partita plugin: {e}", file=sys.stderr)
         return 2
     try:
         return asyncio.run(serve(args))
@@ -160,7 +169,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
         if args.metrics_port >= 0:
             from prometheus_client import start_http_server
 
-            start_http_server(args.metrics_port)
+            start_http_server(args.metrics_port, addr=args.metrics_address)
         tasks.append(asyncio.create_task(_cleanup_later(state, claims), name="stale-claims"))
         if ready is not None:
             ready.set()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 
+from driver.api.messages import MAX_MESSAGE, MIN_MESSAGE, bound
 from driver.kubeletapi.dra.v1 import api_pb2 as v1
 from driver.kubeletapi.dra.v1 import api_pb2_grpc as v1_grpc
 from driver.kubeletapi.dra.v1beta1 import api_pb2 as v1beta1
@@ -22,13 +23,35 @@ from driver.kubeletapi.dra.v1beta1 import api_pb2_grpc as v1beta1_grpc
 from driver.kubeletapi.pluginregistration.v1 import api_pb2 as reg
 from driver.kubeletapi.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from driver.plugin import metrics
-from driver.plugin.claims import ClaimSource
+from driver.plugin.claims import ClaimSource, check_claim_ref, check_claim_shape
 from driver.plugin.prepare import ClaimRef, DeviceState
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_VERSIONS = ["v1.DRAPlugin", "v1beta1.DRAPlugin"]
 PLUGIN_TYPE = "DRAPlugin"
+#: the kubelet's gRPC client receives at most 4 MiB (grpc-go's default); a larger answer fails every
+#: claim in the call, so the errors are shortened until the whole response fits below this
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024 - 64 * 1024
+
+
+def bound_errors(resp, errors: dict[str, str]) -> None:  # noqa: ANN001 - a v1 or v1beta1 response
+    """Set each claim's error in ``resp.claims``, each at most MAX_MESSAGE bytes, and shorter still when
+    that would make the response exceed MAX_RESPONSE_BYTES."""
+    failed = {uid: e for uid, e in errors.items() if e}
+    for uid, e in failed.items():
+        resp.claims[uid].error = bound(e, MAX_MESSAGE)
+    size = resp.ByteSize()
+    if size <= MAX_RESPONSE_BYTES or not failed:
+        return
+    error_bytes = sum(len(resp.claims[uid].error.encode()) for uid in failed)
+    room = MAX_RESPONSE_BYTES - (size - error_bytes)
+    limit = max(MIN_MESSAGE, room // len(failed) - 8)      # 8: the length prefix grows less than this
+    for uid, e in failed.items():
+        resp.claims[uid].error = bound(e, limit)
+    if resp.ByteSize() > MAX_RESPONSE_BYTES:
+        log.error("the response for %d claims is %d bytes even with each error cut to %d bytes; the kubelet "
+                  "may refuse it", len(resp.claims), resp.ByteSize(), limit)
 
 
 class DraService:
@@ -39,15 +62,13 @@ class DraService:
         self.claims = claims
 
     async def _fetch(self, ref: ClaimRef) -> dict | Exception:
-        if not ref.uid or not ref.name or not ref.namespace:
-            from driver.plugin.prepare import PrepareError, check_request
-
-            try:
-                check_request(ref)
-            except PrepareError as e:
-                return e
+        """The claim the kubelet names, read only when its names are valid, and checked for the fields
+        Prepare reads; else the error for this claim."""
         try:
-            return await self.claims.get(ref)
+            check_claim_ref(ref)
+            claim = await self.claims.get(ref)
+            check_claim_shape(ref, claim)
+            return claim
         except Exception as e:  # noqa: BLE001 - reported per claim
             return e
 
@@ -57,11 +78,12 @@ class DraService:
         fetched = await asyncio.gather(*(self._fetch(r) for r in refs))
         results = await self.state.prepare(list(zip(refs, fetched)))
         resp = pb.NodePrepareResourcesResponse()
+        errors: dict[str, str] = {}
         for ref in refs:
             res = results[ref.uid]
             out = resp.claims[ref.uid]
             if res.error:
-                out.error = res.error
+                errors[ref.uid] = res.error
                 metrics.PREPARE_ERRORS.inc()
                 continue
             for d in res.devices:
@@ -69,6 +91,7 @@ class DraService:
                                       cdi_device_ids=d.cdi_device_ids)
                 if d.share_id and pb is v1:
                     dev.share_id = d.share_id
+        bound_errors(resp, errors)
         metrics.PREPARE_SECONDS.observe(time.perf_counter() - start)
         metrics.PREPARED_CLAIMS.set(self.state.prepared_count)
         return resp
@@ -79,9 +102,10 @@ class DraService:
         errors = await self.state.unprepare(refs)
         resp = pb.NodeUnprepareResourcesResponse()
         for ref in refs:
-            resp.claims[ref.uid].error = errors.get(ref.uid, "")
+            resp.claims[ref.uid].error = ""
             if errors.get(ref.uid):
                 metrics.UNPREPARE_ERRORS.inc()
+        bound_errors(resp, errors)
         metrics.UNPREPARE_SECONDS.observe(time.perf_counter() - start)
         metrics.PREPARED_CLAIMS.set(self.state.prepared_count)
         return resp
