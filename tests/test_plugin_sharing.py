@@ -281,3 +281,18 @@ def test_a_recorded_pid_that_is_not_the_daemon_is_never_signalled(node) -> None:
     finally:
         victim.kill()
         victim.wait()
+
+
+def test_the_last_share_of_a_gpu_without_mig_restores_its_time_slice(tmp_path) -> None:
+    """An L4 has no MIG mode (NVML: Not Supported): restoring its defaults must not ask for it."""
+    backend = open_backend("fake", profile=profile_from_spec("L4:1", NODE), node_name=NODE, state_dir=tmp_path / "n")
+    backend.init()
+    inv = discover(backend, NODE)
+    state = DeviceState(driver_name=DRIVER, node_name=NODE, backend=backend, inventory=inv, cdi_root=tmp_path / "cdi",
+                        plugin_dir=tmp_path / "p", cdi_search_dirs=[])
+    share = _share_claim("ts", 0, inv, sharing={"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}})
+    assert _prepare(state, share)[share["metadata"]["uid"]].error == ""
+    h = backend.device_by_uuid(inv.gpus[0].uuid)
+    assert backend.time_slice(h) == "Long"
+    assert _unprepare(state, share) == {share["metadata"]["uid"]: ""}
+    assert backend.time_slice(h) == "Default" and state.prepared_claims() == {}

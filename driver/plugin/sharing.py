@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from driver.api import constants as C
 from driver.api.quantity import Quantity, QuantityError
 from driver.nvml import NvmlBackend
+from driver.nvml.errors import NotSupportedError
 from driver.nvml.interface import COMPUTE_MODE_DEFAULT, COMPUTE_MODE_EXCLUSIVE_PROCESS
 from driver.plugin import cdi
 from driver.plugin.checkpoint import Checkpoint, PreparedDevice
@@ -143,9 +144,15 @@ class Sharing:
                 log.warning("%s", e)
             if self.backend.compute_mode(h) != COMPUTE_MODE_DEFAULT:
                 self.backend.set_compute_mode(h, COMPUTE_MODE_DEFAULT)
-            if self.backend.time_slice(h) != DEFAULT_INTERVAL and not self.backend.mig_mode(h).current:
+            if self.backend.time_slice(h) != DEFAULT_INTERVAL and not self._mig_on(h):
                 self.backend.set_time_slice(h, DEFAULT_INTERVAL)
             log.info("GPU %s has no shares left: restored its defaults", uuid)
+
+    def _mig_on(self, h: object) -> bool:
+        try:
+            return self.backend.mig_mode(h).current
+        except NotSupportedError:        # not MIG capable (L4, T4, ...)
+            return False
 
     def reconcile(self, cp: Checkpoint) -> None:
         """At start: restart daemons prepared MPS shares need (after a reboot), stop orphaned ones."""
