@@ -209,3 +209,17 @@ def test_an_empty_or_malformed_selector_selects_nothing(node) -> None:
                         "operator 'Near'")):
         err = _prepare(state, _with_selector(allocated_claim("odd", [_gpu(inv, 0)]), terms))
         assert "does not select this node node-a" in err and why in err, err
+
+
+def test_a_gpu_stuck_in_mig_mode_is_not_prepared_whole_or_shared(tmp_path) -> None:
+    profile = parse_profile({"apiVersion": "gpu.partita.dev/v1alpha1", "kind": "FakeGpuProfile", "nodes": [
+        {"name": NODE, "gpus": [{"model": "A100-SXM4-40GB", "count": 1, "migEnabled": True}]}]})
+    backend = open_backend("fake", profile=profile, node_name=NODE, state_dir=tmp_path / "nvml")
+    backend.init()
+    inv = discover(backend, NODE)
+    state = DeviceState(driver_name="gpu.partita.dev", node_name=NODE, backend=backend, inventory=inv,
+                        cdi_root=tmp_path / "cdi", plugin_dir=tmp_path / "p", cdi_search_dirs=[])
+    for claim in (allocated_claim("whole", [_gpu(inv, 0)]), _share("share", inv, 0, S1)):
+        err = _prepare(state, claim)
+        assert "is in MIG mode, which it leaves only with a GPU reset" in err and "claim default/" in err
+    _ok(state, allocated_claim("mig", [_mig(inv, 0, "1g.5gb", 0)]))

@@ -8,6 +8,8 @@ refuses, naming both claims and the device,
   does not select this node, by name or by this Node's labels;
 * a shareID that is not a UUID (upstream: a lowercase 8-4-4-4-12 UID), a shared device without one, a
   dedicated device with one, and a shareID of a device used by another share already;
+* whole or shared use of a GPU stuck in MIG mode (Ampere: only a reset leaves it), which the node
+  does not offer;
 * a second use of a GPU across modes: a GPU is used whole, or as MIG devices, or shared — one claim
   at a time whole, never mixed;
 * MIG devices whose memory slices overlap (placement start + the profile's slice count), or more
@@ -31,6 +33,7 @@ from driver.api.nodeselector import NodeFacts, selected_node_names, selector_mis
 from driver.api.quantity import Quantity, QuantityError, format_bytes
 from driver.plugin.checkpoint import PreparedClaim, PreparedDevice
 from driver.plugin.devices import DeviceRef
+from driver.slices import whole_gpu_usable
 
 #: upstream ``validateUID`` of a result's shareID: a lowercase UUID in 8-4-4-4-12 form
 SHARE_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -107,6 +110,11 @@ def _consumed_memory(claim: str, result: Mapping, dev: DeviceRef) -> int:
 def _new_use(claim: ClaimId, result: Mapping, dev: DeviceRef) -> Use:
     name = f"{claim.namespace}/{claim.name}"
     share = result.get("shareID")
+    if dev.type in (C.DEVICE_TYPE_GPU, C.DEVICE_TYPE_SHARED) and not whole_gpu_usable(dev.gpu):
+        raise AdmissionError(f"claim {name}: device {dev.name} cannot be prepared: GPU {dev.gpu.uuid} "
+                             f"({dev.gpu.architecture}) is in MIG mode, which it leaves only with a GPU reset, so "
+                             "this node offers only its MIG devices; the allocation is stale or forged — delete the "
+                             "claim so it is allocated again (or disable MIG on the GPU and reset it)")
     if dev.type == C.DEVICE_TYPE_SHARED:
         if not share:
             raise AdmissionError(f"claim {name}: status.allocation.devices.results device {dev.name} is a shared GPU "
