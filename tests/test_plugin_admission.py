@@ -206,7 +206,9 @@ def test_an_empty_or_malformed_selector_selects_nothing(node) -> None:
                        ([{"matchFields": [{"key": "metadata.uid", "operator": "In", "values": ["x"]}]}],
                         "not supported"),
                        ([{"matchExpressions": [{"key": "zone", "operator": "Near", "values": ["a"]}]}],
-                        "operator 'Near'")):
+                        "operator 'Near'"),
+                       (["zone=a"], "term 0: malformed"),
+                       ([{"matchFields": ["metadata.name"]}], "term 0: malformed")):
         err = _prepare(state, _with_selector(allocated_claim("odd", [_gpu(inv, 0)]), terms))
         assert "does not select this node node-a" in err and why in err, err
 

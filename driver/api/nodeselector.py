@@ -91,9 +91,17 @@ def selector_mismatch(selector: Mapping | None, node: NodeFacts) -> list[str] | 
     """None when ``selector`` (unset: every node) selects the node, else one reason per term."""
     if not selector:
         return None
+    if not isinstance(selector, Mapping):
+        return [f"it is not an object ({selector!r})"]
     terms = selector.get("nodeSelectorTerms") or []
+    if not isinstance(terms, list):
+        return [f"nodeSelectorTerms is not a list ({terms!r})"]
     reasons = []
     for i, term in enumerate(terms):
+        if not isinstance(term, Mapping) or not all(
+                isinstance(r, Mapping) for k in ("matchExpressions", "matchFields") for r in term.get(k) or []):
+            reasons.append(f"term {i}: malformed ({term!r})")
+            continue
         why = term_mismatch(term, node)
         if why is None:
             return None
@@ -104,16 +112,16 @@ def selector_mismatch(selector: Mapping | None, node: NodeFacts) -> list[str] | 
 def selected_node_names(selector: Mapping | None) -> set[str] | None:
     """The node names a selector made only of ``matchFields metadata.name In [x]`` terms allows; None
     when it uses anything else."""
-    if not selector:
+    if not selector or not isinstance(selector, Mapping):
         return None
     terms = selector.get("nodeSelectorTerms") or []
-    if not terms:
+    if not terms or not isinstance(terms, list) or not all(isinstance(t, Mapping) for t in terms):
         return None
     names: set[str] = set()
     for term in terms:
         fields = term.get("matchFields") or []
-        if term.get("matchExpressions") or len(fields) != 1 or fields[0].get("key") != "metadata.name" \
-                or fields[0].get("operator") != "In":
+        if term.get("matchExpressions") or len(fields) != 1 or not isinstance(fields[0], Mapping) \
+                or fields[0].get("key") != "metadata.name" or fields[0].get("operator") != "In":
             return None
         names.update(fields[0].get("values") or [])
     return names
