@@ -296,3 +296,34 @@ def test_the_last_share_of_a_gpu_without_mig_restores_its_time_slice(tmp_path) -
     assert backend.time_slice(h) == "Long"
     assert _unprepare(state, share) == {share["metadata"]["uid"]: ""}
     assert backend.time_slice(h) == "Default" and state.prepared_claims() == {}
+
+
+def test_the_real_daemon_is_recognised_by_its_executable_and_pipe_directory(tmp_path) -> None:
+    """Real nodes: ``nvidia-cuda-mps-control -d`` forks away, so the plugin finds the daemon in /proc by its
+    executable and pipe directory, and signals only such a process (a stand-in binary of that name here)."""
+    import shutil
+
+    from driver.plugin.mps import MpsDaemons
+
+    fake_binary = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    fake_binary.parent.mkdir()
+    shutil.copy(shutil.which("sleep"), fake_binary)
+    mps = MpsDaemons(tmp_path / "mps", "real")
+    ours, theirs = mps.dirs("GPU-ours"), mps.dirs("GPU-theirs")
+    for d in (ours, theirs):
+        d.root.mkdir(parents=True)
+    procs = [subprocess.Popen([str(fake_binary), "300"], env={"CUDA_MPS_PIPE_DIRECTORY": str(ours.pipe)}),
+             subprocess.Popen([str(fake_binary), "300"], env={"CUDA_MPS_PIPE_DIRECTORY": "/elsewhere"}),
+             subprocess.Popen(["sleep", "300"], env={"CUDA_MPS_PIPE_DIRECTORY": str(theirs.pipe)})]
+    try:
+        asyncio.run(_until(lambda: all(os.path.basename(os.readlink(f"/proc/{p.pid}/exe")) in
+                                       ("nvidia-cuda-mps-control", "sleep") for p in procs)))
+        assert mps._find_real_daemon(ours) == procs[0].pid
+        assert mps._find_real_daemon(theirs) is None           # a plain sleep is no daemon, whatever its env
+        ours.pid_file.write_text(f"{procs[0].pid}\n")
+        theirs.pid_file.write_text(f"{procs[1].pid}\n")        # the right binary, another pipe directory
+        assert mps.daemon_pid("GPU-ours") == procs[0].pid and mps.daemon_pid("GPU-theirs") is None
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
