@@ -40,6 +40,7 @@ SHARE_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f
 
 _FIX = ("this means two allocators handed it out or the allocation was forged; delete one of the claims so it "
         "is allocated again")
+_FIX_ONE = "the allocation is corrupt or forged; delete the claim so it is allocated again"
 
 
 class AdmissionError(Exception):
@@ -214,16 +215,16 @@ def admit(prepared: Mapping[str, PreparedClaim], claim: ClaimId, results: Iterab
                 raise AdmissionError(f"claim {name}: {new.what()} cannot be prepared: GPU {uuid} offers at most "
                                      f"{profile.max_instances} MIG device(s) of profile {profile.name}, and with "
                                      f"{', '.join(others) or 'the others of this claim'} there would be {len(same)}; "
-                                     f"{_FIX}")
+                                     f"{_FIX if others else _FIX_ONE}")
         shares = [u for u in on_gpu if u.type == C.DEVICE_TYPE_SHARED]
         if any(u.type == C.DEVICE_TYPE_SHARED for u in mine):
             capacity = Quantity.parse(format_bytes(gpu.memory_bytes)).as_int()
             total = sum(u.memory for u in shares)
             if total > capacity:
-                others = sorted({f"claim {u.claim} ({format_bytes(u.memory)})" for u in shares if u.uid != claim.uid})
+                others = [f"claim {u.claim} ({format_bytes(u.memory)})" for u in shares if u.uid != claim.uid]
                 asked = sum(u.memory for u in mine if u.type == C.DEVICE_TYPE_SHARED)
                 raise AdmissionError(f"claim {name}: its share(s) of {shares[0].device} consume {format_bytes(asked)} "
                                      "of memory; with the shares already prepared for "
                                      f"{', '.join(others) or 'no other claim'} the GPU's shares would consume "
                                      f"{format_bytes(total)}, more than the shared device's published capacity "
-                                     f"{format_bytes(capacity)}; {_FIX}")
+                                     f"{format_bytes(capacity)}; {_FIX if others else _FIX_ONE}")
