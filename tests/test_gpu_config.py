@@ -59,3 +59,39 @@ def test_class_config_first_claim_config_after_later_wins() -> None:
     got = [c["sharing"]["timeSlicingConfig"]["interval"] for c in effective_configs(claim, "gpu.partita.dev", results)]
     assert got == ["Long", "Medium", "Short"]
     assert effective_configs(allocated_claim("c", ["d1"]), "gpu.partita.dev", [{"request": "gpu"}]) == [None]
+
+
+MPS = {**BASE, "sharing": {"strategy": "MPS"}}
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    # an int percentage: booleans, strings and floats are refused, never coerced (true -> 1, "50" -> 50)
+    ({**BASE, "sharing": {"strategy": "MPS", "mpsConfig": {"defaultActiveThreadPercentage": True}}},
+     "sharing.mpsConfig.defaultActiveThreadPercentage: must be an integer from 1 to 100, got True (a boolean)"),
+    ({**BASE, "sharing": {"strategy": "MPS", "mpsConfig": {"defaultActiveThreadPercentage": "50"}}},
+     "sharing.mpsConfig.defaultActiveThreadPercentage: must be an integer from 1 to 100, got '50' (a string)"),
+    ({**BASE, "sharing": {"strategy": "MPS", "mpsConfig": {"defaultActiveThreadPercentage": 50.0}}},
+     "sharing.mpsConfig.defaultActiveThreadPercentage: must be an integer from 1 to 100, got 50.0 (a number"),
+    ({**BASE, "sharing": {"strategy": "MPS", "mpsConfig": {"defaultPinnedDeviceMemoryLimit": 10737418240}}},
+     "sharing.mpsConfig.defaultPinnedDeviceMemoryLimit: must be a quantity string such as '10Gi', got 10737418240"),
+    ({**BASE, "sharing": {"strategy": True}}, "sharing.strategy: must be one of TimeSlicing, MPS, got True (a boolean)"),
+    ({**BASE, "sharing": {"timeSlicingConfig": {"interval": 2}}},
+     "sharing.timeSlicingConfig.interval: must be one of Default, Short, Medium, Long, got 2 (an integer)"),
+    ({**BASE, "sharing": {"timeSlicingConfig": "Long"}},
+     "sharing.timeSlicingConfig: must be an object such as {interval: Medium}, got 'Long' (a string)"),
+    ({**BASE, "sharing": {"strategy": "MPS", "mpsConfig": [50]}}, "sharing.mpsConfig: must be an object"),
+    ({**BASE, "sharing": "MPS"}, "sharing: must be an object with strategy"),
+    ({"apiVersion": "gpu.partita.dev/v1alpha1", "kind": 1}, "kind: must be 'GpuConfig', got 1 (an integer)"),
+])
+def test_config_types_are_strict_and_errors_name_the_field_and_the_allowed_form(params, message) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_gpu_config(params, "claim ns/c spec.devices.config[0].opaque.parameters")
+    assert f"claim ns/c spec.devices.config[0].opaque.parameters.{message}" in str(e.value)
+
+
+def test_strict_types_still_take_well_typed_values() -> None:
+    cfg = parse_gpu_config({**BASE, "sharing": {"strategy": "MPS", "mpsConfig": {
+        "defaultActiveThreadPercentage": 50, "defaultPinnedDeviceMemoryLimit": "10Gi"}}})
+    assert cfg.to_json()["sharing"]["mpsConfig"] == {"defaultActiveThreadPercentage": 50,
+                                                     "defaultPinnedDeviceMemoryLimit": "10Gi"}
+    assert parse_gpu_config(MPS).normalized().to_json()["sharing"] == {"strategy": "MPS", "mpsConfig": {}}

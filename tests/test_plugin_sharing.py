@@ -7,6 +7,9 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import subprocess
+import threading
 import uuid as uuidlib
 
 import pytest
@@ -111,16 +114,18 @@ def test_mps_starts_one_daemon_per_gpu_limits_each_share_and_stops_with_the_last
     assert mps.running(gpu) and backend.compute_mode(h) == "ExclusiveProcess"
     assert mps.control(gpu, "get_default_active_thread_percentage") == "50.0"
     assert mps.control(gpu, "get_default_device_pinned_mem_limit 0") == "20480M"
-    pid = (mps.dirs(gpu).pipe / "nvidia-cuda-mps-control.pid").read_text()
+    pid = mps.daemon_pid(gpu)
+    assert pid is not None
     assert _prepare(state, b)[b["metadata"]["uid"]].error == ""
-    assert (mps.dirs(gpu).pipe / "nvidia-cuda-mps-control.pid").read_text() == pid     # joined, not restarted
+    assert mps.daemon_pid(gpu) == pid                  # joined, not restarted
     env_a, mounts = _spec_env(state, a)
     cdi_validator.validate(json.loads(open(state.prepared_claims()[a["metadata"]["uid"]].cdi_spec).read()))
     env_b, _ = _spec_env(state, b)
     assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=10240M" in env_a and "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=30720M" in env_b
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50" in env_a and "CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps" in env_a
-    assert {m["containerPath"]: m["hostPath"] for m in mounts} == {
-        "/tmp/nvidia-mps": str(mps.dirs(gpu).pipe), "/var/log/nvidia-mps": str(mps.dirs(gpu).log)}
+    # only the pipe directory reaches the workload; logs and the daemon's identity stay private
+    assert {m["containerPath"]: m["hostPath"] for m in mounts} == {"/tmp/nvidia-mps": str(mps.dirs(gpu).pipe)}
+    assert not any(e.startswith("CUDA_MPS_LOG_DIRECTORY=") for e in env_a)
     assert all(os.path.isdir(m["hostPath"]) for m in mounts)
     _unprepare(state, a)
     assert mps.running(gpu)
@@ -155,7 +160,7 @@ def test_restart_reconciles_mps_daemons(node) -> None:
     keep = _share_claim("keep", 0, inv, sharing=cfg)
     _prepare(state, keep)
     # the node reboots: the daemon of the prepared share is gone
-    os.kill(int((mps.dirs(gpu0).pipe / "nvidia-cuda-mps-control.pid").read_text()), signal.SIGKILL)
+    os.kill(mps.daemon_pid(gpu0), signal.SIGKILL)
     asyncio.run(_until(lambda: not mps.running(gpu0)))
     # and a daemon nobody uses any more runs on the other GPU
     mps.start(gpu1)
@@ -191,3 +196,134 @@ def test_a_whole_gpu_claim_with_a_sharing_config_is_set_up_and_restored_like_a_s
     assert backend.time_slice(backend.device_by_uuid(inv.gpus[1].uuid)) == "Default"   # no config: untouched
     _unprepare(state, team)
     assert backend.time_slice(backend.device_by_uuid(gpu.uuid)) == "Default"
+
+
+def _tenant_control_socket(path, stop: threading.Event) -> threading.Thread:
+    """What a tenant with the pipe directory can do: answer there as if it were the daemon (and ignore quit)."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(8)
+    srv.settimeout(0.1)
+
+    def serve():
+        with srv:
+            while not stop.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except TimeoutError:
+                    continue
+                with conn:
+                    conn.recv(4096)
+                    conn.sendall(b"\n")
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def test_nothing_a_tenant_writes_in_the_pipe_directory_makes_the_plugin_signal_a_process(node) -> None:
+    """The pipe directory is mounted read-write into workloads. A tenant plants the PID of an unrelated
+    host process where the daemon's PID file used to be, and its own endpoint where the control socket
+    used to be (one that never quits): unprepare stops the real daemon and the process survives."""
+    state, backend, inv, _ = node
+    mps = state.sharing.mps
+    gpu = inv.gpus[0].uuid
+    victim = subprocess.Popen(["sleep", "300"])
+    stop = threading.Event()
+    try:
+        share = _share_claim("svc", 0, inv, sharing={"strategy": "MPS"})
+        assert _prepare(state, share)[share["metadata"]["uid"]].error == ""
+        daemon = mps.daemon_pid(gpu)
+        pipe = mps.dirs(gpu).pipe
+        assert daemon is not None and daemon != victim.pid
+        assert os.listdir(pipe) == []                         # nothing of the plugin's lives there
+        for name in ("nvidia-cuda-mps-control.pid", "daemon.pid", "pid"):
+            (pipe / name).write_text(f"{victim.pid}\n")
+        (pipe / "control").unlink(missing_ok=True)
+        _tenant_control_socket(pipe / "control", stop)
+        assert _unprepare(state, share) == {share["metadata"]["uid"]: ""}
+        assert not mps.running(gpu)
+        asyncio.run(_until(lambda: not os.path.exists(f"/proc/{daemon}") or _zombie(daemon)))
+        assert victim.poll() is None                          # the planted PID was never signalled
+        assert backend.compute_mode(backend.device_by_uuid(gpu)) == "Default"
+    finally:
+        stop.set()
+        victim.kill()
+        victim.wait()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_recorded_pid_that_is_not_the_daemon_is_never_signalled(node) -> None:
+    """After a crash or reboot the private PID file may name a reused PID: /proc decides, not the file."""
+    state, _, inv, _ = node
+    mps = state.sharing.mps
+    gpu = inv.gpus[1].uuid
+    victim = subprocess.Popen(["sleep", "300"])
+    try:
+        mps.start(gpu)
+        real = mps.daemon_pid(gpu)
+        assert real is not None
+        mps.dirs(gpu).pid_file.write_text(f"{victim.pid}\n")
+        assert mps.daemon_pid(gpu) is None                    # a sleep is not the daemon of this GPU
+        mps.dirs(gpu).pid_file.write_text(f"{real}\n")
+        assert mps.daemon_pid(gpu) == real
+        other = inv.gpus[0].uuid                              # the daemon of one GPU is not another's
+        mps.dirs(other).root.mkdir(parents=True, exist_ok=True)
+        mps.dirs(other).pid_file.write_text(f"{real}\n")
+        assert mps.daemon_pid(other) is None
+        mps.stop(gpu)
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_the_last_share_of_a_gpu_without_mig_restores_its_time_slice(tmp_path) -> None:
+    """An L4 has no MIG mode (NVML: Not Supported): restoring its defaults must not ask for it."""
+    backend = open_backend("fake", profile=profile_from_spec("L4:1", NODE), node_name=NODE, state_dir=tmp_path / "n")
+    backend.init()
+    inv = discover(backend, NODE)
+    state = DeviceState(driver_name=DRIVER, node_name=NODE, backend=backend, inventory=inv, cdi_root=tmp_path / "cdi",
+                        plugin_dir=tmp_path / "p", cdi_search_dirs=[])
+    share = _share_claim("ts", 0, inv, sharing={"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}})
+    assert _prepare(state, share)[share["metadata"]["uid"]].error == ""
+    h = backend.device_by_uuid(inv.gpus[0].uuid)
+    assert backend.time_slice(h) == "Long"
+    assert _unprepare(state, share) == {share["metadata"]["uid"]: ""}
+    assert backend.time_slice(h) == "Default" and state.prepared_claims() == {}
+
+
+def test_the_real_daemon_is_recognised_by_its_executable_and_pipe_directory(tmp_path) -> None:
+    """Real nodes: ``nvidia-cuda-mps-control -d`` forks away, so the plugin finds the daemon in /proc by its
+    executable and pipe directory, and signals only such a process (a stand-in binary of that name here)."""
+    import shutil
+
+    from driver.plugin.mps import MpsDaemons
+
+    fake_binary = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    fake_binary.parent.mkdir()
+    shutil.copy(shutil.which("sleep"), fake_binary)
+    mps = MpsDaemons(tmp_path / "mps", "real")
+    ours, theirs = mps.dirs("GPU-ours"), mps.dirs("GPU-theirs")
+    for d in (ours, theirs):
+        d.root.mkdir(parents=True)
+    procs = [subprocess.Popen([str(fake_binary), "300"], env={"CUDA_MPS_PIPE_DIRECTORY": str(ours.pipe)}),
+             subprocess.Popen([str(fake_binary), "300"], env={"CUDA_MPS_PIPE_DIRECTORY": "/elsewhere"}),
+             subprocess.Popen(["sleep", "300"], env={"CUDA_MPS_PIPE_DIRECTORY": str(theirs.pipe)})]
+    try:
+        asyncio.run(_until(lambda: all(os.path.basename(os.readlink(f"/proc/{p.pid}/exe")) in
+                                       ("nvidia-cuda-mps-control", "sleep") for p in procs)))
+        assert mps._find_real_daemon(ours) == procs[0].pid
+        assert mps._find_real_daemon(theirs) is None           # a plain sleep is no daemon, whatever its env
+        ours.pid_file.write_text(f"{procs[0].pid}\n")
+        theirs.pid_file.write_text(f"{procs[1].pid}\n")        # the right binary, another pipe directory
+        assert mps.daemon_pid("GPU-ours") == procs[0].pid and mps.daemon_pid("GPU-theirs") is None
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()

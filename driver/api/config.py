@@ -38,7 +38,8 @@ class ConfigError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    # strict: JSON types are taken as they are (no true -> 1, "50" -> 50, 50.0 -> 50, 10 -> "10")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
 
 
 class TimeSlicingConfig(_Model):
@@ -102,7 +103,33 @@ _ALLOWED = {
     "apiVersion": f"{API_VERSION!r}",
     "kind": f"{KIND!r}",
     "defaultActiveThreadPercentage": "an integer from 1 to 100",
+    "defaultPinnedDeviceMemoryLimit": "a quantity string such as '10Gi'",
+    "sharing": "an object with strategy and timeSlicingConfig or mpsConfig",
+    "timeSlicingConfig": "an object such as {interval: Medium}",
+    "mpsConfig": "an object such as {defaultActiveThreadPercentage: 50}",
 }
+#: pydantic error types that mean "wrong type or value" for a field listed in _ALLOWED
+_WRONG_VALUE = ("literal_error", "greater_than_equal", "less_than_equal", "int_parsing", "int_type", "string_type",
+                "model_type", "model_attributes_type", "dict_type", "is_instance_of")
+
+
+def _json_type(value: object) -> str:
+    """How a value was written in the YAML/JSON, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number with a fraction"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
 
 
 def parse_gpu_config(parameters: object, where: str = "opaque.parameters") -> GpuConfig:
@@ -119,9 +146,9 @@ def parse_gpu_config(parameters: object, where: str = "opaque.parameters") -> Gp
             leaf = str(err["loc"][-1]) if err["loc"] else ""
             if err["type"] == "extra_forbidden":
                 msg = "unknown field; remove it"
-            elif leaf in _ALLOWED and err["type"] in ("literal_error", "greater_than_equal", "less_than_equal",
-                                                       "int_parsing", "int_type"):
-                msg = f"must be {_ALLOWED[leaf]}, got {brief(err.get('input'))}"
+            elif leaf in _ALLOWED and err["type"] in _WRONG_VALUE:
+                value = err.get("input")
+                msg = f"must be {_ALLOWED[leaf]}, got {brief(value)} ({_json_type(value)})"
             elif err["type"] == "missing":
                 msg = "required field is missing"
             else:

@@ -21,6 +21,7 @@ from driver.api.kube import InvalidName, Kube, KubeError, check_name
 from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
 from driver.plugin.claims import KubeClaimSource
+from driver.plugin.nodelabels import follow_node_labels
 from driver.plugin.prepare import ClaimRef, DeviceState, PrepareError
 from driver.plugin.server import DraService, PluginServers
 from driver.publisher import SlicePublisher
@@ -158,7 +159,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tasks = [asyncio.create_task(publisher.run(stop), name="publisher")]
+    tasks = [asyncio.create_task(publisher.run(stop), name="publisher"),
+             asyncio.create_task(follow_node_labels(state, kube, args.node_name, stop), name="node-labels")]
     health = None
     try:
         await servers.start()

@@ -1,11 +1,18 @@
 """MPS control daemons: one per GPU that serves MPS shares, started by the first such share and stopped
 with the last (ARCHITECTURE §5).
 
-Each daemon has a pipe and a log directory under the plugin directory (a hostPath, so CDI can mount them
-into the claim's containers at the paths CUDA looks at by default). On real nodes the daemon is the
-NVIDIA driver's ``nvidia-cuda-mps-control -d`` (the binary must be on the plugin's PATH, i.e. the driver's
-user-space tools mounted into the plugin container); on fake nodes it is :mod:`driver.plugin.mps_standin`.
-Both are driven through the same commands, so this module has one code path per operation.
+Each daemon has a plugin-private state directory under the plugin directory (``<root>/<gpu hash>``:
+which GPU it serves, the daemon's PID as the plugin recorded it, the stand-in's control socket, the
+daemon's logs) and in it a pipe directory, the only thing CDI mounts into the claim's containers (at
+the path CUDA looks at by default). Workloads can write to the pipe directory, so the plugin reads
+nothing from it for identity or signalling: the PID it may signal comes from the private directory and
+is checked against the kernel's view of that process (``/proc``: the stand-in's command line, or the
+real daemon's executable and pipe directory) before any signal, so a planted or reused PID is never
+signalled. On real nodes the daemon is the NVIDIA driver's ``nvidia-cuda-mps-control -d`` (the binary
+must be on the plugin's PATH, i.e. the driver's user-space tools mounted into the plugin container),
+whose control pipe lives in the pipe directory by MPS's design; on fake nodes it is
+:mod:`driver.plugin.mps_standin`, whose control socket is private. Both are driven through the same
+commands, so this module has one code path per operation.
 """
 
 from __future__ import annotations
@@ -22,13 +29,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from driver.plugin.mps_standin import PID_FILE, recv_line
+from driver.plugin.mps_standin import CONTROL_SOCKET, recv_line
 
 log = logging.getLogger(__name__)
 
-#: where CUDA looks for the MPS pipe and log directories when the variables are unset
+#: where CUDA looks for the MPS pipe directory when the variable is unset
 CONTAINER_PIPE_DIR = "/tmp/nvidia-mps"
-CONTAINER_LOG_DIR = "/var/log/nvidia-mps"
+#: the daemon's PID as the plugin recorded it, in the private directory
+PID_FILE = "daemon.pid"
+REAL_BINARY = "nvidia-cuda-mps-control"
 
 
 class MpsError(Exception):
@@ -37,15 +46,26 @@ class MpsError(Exception):
 
 @dataclass(frozen=True)
 class MpsDirs:
+    #: plugin-private: never mounted into a workload
     root: Path
 
     @property
     def pipe(self) -> Path:
+        """The only directory workloads get (read-write: MPS clients talk to the daemon through it)."""
         return self.root / "pipe"
 
     @property
     def log(self) -> Path:
         return self.root / "log"
+
+    @property
+    def control(self) -> Path:
+        """The stand-in's control socket (private; the real daemon's control pipe is in :attr:`pipe`)."""
+        return self.root / CONTROL_SOCKET
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / PID_FILE
 
 
 class MpsDaemons:
@@ -70,23 +90,35 @@ class MpsDaemons:
         """Start the GPU's daemon unless it runs, then apply the defaults given."""
         d = self.dirs(gpu_uuid)
         if not self.running(gpu_uuid):
+            d.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            d.root.chmod(0o700)                                # private: only the plugin writes here
             for p in (d.pipe, d.log):
                 p.mkdir(parents=True, exist_ok=True)
             (d.root / "gpu").write_text(gpu_uuid + "\n")      # which GPU this directory serves
+            d.pid_file.unlink(missing_ok=True)
             env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(d.pipe), "CUDA_MPS_LOG_DIRECTORY": str(d.log),
                    "CUDA_VISIBLE_DEVICES": gpu_uuid}
+            pid: int | None
             if self.fake:
                 log_file = open(d.log / "standin.out", "ab")   # noqa: SIM115 - the child owns it
-                subprocess.Popen([sys.executable, "-m", "driver.plugin.mps_standin", "--pipe-dir", str(d.pipe),
-                                  "--log-dir", str(d.log), "--gpu", gpu_uuid], env=env, stdout=log_file,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                proc = subprocess.Popen([sys.executable, "-m", "driver.plugin.mps_standin", "--pipe-dir",
+                                         str(d.pipe), "--log-dir", str(d.log), "--control", str(d.control),
+                                         "--gpu", gpu_uuid], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True)
                 log_file.close()
+                pid = proc.pid
             else:
                 res = subprocess.run([self._binary(), "-d"], env=env, capture_output=True, text=True, timeout=30)
                 if res.returncode != 0:
                     raise MpsError(f"nvidia-cuda-mps-control -d for GPU {gpu_uuid} failed (exit {res.returncode}): "
                                    f"{(res.stderr or res.stdout).strip()}; see {d.log}/control.log")
+                pid = None
             self._wait(gpu_uuid, up=True)
+            pid = pid if pid is not None else self._find_real_daemon(d)
+            if pid is not None:
+                tmp = d.root / f".{PID_FILE}.tmp"
+                tmp.write_text(f"{pid}\n")
+                os.replace(tmp, d.pid_file)
             log.info("started the MPS control daemon of GPU %s (pipe %s)", gpu_uuid, d.pipe)
         if active_thread_percentage is not None:
             self.control(gpu_uuid, f"set_default_active_thread_percentage {active_thread_percentage}")
@@ -100,18 +132,19 @@ class MpsDaemons:
         try:
             self._wait(gpu_uuid, up=False)
         except MpsError:
-            pid = self._pid(gpu_uuid)
+            pid = self.daemon_pid(gpu_uuid)
             if pid is None:
                 raise
             log.warning("the MPS control daemon of GPU %s ignored quit; sending SIGTERM to %d", gpu_uuid, pid)
             os.kill(pid, signal.SIGTERM)
             self._wait(gpu_uuid, up=False)
+        self.dirs(gpu_uuid).pid_file.unlink(missing_ok=True)
         log.info("stopped the MPS control daemon of GPU %s", gpu_uuid)
 
     def running_gpus(self) -> list[str]:
         """GPU UUIDs whose daemon runs (each daemon directory names its GPU in a ``gpu`` file)."""
         out = []
-        for marker in self.root.glob("*/gpu") if self.root.exists() else []:
+        for marker in sorted(self.root.glob("*/gpu")) if self.root.exists() else []:
             gpu = marker.read_text().strip()
             if gpu and self.running(gpu):
                 out.append(gpu)
@@ -137,22 +170,52 @@ class MpsDaemons:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(5)
         try:
-            s.connect(str(d.pipe / "control"))
+            s.connect(str(d.control))
             s.sendall(command.encode() + b"\n")
             reply = recv_line(s)
         except OSError as e:
-            raise MpsError(f"no MPS control daemon answers at {d.pipe / 'control'}: {e}") from None
+            raise MpsError(f"no MPS control daemon answers at {d.control}: {e}") from None
         finally:
             s.close()
         if reply.startswith(("Invalid", "Unrecognized")):
             raise MpsError(f"MPS control daemon refused {command!r}: {reply}")
         return reply
 
-    def _pid(self, gpu_uuid: str) -> int | None:
+    def daemon_pid(self, gpu_uuid: str) -> int | None:
+        """The PID of the GPU's daemon, from the private PID file and only when ``/proc`` confirms that
+        process is that daemon (a PID reused after a reboot or a crash is never signalled)."""
+        d = self.dirs(gpu_uuid)
         try:
-            return int((self.dirs(gpu_uuid).pipe / PID_FILE).read_text().strip())
+            pid = int(d.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
+        if pid > 1 and self._is_daemon(pid, d):
+            return pid
+        log.warning("PID %d in %s is not the MPS control daemon of GPU %s (per /proc); not signalling it", pid,
+                    d.pid_file, gpu_uuid)
+        return None
+
+    def _is_daemon(self, pid: int, d: MpsDirs) -> bool:
+        proc = Path("/proc") / str(pid)
+        try:
+            if self.fake:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                return b"driver.plugin.mps_standin" in argv and \
+                    any(a == b"--control" and b == str(d.control).encode() for a, b in zip(argv, argv[1:]))
+            if os.path.basename(os.readlink(proc / "exe")) != REAL_BINARY:
+                return False
+            return f"CUDA_MPS_PIPE_DIRECTORY={d.pipe}".encode() in (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            return False
+
+    def _find_real_daemon(self, d: MpsDirs) -> int | None:
+        """The real daemon forks away from ``-d``: find it in ``/proc`` by executable and pipe directory."""
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and self._is_daemon(int(entry.name), d):
+                return int(entry.name)
+        log.warning("started the MPS control daemon for pipe directory %s but cannot find its process in /proc; "
+                    "it will only be stopped with quit", d.pipe)
+        return None
 
     def _wait(self, gpu_uuid: str, *, up: bool, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -1,12 +1,14 @@
 """A stand-in for ``nvidia-cuda-mps-control -d`` on fake-GPU nodes (sandbox, kind, tests).
 
-Like the real control daemon it runs detached from the plugin (it outlives a plugin restart), owns a
-control endpoint in its pipe directory, keeps the per-GPU defaults it is told
-(``set_default_active_thread_percentage``, ``set_default_device_pinned_mem_limit``), logs every command
-to ``control.log`` in its log directory and exits on ``quit``. Its endpoint is a unix socket named
-``control`` (the real daemon uses a named pipe there); :mod:`driver.plugin.mps` talks to either.
+Like the real control daemon it runs detached from the plugin (it outlives a plugin restart), keeps
+the per-GPU defaults it is told (``set_default_active_thread_percentage``,
+``set_default_device_pinned_mem_limit``), logs every command to ``control.log`` in its log directory and
+exits on ``quit`` or SIGTERM. Its control endpoint is the unix socket ``--control``, which the plugin
+keeps in its private directory: nothing in the pipe directory (mounted into workloads, so writable by
+them) is read, trusted or removed by it — it only creates the pipe directory for clients. The plugin
+records the stand-in's PID itself; :mod:`driver.plugin.mps` talks to it or to the real daemon.
 
-    python -m driver.plugin.mps_standin --pipe-dir DIR --log-dir DIR --gpu UUID
+    python -m driver.plugin.mps_standin --pipe-dir DIR --log-dir DIR --control SOCKET --gpu UUID
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-PID_FILE = "nvidia-cuda-mps-control.pid"
+#: name of the control socket in the plugin's private per-GPU directory
+CONTROL_SOCKET = "control"
 
 
 def recv_line(conn: socket.socket) -> str:
@@ -34,8 +37,8 @@ def recv_line(conn: socket.socket) -> str:
 
 
 class Daemon:
-    def __init__(self, pipe_dir: Path, log_dir: Path, gpu: str):
-        self.pipe_dir, self.log_dir, self.gpu = pipe_dir, log_dir, gpu
+    def __init__(self, pipe_dir: Path, log_dir: Path, control: Path, gpu: str):
+        self.pipe_dir, self.log_dir, self.control, self.gpu = pipe_dir, log_dir, control, gpu
         self.active_thread_percentage = "100.0"
         self.pinned: dict[str, str] = {}
         self.running = True
@@ -74,14 +77,13 @@ class Daemon:
         return f"Unrecognized command: {command}"
 
     def serve(self) -> int:
-        sock_path = self.pipe_dir / "control"
+        sock_path = self.control
         sock_path.unlink(missing_ok=True)
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         srv.bind(str(sock_path))
         srv.listen(8)
         srv.settimeout(0.5)
-        (self.pipe_dir / PID_FILE).write_text(f"{os.getpid()}\n")
-        self.log(f"Control daemon started for GPU {self.gpu}")
+        self.log(f"Control daemon started for GPU {self.gpu} (pid {os.getpid()})")
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "running", False))
         try:
             while self.running:
@@ -96,7 +98,6 @@ class Daemon:
         finally:
             srv.close()
             sock_path.unlink(missing_ok=True)
-            (self.pipe_dir / PID_FILE).unlink(missing_ok=True)
             self.log("Control daemon exited")
         return 0
 
@@ -105,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m driver.plugin.mps_standin")
     p.add_argument("--pipe-dir", type=Path, required=True)
     p.add_argument("--log-dir", type=Path, required=True)
+    p.add_argument("--control", type=Path, required=True, help="control socket path (keep it out of --pipe-dir)")
     p.add_argument("--gpu", required=True)
     a = p.parse_args(argv)
     a.pipe_dir.mkdir(parents=True, exist_ok=True)
     a.log_dir.mkdir(parents=True, exist_ok=True)
-    return Daemon(a.pipe_dir, a.log_dir, a.gpu).serve()
+    return Daemon(a.pipe_dir, a.log_dir, a.control, a.gpu).serve()
 
 
 if __name__ == "__main__":

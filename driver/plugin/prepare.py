@@ -22,13 +22,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Mapping
 
 from driver.api import constants as C
+from driver.api.nodeselector import NodeFacts
 from driver.inventory import Inventory, discover
 from driver.nvml import NvmlBackend, NvmlError
 from driver.nvml.interface import CI_PROFILE_FOR_SLICES, Placement
 from driver.plugin import cdi
+from driver.plugin.admission import AdmissionError, admit, check_allocated_here
 from driver.plugin.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -81,31 +83,17 @@ def check_request(ref: ClaimRef) -> None:
                                "client — upgrade the kubelet or report it")
 
 
-def allocated_node_names(allocation: dict) -> set[str] | None:
-    """Node names the allocation's nodeSelector allows via ``matchFields metadata.name``; None when it
-    does not restrict by name (label terms are not evaluated here)."""
-    sel = allocation.get("nodeSelector")
-    if not sel:
-        return None
-    names: set[str] = set()
-    for term in sel.get("nodeSelectorTerms") or []:
-        fields = [f for f in term.get("matchFields") or [] if f.get("key") == "metadata.name"]
-        if not fields:
-            return None
-        for f in fields:
-            if f.get("operator") == "In":
-                names.update(f.get("values") or [])
-    return names
-
-
 class DeviceState:
     """All claim preparation on this node. One per plugin process; state lives in the checkpoint."""
 
     def __init__(self, *, driver_name: str, node_name: str, backend: NvmlBackend, inventory: Inventory,
                  cdi_root: Path, plugin_dir: Path, cdi_search_dirs: list[Path] | None = None,
-                 on_inventory_change: Callable[[Inventory], None] | None = None):
+                 on_inventory_change: Callable[[Inventory], None] | None = None,
+                 node_labels: Mapping[str, str] | None = None):
         self.driver_name = driver_name
         self.node_name = node_name
+        #: this Node's labels (for allocations whose nodeSelector tests labels); None until read
+        self.node_labels = node_labels
         self.backend = backend
         self.cdi_root = cdi_root
         self.plugin_dir = plugin_dir
@@ -177,7 +165,7 @@ class DeviceState:
                     if isinstance(claim, Exception):
                         raise claim
                     out[ref.uid] = PreparedResult(devices=self._prepare_one(cp, ref, claim))
-                except (PrepareError, ConfigError, SharingError) as e:
+                except (PrepareError, AdmissionError, ConfigError, SharingError) as e:
                     log.warning("prepare of claim %s (uid %s) failed: %s", ref, ref.uid, e)
                     out[ref.uid] = PreparedResult(error=str(e))
                 except NvmlError as e:
@@ -199,11 +187,7 @@ class DeviceState:
         if not allocation:
             raise PrepareError(f"claim {ref} (uid {ref.uid}) has no status.allocation: it is not allocated; "
                                "the kubelet retries once the scheduler or the Partita controller allocates it")
-        names = allocated_node_names(allocation)
-        if names is not None and self.node_name not in names:
-            raise PrepareError(f"claim {ref} is allocated for node(s) {sorted(names)} "
-                               f"(status.allocation.nodeSelector), not this node {self.node_name}; the pod "
-                               "belongs on that node — delete and re-create the pod or its claim")
+        check_allocated_here(str(ref), allocation, NodeFacts(self.node_name, self.node_labels))
         results = [r for r in (allocation.get("devices") or {}).get("results") or []
                    if r.get("driver") == self.driver_name]
         for r in results:
@@ -223,6 +207,8 @@ class DeviceState:
             if path is not None and not path.exists():
                 cdi.write_spec(path, self._spec(ref, existing.devices))
             return existing.devices
+        # The device model, whatever the allocation says: this node, one use per GPU, shares that fit.
+        admit(cp.claims, ref, results, self._devices)
         if existing is not None:      # an interrupted prepare: undo it, then prepare afresh
             self._undo(existing)
             del cp.claims[ref.uid]
@@ -235,7 +221,6 @@ class DeviceState:
                                    f"{r.get('device')!r} in pool {r.get('pool')}, which this node does not publish "
                                    f"(known: {len(self._devices)} devices); the allocation is stale or corrupt — "
                                    "delete the claim so it is allocated again")
-            self._check_not_in_use(cp, ref, r, dev)
             refs.append((r, dev))
         configs = effective_configs(claim, self.driver_name, [r for r, _ in refs])
         claim_entry = PreparedClaim(uid=ref.uid, namespace=ref.namespace, name=ref.name, state="Preparing")
@@ -267,19 +252,6 @@ class DeviceState:
             raise
         log.info("prepared claim %s (uid %s): %s", ref, ref.uid, ", ".join(d.device for d in devices) or "no devices")
         return devices
-
-    def _check_not_in_use(self, cp: Checkpoint, ref: ClaimRef, result: dict, dev: DeviceRef) -> None:
-        if dev.type == C.DEVICE_TYPE_SHARED and result.get("shareID"):
-            return
-        for other in cp.claims.values():
-            if other.uid == ref.uid:
-                continue
-            for d in other.devices:
-                if d.device == dev.name and not d.share_id:
-                    raise PrepareError(f"claim {ref}: device {dev.name} is already prepared for claim "
-                                       f"{other.namespace}/{other.name} (uid {other.uid}); a device is given to one "
-                                       "claim at a time unless it is shared — this means two allocators handed it "
-                                       "out; delete one of the claims")
 
     def _prepare_device(self, cp: Checkpoint, entry: PreparedClaim, ref: ClaimRef, result: dict, dev: DeviceRef,
                         config: dict | None) -> PreparedDevice:

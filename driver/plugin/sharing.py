@@ -8,9 +8,10 @@ defaults (time-slice ``Default``, compute mode ``Default``, no MPS daemon).
   later share asking another interval runs with the GPU's current one (the interval is a per-GPU
   setting); the plugin logs it and the share's ``PARTITA_TIME_SLICE`` says what applies.
 * ``MPS``: the first share puts the GPU in ``ExclusiveProcess`` compute mode and starts its MPS control
-  daemon with the config's defaults; each share's container gets the daemon's pipe and log directories
-  mounted where CUDA looks for them, ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` from the memory the share was
-  allocated (its consumed capacity), and ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` from the config.
+  daemon with the config's defaults; each share's container gets the daemon's pipe directory (only that:
+  the daemon's logs and identity stay in the plugin's private directory) mounted where CUDA looks for
+  it, ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` from the memory the share was allocated (its consumed
+  capacity), and ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` from the config.
 
 A whole GPU whose claim carries a GpuConfig is set up the same way: that is how several pods share one
 GPU through one ResourceClaim where consumable capacity (shared devices) is off.
@@ -28,10 +29,11 @@ from dataclasses import dataclass, field
 from driver.api import constants as C
 from driver.api.quantity import Quantity, QuantityError
 from driver.nvml import NvmlBackend
+from driver.nvml.errors import NotSupportedError
 from driver.nvml.interface import COMPUTE_MODE_DEFAULT, COMPUTE_MODE_EXCLUSIVE_PROCESS
 from driver.plugin import cdi
 from driver.plugin.checkpoint import Checkpoint, PreparedDevice
-from driver.plugin.mps import CONTAINER_LOG_DIR, CONTAINER_PIPE_DIR, MpsDaemons, MpsError
+from driver.plugin.mps import CONTAINER_PIPE_DIR, MpsDaemons, MpsError
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +123,8 @@ class Sharing:
         except MpsError as e:
             raise SharingError(f"claim {claim}: {e}") from None
         dirs = self.mps.dirs(gpu_uuid)
-        edits.mounts = [cdi.Mount(hostPath=str(dirs.pipe), containerPath=CONTAINER_PIPE_DIR, options=["rw", "bind"]),
-                        cdi.Mount(hostPath=str(dirs.log), containerPath=CONTAINER_LOG_DIR, options=["rw", "bind"])]
-        edits.env += [f"CUDA_MPS_PIPE_DIRECTORY={CONTAINER_PIPE_DIR}", f"CUDA_MPS_LOG_DIRECTORY={CONTAINER_LOG_DIR}"]
+        edits.mounts = [cdi.Mount(hostPath=str(dirs.pipe), containerPath=CONTAINER_PIPE_DIR, options=["rw", "bind"])]
+        edits.env.append(f"CUDA_MPS_PIPE_DIRECTORY={CONTAINER_PIPE_DIR}")
         limit = memory or default_limit
         if limit:
             edits.env.append(f"CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0={_mib(limit, 'consumed memory')}M")
@@ -143,9 +144,15 @@ class Sharing:
                 log.warning("%s", e)
             if self.backend.compute_mode(h) != COMPUTE_MODE_DEFAULT:
                 self.backend.set_compute_mode(h, COMPUTE_MODE_DEFAULT)
-            if self.backend.time_slice(h) != DEFAULT_INTERVAL and not self.backend.mig_mode(h).current:
+            if self.backend.time_slice(h) != DEFAULT_INTERVAL and not self._mig_on(h):
                 self.backend.set_time_slice(h, DEFAULT_INTERVAL)
             log.info("GPU %s has no shares left: restored its defaults", uuid)
+
+    def _mig_on(self, h: object) -> bool:
+        try:
+            return self.backend.mig_mode(h).current
+        except NotSupportedError:        # not MIG capable (L4, T4, ...)
+            return False
 
     def reconcile(self, cp: Checkpoint) -> None:
         """At start: restart daemons prepared MPS shares need (after a reboot), stop orphaned ones."""

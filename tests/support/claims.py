@@ -8,12 +8,15 @@ import uuid as uuidlib
 def allocated_claim(name: str, devices: list[str], *, node: str = "node-a", driver: str = "gpu.partita.dev",
                     namespace: str = "default", uid: str | None = None, request: str = "gpu",
                     share_ids: dict[str, str] | None = None, config: list[dict] | None = None,
-                    extra_results: list[dict] | None = None) -> dict:
+                    extra_results: list[dict] | None = None, share_memory: str = "10Gi") -> dict:
+    """``share_ids``: device -> shareID of results for shared devices; such results consume
+    ``share_memory`` (upstream always fills consumedCapacity of a multi-allocatable device)."""
     results = []
     for d in devices:
         r = {"request": request, "driver": driver, "pool": node, "device": d}
         if share_ids and d in share_ids:
             r["shareID"] = share_ids[d]
+            r["consumedCapacity"] = {"memory": share_memory}
         results.append(r)
     results += extra_results or []
     alloc = {"devices": {"results": results},
