@@ -1,6 +1,6 @@
 """Names that form Partita's public contract between the node driver, the controller and users.
 
-Everything here is part of the published device model (ARCHITECTURE §3/§4): changing a value is a
+Everything here is part of the published device model (docs/architecture.md §3/§4): changing a value is a
 breaking change for every cluster that runs Partita and every workload manifest that selects on it.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 DEFAULT_DRIVER_NAME = "gpu.partita.dev"
 
 #: Device taint the driver puts on every device in controller mode, so kube-scheduler's allocator
-#: skips Partita devices and only Partita's controller allocates them (ARCHITECTURE §4).
+#: skips Partita devices and only Partita's controller allocates them (docs/architecture.md §4).
 MANAGED_TAINT_KEY = "partita.dev/managed"
 MANAGED_TAINT_VALUE = "controller"
 MANAGED_TAINT_EFFECT = "NoSchedule"

@@ -1,4 +1,4 @@
-"""The DeviceClasses Partita ships, one per device type (ARCHITECTURE §3).
+"""The DeviceClasses Partita ships, one per device type (docs/architecture.md §3).
 
 The Helm chart renders the same objects (a chart test compares them with these), and the sandbox
 creates them from here. Selectors guard every lookup with ``in`` so a class selector never errors on

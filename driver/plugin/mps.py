@@ -1,5 +1,5 @@
 """MPS control daemons: one per GPU that serves MPS shares, started by the first such share and stopped
-with the last (ARCHITECTURE §5).
+with the last (docs/architecture.md §5).
 
 Each daemon has a plugin-private state directory under the plugin directory (``<root>/<gpu hash>``:
 which GPU it serves, the daemon's PID as the plugin recorded it, the stand-in's control socket, the

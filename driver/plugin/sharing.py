@@ -1,4 +1,4 @@
-"""Shared GPUs at prepare time (ARCHITECTURE §5, §6): time-slicing and MPS, per GPU.
+"""Shared GPUs at prepare time (docs/architecture.md §5, §6): time-slicing and MPS, per GPU.
 
 Every share (one ``shareID`` of a GPU's shared device) gets its own CDI device. The first share of a GPU
 sets the GPU up for its strategy; later shares join it; the last share's unprepare restores the GPU's
