@@ -60,7 +60,7 @@ def test_resources_count_init_containers_overhead_and_bound_pods() -> None:
     full = NodeInfo(node(alloc={"cpu": "64", "pods": "2"}), pods=[pod("a"), pod("b")])
     assert "too many pods" in fit(pod(), full)
     assert fit(pod(containers=[{"name": "c", "image": "x", "resources": {"limits": {"example.com/fpga": "1"}}}]),
-               NodeInfo(node())) == "node has no example.com/fpga"
+               NodeInfo(node())) == "insufficient example.com/fpga (requested 1, the node offers none)"
 
 
 def test_host_ports() -> None:
