@@ -26,6 +26,7 @@ unknown), the filter rejects the node and its reason names the rule: stricter, n
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -158,25 +159,45 @@ def _container_requests(c: Mapping) -> dict[str, Quantity]:
     return out
 
 
+def _resize_infeasible(pod: Mapping) -> bool:
+    return any(c.get("type") == "PodResizePending" and c.get("status") == "True" and c.get("reason") == "Infeasible"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def _with_status(pod: Mapping, c: Mapping, statuses: Mapping[str, Mapping]) -> dict[str, Quantity]:
+    """upstream's UseStatusResources (in-place resize): a running container counts the larger of what its
+    status reports and what the kubelet allocated, and its spec too unless the resize is infeasible."""
+    cs = statuses.get(c.get("name", ""))
+    if cs is None:
+        return _container_requests(c)
+    out: dict[str, Quantity] = {} if _resize_infeasible(pod) else _container_requests(c)
+    _max(out, {k: _q(v) for k, v in (((cs.get("resources") or {}).get("requests")) or {}).items()})
+    _max(out, {k: _q(v) for k, v in (cs.get("allocatedResources") or {}).items()})
+    return out
+
+
 def pod_requests(pod: Mapping) -> dict[str, Quantity]:
-    """Effective requests as kube-scheduler computes them (component-helpers resource.PodRequests):
-    the containers' sum; each init container's requests plus the restartable (sidecar) init containers
-    started before it, maxed in; every sidecar added to the sum; pod-level requests (spec.resources) for
-    the resources they state; then the overhead."""
+    """Effective requests as kube-scheduler computes them (component-helpers resource.PodRequests with
+    UseStatusResources): the containers' sum; each init container's requests plus the restartable (sidecar)
+    init containers started before it, maxed in; every sidecar added to the sum; pod-level requests
+    (spec.resources) for the resources they state; then the overhead."""
     spec = _spec(pod)
+    status = pod.get("status") or {}
+    statuses = {cs.get("name", ""): cs for cs in status.get("containerStatuses") or []}
+    init_statuses = {cs.get("name", ""): cs for cs in status.get("initContainerStatuses") or []}
     total: dict[str, Quantity] = {}
     for c in spec.get("containers") or []:
-        _add(total, _container_requests(c))
+        _add(total, _with_status(pod, c, statuses))
     sidecars: dict[str, Quantity] = {}
     init_max: dict[str, Quantity] = {}
     for c in spec.get("initContainers") or []:
-        reqs = _container_requests(c)
         if c.get("restartPolicy") == "Always":
+            reqs = _with_status(pod, c, init_statuses)
             _add(total, reqs)
             _add(sidecars, reqs)
             _max(init_max, sidecars)
         else:
-            step = dict(reqs)
+            step = _container_requests(c)
             _add(step, sidecars)
             _max(init_max, step)
     _max(total, init_max)
@@ -210,6 +231,31 @@ def node_selector(pod: Mapping, node: NodeInfo, topo: Topology | None = None) ->
     return ""
 
 
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def _valid_requirement(r: Mapping, field: bool) -> bool:
+    """component-helpers nodeaffinity: a requirement kube-scheduler cannot parse makes its term match
+    nothing (In/NotIn need label values, Exists/DoesNotExist none, Gt/Lt one integer; fields take one value)."""
+    op, values = r.get("operator"), list(r.get("values") or [])
+    if field:
+        return r.get("key") == "metadata.name" and op in ("In", "NotIn") and len(values) == 1
+    if op in ("In", "NotIn"):
+        return bool(values) and all(isinstance(v, str) and len(v) <= 63 and _LABEL_VALUE.match(v) for v in values)
+    if op in ("Exists", "DoesNotExist"):
+        return not values
+    if op in ("Gt", "Lt"):
+        return len(values) == 1 and str(values[0]).lstrip("-").isdigit()
+    return False
+
+
+def _valid_terms(selector: Mapping) -> dict:
+    terms = [t for t in selector.get("nodeSelectorTerms") or []
+             if all(_valid_requirement(r, False) for r in t.get("matchExpressions") or [])
+             and all(_valid_requirement(r, True) for r in t.get("matchFields") or [])]
+    return {"nodeSelectorTerms": terms}
+
+
 def _required_node_affinity(pod: Mapping) -> Mapping | None:
     return (((_spec(pod).get("affinity") or {}).get("nodeAffinity") or {})
             .get("requiredDuringSchedulingIgnoredDuringExecution"))
@@ -225,7 +271,7 @@ def _affinity_matches(pod: Mapping, node: NodeInfo) -> bool:
     if required is None:
         return True
     try:
-        return node_matches(node.as_node(), required)
+        return node_matches(node.as_node(), _valid_terms(required))
     except NodeSelectorError:
         return False
 
@@ -238,7 +284,7 @@ def node_affinity(pod: Mapping, node: NodeInfo, topo: Topology | None = None) ->
     if required is None:
         return ""
     try:
-        ok = node_matches(node.as_node(), required)
+        ok = node_matches(node.as_node(), _valid_terms(required))
     except NodeSelectorError as e:
         return f"the pod's required node affinity is invalid: {e}"
     return "" if ok else "node does not match the pod's required node affinity"
@@ -377,8 +423,33 @@ def inter_pod_affinity(pod: Mapping, node: NodeInfo, topo: Topology | None) -> s
         return str(e)
 
 
+def _selector_valid(selector: Mapping | None) -> str:
+    """metav1.LabelSelectorAsSelector's checks on values: "" when valid, else what is wrong."""
+    for e in (selector or {}).get("matchExpressions") or []:
+        op, values = e.get("operator"), list(e.get("values") or [])
+        if op in ("In", "NotIn"):
+            bad = [v for v in values if not (isinstance(v, str) and len(v) <= 63 and _LABEL_VALUE.match(v))]
+            if not values or bad:
+                return f"{e.get('key')} {op} {bad or values}: values must be valid label values"
+        elif op in ("Exists", "DoesNotExist"):
+            if values:
+                return f"{e.get('key')} {op} takes no values"
+        else:
+            return f"unknown label selector operator {op!r}"
+    for k, v in ((selector or {}).get("matchLabels") or {}).items():
+        if not (isinstance(v, str) and len(v) <= 63 and _LABEL_VALUE.match(v)):
+            return f"matchLabels {k}={v!r}: not a valid label value"
+    return ""
+
+
 def _inter_pod_affinity(pod: Mapping, node: NodeInfo, topo: Topology) -> str:
     ns = _ns(pod)
+    # upstream's PreFilter parses the incoming pod's terms first: an invalid selector rejects every node
+    for kind in ("podAffinity", "podAntiAffinity"):
+        for term in _required(pod, kind):
+            bad = _selector_valid(term.get("labelSelector")) or _selector_valid(term.get("namespaceSelector"))
+            if bad:
+                return f"the pod's required {kind} term (topologyKey {term.get('topologyKey', '')}) is invalid: {bad}"
     # existing pods' required anti-affinity against the incoming pod (symmetry)
     for n in topo.nodes:
         for p in n.pods:
@@ -388,30 +459,25 @@ def _inter_pod_affinity(pod: Mapping, node: NodeInfo, topo: Topology) -> str:
                     continue
                 if _term_matches(term, _ns(p), pod, topo, "existing pod's anti-affinity"):
                     return f"pod {_ref(p)} has anti-affinity against it ({key})"
-    # the incoming pod's required affinity: every term needs a matching pod in the node's domain
+    # the incoming pod's required affinity: in the node's domain of every term, a pod that matches ALL the
+    # terms (upstream counts a pod for the terms' topology pairs only when it matches every term)
     terms = _required(pod, "podAffinity")
     if terms:
-        if any(t.get("topologyKey", "") not in node.labels for t in terms):
-            missing = next(t.get("topologyKey", "") for t in terms if t.get("topologyKey", "") not in node.labels)
-            return f"required pod affinity: node lacks topology label {missing}"
-        all_exist = True
-        any_match_anywhere = False
-        for term in terms:
-            key = term.get("topologyKey", "")
-            count_here = 0
-            for n in topo.nodes:
-                if key not in n.labels:
-                    continue
-                matching = sum(1 for p in n.pods if _term_matches(term, ns, p, topo, "pod affinity"))
-                any_match_anywhere = any_match_anywhere or matching > 0
-                if n.labels[key] == node.labels[key]:
-                    count_here += matching
-            if count_here <= 0:
-                all_exist = False
-        if not all_exist:
-            # the first pod of a group whose affinity selects itself: no pod anywhere matches any term and
-            # the pod matches all its own terms
-            first = not any_match_anywhere and all(_term_matches(t, ns, pod, topo, "pod affinity") for t in terms)
+        missing = [t.get("topologyKey", "") for t in terms if t.get("topologyKey", "") not in node.labels]
+        if missing:
+            return f"required pod affinity: node lacks topology label {missing[0]}"
+        counts: dict[tuple[str, str], int] = {}
+        for n in topo.nodes:
+            for p in n.pods:
+                if all(_term_matches(t, ns, p, topo, "pod affinity") for t in terms):
+                    for t in terms:
+                        key = t.get("topologyKey", "")
+                        if key in n.labels:
+                            counts[(key, n.labels[key])] = counts.get((key, n.labels[key]), 0) + 1
+        if any(counts.get((t.get("topologyKey", ""), node.labels[t.get("topologyKey", "")]), 0) <= 0 for t in terms):
+            # the first pod of a group whose affinity selects itself: no pod anywhere matches the terms and
+            # the pod matches all of them itself
+            first = not counts and all(_term_matches(t, ns, pod, topo, "pod affinity") for t in terms)
             if not first:
                 keys = ", ".join(sorted({t.get("topologyKey", "") for t in terms}))
                 return f"required pod affinity ({keys}) not satisfied"
