@@ -18,6 +18,7 @@ from controller.allocator import AllocatedState, SliceIndex
 from driver.api import constants as C
 
 from .sharingmodes import ShareModes
+from .taintrules import RuleState
 from .claims import is_partita_class, is_pending, key, pod_claims
 from .writer import ANNOTATION_NODE, ANNOTATION_POD
 
@@ -57,6 +58,7 @@ class Cache:
         self.tainted_pools_missing: set[tuple[str, str]] = set()
         self.scheduler_mode_pools: set[tuple[str, str]] = set()
         self.vanished: list[tuple[str, str, str]] = []  # (claim key, pod key, node) whose allocation vanished
+        self.taint_rules = RuleState(self.classes)     # DeviceTaintRules, merged into the slices indexed
 
     # -- objects ------------------------------------------------------------------------------
     def apply(self, kind: str, etype: str, obj: dict) -> None:
@@ -168,6 +170,7 @@ class Cache:
         if spec.get("driver") != self.driver:
             return
         pid = (spec.get("driver", ""), (spec.get("pool") or {}).get("name", ""))
+        self.taint_rules.track(etype, s)
         if etype == "DELETED":
             self.slices.delete(name)
             return
@@ -191,7 +194,11 @@ class Cache:
                           len(untainted), C.MANAGED_TAINT_KEY)
             return
         self.tainted_pools_missing.discard(pid)
-        self.slices.upsert(s)
+        self.slices.upsert(self.taint_rules.patch(s))
+
+    def _on_devicetaintrule(self, etype: str, rule: dict) -> None:
+        for s in self.taint_rules.on_rule(etype, rule):
+            self._on_slice("MODIFIED", dict(s))
 
     # -- queries ------------------------------------------------------------------------------
     def partita_classes(self) -> set[str]:
