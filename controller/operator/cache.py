@@ -48,6 +48,7 @@ class Cache:
         self.claims: dict[str, dict] = {}
         self.nodes: dict[str, dict] = {}
         self.classes: dict[str, dict] = {}
+        self.namespaces: dict[str, dict] = {}           # namespace -> labels (affinity namespaceSelector)
         self.slices = SliceIndex()
         self.allocated = AllocatedState()
         self.share_modes = ShareModes(driver_name)      # sharing strategy of each allocated share
@@ -157,6 +158,12 @@ class Cache:
             self.nodes.pop(node["metadata"]["name"], None)
         else:
             self.nodes[node["metadata"]["name"]] = node
+
+    def _on_namespace(self, etype: str, ns: dict) -> None:
+        if etype == "DELETED":
+            self.namespaces.pop(ns["metadata"]["name"], None)
+        else:
+            self.namespaces[ns["metadata"]["name"]] = dict(ns["metadata"].get("labels") or {})
 
     def _on_deviceclass(self, etype: str, cls: dict) -> None:
         if etype == "DELETED":

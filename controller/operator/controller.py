@@ -220,7 +220,7 @@ class Controller:
             pods += [self.cache.pods[p] for p, n in self._nominated.items()
                      if n == name and p != pod_key and p in self.cache.pods and is_pending(self.cache.pods[p])]
             infos.append(NodeInfo(node, pods))
-        topo = Topology(infos)
+        topo = Topology(infos, self.cache.namespaces)
         out = []
         for info in infos:
             if info.name in rejected:

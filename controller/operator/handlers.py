@@ -21,6 +21,7 @@ WATCHED = (
     ("slice", "resource.k8s.io", "v1", "resourceslices"),
     ("deviceclass", "resource.k8s.io", "v1", "deviceclasses"),
     ("node", "", "v1", "nodes"),
+    ("namespace", "", "v1", "namespaces"),      # labels, for pod affinity namespaceSelectors (nodefit)
 )
 
 
