@@ -70,6 +70,20 @@ class Topology:
         self.nodes = list(nodes)
         #: namespace name -> labels; None: unknown (a namespaceSelector cannot be judged)
         self.namespaces = namespaces
+        self._memo: dict[str, tuple[Mapping, object]] = {}
+
+    def memo(self, what: str, pod: Mapping, compute: Callable[[], object]) -> object:
+        """What upstream computes once per pod in PreFilter (counts over every node), computed once per
+        (topology, pod) here: the filters then judge each node in constant time."""
+        got = self._memo.get(what)
+        if got is not None and got[0] is pod:
+            return got[1]
+        try:
+            value = compute()
+        except CannotJudge as e:
+            value = e
+        self._memo[what] = (pod, value)
+        return value
 
     def pods_in_domain(self, key: str, value: str) -> Iterable[Mapping]:
         for n in self.nodes:
@@ -442,23 +456,59 @@ def _selector_valid(selector: Mapping | None) -> str:
     return ""
 
 
-def _inter_pod_affinity(pod: Mapping, node: NodeInfo, topo: Topology) -> str:
+@dataclass
+class _AffinityState:
+    """upstream's InterPodAffinity preFilterState, for one incoming pod."""
+
+    invalid: str = ""
+    #: (topology key, value) -> an existing pod whose required anti-affinity the incoming pod violates there
+    existing_anti: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: (topology key, value) -> existing pods matching all the incoming pod's affinity terms there
+    affinity: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: (topology key, value) -> existing pods matching one of the incoming pod's anti-affinity terms there
+    anti: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+def _affinity_state(pod: Mapping, topo: Topology) -> _AffinityState:
+    st = _AffinityState()
     ns = _ns(pod)
-    # upstream's PreFilter parses the incoming pod's terms first: an invalid selector rejects every node
     for kind in ("podAffinity", "podAntiAffinity"):
         for term in _required(pod, kind):
             bad = _selector_valid(term.get("labelSelector")) or _selector_valid(term.get("namespaceSelector"))
             if bad:
-                return f"the pod's required {kind} term (topologyKey {term.get('topologyKey', '')}) is invalid: {bad}"
-    # existing pods' required anti-affinity against the incoming pod (symmetry)
+                st.invalid = f"the pod's required {kind} term (topologyKey {term.get('topologyKey', '')}) is invalid: {bad}"
+                return st
+    affinity, anti = _required(pod, "podAffinity"), _required(pod, "podAntiAffinity")
     for n in topo.nodes:
         for p in n.pods:
             for term in _required(p, "podAntiAffinity"):
                 key = term.get("topologyKey", "")
-                if key not in n.labels or node.labels.get(key) != n.labels[key]:
-                    continue
-                if _term_matches(term, _ns(p), pod, topo, "existing pod's anti-affinity"):
-                    return f"pod {_ref(p)} has anti-affinity against it ({key})"
+                if key in n.labels and (key, n.labels[key]) not in st.existing_anti and \
+                        _term_matches(term, _ns(p), pod, topo, "existing pod's anti-affinity"):
+                    st.existing_anti[(key, n.labels[key])] = f"pod {_ref(p)} has anti-affinity against it ({key})"
+            if affinity and all(_term_matches(t, ns, p, topo, "pod affinity") for t in affinity):
+                for t in affinity:
+                    key = t.get("topologyKey", "")
+                    if key in n.labels:
+                        st.affinity[(key, n.labels[key])] = st.affinity.get((key, n.labels[key]), 0) + 1
+            for t in anti:
+                key = t.get("topologyKey", "")
+                if key in n.labels and _term_matches(t, ns, p, topo, "pod anti-affinity"):
+                    st.anti[(key, n.labels[key])] = st.anti.get((key, n.labels[key]), 0) + 1
+    return st
+
+
+def _inter_pod_affinity(pod: Mapping, node: NodeInfo, topo: Topology) -> str:
+    st = topo.memo("InterPodAffinity", pod, lambda: _affinity_state(pod, topo))
+    if isinstance(st, CannotJudge):
+        raise st
+    assert isinstance(st, _AffinityState)
+    if st.invalid:
+        return st.invalid
+    # existing pods' required anti-affinity against the incoming pod (symmetry)
+    for (key, value), why in st.existing_anti.items():
+        if node.labels.get(key) == value:
+            return why
     # the incoming pod's required affinity: in the node's domain of every term, a pod that matches ALL the
     # terms (upstream counts a pod for the terms' topology pairs only when it matches every term)
     terms = _required(pod, "podAffinity")
@@ -466,28 +516,17 @@ def _inter_pod_affinity(pod: Mapping, node: NodeInfo, topo: Topology) -> str:
         missing = [t.get("topologyKey", "") for t in terms if t.get("topologyKey", "") not in node.labels]
         if missing:
             return f"required pod affinity: node lacks topology label {missing[0]}"
-        counts: dict[tuple[str, str], int] = {}
-        for n in topo.nodes:
-            for p in n.pods:
-                if all(_term_matches(t, ns, p, topo, "pod affinity") for t in terms):
-                    for t in terms:
-                        key = t.get("topologyKey", "")
-                        if key in n.labels:
-                            counts[(key, n.labels[key])] = counts.get((key, n.labels[key]), 0) + 1
-        if any(counts.get((t.get("topologyKey", ""), node.labels[t.get("topologyKey", "")]), 0) <= 0 for t in terms):
+        if any(st.affinity.get((t.get("topologyKey", ""), node.labels[t.get("topologyKey", "")]), 0) <= 0 for t in terms):
             # the first pod of a group whose affinity selects itself: no pod anywhere matches the terms and
             # the pod matches all of them itself
-            first = not counts and all(_term_matches(t, ns, pod, topo, "pod affinity") for t in terms)
+            first = not st.affinity and all(_term_matches(t, _ns(pod), pod, topo, "pod affinity") for t in terms)
             if not first:
                 keys = ", ".join(sorted({t.get("topologyKey", "") for t in terms}))
                 return f"required pod affinity ({keys}) not satisfied"
     # the incoming pod's required anti-affinity
     for term in _required(pod, "podAntiAffinity"):
         key = term.get("topologyKey", "")
-        value = node.labels.get(key)
-        if value is None:
-            continue
-        if any(_term_matches(term, ns, p, topo, "pod anti-affinity") for p in topo.pods_in_domain(key, value)):
+        if key in node.labels and st.anti.get((key, node.labels[key]), 0) > 0:
             return f"required pod anti-affinity ({key}) not satisfied"
     return ""
 
@@ -552,7 +591,8 @@ def topology_spread(pod: Mapping, node: NodeInfo, topo: Topology | None) -> str:
     if not constraints:
         return ""
     topo = topo or Topology([node])
-    counts = _counts(pod, constraints, topo)
+    counts = topo.memo("PodTopologySpread", pod, lambda: _counts(pod, constraints, topo))
+    assert isinstance(counts, list)
     for i, c in enumerate(constraints):
         if c.key not in node.labels:
             return f"node lacks topology label {c.key}"
