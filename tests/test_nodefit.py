@@ -110,9 +110,9 @@ def test_spread_minimum_ignores_nodes_the_pods_affinity_excludes() -> None:
     spread = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
                "labelSelector": {"matchLabels": {"app": "w"}}}]
     infos = {n: NodeInfo(node(n, labels={"kubernetes.io/hostname": n}, alloc={"cpu": "8", "pods": "110"})) for n in "abc"}
-    topo = Topology(list(infos.values()))
     placed = {"a": 0, "b": 0}
     for i in range(20):
+        topo = Topology(list(infos.values()))
         p = pod(f"w{i}", labels={"app": "w"}, affinity=aff, topologySpreadConstraints=spread)
         fits = [n for n, info in infos.items() if fit(p, info, topo) == ""]
         assert fits and set(fits) <= {"a", "b"}, (i, {n: fit(p, info, topo) for n, info in infos.items()})
@@ -122,6 +122,7 @@ def test_spread_minimum_ignores_nodes_the_pods_affinity_excludes() -> None:
     assert placed == {"a": 10, "b": 10}
     # Ignore counts the excluded node again: then its 0 holds the minimum, as before the fix
     spread[0]["nodeAffinityPolicy"] = "Ignore"
+    topo = Topology(list(infos.values()))
     extra = pod("w20", labels={"app": "w"}, affinity=aff, topologySpreadConstraints=spread)
     assert "skew 11 > maxSkew 1" in fit(extra, infos["a"], topo)
 

@@ -35,7 +35,6 @@ from controller.allocator.types import Node
 from driver.api.quantity import Quantity, QuantityError
 
 TERMINAL = ("Succeeded", "Failed")
-#: resources a node that does not list them still "has" for kube-scheduler's pod-count check only
 _ZERO = Quantity.parse(0)
 
 
@@ -64,7 +63,7 @@ class NodeInfo:
 
 class Topology:
     """All nodes with their pods, and (when known) the namespaces' labels, for the filters that look
-    beyond one node (InterPodAffinity, PodTopologySpread)."""
+    beyond one node (InterPodAffinity, PodTopologySpread). A snapshot: build a new one when pods move."""
 
     def __init__(self, nodes: Sequence[NodeInfo], namespaces: Mapping[str, Mapping[str, str]] | None = None):
         self.nodes = list(nodes)
@@ -84,11 +83,6 @@ class Topology:
             value = e
         self._memo[what] = (pod, value)
         return value
-
-    def pods_in_domain(self, key: str, value: str) -> Iterable[Mapping]:
-        for n in self.nodes:
-            if n.labels.get(key) == value:
-                yield from n.pods
 
 
 class CannotJudge(Exception):
@@ -148,9 +142,6 @@ def selector_matches(selector: Mapping | None, labels: Mapping[str, str]) -> boo
         else:
             return False   # the API server rejects other operators; select nothing
     return True
-
-
-_selector_matches = selector_matches   # the name older callers use
 
 
 # -- requests ----------------------------------------------------------------------------------------
