@@ -145,10 +145,12 @@ def test_noexecute_hits_name_untolerated_allocated_devices_and_pending_notes(two
                 "status": {"allocation": {"devices": {"results": [result]}}}}
 
     claims = [claim("on-a0", a0), claim("on-a1", a1),
-              claim("tolerant", a0, [{"key": "example.com/maintenance", "operator": "Exists", "effect": "NoExecute"}])]
-    [hit] = noexecute_hits(state, evict, claims)
+              claim("tolerant", a0, [{"key": "example.com/maintenance", "operator": "Exists", "effect": "NoExecute"}]),
+              claim("for-a-while", a0, [{"key": "example.com/maintenance", "operator": "Exists", "tolerationSeconds": 300}])]
+    hit, later = noexecute_hits(state, evict, claims)
     assert (hit.claim["metadata"]["name"], hit.device, hit.rule, hit.taint) == \
         ("on-a0", f"node-a/{a0}", "evict", "example.com/maintenance=fw:NoExecute")
+    assert later.claim["metadata"]["name"] == "for-a-while" and "after 300s (tolerationSeconds)" in later.taint
     assert noexecute_hits(state, rule("soft", selector={"device": a0}), claims) == []   # NoSchedule evicts nobody
     pending = {"spec": {"devices": {"requests": [{"name": "gpu", "exactly": {"deviceClassName": C.DEVICE_CLASS_GPU}}]}}}
     [note] = state.untolerated([pending])

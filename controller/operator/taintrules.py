@@ -101,9 +101,13 @@ def noexecute_hits(state: RuleState, rule: Mapping, claims: Iterable[Mapping]) -
             dev = state.device(r.get("driver", ""), r.get("pool", ""), r.get("device", ""))
             if not state.rules.selects(rule, r.get("driver", ""), r.get("pool", ""), dev):
                 continue
-            if any(tolerates(t, taint) for t in r.get("tolerations") or []):
-                continue
-            out.append(Hit(c, f"{r.get('pool')}/{r.get('device')}", rule_name(rule), label))
+            matching = [t for t in r.get("tolerations") or [] if tolerates(t, taint)]
+            if any(t.get("tolerationSeconds") is None for t in matching):
+                continue                  # tolerated for good
+            seconds = min((int(t["tolerationSeconds"]) for t in matching), default=None)
+            when = "" if seconds is None else \
+                f" after {max(seconds, 0)}s (tolerationSeconds) from the taint's timeAdded {taint.get('timeAdded', '(unset)')}"
+            out.append(Hit(c, f"{r.get('pool')}/{r.get('device')}", rule_name(rule), label + when))
     return out
 
 
