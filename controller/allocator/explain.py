@@ -49,7 +49,8 @@ from driver.api.quantity import Quantity
 
 from .allocator import Allocator, copy_claim_with_tolerations
 from .constraints import lookup_attribute
-from .devicetaints import KIND as TAINT_RULE_KIND, RULE_FIELD, TaintRules
+from .devicetaints import GROUP as TAINT_RULE_GROUP, KIND as TAINT_RULE_KIND, PLURAL as TAINT_RULE_PLURAL
+from .devicetaints import RULE_FIELD, TaintRules, discover_version
 from .pools import CDevice, Pool, SliceIndex, available_counters
 from .search import Run, _device_node_fits, claim_ref, taint_prevents, tolerates
 from .types import AllocatedState, AllocationError, DeviceID, Features, Node
@@ -646,13 +647,11 @@ async def _cluster_taint_rules(kube) -> list[dict]:  # noqa: ANN001
     """The cluster's DeviceTaintRules, in the version discovery says it serves (none when it serves none)."""
     from driver.api.kube import KubeError
 
-    from .devicetaints import GROUP, PLURAL, discover_version
-
     version = await discover_version(kube)
     if version is None:
         return []
     try:
-        items = (await kube.list(f"/apis/{GROUP}/{version}/{PLURAL}")).get("items") or []
+        items = (await kube.list(f"/apis/{TAINT_RULE_GROUP}/{version}/{TAINT_RULE_PLURAL}")).get("items") or []
     except KubeError:
         return []     # not allowed to list them: explain as the slices are published
     return [{"kind": TAINT_RULE_KIND, **i} for i in items]
