@@ -269,9 +269,11 @@ def test_rbac_is_least_privilege() -> None:
         | _expand("", "nodes", "get"))
     assert _grants(_rules("defaults", "-controller")) == (
         _expand("", "pods nodes", "get list watch")
+        | _expand("", "namespaces", "list watch")                                              # nodefit
         | _expand("resource.k8s.io", "resourceclaims", "get list watch update")
         | _expand("resource.k8s.io", "resourceclaims/status resourceclaims/binding", "update")   # binding: 1.36+
         | _expand("resource.k8s.io", "resourceslices deviceclasses", "get list watch")
+        | _expand("resource.k8s.io", "devicetaintrules", "list watch")                         # DeviceTaintRules
         | _expand("", "events", "create"))
     [role] = objects("defaults", "Role")
     assert role["metadata"]["namespace"] == "partita-system"

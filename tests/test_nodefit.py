@@ -60,7 +60,7 @@ def test_resources_count_init_containers_overhead_and_bound_pods() -> None:
     full = NodeInfo(node(alloc={"cpu": "64", "pods": "2"}), pods=[pod("a"), pod("b")])
     assert "too many pods" in fit(pod(), full)
     assert fit(pod(containers=[{"name": "c", "image": "x", "resources": {"limits": {"example.com/fpga": "1"}}}]),
-               NodeInfo(node())) == "node has no example.com/fpga"
+               NodeInfo(node())) == "insufficient example.com/fpga (requested 1, the node offers none)"
 
 
 def test_host_ports() -> None:
@@ -100,3 +100,40 @@ def test_topology_spread() -> None:
     assert "skew 2 > maxSkew 1" in fit(w1, a, topo)
     assert fit(w1, b, topo) == ""
     assert "lacks topology label zone" in fit(w1, NodeInfo(node("c")), topo)
+
+
+def test_spread_minimum_ignores_nodes_the_pods_affinity_excludes() -> None:
+    """The tester's report: hostname spread (maxSkew 1) plus a required affinity to two of three nodes; the
+    third node, empty, must not hold the global minimum at 0 (upstream's nodeAffinityPolicy: Honor)."""
+    aff = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["a", "b"]}]}]}}}
+    spread = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+               "labelSelector": {"matchLabels": {"app": "w"}}}]
+    infos = {n: NodeInfo(node(n, labels={"kubernetes.io/hostname": n}, alloc={"cpu": "8", "pods": "110"})) for n in "abc"}
+    placed = {"a": 0, "b": 0}
+    for i in range(20):
+        topo = Topology(list(infos.values()))
+        p = pod(f"w{i}", labels={"app": "w"}, affinity=aff, topologySpreadConstraints=spread)
+        fits = [n for n, info in infos.items() if fit(p, info, topo) == ""]
+        assert fits and set(fits) <= {"a", "b"}, (i, {n: fit(p, info, topo) for n, info in infos.items()})
+        target = min(fits, key=lambda n: placed[n])
+        infos[target].pods.append(p)
+        placed[target] += 1
+    assert placed == {"a": 10, "b": 10}
+    # Ignore counts the excluded node again: then its 0 holds the minimum, as before the fix
+    spread[0]["nodeAffinityPolicy"] = "Ignore"
+    topo = Topology(list(infos.values()))
+    extra = pod("w20", labels={"app": "w"}, affinity=aff, topologySpreadConstraints=spread)
+    assert "skew 11 > maxSkew 1" in fit(extra, infos["a"], topo)
+
+
+def test_a_namespace_selector_the_controller_cannot_judge_rejects_and_names_the_rule() -> None:
+    term = {"topologyKey": "zone", "labelSelector": {"matchLabels": {"app": "db"}},
+            "namespaceSelector": {"matchLabels": {"team": "data"}}}
+    a = NodeInfo(node("a", labels={"zone": "z1"}), pods=[pod("db-0", ns="data", labels={"app": "db"})])
+    cache = pod("cache", ns="web", affinity={"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}})
+    why = fit(cache, a, Topology([a]))       # namespace labels unknown
+    assert "cannot judge the pod affinity term with namespaceSelector (topologyKey zone)" in why
+    assert "namespace data are unknown" in why
+    assert fit(cache, a, Topology([a], {"data": {"team": "data"}, "web": {}})) == ""
+    assert "required pod affinity" in fit(cache, a, Topology([a], {"data": {"team": "other"}, "web": {}}))

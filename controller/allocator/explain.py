@@ -49,6 +49,8 @@ from driver.api.quantity import Quantity
 
 from .allocator import Allocator, copy_claim_with_tolerations
 from .constraints import lookup_attribute
+from .devicetaints import GROUP as TAINT_RULE_GROUP, KIND as TAINT_RULE_KIND, PLURAL as TAINT_RULE_PLURAL
+from .devicetaints import RULE_FIELD, TaintRules, discover_version
 from .pools import CDevice, Pool, SliceIndex, available_counters
 from .search import Run, _device_node_fits, claim_ref, taint_prevents, tolerates
 from .types import AllocatedState, AllocationError, DeviceID, Features, Node
@@ -188,6 +190,11 @@ class Explainer:
             out.notes.append(f"devices carry Partita's taint {C.MANAGED_TAINT_KEY}: kube-scheduler leaves them to "
                              "Partita's controller, which allocates such claims itself (--allocation-mode controller "
                              "shows how it sees this claim)")
+        for key, rule in sorted({(k, t[RULE_FIELD]) for f in findings.values() for k, t in f.taints.items()
+                                 if t.get(RULE_FIELD)}, key=str):
+            value = f"={key[1]}" if key[1] else ""
+            out.notes.append(f"the taint {key[0]}{value}:{key[2]} is set by DeviceTaintRule {rule} (an administrator's "
+                             "rule, e.g. maintenance), not by the driver")
         return out
 
     # -- per request, what excluded each device --------------------------------------------------------
@@ -339,8 +346,9 @@ class Explainer:
             if taint.get("key") == C.MANAGED_TAINT_KEY:
                 continue       # Partita's own taint: the controller tolerates it; never advise users to
             tol = {"key": taint["key"], "operator": "Exists", "effect": taint["effect"]}
+            origin = f" of DeviceTaintRule {taint[RULE_FIELD]}" if taint.get(RULE_FIELD) else ""
             yield ("toleration", f"add the toleration {json.dumps(tol)} to {where}.tolerations (devices carry "
-                   f"the taint {taint['key']}={taint.get('value', '')}:{taint['effect']})",
+                   f"the taint {taint['key']}={taint.get('value', '')}:{taint['effect']}{origin})",
                    edit(lambda e, t=tol: e.setdefault("tolerations", []).append(t)), None)
         for j, sel in enumerate(spec.get("selectors") or []):
             expr = (sel.get("cel") or {}).get("expression", "")
@@ -571,6 +579,18 @@ def claim_from(doc: Mapping, where: str) -> dict:
     return claim
 
 
+def _with_taint_rules(slices: list[dict], rules: Sequence[Mapping], classes: Mapping[str, Mapping],
+                      where: str) -> list[dict]:
+    """The slices with the DeviceTaintRules' taints merged in (controller.allocator.devicetaints)."""
+    wrong = sorted({str(r.get("kind")) for r in rules if r.get("kind", TAINT_RULE_KIND) != TAINT_RULE_KIND})
+    if wrong:
+        raise ExplainInputError(f"{where}: expected DeviceTaintRule objects, found {', '.join(wrong)}")
+    merged = TaintRules(rules, classes)
+    if merged.problems:
+        raise ExplainInputError(f"{where}: " + "; ".join(merged.problems[n] for n in sorted(merged.problems)))
+    return [dict(s) for s in merged.patch_all(slices)]
+
+
 def _nodes(docs: Sequence[Mapping]) -> list[Node]:
     return [Node(d["metadata"]["name"], dict((d["metadata"].get("labels") or {})))
             for d in docs if d.get("kind") == "Node" and (d.get("metadata") or {}).get("name")]
@@ -607,6 +627,7 @@ async def _from_cluster(kube_api: str | None, claim_name: str | None) -> dict:
                     raise
                 items = []          # not allowed to list nodes: the nodes the slices name still count
             out[key] = [{"kind": kind, **i} for i in items]
+        out["taintrules"] = await _cluster_taint_rules(kube)
         return out
     except KubeError as e:
         raise ExplainInputError(f"reading from the API server ({where}): {e}") from None
@@ -619,6 +640,20 @@ async def _from_cluster(kube_api: str | None, claim_name: str | None) -> dict:
         raise ExplainInputError(f"reading from the API server ({where}): {type(e).__name__}: {e}") from None
     finally:
         await kube.close()
+
+
+async def _cluster_taint_rules(kube) -> list[dict]:  # noqa: ANN001
+    """The cluster's DeviceTaintRules, in the version discovery says it serves (none when it serves none)."""
+    from driver.api.kube import KubeError
+
+    version = await discover_version(kube)
+    if version is None:
+        return []
+    try:
+        items = (await kube.list(f"/apis/{TAINT_RULE_GROUP}/{version}/{TAINT_RULE_PLURAL}")).get("items") or []
+    except KubeError:
+        return []     # not allowed to list them: explain as the slices are published
+    return [{"kind": TAINT_RULE_KIND, **i} for i in items]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -636,6 +671,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=Path, nargs="+", metavar="PATH",
                    help="Node objects, for slices that select nodes by label (default: the cluster's with --slices "
                         "absent; the nodes the slices name are always included)")
+    p.add_argument("--taint-rules", type=Path, nargs="+", metavar="PATH",
+                   help="DeviceTaintRule files, merged into the devices' taints as kube-scheduler does (default: the "
+                        "cluster's with --slices absent)")
     p.add_argument("--allocation-mode", choices=C.ALLOCATION_MODES, default=C.ALLOCATION_MODE_CONTROLLER,
                    help="controller (default): the claim tolerates Partita's managed taint, as the controller "
                         "makes it; scheduler: as kube-scheduler sees it")
@@ -694,6 +732,10 @@ def _run(args: argparse.Namespace) -> Explanation:
     else:
         allocated = cluster.get("claims", []) if from_cluster or args.claim else []
     nodes = _nodes(_load_docs(args.nodes, "--nodes")) if args.nodes else _nodes(cluster.get("nodes", []))
+    taint_rules = getattr(args, "taint_rules", None)
+    rules = _load_docs(taint_rules, "--taint-rules") if taint_rules else cluster.get("taintrules", [])
+    if rules:
+        slices = _with_taint_rules(slices, rules, classes, "--taint-rules" if taint_rules else "the cluster")
     explainer = Explainer(slices, classes, [c for c in allocated if claim_ref(c) != claim_ref(claim)],
                           managed_toleration=args.allocation_mode == C.ALLOCATION_MODE_CONTROLLER, nodes=nodes)
     return explainer.explain(claim)

@@ -18,6 +18,7 @@ from controller.allocator import AllocatedState, SliceIndex
 from driver.api import constants as C
 
 from .sharingmodes import ShareModes
+from .taintrules import RuleState
 from .claims import is_partita_class, is_pending, key, pod_claims
 from .writer import ANNOTATION_NODE, ANNOTATION_POD
 
@@ -47,6 +48,7 @@ class Cache:
         self.claims: dict[str, dict] = {}
         self.nodes: dict[str, dict] = {}
         self.classes: dict[str, dict] = {}
+        self.namespaces: dict[str, dict] = {}           # namespace -> labels (affinity namespaceSelector)
         self.slices = SliceIndex()
         self.allocated = AllocatedState()
         self.share_modes = ShareModes(driver_name)      # sharing strategy of each allocated share
@@ -57,6 +59,7 @@ class Cache:
         self.tainted_pools_missing: set[tuple[str, str]] = set()
         self.scheduler_mode_pools: set[tuple[str, str]] = set()
         self.vanished: list[tuple[str, str, str]] = []  # (claim key, pod key, node) whose allocation vanished
+        self.taint_rules = RuleState(self.classes)     # DeviceTaintRules, merged into the slices indexed
 
     # -- objects ------------------------------------------------------------------------------
     def apply(self, kind: str, etype: str, obj: dict) -> None:
@@ -156,6 +159,12 @@ class Cache:
         else:
             self.nodes[node["metadata"]["name"]] = node
 
+    def _on_namespace(self, etype: str, ns: dict) -> None:
+        if etype == "DELETED":
+            self.namespaces.pop(ns["metadata"]["name"], None)
+        else:
+            self.namespaces[ns["metadata"]["name"]] = dict(ns["metadata"].get("labels") or {})
+
     def _on_deviceclass(self, etype: str, cls: dict) -> None:
         if etype == "DELETED":
             self.classes.pop(cls["metadata"]["name"], None)
@@ -168,6 +177,7 @@ class Cache:
         if spec.get("driver") != self.driver:
             return
         pid = (spec.get("driver", ""), (spec.get("pool") or {}).get("name", ""))
+        self.taint_rules.track(etype, s)
         if etype == "DELETED":
             self.slices.delete(name)
             return
@@ -191,7 +201,11 @@ class Cache:
                           len(untainted), C.MANAGED_TAINT_KEY)
             return
         self.tainted_pools_missing.discard(pid)
-        self.slices.upsert(s)
+        self.slices.upsert(self.taint_rules.patch(s))
+
+    def _on_devicetaintrule(self, etype: str, rule: dict) -> None:
+        for s in self.taint_rules.on_rule(etype, rule):
+            self._on_slice("MODIFIED", dict(s))
 
     # -- queries ------------------------------------------------------------------------------
     def partita_classes(self) -> set[str]:

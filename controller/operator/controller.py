@@ -25,6 +25,7 @@ from .cache import Cache
 from .claims import allocated_node, is_done, is_pending, key, ownership, pod_claims
 from .events import EventRecorder
 from .nodefit import NodeInfo, Topology, fit
+from .taintrules import noexecute_hits
 from .writer import ANNOTATION_NODE, ANNOTATION_POD, Lost, release, remove_finalizer, write_allocation
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,9 @@ class Controller:
             self.enqueue(f"claim:{k}")
             for pod in self.cache.claim_users.get(k, ()):
                 self.enqueue(f"pod:{pod}")
-        else:   # slices, nodes, classes: anything pending may fit now
+        else:   # slices, nodes, classes, taint rules: anything pending may fit now
+            if kind == "devicetaintrule" and etype != "DELETED":
+                self.enqueue(f"taint:{obj['metadata']['name']}")
             self.enqueue_pending()
         for claim_key, pod_key, node in self.cache.vanished:
             self._reject(pod_key, node)
@@ -121,6 +124,8 @@ class Controller:
                 try:
                     if k.startswith("pod:"):
                         await self.reconcile_pod(k[4:])
+                    elif k.startswith("taint:"):
+                        await self.report_noexecute(k[6:])
                     else:
                         await self.reconcile_claim(k[6:])
                 except Exception:  # noqa: BLE001 - one bad object must not stop the controller
@@ -216,7 +221,7 @@ class Controller:
             pods += [self.cache.pods[p] for p, n in self._nominated.items()
                      if n == name and p != pod_key and p in self.cache.pods and is_pending(self.cache.pods[p])]
             infos.append(NodeInfo(node, pods))
-        topo = Topology(infos)
+        topo = Topology(infos, self.cache.namespaces)
         out = []
         for info in infos:
             if info.name in rejected:
@@ -254,7 +259,7 @@ class Controller:
         if choice.node is None:
             metrics.ALLOCATIONS.labels("unschedulable").inc()
             reasons.update(choice.unsatisfiable_reasons)
-            self.why_pending[pod_key] = self._explain(todo, reasons)
+            self.why_pending[pod_key] = "; ".join([self._explain(todo, reasons)] + self.cache.taint_rules.untolerated(todo))
             first = self._failing_since.setdefault(pod_key, time.monotonic())
             if time.monotonic() - first >= self.cfg.report_after:
                 await self.events.post(pod, "Warning", "PartitaUnschedulable", self.why_pending[pod_key])
@@ -305,6 +310,21 @@ class Controller:
             shown = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
             parts.append(f"{why} ({shown})")
         return f"cannot allocate claim(s) {names}: " + "; ".join(parts)
+
+    async def report_noexecute(self, rule_name: str) -> None:
+        """A NoExecute DeviceTaintRule: an Event on each pod using a device it taints without tolerating it
+        (kube-controller-manager's device-taint eviction evicts them; the controller only reports)."""
+        rule = self.cache.taint_rules.rules.rules.get(rule_name)
+        if rule is None:
+            return
+        for hit in noexecute_hits(self.cache.taint_rules, rule, self.cache.claims.values()):
+            for pod_key in sorted(self.cache.claim_users.get(key(hit.claim), ())):
+                pod = self.cache.pods.get(pod_key)
+                if pod is not None and not is_done(pod):
+                    await self.events.post(pod, "Warning", "PartitaDeviceTaintNoExecute",
+                                           f"device {hit.device} of claim {key(hit.claim)} is tainted {hit.taint} by "
+                                           f"DeviceTaintRule {hit.rule}; pods that do not tolerate it are evicted "
+                                           "(add a toleration to the claim's request to keep running)")
 
     # -- release --------------------------------------------------------------------------------
     async def reconcile_claim(self, claim_key: str) -> None:

@@ -21,10 +21,13 @@ WATCHED = (
     ("slice", "resource.k8s.io", "v1", "resourceslices"),
     ("deviceclass", "resource.k8s.io", "v1", "deviceclasses"),
     ("node", "", "v1", "nodes"),
+    ("namespace", "", "v1", "namespaces"),      # labels, for pod affinity namespaceSelectors (nodefit)
 )
 
 
-def build_registry(controller: Controller, kube_api: str | None) -> kopf.OperatorRegistry:
+def build_registry(controller: Controller, kube_api: str | None,
+                   extra: tuple[tuple[str, str, str, str], ...] = ()) -> kopf.OperatorRegistry:
+    """``extra``: more (kind, group, version, plural) to watch, found by discovery (DeviceTaintRules)."""
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
@@ -46,7 +49,7 @@ def build_registry(controller: Controller, kube_api: str | None) -> kopf.Operato
         settings.watching.client_timeout = 270
         settings.networking.request_timeout = 60
 
-    for kind, group, version, plural in WATCHED:
+    for kind, group, version, plural in WATCHED + tuple(extra):
         def handler(event: dict, _kind: str = kind, **_: Any) -> None:
             etype = event.get("type") or "ADDED"       # None: the initial listing
             obj = event.get("object")

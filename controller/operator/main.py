@@ -24,6 +24,7 @@ from . import metrics
 from .controller import Controller, ControllerConfig
 from .handlers import build_registry
 from .leader import LeaderElector
+from .taintrules import GROUP, PLURAL, discover_version
 
 log = logging.getLogger("controller.operator")
 
@@ -87,7 +88,9 @@ async def run_controller(cfg: ControllerConfig, stop: asyncio.Event, *, kube_api
             if not await elector.acquire(stop):
                 return 0
         metrics.IS_LEADER.set(1)
-        registry = build_registry(controller, kube_api)
+        rules_version = await discover_version(kube)
+        registry = build_registry(controller, kube_api, (("devicetaintrule", GROUP, rules_version, PLURAL),)
+                                  if rules_version else ())
         kopf_stop = asyncio.Event()
         kopf_ready = asyncio.Event()
         operator = asyncio.create_task(kopf.operator(registry=registry, standalone=True, clusterwide=True,

@@ -87,7 +87,7 @@ RESOURCES = [
     Resource("resource.k8s.io", "v1", "resourceclaims", "ResourceClaim", True, ("status",)),
     Resource("resource.k8s.io", "v1", "resourceclaimtemplates", "ResourceClaimTemplate", True),
     Resource("resource.k8s.io", "v1", "deviceclasses", "DeviceClass", False),
-    Resource("resource.k8s.io", "v1", "devicetaintrules", "DeviceTaintRule", False),
+    Resource("resource.k8s.io", "v1alpha3", "devicetaintrules", "DeviceTaintRule", False),   # as 1.33-1.35 serve it
     Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False),
 ]
 _BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
@@ -752,6 +752,12 @@ class ApiServer:
         return resp
 
     # ---------------------------------------------------------------- discovery
+    @staticmethod
+    def _group(group: str) -> dict:
+        versions = sorted({r.version for r in RESOURCES if r.group == group}, key=lambda v: (v != "v1", v))
+        return {"name": group, "versions": [{"groupVersion": f"{group}/{v}", "version": v} for v in versions],
+                "preferredVersion": {"groupVersion": f"{group}/{versions[0]}", "version": versions[0]}}
+
     def _discovery(self, path: str) -> dict | None:
         if path in ("/version",):
             return {"major": "1", "minor": "36", "gitVersion": "v1.36.0-partita-sandbox", "gitCommit": "sandbox",
@@ -761,9 +767,11 @@ class ApiServer:
             return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
         if path == "/apis":
             groups = sorted({r.group for r in RESOURCES if r.group})
-            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
-                {"name": g, "versions": [{"groupVersion": f"{g}/v1", "version": "v1"}],
-                 "preferredVersion": {"groupVersion": f"{g}/v1", "version": "v1"}} for g in groups]}
+            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [self._group(g) for g in groups]}
+        if path.count("/") == 2 and path.startswith("/apis/"):
+            group = path.split("/")[2]
+            if any(r.group == group for r in RESOURCES):
+                return {"kind": "APIGroup", "apiVersion": "v1", **self._group(group)}
         parts = path.strip("/").split("/")
         if parts[0] == "api" and len(parts) == 2:
             group, version = "", parts[1]

@@ -131,7 +131,8 @@ class Binder:
                               and (p.get("status") or {}).get("phase") not in ("Succeeded", "Failed")])
                  for name, n in nodes.items()]
         info = next(i for i in infos if i.name == node)
-        why = fit(pod, info, Topology(infos))
+        namespaces = {n["metadata"]["name"]: n["metadata"].get("labels") or {} for n in self.server.list("namespaces")}
+        why = fit(pod, info, Topology(infos, namespaces))
         if why:
             self._post_filter(pod, claims, node, why)
             return
