@@ -168,3 +168,54 @@ def test_claim_spec_is_immutable(server) -> None:
     assert err.value.code == 422 and "spec: Invalid value" in err.value.message and "field is immutable" in err.value.message
     stored["metadata"]["labels"] = {"a": "b"}          # metadata stays writable
     assert server.update(stored)["metadata"]["labels"] == {"a": "b"}
+
+
+# -- the decoding schema is the API's ----------------------------------------------------------------
+def test_the_decoding_schema_matches_kubernetes_validate_for_the_resource_kinds() -> None:
+    """The emulator decodes with the official client's models (a runtime dependency); for every
+    resource.k8s.io/v1 kind it serves, each object's field names must be the 1.37 OpenAPI schema's."""
+    from pathlib import Path
+
+    import kubernetes_validate
+
+    from controller.sandbox.validation import MODELS, _model
+
+    root = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / "v1.37.0-local-strict"
+    defs = json.loads((root / "_definitions.json").read_text())["$defs"]
+
+    def resolve(schema: dict) -> dict:
+        while "$ref" in schema:
+            schema = defs[schema["$ref"].rsplit("/", 1)[1]]
+        for sub in schema.get("allOf") or []:
+            if "$ref" in sub:
+                return resolve(sub)
+        return schema
+
+    checked = set()
+
+    def compare(schema: dict, model: type, path: str) -> None:
+        schema = resolve(schema)
+        if model.__name__ in checked:
+            return
+        checked.add(model.__name__)
+        props = schema.get("properties") or {}
+        assert set(props) == set(model.attribute_map.values()), path
+        for py, js in model.attribute_map.items():
+            type_name = model.openapi_types[py]
+            inner = type_name.split("[")[-1].rstrip("]").split(", ")[-1]
+            sub = _model(inner)
+            if sub is None:
+                continue
+            s = resolve(props[js])
+            types = s.get("type") if isinstance(s.get("type"), list) else [s.get("type")]
+            if "array" in types:
+                s = s["items"]
+            elif "object" in types and isinstance(s.get("additionalProperties"), dict) and "properties" not in s:
+                s = s["additionalProperties"]
+            compare(s, sub, f"{path}.{js}")
+
+    for (api, kind), model in MODELS.items():
+        if api == "resource.k8s.io/v1":
+            top = json.loads((root / f"{kind.lower()}-resource-v1.json").read_text())
+            compare(top, model, kind)
+    assert {"V1ExactDeviceRequest", "V1DeviceSelector", "V1Device", "V1DeviceClassSpec"} <= checked
