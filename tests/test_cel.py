@@ -77,6 +77,10 @@ def test_runtime_and_compile_errors(ev) -> None:
         ev.compile("other.driver == 'x'")
     with pytest.raises(CelCompileError, match="undeclared reference to 'math.greatest'"):   # ext.Math is not enabled
         ev.compile("math.greatest(1, 2) == 2")
+    with pytest.raises(CelCompileError, match="must evaluate to bool or the unknown type, not string"):
+        ev.compile("'gpu'")
+    with pytest.raises(CelCompileError, match="must evaluate to bool or the unknown type, not list"):
+        ev.compile("[true]")
     with pytest.raises(CelCompileError, match="invalid argument to has"):
         ev.compile("has(device)")
     with pytest.raises(CelCompileError, match="of the Kubernetes CEL library is not implemented"):

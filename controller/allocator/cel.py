@@ -402,8 +402,10 @@ def compile_selector(expression: str) -> CompiledSelector:
     except CelSyntaxError as e:
         raise CelCompileError(f"compilation failed: {e}") from None
     _check(tree, frozenset())
-    if tree.kind == "lit" and tree.lit_type != "bool":
-        raise CelCompileError(f"must evaluate to bool or the unknown type, not {tree.lit_type}")
+    shape = {"list": "list(dyn)", "map": "map(dyn, dyn)"}.get(tree.kind) or \
+        (tree.lit_type if tree.kind == "lit" and tree.lit_type != "bool" else None)
+    if shape:   # the checker's output-type rule, for the types a tree's shape alone decides
+        raise CelCompileError(f"must evaluate to bool or the unknown type, not {shape}")
     lowered = lower(tree)
     try:
         program = _cel.compile(lowered)
