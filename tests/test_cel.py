@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from controller.allocator.cel import (MAX_COST, CelCompileError, CelCostError, CelRuntimeError, Evaluator, device_input,
@@ -81,6 +83,17 @@ def test_runtime_and_compile_errors(ev) -> None:
         ev.compile("'gpu'")
     with pytest.raises(CelCompileError, match="must evaluate to bool or the unknown type, not list"):
         ev.compile("[true]")
+    # the checker's overload resolution: no heterogeneous ==, no ordering on quantities
+    for expr, message in [("device.driver == 1", "'_==_' applied to '(string, int)'"),
+                          ("device.attributes['gpu.partita.dev'].numaNode == 1 && 1 == 1.0", "'_==_' applied to '(int, double)'"),
+                          ("device.capacity['gpu.partita.dev'].memory > quantity('1Gi')", "'_>_' applied to '(Quantity, Quantity)'"),
+                          ("size('ab') == 2u", "'_==_' applied to '(int, uint)'"),
+                          ("device.driver + 1 == 'x'", "'_+_' applied to '(string, int)'")]:
+        with pytest.raises(CelCompileError, match=f"found no matching overload for {re.escape(message)}"):
+            ev.compile(expr)
+    for fine in ["1 < 1.5 && 2u > 1", "'a' < 'b' && b'a' == b'a' && r'a' == 'a'",
+                 "device.attributes['gpu.partita.dev'].numaNode == 1.0 || true"]:     # dyn compares with anything
+        ev.compile(fine)
     with pytest.raises(CelCompileError, match="invalid argument to has"):
         ev.compile("has(device)")
     with pytest.raises(CelCompileError, match="of the Kubernetes CEL library is not implemented"):

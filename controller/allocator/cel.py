@@ -305,10 +305,64 @@ def _check(node: Node, scope: frozenset[str]) -> None:
         for a in node.args:
             _check(a, scope)
         return
+    _check_operands(node, scope)
     if node.target is not None:
         _check(node.target, scope)
     for a in node.args:
         _check(a, scope)
+
+
+_NUMERIC = {"int", "uint", "double"}
+_RETURNS = {"quantity": "Quantity", "semver": "Semver", "size": "int", "string": "string", "int": "int",
+            "uint": "uint", "double": "double", "bool": "bool", "isQuantity": "bool", "isSemver": "bool",
+            "lowerAscii": "string", "upperAscii": "string", "trim": "string", "matches": "bool",
+            "startsWith": "bool", "endsWith": "bool", "compareTo": "int", "isGreaterThan": "bool",
+            "isLessThan": "bool", "asInteger": "int", "asApproximateFloat": "double", "major": "int",
+            "minor": "int", "patch": "int"}
+
+
+def _static_type(node: Node, scope: frozenset[str]) -> str | None:
+    """The type cel-go's checker gives ``node`` where it is certain (None: dyn, as attribute values)."""
+    if node.kind == "lit":
+        return {"string": "string", "bytes": "bytes", "int": "int", "uint": "uint", "double": "double",
+                "bool": "bool", "null": "null_type"}[node.lit_type]
+    if node.kind == "list":
+        return "list" if not any(node.flags) else None
+    if node.kind == "map":
+        return "map" if not any(node.flags) else None
+    if node.kind == "select" and not node.optional and node.target is not None and \
+            node.target.kind == "ident" and node.target.value == "device" and "device" not in scope:
+        return {"driver": "string", "allowMultipleAllocations": "bool"}.get(node.value)
+    if node.kind == "select" and not node.optional and node.target is not None and \
+            node.target.kind == "index" and _device_map(node.target.target) == "capacity":
+        return "Quantity"
+    if node.kind == "unary":
+        return "bool" if node.value == "!" else _static_type(node.args[0], scope)
+    if node.kind == "binary" and node.value in ("&&", "||", "==", "!=", "<", "<=", ">", ">=", "in"):
+        return "bool"
+    if node.kind == "call" and qualified_call_name(node) is None and macro_vars(node) is None:
+        return _RETURNS.get(node.value)
+    return None
+
+
+def _check_operands(node: Node, scope: frozenset[str]) -> None:
+    """cel-go refuses at compile time an operator no overload accepts: ``==`` between two known, different
+    types (``device.driver == 1``), an ordering between types that are not both numeric or both the same
+    ordered type, and ordering operators on Quantity/Semver (they have compareTo/isGreaterThan instead)."""
+    if node.kind != "binary" or node.value in ("&&", "||", "in"):
+        return
+    a, b = (_static_type(x, scope) for x in node.args)
+    if a is None or b is None:
+        return
+    op = f"_{node.value}_"
+    ordering = node.value in ("<", "<=", ">", ">=")
+    bad = (a != b and not (a in _NUMERIC and b in _NUMERIC and ordering)) or \
+        (ordering and a in ("Quantity", "Semver", "list", "map", "null_type"))
+    if node.value in ("+", "-", "*", "/", "%"):
+        bad = a != b or a in ("bool", "null_type", "Quantity", "Semver", "map") or \
+            (node.value != "+" and a in ("string", "bytes", "list"))
+    if bad:
+        raise CelCompileError(f"found no matching overload for '{op}' applied to '({a}, {b})'")
 
 
 def _device_map(node: Node | None) -> str | None:
@@ -320,7 +374,7 @@ def _device_map(node: Node | None) -> str | None:
 
 
 def _string_lit(node: Node) -> str | None:
-    if node.kind == "lit" and node.lit_type == "string" and not node.value[:1].lower() == "r":
+    if node.kind == "lit" and node.lit_type == "string":
         try:
             return str(_cel.evaluate(node.value))
         except Exception:  # noqa: BLE001 - the library parses the literal; nothing else can fail here

@@ -241,7 +241,8 @@ class _Parser:
             return Node("lit", t.text, lit_type=_num_type(t.text), pos=t.pos)
         if t.kind == "string":
             self.take()
-            return Node("lit", t.text, lit_type="bytes" if "b" in t.text[:2].lower() else "string", pos=t.pos)
+            prefix = t.text[:len(t.text) - len(t.text.lstrip("rRbB"))]
+            return Node("lit", t.text, lit_type="bytes" if "b" in prefix.lower() else "string", pos=t.pos)
         if t.kind == "op" and t.text == "(":
             self.take()
             n = self.expr()
