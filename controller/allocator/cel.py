@@ -18,9 +18,8 @@ fixtures' commit): the Kubernetes base environment plus ``cel.bind``. On top of 
 * ext.Strings v2 ``lowerAscii``, ``upperAscii``, ``trim``, ``replace``, ``split``, ``join``, ``indexOf``,
   ``lastIndexOf``, ``substring``, ``charAt``, ``strings.quote``, ``format`` (no string ``reverse``: v3);
   regex ``find``, ``findAll``; library.Lists ``sum``, ``min``, ``max``, ``isSorted``, ``indexOf``,
-  ``lastIndexOf``; ext.Lists v3, ext.Sets, URL, IP and CIDR (:mod:`cellib`, which lists what is not
-  implemented: ``library.Format``'s ``format.*`` and the ``sortBy`` macro). ``math.*`` is not enabled
-  upstream and is an undeclared reference here too.
+  ``lastIndexOf``; ext.Lists v3, ext.Sets, URL, IP, CIDR and library.Format (:mod:`cellib`).
+  ``math.*`` is not enabled upstream and is an undeclared reference here too.
 
 Errors come in upstream's two classes: :class:`CelCompileError` (syntax, undeclared references, macro
 misuse: what the API server refuses at create) and :class:`CelRuntimeError` (a missing key, a wrong type:
@@ -55,7 +54,7 @@ import cel as _cel
 from driver.api.quantity import Quantity, QuantityError
 
 from .celcost import MAX_COST, estimate
-from .cellib import FUNCTIONS as LIB_FUNCTIONS, NOT_IMPLEMENTED, LibError
+from .cellib import FUNCTIONS as LIB_FUNCTIONS, LibError
 from .celsyntax import CelSyntaxError, Node, lower, macro_vars, parse, qualified_call_name, walk
 
 MAX_EXPRESSION_LENGTH = 10 * 1024          # resourceapi.CELSelectorExpressionMaxLength
@@ -267,7 +266,7 @@ _BUILTINS = {"size", "contains", "startsWith", "endsWith", "matches", "int", "ui
              "getMilliseconds", "optional.of", "optional.none", "optional.ofNonZeroValue", "hasValue", "value",
              "orValue", "or"}
 _MACROS = {"has", "all", "exists", "exists_one", "existsOne", "map", "filter", "transformList", "transformMap",
-           "cel.bind"}
+           "transformMapEntry", "sortBy", "cel.bind"}
 
 
 def _check(node: Node, scope: frozenset[str]) -> None:
@@ -280,9 +279,6 @@ def _check(node: Node, scope: frozenset[str]) -> None:
         return
     if node.kind == "call":
         name = qualified or node.value
-        if name in NOT_IMPLEMENTED:
-            raise CelCompileError(f"function '{name}' of the Kubernetes CEL library is not implemented by Partita's "
-                                  "CEL evaluator")
         if name == "has":
             if len(node.args) != 1 or node.args[0].kind != "select" or node.target is not None:
                 raise CelCompileError("invalid argument to has() macro")

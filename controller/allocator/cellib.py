@@ -7,18 +7,22 @@ fixtures' commit that base enables: optional types, cross-type numeric compariso
 ``library.IP`` and ``library.CIDR``, ``library.Format``, ``ext.TwoVarComprehensions``,
 ``library.SemverLib`` version 1 and ``ext.Lists`` version 3 (``library.Authz``/``AuthzSelectors`` are
 declared too, but need an ``authorizer`` variable, which selectors do not have). ``ext.Math`` is *not*
-enabled, so ``math.*`` is an undeclared reference, as upstream. ``library.Format`` (``format.named`` ...)
-is not implemented: such an expression fails to compile saying so.
+enabled, so ``math.*`` is an undeclared reference, as upstream.
 
 This module holds the optional helpers the lowering in :mod:`celsyntax` calls, ``ext.Sets``,
-``ext.Lists`` v3 (``slice``, ``flatten``, ``distinct``, ``reverse``, ``sort``, ``first``, ``last``,
-``lists.range``; not the ``sortBy`` macro), ``strings.quote`` and ``format`` (ext.Strings v1/v2), and the
-URL, IP and CIDR libraries. Values of the Kubernetes types are tagged maps, as quantities are.
+``ext.Lists`` v3 (``slice``, ``flatten``, ``distinct``, ``reverse``, ``sort``, ``sortBy``, ``first``,
+``last``, ``lists.range``), ``strings.quote`` and ``format`` (ext.Strings v1/v2), the URL, IP and CIDR
+libraries and ``library.Format`` (``format.named(n)``, ``format.dns1123Label()`` ... ``.validate(s)``,
+with the same rules as the API's name validation; error texts are shorter than upstream's). Values of the
+Kubernetes types are tagged maps, as quantities are.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import re
 import urllib.parse
 from typing import Any, Callable
 
@@ -382,6 +386,103 @@ def _prefix_length(v: Any) -> int:
     return _c(v).network.prefixlen
 
 
+# -- ext.Lists sortBy, ext.TwoVarComprehensions transformMapEntry (targets of the lowering) ------------
+def sort_by(lst: list, keys: list) -> list:
+    _lists(lst, keys)
+    _sort(keys)          # the keys must be comparable, as upstream requires
+    order = sorted(range(len(lst)), key=lambda i: keys[i])
+    return [lst[i] for i in order]
+
+
+def merge_entries(entries: list) -> dict:
+    out: dict = {}
+    for e in entries:
+        if not isinstance(e, dict):
+            raise LibError(f"transformMapEntry: the entry must be a map, got {type(e).__name__}")
+        for k, v in e.items():
+            if k in out:
+                raise LibError(f"insert failed: key {k} already exists")
+            out[k] = v
+    return out
+
+
+# -- library.Format -----------------------------------------------------------------------------------
+_F = "__format__"
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_QNAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+
+
+def _pattern_check(pattern: re.Pattern, limit: int, what: str) -> Callable[[str], list[str]]:
+    def check(s: str) -> list[str]:
+        errs = []
+        if len(s) > limit:
+            errs.append(f"must be no more than {limit} characters")
+        if not pattern.match(s):
+            errs.append(f"a {what} must match the regex {pattern.pattern[1:-1]!r}")
+        return errs
+    return check
+
+
+def _prefix(check: Callable[[str], list[str]]) -> Callable[[str], list[str]]:
+    return lambda s: check(s[:-1] if s.endswith("-") else s)
+
+
+def _qualified(s: str) -> list[str]:
+    prefix, sep, name = s.rpartition("/")
+    errs = []
+    if sep and (not prefix or len(prefix) > 253 or not _SUBDOMAIN.match(prefix)):
+        errs.append("prefix part must be a lowercase RFC 1123 subdomain")
+    if not name or len(name) > 63 or not _QNAME.match(name):
+        errs.append("name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end "
+                    "with an alphanumeric character, at most 63 characters")
+    return errs
+
+
+def _uri(s: str) -> list[str]:
+    p = urllib.parse.urlsplit(s)
+    return [] if (p.scheme or s.startswith("/")) and " " not in s else ["invalid URI"]
+
+
+def _base64(s: str) -> list[str]:
+    try:
+        base64.b64decode(s, validate=True)
+        return []
+    except (ValueError, binascii.Error):
+        return ["invalid base64"]
+
+
+FORMATS: dict[str, Callable[[str], list[str]]] = {
+    "dns1123Label": _pattern_check(_LABEL, 63, "lowercase RFC 1123 label"),
+    "dns1123Subdomain": _pattern_check(_SUBDOMAIN, 253, "lowercase RFC 1123 subdomain"),
+    "dns1035Label": _pattern_check(_DNS1035, 63, "DNS-1035 label"),
+    "qualifiedName": _qualified,
+    "labelValue": _pattern_check(_LABEL_VALUE, 63, "valid label"),
+    "uri": _uri, "uuid": _pattern_check(_UUID, 36, "UUID"), "byte": _base64,
+    "date": _pattern_check(_DATE, 10, "date (YYYY-MM-DD)"),
+    "datetime": _pattern_check(_DATETIME, 64, "RFC 3339 date-time"),
+}
+FORMATS["dns1123LabelPrefix"] = _prefix(FORMATS["dns1123Label"])
+FORMATS["dns1123SubdomainPrefix"] = _prefix(FORMATS["dns1123Subdomain"])
+FORMATS["dns1035LabelPrefix"] = _prefix(FORMATS["dns1035Label"])
+
+
+def _format_named(name: str) -> Any:
+    return _cel.OptionalValue.of({_F: name}) if name in FORMATS else _NONE()
+
+
+def _validate(fmt: Any, s: str) -> Any:
+    if not (isinstance(fmt, dict) and fmt.get(_F) in FORMATS):
+        raise LibError("no such overload: validate() needs a format (format.named(...) or format.<name>())")
+    errs = FORMATS[fmt[_F]](s)
+    return _cel.OptionalValue.of(errs) if errs else _NONE()
+
+
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "_optSelect": opt_select, "_optIndex": opt_index, "_optElems": opt_elems, "_optMap": opt_map,
     "_pairs": pairs, "_zipMap": zip_map,
@@ -401,10 +502,7 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
                                       or _a(v).is_unspecified or str(_a(v)) == "255.255.255.255"),
     "cidr": _cidr, "isCIDR": _is_cidr, "containsIP": _contains_ip, "containsCIDR": _contains_cidr,
     "masked": _masked, "prefixLength": _prefix_length,
+    "_sortBy": sort_by, "_mergeEntries": merge_entries,
+    "format.named": _format_named, "validate": _validate,
+    **{f"format.{name}": (lambda name=name: {_F: name}) for name in FORMATS},
 }
-
-#: functions the base environment declares that Partita does not implement: a compile error says so
-NOT_IMPLEMENTED = {"format.named", "format.dns1123Label", "format.dns1123Subdomain", "format.dns1035Label",
-                   "format.qualifiedName", "format.dns1123LabelPrefix", "format.dns1123SubdomainPrefix",
-                   "format.dns1035LabelPrefix", "format.labelValue", "format.uri", "format.uuid", "format.byte",
-                   "format.date", "format.datetime", "validate", "sortBy", "transformMapEntry"}

@@ -12,8 +12,9 @@ expression with CEL's grammar into a small tree and prints it back in the subset
 * ``[a, ?b]`` -> ``[a] + _optElems(b)``; ``{"k": v, ?"o": w}`` -> ``_optMap([...keys], [...values],
   [...optional flags])``;
 * ``cel.bind(v, init, body)`` -> ``[init].map(v, body)[0]`` (``init`` evaluated once, as upstream);
-* ``r.all(i, v, p)`` (and ``exists``, ``exists_one``/``existsOne``, ``transformList``, ``transformMap``)
-  -> a one-variable comprehension over ``_pairs(r)`` binding ``i`` and ``v`` as above.
+* ``r.all(i, v, p)`` (and ``exists``, ``exists_one``/``existsOne``, ``transformList``, ``transformMap``,
+  ``transformMapEntry``) -> a one-variable comprehension over ``_pairs(r)`` binding ``i`` and ``v`` as above;
+* ``l.sortBy(e, key)`` -> ``[l].map(p, _sortBy(p, p.map(e, key)))[0]``.
 
 The same tree gives the cost estimate (:mod:`controller.allocator.celcost`), the undeclared references,
 and the attributes an expression reads.
@@ -322,8 +323,8 @@ NAMESPACES = {"cel", "sets", "lists", "strings", "optional", "math", "base64", "
 QUALIFIED = {"ip.isCanonical"}
 
 
-MACROS_ONE_VAR = {"all", "exists", "exists_one", "map", "filter"}
-MACROS_TWO_VAR = {"all", "exists", "exists_one", "existsOne", "transformList", "transformMap"}
+MACROS_ONE_VAR = {"all", "exists", "exists_one", "map", "filter", "sortBy"}
+MACROS_TWO_VAR = {"all", "exists", "exists_one", "existsOne", "transformList", "transformMap", "transformMapEntry"}
 
 
 def macro_vars(n: Node) -> list[str] | None:
@@ -399,6 +400,9 @@ class _Lowerer:
         vs = macro_vars(n)
         if vs is not None and len(vs) == 2:
             return self.two_var(n)
+        if vs is not None and n.value == "sortBy":
+            p = self.name()
+            return f"[{self(n.target)}].map({p}, _sortBy({p}, {p}.map({vs[0]}, {self(n.args[1])})))[0]"  # type: ignore[arg-type]
         args = ", ".join(self(a) for a in n.args)
         if n.target is None:
             return f"{n.value}({args})"
@@ -419,6 +423,8 @@ class _Lowerer:
         transform = bound(n.args[-1])
         if name == "transformList":
             return f"{filtered}.map({p}, {transform})"
+        if name == "transformMapEntry":
+            return f"_mergeEntries({filtered}.map({p}, {transform}))"
         return f"_zipMap({filtered}.map({p}, {p}[0]), {filtered}.map({p}, {transform}))"
 
 
