@@ -127,6 +127,16 @@ def test_cost_bounds(ev) -> None:
     # nesting as such is no limit: small ranges stay cheap, as upstream
     assert check(ev, "[1].all(a, [1].all(b, [1].all(c, [1].all(d, true))))") is True
     assert validate_selector("[1].all(a, [1].all(b, [1].all(c, [1].all(d, true))))").max_cost < 100
+    # upstream's estimates for flat selectors (compile_test.go, expectCost)
+    for expr, upstream in [('device.attributes["dra.example.com"].name', 4), ('device.driver == ""', 2),
+                           ('device.driver == "dra.example.com"', 4), ('"dra.example.com" in device.attributes', 3),
+                           ('device.attributes["dra.example.com"].name > 0', 5),
+                           ('device.attributes["dra.example.com"].name == "fish"', 5),
+                           ('cel.bind(dra, device.attributes["dra.example.com"], dra.name)', 15),
+                           ('device.capacity["dra.example.com"].name.isGreaterThan(quantity("1Ki"))', 6),
+                           ('"name" in device.capacity["dra.example.com"] && '
+                            'device.capacity["dra.example.com"].name.isGreaterThan(quantity("1Ki"))', 10)]:
+        assert ev.compile(expr).max_cost == upstream, expr
     # flat selectors cost a few units, loops over attributes multiply by 32 entries per map
     assert validate_selector("device.attributes['gpu.partita.dev'].numaNode > 0").max_cost < 10
     nested = "device.attributes.all(d, device.attributes[d].all(k, k.startsWith('x')))"

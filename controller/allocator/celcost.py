@@ -7,9 +7,10 @@ exceeds cost limit"); at run time the same number caps the actual cost ("operati
 limit exceeded"). Partita has no cel-go checker, so this module approximates that estimate on the parsed
 tree (:mod:`controller.allocator.celsyntax`) with the same structure, where all of the cost is:
 
-* 1 per identifier, field selection, index, operator and function call; string-scanning functions
-  (``matches``, ``find``, ``contains``, ``split``, ...) add the maximum string length / 10, as cel-go's
-  string costs do;
+* 1 per identifier, field selection, index, operator and function call; ``==`` with a string literal
+  costs a tenth of its length and string-scanning functions (``matches``, ``find``, ``contains``,
+  ``split``, ...) add the maximum string length / 10, as cel-go's string costs do; ``cel.bind`` adds 10
+  (it is a one-step comprehension);
 * a comprehension costs its range plus, per element of the range, its body plus 3 (cel-go's loop
   condition and step), so nesting multiplies by each range's maximum size;
 * maximum sizes: a list literal has its length, ``device.attributes`` / ``device.capacity`` and each
@@ -17,10 +18,11 @@ tree (:mod:`controller.allocator.celsyntax`) with the same structure, where all 
   ``lists.range(n)`` has n, ``map``/``filter`` keep their range's size, and anything else (a string, a
   split result, a nested list) is assumed to hold at most 64 (``DeviceAttributeMaxValueLength``).
 
-The numbers are close to cel-go's for the expressions selectors use (a flat selector costs a few dozen,
-nested loops over attributes thousands) and grow the same way, so expressions far from the limit are
-treated alike; near the limit the two estimates may disagree, and this one errs on the high side for
-unknown sizes.
+The numbers are cel-go's for the flat selectors of upstream's compile_test.go (``device.attributes[d].name``
+4, ``... > 0`` 5, ``device.capacity[d].name.isGreaterThan(quantity("1Ki"))`` 6, the ``in`` guard plus that
+10, ``cel.bind`` 15; tests/test_cel.py checks them) and grow the same way for loops (upstream's seven nested
+10-element loops: 85,555,551 there, about 1.3e8 here), so expressions far from the limit are treated
+alike; near the limit the two estimates may disagree, and this one errs on the high side for unknown sizes.
 """
 
 from __future__ import annotations
@@ -86,6 +88,9 @@ def estimate(n: Node, sizes: dict[str, int] | None = None) -> int:  # noqa: C901
     if k == "binary":
         extra = size(n.args[1], sizes) if n.value == "in" and n.args[1].kind != "map" and \
             not _is_device_map(n.args[1]) else 1
+        strings = [a for a in n.args if a.kind == "lit" and a.lit_type == "string"]
+        if n.value in ("==", "!=") and strings:     # cel-go: 0.1 per character of the shorter string
+            extra = -(-min(len(a.value) - 2 for a in strings) // 10)
         return estimate(n.args[0], sizes) + estimate(n.args[1], sizes) + (0 if n.value in ("&&", "||") else extra)
     if k == "cond":
         return estimate(n.args[0], sizes) + max(estimate(n.args[1], sizes), estimate(n.args[2], sizes))
@@ -95,7 +100,7 @@ def estimate(n: Node, sizes: dict[str, int] | None = None) -> int:  # noqa: C901
     if vs is not None and qualified_call_name(n) == "cel.bind":
         init, body = n.args[1], n.args[2]
         inner = {**sizes, vs[0]: size(init, sizes)}
-        return estimate(init, sizes) + estimate(body, inner) + 2
+        return estimate(init, sizes) + estimate(body, inner) + 10   # a one-step comprehension in cel-go
     if vs is not None:
         rng = n.target  # type: ignore[assignment]
         count = size(rng, sizes)  # type: ignore[arg-type]
