@@ -159,6 +159,17 @@ def test_slices_are_validated(server) -> None:
     assert ("spec.devices[1].name", "FieldValueDuplicate") in causes(status)
 
 
+def test_a_pods_claim_references_are_validated(server) -> None:
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+           "spec": {"containers": [{"name": "c", "image": "busybox", "resources": {"claims": [{"name": "gpus"}]}}],
+                    "resourceClaims": [{"name": "gpu", "resourceClaimName": "c", "resourceClaimTemplateName": "t"}]}}
+    code, status = post(server, "/api/v1/namespaces/default/pods", pod)
+    assert code == 422
+    assert causes(status) == [("spec.resourceClaims[0]", "FieldValueInvalid"),
+                              ("spec.containers[0].resources.claims[0].name", "FieldValueNotFound")]
+    assert 'spec.containers[0].resources.claims[0].name: Not found: "gpus"' in status["message"]
+
+
 def test_claim_spec_is_immutable(server) -> None:
     stored = server.create(claim("frozen", exact()))
     changed = copy.deepcopy(stored)

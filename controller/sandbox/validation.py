@@ -15,7 +15,8 @@ What a real API server does to a write before it stores it, for the kinds the em
    names, enums, list limits, references between requests/constraints/config, and every CEL selector
    compiled at create (claims, templates, device classes) with the allocator's own compiler; an
    expression over the cost limit is Forbidden ("too complex, exceeds cost limit"). Every kind's
-   ``metadata.name`` is checked as a DNS subdomain (a DNS label for namespaces). A failure is 422
+   ``metadata.name`` is checked as a DNS subdomain (a DNS label for namespaces), and a pod's DRA parts
+   (``spec.resourceClaims`` and the containers' ``resources.claims`` references). A failure is 422
    Invalid with a Status whose ``details.causes`` name each field, as the real server answers.
 
 Spec immutability (``spec`` of claims and templates, ``spec`` of slices is mutable) is checked on update.
@@ -433,6 +434,34 @@ def _resource_slice(errs: _Errors, obj: dict) -> None:
                 errs.invalid(f"spec.devices[{i}].attributes[{name}]", "{...}", "exactly one value must be specified")
 
 
+def _pod_claims(errs: _Errors, obj: dict) -> None:
+    """The DRA parts of pod validation: ``spec.resourceClaims`` and the containers' claim references."""
+    spec = obj.get("spec") or {}
+    names: set[str] = set()
+    for i, rc in enumerate(spec.get("resourceClaims") or []):
+        if not isinstance(rc, dict):
+            continue
+        p = f"spec.resourceClaims[{i}]"
+        _dns(errs, f"{p}.name", rc.get("name"), label=True)
+        if rc.get("name") in names:
+            errs.duplicate(f"{p}.name", rc.get("name"))
+        names.add(rc.get("name"))
+        sources = [k for k in ("resourceClaimName", "resourceClaimTemplateName") if rc.get(k)]
+        if len(sources) != 1:
+            errs.invalid(p, "{...}", "must specify one of: `resourceClaimName`, `resourceClaimTemplateName`")
+        for k in sources:
+            _dns(errs, f"{p}.{k}", rc[k])
+    for group in ("initContainers", "containers"):
+        for j, c in enumerate(spec.get(group) or []):
+            for m, ref in enumerate(((c or {}).get("resources") or {}).get("claims") or []):
+                name = (ref or {}).get("name")
+                if not name:
+                    errs.required(f"spec.{group}[{j}].resources.claims[{m}].name")
+                elif name not in names:
+                    errs.append(FieldError(f"spec.{group}[{j}].resources.claims[{m}].name", "FieldValueNotFound",
+                                           f'Not found: "{name}"'))
+
+
 def validate(obj: dict, old: dict | None = None) -> None:
     """Raises :class:`Rejected` (422) with every field error."""
     errs = _Errors()
@@ -447,6 +476,8 @@ def validate(obj: dict, old: dict | None = None) -> None:
         _device_class(errs, obj)
     if kind == "ResourceSlice":
         _resource_slice(errs, obj)
+    if kind == "Pod":
+        _pod_claims(errs, obj)
     if old is not None and kind in ("ResourceClaim", "ResourceClaimTemplate") and obj.get("spec") != old.get("spec"):
         errs.invalid("spec", "{...}", "field is immutable")
     if errs:
