@@ -159,6 +159,7 @@ def test_compile_once(ev) -> None:
     ("device.attributes['gpu.partita.dev'].?numaNode.value() == 1", True),
     ("device.attributes['other.example.com'].?x.orValue(7) == 7", True),                # missing domain: empty map
     ("device.attributes[?'gpu.partita.dev'].?type.orValue('') == 'gpu'", True),
+    ("device.attributes[?'other.example.com'].hasValue()", True),       # upstream's map finds every domain
     ("device.attributes['gpu.partita.dev'][?'productName'].orValue('').startsWith('NVIDIA')", True),
     ("device.capacity['gpu.partita.dev'].?memory.orValue(quantity('0')).isGreaterThan(quantity('80Gi'))", False),
     ("device.capacity['gpu.partita.dev'].?bandwidth.orValue(quantity('0')) == quantity('0')", True),

@@ -398,7 +398,7 @@ def _reads(tree: Node) -> tuple[set[tuple[str, str]], set[tuple[str, str]], froz
         if which is None:
             continue
         p = parents.get(id(n))
-        if p is not None and p.kind == "index" and p.target is n and not p.optional and \
+        if p is not None and p.kind == "index" and p.target is n and \
                 (domain := _string_lit(p.args[0])) is not None:
             indexed.add((which, domain))
             g = parents.get(id(p))
