@@ -279,6 +279,23 @@ def test_bad_input_raises_an_allocation_error_naming_the_request(h100x2, request
         Explainer(slices, CLASSES).explain(_claim(request_))
 
 
+def test_a_misspelled_attribute_gets_one_hint_that_explain_itself_accepts(h100x2) -> None:
+    """The hint names the closest attribute the device has and the optional-chaining spelling, and that
+    spelling is a selector explain (the allocator's CEL) accepts: no "unsupported" refusal of ``.?``."""
+    slices, _ = h100x2
+    typo = "device.attributes['gpu.partita.dev'].productname == 'NVIDIA B200'"
+    with pytest.raises(AllocationError, match="no such key: productname") as err:
+        Explainer(slices, CLASSES).explain(_claim(_req(selectors=[typo])))
+    assert "did you mean 'productName'?" in str(err.value)
+    guarded = "device.attributes[\"gpu.partita.dev\"].?productname.orValue('') == 'NVIDIA B200'"
+    assert f"{guarded.split('.orValue')[0]}.orValue(<default>)" in str(err.value)
+    e = Explainer(slices, CLASSES).explain(_claim(_req(selectors=[guarded])))
+    [r] = e.requests
+    assert not e.fits and _stages(r)["request selector"] == 2
+    ok = "device.attributes['gpu.partita.dev'].?productName.orValue('').startsWith('NVIDIA H100')"
+    assert Explainer(slices, CLASSES).explain(_claim(_req(selectors=[ok]))).fits
+
+
 def test_nothing_to_explain_against() -> None:
     with pytest.raises(ExplainInputError, match="no ResourceSlice names a node"):
         Explainer([], CLASSES).explain(_claim(_req()))

@@ -108,3 +108,41 @@ def test_bad_input_is_reported_with_the_fix(tmp_path) -> None:
     assert r.returncode == 2 and "unknown GPU model 'X100'" in r.stderr
     r = sandbox("--node", "justaname")
     assert r.returncode == 2 and "NAME=MODEL:COUNT" in r.stderr
+
+
+def test_a_manifest_the_api_server_would_refuse_exits_2_naming_the_object_and_field(tmp_path) -> None:
+    wl = tmp_path / "wl.yaml"
+    wl.write_text(textwrap.dedent("""\
+        apiVersion: resource.k8s.io/v1
+        kind: ResourceClaim
+        metadata: {name: typo}
+        spec:
+          devices:
+            requests:
+            - name: gpu
+              exactly:
+                deviceClass: gpu.partita.dev
+        """))
+    r = sandbox("--node", "n=L4:1", "-f", str(wl))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "wl.yaml document 1 (ResourceClaim typo)" in r.stderr
+    assert 'strict decoding error: unknown field "spec.devices.requests[0].exactly.deviceClass"' in r.stderr
+    assert "Starting" not in r.stdout          # refused before any node starts
+    wl.write_text(textwrap.dedent("""\
+        apiVersion: resource.k8s.io/v1
+        kind: ResourceClaim
+        metadata: {name: badcel}
+        spec:
+          devices:
+            requests:
+            - name: gpu
+              exactly:
+                deviceClassName: gpu.partita.dev
+                selectors:
+                - cel: {expression: "device.attributes['gpu.partita.dev'].productName = 'NVIDIA L4'"}
+        """))
+    r = sandbox("--node", "n=L4:1", "-f", str(wl))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "(ResourceClaim badcel): the API server refuses it (422 Invalid, field " \
+           "spec.devices.requests[0].exactly.selectors[0].cel.expression)" in r.stderr
+    assert "compilation failed" in r.stderr

@@ -1,35 +1,48 @@
-"""Device selectors in CEL, as the Kubernetes DRA allocator evaluates them, on ``common-expression-language``.
+"""Device selectors in CEL, as kube-scheduler's DRA allocator evaluates them, on ``common-expression-language``.
 
 The ``device`` variable has ``driver``, ``attributes`` and ``capacity`` (maps from domain to maps from
 identifier to value; unqualified names belong to the driver's domain) and ``allowMultipleAllocations``.
-On top of the CEL standard library this adapter provides what the Kubernetes CEL environment adds for
-selectors:
 
+The environment is upstream's (``k8s.io/dynamic-resource-allocation/cel/compile.go`` at the conformance
+fixtures' commit): the Kubernetes base environment plus ``cel.bind``. On top of the CEL standard library:
+
+* optional types: ``x.?f``, ``m[?k]``, ``[?e]``, ``{?k: v}``, ``optional.of/none/ofNonZeroValue``,
+  ``hasValue``, ``value``, ``orValue``, ``or`` (the library has the type and functions; its parser lacks the
+  syntax, which :mod:`celsyntax` lowers from a real parse of the expression, never by text patterns);
+* ``cel.bind`` and the two-variable comprehensions (``all/exists/existsOne(i, v, p)``, ``transformList``,
+  ``transformMap``), lowered the same way;
 * ``quantity(s)``, ``isQuantity(s)`` and the Quantity members ``compareTo``, ``isGreaterThan``,
   ``isLessThan``, ``add``, ``sub``, ``asInteger``, ``asApproximateFloat``, ``isInteger``, ``sign``;
 * ``semver(s[, normalize])``, ``isSemver(s[, normalize])`` and the members ``major``, ``minor``,
   ``patch``, ``compareTo``, ``isGreaterThan``, ``isLessThan`` (version attributes are Semver values);
-* string extensions ``lowerAscii``, ``upperAscii``, ``trim``, ``replace``, ``split``, ``join``,
-  ``indexOf``, ``lastIndexOf``, ``substring``, ``charAt``, ``reverse``; regex ``find``, ``findAll``;
-  list functions ``sum``, ``min``, ``max``, ``isSorted``, ``indexOf``, ``lastIndexOf``.
+* ext.Strings v2 ``lowerAscii``, ``upperAscii``, ``trim``, ``replace``, ``split``, ``join``, ``indexOf``,
+  ``lastIndexOf``, ``substring``, ``charAt``, ``strings.quote``, ``format`` (no string ``reverse``: v3);
+  regex ``find``, ``findAll``; library.Lists ``sum``, ``min``, ``max``, ``isSorted``, ``indexOf``,
+  ``lastIndexOf``; ext.Lists v3, ext.Sets, URL, IP, CIDR and library.Format (:mod:`cellib`).
+  ``math.*`` is not enabled upstream and is an undeclared reference here too.
 
-Quantities and versions are passed through the library as tagged maps (it cannot hold opaque Python
-values), so ``==`` between two quantities compares values exactly.
+Errors come in upstream's two classes: :class:`CelCompileError` (syntax, undeclared references, macro
+misuse: what the API server refuses at create) and :class:`CelRuntimeError` (a missing key, a wrong type:
+what the allocator reports for a device). :func:`validate_selector` adds the API server's cost check:
+the worst-case estimate of :mod:`celcost` (how it approximates cel-go is documented there) against
+upstream's limit of 1,000,000 (:class:`CelCostError`, "too complex, exceeds cost limit"); the evaluator
+refuses such an expression at run time with upstream's "operation cancelled: actual cost limit exceeded".
+
+Quantities, versions, URLs, IPs and CIDRs are passed through the library as tagged maps (it cannot
+hold opaque Python values), so ``==`` between two quantities compares values exactly.
 
 Known differences from the Go implementation (documented, checked by tests):
 
-* Optional syntax (``.?x``, ``orValue``) is not parsed by the library: such expressions fail to compile
-  with a message that says so. Use ``has()`` or ``in`` guards instead.
+* No type checker: a type error (``device.driver + 1``) is a runtime error, not a compile error.
 * A missing domain reads as an empty map (as upstream) because every domain an expression names in
   ``device.attributes[...]`` / ``device.capacity[...]`` is added as an empty map when the device lacks
   it — unless the expression also tests it with ``'<domain>' in device.attributes``, in which case it is
   left absent so that test stays false.
-* No cost estimation: instead an expression is limited to 10Ki characters (as the API validates) and to
-  comprehensions nested at most 3 deep; device data is small, so evaluation time stays bounded.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -40,8 +53,11 @@ import cel as _cel
 
 from driver.api.quantity import Quantity, QuantityError
 
-MAX_EXPRESSION_LENGTH = 10 * 1024
-MAX_COMPREHENSION_NESTING = 3
+from .celcost import MAX_COST, estimate
+from .cellib import FUNCTIONS as LIB_FUNCTIONS, LibError
+from .celsyntax import CelSyntaxError, Node, lower, macro_vars, parse, qualified_call_name, walk
+
+MAX_EXPRESSION_LENGTH = 10 * 1024          # resourceapi.CELSelectorExpressionMaxLength
 _Q = "__quantity__"
 _V = "__semver__"
 
@@ -52,6 +68,11 @@ class CelError(Exception):
 
 class CelCompileError(CelError):
     pass
+
+
+class CelCostError(CelCompileError):
+    """The API server's refusal of an expression whose worst-case cost exceeds the limit (a Forbidden
+    field error upstream, not Invalid)."""
 
 
 class CelRuntimeError(CelError):
@@ -232,7 +253,6 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "lastIndexOf": _last_index_of,
     "substring": lambda s, a, b=None: s[a:b] if b is not None else s[a:],
     "charAt": lambda s, i: s[i] if i < len(s) else "",
-    "reverse": lambda s: s[::-1],
     "find": lambda s, pat: (m.group(0) if (m := re.search(pat, s)) else ""),
     "findAll": lambda s, pat, n=-1: [m.group(0) for m in re.finditer(pat, s)][: (n if n >= 0 else None)],
     "sum": lambda lst: sum(lst),
@@ -241,61 +261,163 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "isSorted": lambda lst: all(lst[i] <= lst[i + 1] for i in range(len(lst) - 1)),
 }
 _BUILTINS = {"size", "contains", "startsWith", "endsWith", "matches", "int", "uint", "double", "string", "bool",
-             "bytes", "type", "has", "duration", "timestamp", "dyn", "exists", "exists_one", "all", "map", "filter",
-             "getFullYear", "getMonth", "getDate", "getDayOfMonth", "getDayOfWeek", "getDayOfYear", "getHours",
-             "getMinutes", "getSeconds", "getMilliseconds", "max", "min"}
-_COMPREHENSION = re.compile(r"\.(all|exists|exists_one|map|filter)\s*\(")
-_STRING_LIT = re.compile(r"""'((?:[^'\\]|\\.)*)'|"((?:[^"\\]|\\.)*)\"""")
-_DOMAIN_INDEX = re.compile(r"""device\.(attributes|capacity)\s*\[\s*(?:'([^']*)'|"([^"]*)")\s*\]""")
-_DOMAIN_IN = re.compile(r"""(?:'([^']*)'|"([^"]*)")\s+in\s+device\.(attributes|capacity)\b(?!\s*\[)""")
+             "bytes", "type", "duration", "timestamp", "dyn", "getFullYear", "getMonth", "getDate",
+             "getDayOfMonth", "getDayOfWeek", "getDayOfYear", "getHours", "getMinutes", "getSeconds",
+             "getMilliseconds", "optional.of", "optional.none", "optional.ofNonZeroValue", "hasValue", "value",
+             "orValue", "or"}
+_MACROS = {"has", "all", "exists", "exists_one", "existsOne", "map", "filter", "transformList", "transformMap",
+           "transformMapEntry", "sortBy", "cel.bind"}
 
 
-def _comprehension_nesting(expr: str) -> int:
-    starts = {m.end() - 1 for m in _COMPREHENSION.finditer(expr)}   # index of each macro's "("
-    stack: list[bool] = []
-    deepest = 0
-    for i, ch in enumerate(expr):
-        if ch == "(":
-            stack.append(i in starts)
-            deepest = max(deepest, sum(stack))
-        elif ch == ")" and stack:
-            stack.pop()
-    return deepest
+def _check(node: Node, scope: frozenset[str]) -> None:
+    """Undeclared references and macro misuse, as cel-go's parser and checker report them."""
+    vs = macro_vars(node)
+    qualified = qualified_call_name(node)
+    if node.kind == "ident":
+        if node.value not in scope and node.value != "device":
+            raise CelCompileError(f"undeclared reference to '{node.value}' (the only variable is 'device')")
+        return
+    if node.kind == "call":
+        name = qualified or node.value
+        if name == "has":
+            if len(node.args) != 1 or node.args[0].kind != "select" or node.target is not None:
+                raise CelCompileError("invalid argument to has() macro")
+        elif name in _MACROS and vs is None and name != "has":
+            raise CelCompileError(f"invalid arguments to the {name}() macro: the first argument must be an "
+                                  "identifier (the iteration variable)")
+        elif name not in _MACROS and name not in FUNCTIONS and name not in LIB_FUNCTIONS and name not in _BUILTINS:
+            raise CelCompileError(f"undeclared reference to '{name}'")
+        if vs is not None:
+            if qualified == "cel.bind":
+                _check(node.args[1], scope)
+                _check(node.args[2], scope | {vs[0]})
+                return
+            _check(node.target, scope)  # type: ignore[arg-type]
+            for a in node.args[len(vs):]:
+                _check(a, scope | set(vs))
+            return
+        if node.target is not None and qualified is None:
+            _check(node.target, scope)
+        for a in node.args:
+            _check(a, scope)
+        return
+    _check_operands(node, scope)
+    if node.target is not None:
+        _check(node.target, scope)
+    for a in node.args:
+        _check(a, scope)
 
 
-_KEY_ACCESS = re.compile(r"""^\.\s*([A-Za-z_]\w*)(?!\w)(?!\s*\()""")
-_IN_KEY = re.compile(r"""(?:'([A-Za-z_]\w*)'|"([A-Za-z_]\w*)")\s+in\s+$""")
-_HAS = re.compile(r"""has\(\s*$""")
+_NUMERIC = {"int", "uint", "double"}
+_RETURNS = {"quantity": "Quantity", "semver": "Semver", "size": "int", "string": "string", "int": "int",
+            "uint": "uint", "double": "double", "bool": "bool", "isQuantity": "bool", "isSemver": "bool",
+            "lowerAscii": "string", "upperAscii": "string", "trim": "string", "matches": "bool",
+            "startsWith": "bool", "endsWith": "bool", "compareTo": "int", "isGreaterThan": "bool",
+            "isLessThan": "bool", "asInteger": "int", "asApproximateFloat": "double", "major": "int",
+            "minor": "int", "patch": "int"}
 
 
-def _needs(expression: str) -> frozenset[tuple[str, str, str]] | None:
-    """The attribute/capacity entries an expression reads, when every access is ``map[lit].name``,
-    ``has(map[lit].name)`` or ``'name' in map[lit]``; None when it could read more (a domain map used
-    as a whole, or ``device.attributes`` without a literal domain)."""
-    text = expression
-    total = len(re.findall(r"device\.(?:attributes|capacity)\b", text))
+def _static_type(node: Node, scope: frozenset[str]) -> str | None:
+    """The type cel-go's checker gives ``node`` where it is certain (None: dyn, as attribute values)."""
+    if node.kind == "lit":
+        return {"string": "string", "bytes": "bytes", "int": "int", "uint": "uint", "double": "double",
+                "bool": "bool", "null": "null_type"}[node.lit_type]
+    if node.kind == "list":
+        return "list" if not any(node.flags) else None
+    if node.kind == "map":
+        return "map" if not any(node.flags) else None
+    if node.kind == "select" and not node.optional and node.target is not None and \
+            node.target.kind == "ident" and node.target.value == "device" and "device" not in scope:
+        return {"driver": "string", "allowMultipleAllocations": "bool"}.get(node.value)
+    if node.kind == "select" and not node.optional and node.target is not None and \
+            node.target.kind == "index" and _device_map(node.target.target) == "capacity":
+        return "Quantity"
+    if node.kind == "unary":
+        return "bool" if node.value == "!" else _static_type(node.args[0], scope)
+    if node.kind == "binary" and node.value in ("&&", "||", "==", "!=", "<", "<=", ">", ">=", "in"):
+        return "bool"
+    if node.kind == "call" and qualified_call_name(node) is None and macro_vars(node) is None:
+        return _RETURNS.get(node.value)
+    return None
+
+
+def _check_operands(node: Node, scope: frozenset[str]) -> None:
+    """cel-go refuses at compile time an operator no overload accepts: ``==`` between two known, different
+    types (``device.driver == 1``), an ordering between types that are not both numeric or both the same
+    ordered type, and ordering operators on Quantity/Semver (they have compareTo/isGreaterThan instead)."""
+    if node.kind != "binary" or node.value in ("&&", "||", "in"):
+        return
+    a, b = (_static_type(x, scope) for x in node.args)
+    if a is None or b is None:
+        return
+    op = f"_{node.value}_"
+    ordering = node.value in ("<", "<=", ">", ">=")
+    bad = (a != b and not (a in _NUMERIC and b in _NUMERIC and ordering)) or \
+        (ordering and a in ("Quantity", "Semver", "list", "map", "null_type"))
+    if node.value in ("+", "-", "*", "/", "%"):
+        bad = a != b or a in ("bool", "null_type", "Quantity", "Semver", "map") or \
+            (node.value != "+" and a in ("string", "bytes", "list"))
+    if bad:
+        raise CelCompileError(f"found no matching overload for '{op}' applied to '({a}, {b})'")
+
+
+def _device_map(node: Node | None) -> str | None:
+    """``attributes``/``capacity`` when ``node`` is ``device.attributes``/``device.capacity``."""
+    if node is not None and node.kind == "select" and node.value in ("attributes", "capacity") and \
+            node.target is not None and node.target.kind == "ident" and node.target.value == "device":
+        return node.value
+    return None
+
+
+def _string_lit(node: Node) -> str | None:
+    if node.kind == "lit" and node.lit_type == "string":
+        try:
+            return str(_cel.evaluate(node.value))
+        except Exception:  # noqa: BLE001 - the library parses the literal; nothing else can fail here
+            return None
+    return None
+
+
+def _reads(tree: Node) -> tuple[set[tuple[str, str]], set[tuple[str, str]], frozenset | None]:
+    """(indexed domains, domains tested with ``in``, the entries read or None when it may read more)."""
+    parents: dict[int, Node] = {}
+    for n in walk(tree):
+        for c in ([n.target] if n.target is not None else []) + n.args:
+            parents[id(c)] = n
+    indexed: set[tuple[str, str]] = set()
+    tested: set[tuple[str, str]] = set()
     needs: set[tuple[str, str, str]] = set()
-    found = 0
-    for m in _DOMAIN_INDEX.finditer(text):
-        found += 1
-        which, domain = m.group(1), m.group(2) or m.group(3) or ""
-        after = text[m.end():]
-        key = _KEY_ACCESS.match(after)
-        if key:
-            needs.add((which, domain, key.group(1)))
+    exact = True
+    for n in walk(tree):
+        if n.kind == "ident" and n.value == "device":
+            p = parents.get(id(n))
+            if p is None or p.kind != "select" or p.optional:
+                exact = False
             continue
-        before = text[:m.start()]
-        k = _IN_KEY.search(before)
-        if k:
-            needs.add((which, domain, k.group(1) or k.group(2)))
+        which = _device_map(n)
+        if which is None:
             continue
-        return None
-    for m in _DOMAIN_IN.finditer(text):
-        found += 1
-        needs.add((m.group(3), m.group(1) or m.group(2) or "", ""))   # domain presence only
-    if found != total:
-        return None
-    return frozenset(needs)
+        p = parents.get(id(n))
+        if p is not None and p.kind == "index" and p.target is n and \
+                (domain := _string_lit(p.args[0])) is not None:
+            indexed.add((which, domain))
+            g = parents.get(id(p))
+            if g is not None and g.kind == "select" and g.target is p:
+                needs.add((which, domain, g.value))
+            elif g is not None and g.kind == "index" and g.target is p and (key := _string_lit(g.args[0])):
+                needs.add((which, domain, key))
+            elif g is not None and g.kind == "binary" and g.value == "in" and g.args[1] is p and \
+                    (key := _string_lit(g.args[0])):
+                needs.add((which, domain, key))
+            else:
+                exact = False
+        elif p is not None and p.kind == "binary" and p.value == "in" and p.args[1] is n and \
+                (domain := _string_lit(p.args[0])) is not None:
+            tested.add((which, domain))
+            needs.add((which, domain, ""))
+        else:
+            exact = False
+    return indexed, tested, (frozenset(needs) if exact else None)
 
 
 @dataclass(frozen=True)
@@ -307,6 +429,10 @@ class CompiledSelector:
     #: (map, domain, name) entries the expression can read, or None when it may read anything (e.g. it
     #: iterates a map): lets the evaluator pass only those and memoize results by their values
     needs: frozenset[tuple[str, str, str]] | None = None
+    #: the worst-case cost estimate (controller.allocator.celcost), compared with MAX_COST
+    max_cost: int = 0
+    #: what the library runs (optional syntax, cel.bind and two-variable comprehensions lowered)
+    lowered: str = ""
 
     def wanted(self, which: str) -> tuple[frozenset[str], frozenset[str]]:
         """(fully qualified names, whole domains) of ``which`` (attributes/capacity) the expression reads."""
@@ -316,34 +442,38 @@ class CompiledSelector:
 
 
 def compile_selector(expression: str) -> CompiledSelector:
+    """Compile as upstream's CompileCELExpression does: syntax, references and macros are compile errors;
+    the cost estimate is recorded (the API server refuses it, see :func:`validate_selector`)."""
     if len(expression) > MAX_EXPRESSION_LENGTH:
         raise CelCompileError(f"expression is {len(expression)} characters long, more than the limit of "
                               f"{MAX_EXPRESSION_LENGTH}")
-    if ".?" in _STRING_LIT.sub("", expression):
-        raise CelCompileError("optional field selection (.?) is not supported by Partita's CEL evaluator; guard "
-                              "the lookup with has(...) or 'name' in ... instead")
-    if _comprehension_nesting(_STRING_LIT.sub('""', expression)) > MAX_COMPREHENSION_NESTING:
-        raise CelCompileError(f"comprehensions (all/exists/exists_one/map/filter) are nested more than "
-                              f"{MAX_COMPREHENSION_NESTING} deep; this bounds the evaluation cost — simplify it")
     try:
-        program = _cel.compile(expression)
+        tree = parse(expression)
+    except CelSyntaxError as e:
+        raise CelCompileError(f"compilation failed: {e}") from None
+    _check(tree, frozenset())
+    shape = {"list": "list(dyn)", "map": "map(dyn, dyn)"}.get(tree.kind) or \
+        (tree.lit_type if tree.kind == "lit" and tree.lit_type != "bool" else None)
+    if shape:   # the checker's output-type rule, for the types a tree's shape alone decides
+        raise CelCompileError(f"must evaluate to bool or the unknown type, not {shape}")
+    lowered = lower(tree)
+    try:
+        program = _cel.compile(lowered)
     except ValueError as e:
-        raise CelCompileError(str(e).replace("Failed to parse expression", "syntax error in").strip()) from None
-    refs = program.references()
-    unknown = sorted(f for f in refs.get("functions", []) if not f.startswith(("_", "@", "!"))
-                     and f not in FUNCTIONS and f not in _BUILTINS)
-    if unknown:
-        raise CelCompileError(f"undeclared reference to {', '.join(repr(u) for u in unknown)} (unknown function; "
-                              "see the supported functions in Partita's documentation)")
-    variables = {v for v in refs.get("variables", [])}
-    bound = set(re.findall(r"\.(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)", expression))
-    unknown_vars = sorted(variables - {"device"} - bound)
-    if unknown_vars:
-        raise CelCompileError(f"undeclared reference to {', '.join(repr(v) for v in unknown_vars)} (the only "
-                              "variable is 'device')")
-    tested = {(m.group(3), m.group(1) or m.group(2) or "") for m in _DOMAIN_IN.finditer(expression)}
-    indexed = {(m.group(1), m.group(2) or m.group(3) or "") for m in _DOMAIN_INDEX.finditer(expression)}
-    return CompiledSelector(expression, program, tuple(sorted(indexed - tested)), _needs(expression))
+        raise CelCompileError(f"compilation failed: {str(e).replace('Failed to parse expression', 'Syntax error in')}"
+                              ) from None
+    indexed, tested, needs = _reads(tree)
+    return CompiledSelector(expression, program, tuple(sorted(indexed - tested)), needs, estimate(tree), lowered)
+
+
+def validate_selector(expression: str) -> CompiledSelector:
+    """What the API server checks at create/update (validateCELSelector): a compile error, or an
+    expression whose worst-case cost exceeds the limit ("too complex, exceeds cost limit")."""
+    compiled = compile_selector(expression)
+    if compiled.max_cost > MAX_COST:
+        raise CelCostError(f"too complex, exceeds cost limit (estimated worst-case cost {compiled.max_cost}, "
+                           f"limit {MAX_COST})")
+    return compiled
 
 
 def device_input(driver: str, attributes: Mapping[str, dict], capacity: Mapping[str, dict],
@@ -403,7 +533,7 @@ class Evaluator:
         self._split: dict[tuple[str, str], tuple[str, str, str]] = {}
         self._wanted: dict[str, tuple] = {}
         self._context = _cel.Context()
-        for name, fn in FUNCTIONS.items():
+        for name, fn in {**FUNCTIONS, **LIB_FUNCTIONS}.items():
             self._context.add_function(name, fn)
 
     def compile(self, expression: str) -> CompiledSelector:
@@ -465,6 +595,10 @@ class Evaluator:
         return got
 
     def matches(self, selector: CompiledSelector, device: dict) -> bool:
+        if selector.max_cost > MAX_COST:
+            # upstream stops the evaluation once its actual cost passes the limit; this estimate is an upper
+            # bound of that, and the API server refuses such expressions at create time anyway
+            raise CelRuntimeError("operation cancelled: actual cost limit exceeded")
         if selector.defaults:
             device = dict(device)
             for which, domain in selector.defaults:
@@ -477,6 +611,8 @@ class Evaluator:
             raise CelRuntimeError(f"no such key: {e.args[0] if e.args else e}") from None
         except CelRuntimeError:
             raise
+        except LibError as e:
+            raise CelRuntimeError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - the library raises RuntimeError/TypeError/ZeroDivisionError...
             msg = str(e)
             m = re.search(r"Python function call failed: \w+: (.*)", msg)
@@ -484,3 +620,52 @@ class Evaluator:
         if not isinstance(result, bool):
             raise CelRuntimeError(f"CEL result of type {_type_name(result)} could not be converted to bool")
         return result
+
+
+# -- hints --------------------------------------------------------------------------------------------
+def _missing_key_site(expression: str, key: str) -> tuple[str, str] | None:
+    """(map, domain) of the lookup ``device.<map>[domain].key`` (or ``[key]``) in ``expression``."""
+    try:
+        tree = parse(expression)
+    except CelSyntaxError:
+        return None
+    for n in walk(tree):
+        if n.kind == "select" and n.value == key or n.kind == "index" and _string_lit(n.args[0]) == key:
+            t = n.target
+            if t is not None and t.kind == "index" and (which := _device_map(t.target)) and \
+                    (domain := _string_lit(t.args[0])) is not None:
+                return which, domain
+    return None
+
+
+def runtime_error_hint(message: str, expression: str, driver: str, attributes: Any, capacity: Any) -> str:
+    """The one hint the allocator's events and ``partita explain`` give for a selector's runtime error on
+    a device (``attributes`` as ``(name, kind, value)``, ``capacity`` as ``(name, Quantity, ...)``):
+    for "no such key", the closest names the device has (difflib) and the guarded spellings."""
+    m = re.search(r"no such key: (\S+)", message)
+    if not m:
+        return ""
+    key = m.group(1).strip("'\"")
+    site = _missing_key_site(expression, key)
+    have: dict[str, list[str]] = {"attributes": [], "capacity": []}
+    for which, entries in (("attributes", attributes), ("capacity", capacity)):
+        for entry in entries:
+            domain, ident, _ = _qualify(driver, entry[0])
+            if site is None or site == (which, domain):
+                have[which].append(ident)
+    names = sorted(set(have["attributes"] + have["capacity"]))
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    what = "attribute" if site and site[0] == "attributes" else "capacity" if site else "attribute or capacity"
+    where = f" in domain {site[1]}" if site else ""
+    text = f"; the device has no {what} {key!r}{where}"
+    if close:
+        text += " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+    elif names:
+        text += f" (it has: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''})"
+    if site:
+        lookup = f'device.{site[0]}["{site[1]}"]'
+        text += (f"; if only some devices have it, guard the lookup: has({lookup}.{key}) && ..., or use optional "
+                 f"chaining: {lookup}.?{key}.orValue(<default>)")
+    else:
+        text += "; if only some devices have it, guard the lookup with has(...) or use optional chaining (.? ... orValue())"
+    return text

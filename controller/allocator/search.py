@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 from driver.api.quantity import Quantity, QuantityError
 
 from . import capacity as cap
-from .cel import CelCompileError, CelError, CelRuntimeError, Evaluator
+from .cel import CelCompileError, CelError, CelRuntimeError, Evaluator, runtime_error_hint
 from .constraints import Constraint, DistinctAttribute, MatchAttribute
 from .nodeselector import node_matches
 from .pools import CDevice, Pool, available_counters, thaw
@@ -296,10 +296,7 @@ class Run:
         if isinstance(err, CelCompileError):
             raise AllocationError(f"{where}: selector #{i}: CEL compile error: {err} (expression: {expr})",
                                   claim=cref, request=rd.full_name, field=f"selectors[{i}].cel.expression")
-        msg = str(err)
-        if "no such key:" in msg:
-            msg += (". consider using CEL optional chaining (.? followed by orValue()) or guarding the check "
-                    "with has() for optional fields")
+        msg = str(err) + runtime_error_hint(str(err), expr, dev.id.driver, dev.attrs, dev.capacity)
         raise AllocationError(f"{where}: selector #{i} on device {dev.id}: CEL runtime error: {msg} "
                               f"(expression: {expr})", claim=cref, request=rd.full_name,
                               field=f"selectors[{i}].cel.expression")

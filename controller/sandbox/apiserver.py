@@ -56,6 +56,7 @@ import jsonpatch
 from aiohttp import web
 
 from controller.sandbox import apiserver_selectors as sel
+from controller.sandbox import validation
 
 
 @dataclass(frozen=True)
@@ -99,15 +100,29 @@ FEATURES = ("DRADeviceTaints", "DRAPartitionableDevices", "DRAConsumableCapacity
 
 
 class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str):
+    def __init__(self, code: int, reason: str, message: str, details: dict | None = None):
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
+        self.details = details
 
     def status(self) -> dict:
-        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": self.message,
-                "reason": self.reason, "code": self.code}
+        out = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": self.message,
+               "reason": self.reason, "code": self.code}
+        if self.details:
+            out["details"] = self.details
+        return out
+
+
+def _admit(res: Resource, obj: dict, old: dict | None, field_validation: str) -> dict:
+    """Decoding, defaulting and validation of a create or update (controller/sandbox/validation.py)."""
+    try:
+        stored, _warnings = validation.admit(obj, old, field_validation)
+    except validation.Rejected as e:
+        name = (obj.get("metadata") or {}).get("name", "")
+        raise ApiError(e.code, e.reason, e.message, e.details(name, res.group, res.kind)) from None
+    return stored
 
 
 def _now() -> str:
@@ -270,11 +285,12 @@ class ApiServer:
                 return r
         raise KeyError(f"unknown kind {obj.get('kind')} {api}")
 
-    def create(self, obj: dict, *, keep_status: bool = True) -> dict:
-        """Store a new object (status kept unless ``keep_status=False``, unlike HTTP create)."""
+    def create(self, obj: dict, *, keep_status: bool = True, field_validation: str = "Warn") -> dict:
+        """Store a new object (status kept unless ``keep_status=False``, unlike HTTP create); unknown
+        fields are dropped, or refused with ``field_validation="Strict"`` (what kubectl sends)."""
         res = self._res_of(obj)
         return self._create(res, obj.get("metadata", {}).get("namespace") or ("default" if res.namespaced else ""),
-                            copy.deepcopy(obj), drop_status=not keep_status)
+                            copy.deepcopy(obj), drop_status=not keep_status, field_validation=field_validation)
 
     def get(self, plural: str, name: str, namespace: str = "", group: str | None = None) -> dict | None:
         res = self.resource(plural, group)
@@ -349,7 +365,7 @@ class ApiServer:
 
         asyncio.ensure_future(go())
 
-    def _create(self, res: Resource, ns: str, obj: dict, drop_status: bool) -> dict:
+    def _create(self, res: Resource, ns: str, obj: dict, drop_status: bool, field_validation: str = "Warn") -> dict:
         with self._lock:
             md = obj.setdefault("metadata", {})
             if res.namespaced:
@@ -371,6 +387,8 @@ class ApiServer:
             obj["apiVersion"], obj["kind"] = res.api_version, res.kind
             if drop_status and res.plural in _STATUS_RESOURCES:
                 obj.pop("status", None)
+            obj = _admit(res, obj, None, field_validation)
+            md = obj["metadata"]
             if res.plural == "resourceslices":
                 self._drop_slice_fields(obj, None)
             if res.plural == "pods":
@@ -384,7 +402,8 @@ class ApiServer:
             self._emit(res, "ADDED", obj, None)
             return copy.deepcopy(obj)
 
-    def _replace(self, res: Resource, ns: str, name: str, new: dict, *, status: bool, precondition: bool) -> dict:
+    def _replace(self, res: Resource, ns: str, name: str, new: dict, *, status: bool, precondition: bool,
+                 field_validation: str = "Warn") -> dict:
         with self._lock:
             table = self._objs[_key(res)]
             old = table.get((ns, name))
@@ -418,6 +437,9 @@ class ApiServer:
                         merged["status"] = old["status"]
                     else:
                         merged.pop("status", None)
+                merged["apiVersion"], merged["kind"] = res.api_version, res.kind
+                merged = _admit(res, merged, old, field_validation)
+                md = merged["metadata"]
                 if old.get("spec") != merged.get("spec"):
                     md["generation"] = old["metadata"].get("generation", 1) + 1
                 if res.plural == "resourceslices":
@@ -602,10 +624,11 @@ class ApiServer:
                 return 201, self._bind(ns, name, body or {})
             if res.namespaced and not ns:
                 ns = (body.get("metadata") or {}).get("namespace") or "default"
-            return 201, self._create(res, ns, body, drop_status=True)
+            return 201, self._create(res, ns, body, drop_status=True,
+                                     field_validation=q.get("fieldValidation", "Warn"))
         if verb == "update":
             return 200, self._replace(res, ns if res.namespaced else "", name, body, status=sub == "status",
-                                      precondition=True)
+                                      precondition=True, field_validation=q.get("fieldValidation", "Warn"))
         if verb == "patch":
             return 200, self._patch(request.content_type, res, ns if res.namespaced else "", name, body,
                                     status=sub == "status")

@@ -262,6 +262,7 @@ async def run_sandbox(args: argparse.Namespace, out=sys.stdout) -> int:  # noqa:
     gpus = sum(g.count for n in profile.nodes for g in n.gpus)
     say = (lambda *a: print(*a, file=out, flush=True)) if args.output == "table" else (lambda *a: None)
     problems: list[str] = []
+    rejected = False
     started = time.monotonic()
     try:
         say(f"Starting {len(profile.nodes)} fake-GPU nodes ({gpus} GPUs), the API server and the controller...")
@@ -289,7 +290,10 @@ async def run_sandbox(args: argparse.Namespace, out=sys.stdout) -> int:  # noqa:
         problems += await sandbox.delete_workload()
         if not problems:
             say("Deleted the workload: every claim was unprepared (no CDI specs left) and released.")
-    except (SandboxError, mf.ManifestError) as e:
+    except mf.ManifestError as e:       # bad input, as when it is found before the start: exit 2
+        problems.append(str(e))
+        rejected = True
+    except SandboxError as e:
         problems.append(str(e))
     finally:
         problems += await sandbox.stop()
@@ -300,7 +304,7 @@ async def run_sandbox(args: argparse.Namespace, out=sys.stdout) -> int:  # noqa:
     if problems and temp:
         print(f"plugin logs are in {workdir}", file=sys.stderr)
     say(f"Done in {time.monotonic() - started:.1f}s.")
-    return 1 if problems else 0
+    return 2 if rejected else 1 if problems else 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,11 @@
 The API emulator serves the objects DRA involves (see :data:`apiserver.RESOURCES`). An ``apps/v1``
 Deployment is expanded here into its pods, ``<name>-0`` .. ``<name>-<replicas-1>``, standing in for the
 Deployment and ReplicaSet controllers (no rollout, no re-creation of deleted pods).
+
+Every object is admitted as ``kubectl apply`` would get it admitted (``fieldValidation=Strict``,
+:mod:`controller.sandbox.validation`) when it is loaded, before the cluster starts: a misspelled field,
+a missing required one or a selector that does not compile is a :class:`ManifestError` naming the file,
+the document, the object and the field (``partita sandbox`` exits 2).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from . import validation
 from .apiserver import RESOURCES, ApiError, ApiServer
 
 #: where the examples live in a source checkout (the README's commands run from one)
@@ -68,14 +74,32 @@ def load(paths: list[Path]) -> list[Manifest]:
                                     f"it serves {known}")
             if not (doc.get("metadata") or {}).get("name"):
                 raise ManifestError(f"{m.where}: metadata.name is required")
+            if doc["kind"] == "Pod" and not (doc.get("spec") or {}).get("containers"):
+                raise ManifestError(f"{m.where}: spec.containers is required")
+            admit(m)
             out.append(m)
     return out
+
+
+def rejection(m: Manifest, code: int, reason: str, message: str, fields: list[str]) -> ManifestError:
+    named = ", ".join(dict.fromkeys(fields))
+    return ManifestError(f"{m.where}: the API server refuses it ({code} {reason}"
+                         f"{', field ' + named if named else ''}): {message}")
+
+
+def admit(m: Manifest) -> None:
+    """Decode and validate ``m`` as the API server does for ``kubectl apply`` (Strict field validation)."""
+    try:
+        validation.admit(m.obj, None, "Strict")
+    except validation.Rejected as e:
+        raise rejection(m, e.code, e.reason, e.message, [err.field for err in e.errors]) from None
 
 
 def _deployment_pods(m: Manifest) -> list[Manifest]:
     md = m.obj.get("metadata") or {}
     if not md.get("name"):
         raise ManifestError(f"{m.where}: metadata.name is required")
+    admit(m)
     spec = m.obj.get("spec") or {}
     replicas = spec.get("replicas", 1)
     if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 1000:
@@ -108,7 +132,8 @@ def apply(server: ApiServer, manifests: list[Manifest]) -> list[dict]:
             if server.get("namespaces", ns) is None:
                 server.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         try:
-            created.append(server.create(obj, keep_status=False))
+            created.append(server.create(obj, keep_status=False, field_validation="Strict"))
         except ApiError as e:
-            raise ManifestError(f"{m.where}: {e.message}") from None
+            fields = [c.get("field", "") for c in (e.details or {}).get("causes") or []]
+            raise rejection(m, e.code, e.reason, e.message, fields) from None
     return created

@@ -1,0 +1,499 @@
+"""Create/update admission of the sandbox API server: decoding, defaulting and validation as the real one.
+
+What a real API server does to a write before it stores it, for the kinds the emulator serves:
+
+1. **Decoding** against the kind's schema. The schema is the official client's models (``kubernetes``
+   is a runtime dependency; its models carry every field's JSON name and type), so nothing here is
+   written by hand per field. An unknown field (``deviceClass:`` for ``deviceClassName:``) is what the
+   ``fieldValidation`` parameter says: ``Strict`` (what kubectl sends, and what the sandbox's manifest
+   apply uses) refuses it with 400 BadRequest ``strict decoding error: unknown field "<path>"``;
+   ``Warn`` (the server's default, what the Python client gets) and ``Ignore`` drop it, as decoding into
+   Go structs does. A value of the wrong JSON type is always 400.
+2. **Defaulting** (``pkg/apis/resource/v1/defaults.go``): ``allocationMode: ExactCount`` and, for
+   ExactCount, ``count: 1`` on exact requests and subrequests; ``operator: Equal`` on tolerations.
+3. **Validation** (``pkg/apis/resource/validation``) for the resource.k8s.io kinds: required fields, DNS
+   names, enums, list limits, references between requests/constraints/config, and every CEL selector
+   compiled at create (claims, templates, device classes) with the allocator's own compiler; an
+   expression over the cost limit is Forbidden ("too complex, exceeds cost limit"). Every kind's
+   ``metadata.name`` is checked as a DNS subdomain (a DNS label for namespaces), and a pod's DRA parts
+   (``spec.resourceClaims`` and the containers' ``resources.claims`` references). A failure is 422
+   Invalid with a Status whose ``details.causes`` name each field, as the real server answers.
+
+Spec immutability (``spec`` of claims and templates, ``spec`` of slices is mutable) is checked on update.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import kubernetes.client as k8s
+
+from controller.allocator.cel import CelCompileError, CelCostError, validate_selector
+
+#: (apiVersion, kind) -> the official client's model
+MODELS: dict[tuple[str, str], type] = {
+    ("v1", "Pod"): k8s.V1Pod, ("v1", "Node"): k8s.V1Node, ("v1", "Namespace"): k8s.V1Namespace,
+    ("v1", "Event"): k8s.CoreV1Event, ("v1", "ConfigMap"): k8s.V1ConfigMap, ("v1", "Service"): k8s.V1Service,
+    ("v1", "ServiceAccount"): k8s.V1ServiceAccount, ("events.k8s.io/v1", "Event"): k8s.EventsV1Event,
+    ("coordination.k8s.io/v1", "Lease"): k8s.V1Lease,
+    ("resource.k8s.io/v1", "ResourceSlice"): k8s.V1ResourceSlice,
+    ("resource.k8s.io/v1", "ResourceClaim"): k8s.ResourceV1ResourceClaim,
+    ("resource.k8s.io/v1", "ResourceClaimTemplate"): k8s.V1ResourceClaimTemplate,
+    ("resource.k8s.io/v1", "DeviceClass"): k8s.V1DeviceClass,
+    ("resource.k8s.io/v1", "DeviceTaintRule"): k8s.V1DeviceTaintRule,
+    ("apps/v1", "Deployment"): k8s.V1Deployment,
+}
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+C_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+REQUESTS_MAX = 32            # DeviceRequestsMaxSize
+SELECTORS_MAX = 32           # DeviceSelectorsMaxSize
+SUBREQUESTS_MAX = 8          # FirstAvailableDeviceRequestMaxSize
+TOLERATIONS_MAX = 16         # DeviceTolerationsMaxLength
+CONSTRAINTS_MAX = 32         # DeviceConstraintsMaxSize
+CONFIG_MAX = 32              # DeviceConfigMaxSize
+DEVICES_MAX = 128            # ResourceSliceMaxDevices
+ALLOCATION_RESULTS_MAX = 32  # AllocationResultsMaxSize
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str
+    reason: str          # FieldValueRequired / FieldValueInvalid / FieldValueNotSupported / FieldValueForbidden ...
+    detail: str
+
+    def text(self) -> str:
+        return f"{self.field}: {self.detail}"
+
+
+class Rejected(Exception):
+    """The write is refused: ``code`` 400 (decoding) or 422 (validation), with the field errors."""
+
+    def __init__(self, code: int, reason: str, message: str, errors: list[FieldError]):
+        super().__init__(message)
+        self.code, self.reason, self.message, self.errors = code, reason, message, errors
+
+    def details(self, name: str, group: str, kind: str) -> dict:
+        return {"name": name, "group": group, "kind": kind,
+                "causes": [{"reason": e.reason, "message": e.detail, "field": e.field} for e in self.errors]}
+
+
+# -- 1. decoding ------------------------------------------------------------------------------------
+_INNER = re.compile(r"^(List|Dict)\[(?:str, )?(.*)\]$")
+
+
+def _model(name: str) -> type | None:
+    m = getattr(k8s, name, None)
+    return m if isinstance(m, type) and hasattr(m, "attribute_map") else None
+
+
+def _decode(value: Any, type_name: str, path: str, unknown: list[str], wrong: list[FieldError]) -> Any:
+    """``value`` with unknown fields removed (recorded in ``unknown``); type mismatches in ``wrong``."""
+    if value is None:
+        return None
+    m = _INNER.match(type_name)
+    if m:
+        kind, inner = m.groups()
+        if kind == "List":
+            if not isinstance(value, list):
+                wrong.append(FieldError(path, "FieldValueTypeInvalid", f"expected a list, got {type(value).__name__}"))
+                return value
+            return [_decode(v, inner, f"{path}[{i}]", unknown, wrong) for i, v in enumerate(value)]
+        if not isinstance(value, dict):
+            wrong.append(FieldError(path, "FieldValueTypeInvalid", f"expected a map, got {type(value).__name__}"))
+            return value
+        return {key: _decode(v, inner, f"{path}[{key}]", unknown, wrong) for key, v in value.items()}
+    model = _model(type_name)
+    if model is not None:
+        if not isinstance(value, dict):
+            wrong.append(FieldError(path, "FieldValueTypeInvalid", f"expected an object, got {type(value).__name__}"))
+            return value
+        by_json = {j: p for p, j in model.attribute_map.items()}
+        out = {}
+        for key, v in value.items():
+            child = f"{path}.{key}" if path else key
+            py = by_json.get(key)
+            if py is None:
+                unknown.append(child)
+                continue
+            out[key] = _decode(v, model.openapi_types[py], child, unknown, wrong)
+        return out
+    # strings accept numbers: the client types quantities (``cpu: 1``) as strings
+    expected = {"str": (str, int, float), "int": int, "bool": bool, "float": (int, float), "datetime": str,
+                "date": str}.get(type_name)
+    if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
+        wrong.append(FieldError(path, "FieldValueTypeInvalid",
+                                f"expected {type_name}, got {type(value).__name__} {value!r}"))
+    return value
+
+
+def decode(obj: dict, field_validation: str = "Warn") -> tuple[dict, list[str]]:
+    """The object as the server would store it, and the warnings for dropped fields (Warn). Raises
+    :class:`Rejected` (400) for a type mismatch, or an unknown field under ``Strict``."""
+    model = MODELS.get((obj.get("apiVersion", ""), obj.get("kind", "")))
+    if model is None:
+        return obj, []
+    unknown: list[str] = []
+    wrong: list[FieldError] = []
+    decoded = _decode(obj, model.__name__, "", unknown, wrong)
+    kind, version = obj["kind"], obj["apiVersion"].rpartition("/")[2]
+    prefix = f"{kind} in version \"{version}\" cannot be handled as a {kind}: "
+    if wrong:
+        raise Rejected(400, "BadRequest", prefix + "; ".join(e.text() for e in wrong), wrong)
+    if unknown and field_validation == "Strict":
+        errors = [FieldError(u, "FieldValueInvalid", "unknown field") for u in unknown]
+        raise Rejected(400, "BadRequest", prefix + "strict decoding error: " +
+                       ", ".join(f'unknown field "{u}"' for u in unknown), errors)
+    warnings = [f'unknown field "{u}"' for u in unknown] if field_validation == "Warn" else []
+    return decoded, warnings
+
+
+# -- 2. defaulting ----------------------------------------------------------------------------------
+def _default_exact(req: dict) -> None:
+    if not req.get("allocationMode"):
+        req["allocationMode"] = "ExactCount"
+    if req["allocationMode"] == "ExactCount" and not req.get("count"):
+        req["count"] = 1
+    for t in req.get("tolerations") or []:
+        if isinstance(t, dict) and not t.get("operator"):
+            t["operator"] = "Equal"
+
+
+def _claim_specs(obj: dict) -> list[tuple[str, dict]]:
+    kind = obj.get("kind")
+    if kind == "ResourceClaim":
+        return [("spec", obj.get("spec"))] if isinstance(obj.get("spec"), dict) else []
+    if kind == "ResourceClaimTemplate":
+        spec = (obj.get("spec") or {}).get("spec") if isinstance(obj.get("spec"), dict) else None
+        return [("spec.spec", spec)] if isinstance(spec, dict) else []
+    return []
+
+
+def default(obj: dict) -> None:
+    for _, spec in _claim_specs(obj):
+        for req in ((spec.get("devices") or {}).get("requests") or []):
+            if not isinstance(req, dict):
+                continue
+            if isinstance(req.get("exactly"), dict):
+                _default_exact(req["exactly"])
+            for sub in req.get("firstAvailable") or []:
+                if isinstance(sub, dict):
+                    _default_exact(sub)
+
+
+# -- 3. validation ----------------------------------------------------------------------------------
+class _Errors(list):
+    def required(self, path: str, detail: str = "Required value") -> None:
+        self.append(FieldError(path, "FieldValueRequired", detail))
+
+    def invalid(self, path: str, value: Any, detail: str) -> None:
+        self.append(FieldError(path, "FieldValueInvalid", f"Invalid value: {_show(value)}: {detail}"))
+
+    def unsupported(self, path: str, value: Any, allowed: list[str]) -> None:
+        self.append(FieldError(path, "FieldValueNotSupported", f"Unsupported value: {_show(value)}: supported "
+                               "values: " + ", ".join(f'"{a}"' for a in allowed)))
+
+    def forbidden(self, path: str, detail: str) -> None:
+        self.append(FieldError(path, "FieldValueForbidden", f"Forbidden: {detail}"))
+
+    def too_many(self, path: str, n: int, limit: int) -> None:
+        self.append(FieldError(path, "FieldValueTooMany", f"Too many: {n}: must have at most {limit} items"))
+
+    def duplicate(self, path: str, value: Any) -> None:
+        self.append(FieldError(path, "FieldValueDuplicate", f"Duplicate value: {_show(value)}"))
+
+
+def _show(v: Any) -> str:
+    return f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _dns(errs: _Errors, path: str, value: Any, label: bool = False) -> None:
+    if not isinstance(value, str) or not value:
+        errs.required(path)
+        return
+    limit, pattern = (63, DNS1123_LABEL) if label else (253, DNS1123_SUBDOMAIN)
+    if len(value) > limit:
+        errs.invalid(path, value, f"must be no more than {limit} characters")
+    elif not pattern.match(value):
+        errs.invalid(path, value, _LABEL_RULE if label else _SUBDOMAIN_RULE)
+
+
+_LABEL_RULE = ("a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start "
+               "and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is "
+               f"'{DNS1123_LABEL.pattern[1:-1]}')")
+_SUBDOMAIN_RULE = ("a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and "
+                   "must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation "
+                   f"is '{DNS1123_SUBDOMAIN.pattern[1:-1]}')")
+
+
+def _selectors(errs: _Errors, path: str, selectors: Any) -> None:
+    if not isinstance(selectors, list):
+        return
+    if len(selectors) > SELECTORS_MAX:
+        errs.too_many(path, len(selectors), SELECTORS_MAX)
+    for i, sel in enumerate(selectors):
+        p = f"{path}[{i}]"
+        cel = (sel or {}).get("cel") if isinstance(sel, dict) else None
+        if not isinstance(cel, dict):
+            errs.required(f"{p}.cel")
+            continue
+        expr = cel.get("expression")
+        if not isinstance(expr, str) or not expr:
+            errs.required(f"{p}.cel.expression")
+            continue
+        try:
+            validate_selector(expr)
+        except CelCostError:
+            errs.forbidden(f"{p}.cel.expression", "too complex, exceeds cost limit")
+        except CelCompileError as e:
+            errs.invalid(f"{p}.cel.expression", expr, str(e))
+
+
+def _tolerations(errs: _Errors, path: str, tolerations: Any) -> None:
+    if not isinstance(tolerations, list):
+        return
+    if len(tolerations) > TOLERATIONS_MAX:
+        errs.too_many(path, len(tolerations), TOLERATIONS_MAX)
+    for i, t in enumerate(tolerations):
+        p = f"{path}[{i}]"
+        if not isinstance(t, dict):
+            continue
+        key, op = t.get("key") or "", t.get("operator") or "Equal"
+        if key and not _qualified_name(key):
+            errs.invalid(f"{p}.key", key, "name part must consist of alphanumeric characters, '-', '_' or '.', and "
+                         "must start and end with an alphanumeric character (with an optional DNS subdomain prefix "
+                         "and '/')")
+        if op not in ("Exists", "Equal"):
+            errs.unsupported(f"{p}.operator", op, ["Equal", "Exists"])
+        elif op == "Exists" and t.get("value"):
+            errs.invalid(f"{p}.value", t["value"], "must be empty when `operator` is 'Exists'")
+        elif op == "Equal" and not key:
+            errs.invalid(f"{p}.operator", op, "must be 'Exists' when `key` is empty")
+        if t.get("effect") not in (None, "", "NoSchedule", "NoExecute", "None"):
+            errs.unsupported(f"{p}.effect", t["effect"], ["NoExecute", "NoSchedule", "None"])
+
+
+def _qualified_name(name: str) -> bool:
+    prefix, _, ident = name.rpartition("/")
+    return (not prefix or bool(DNS1123_SUBDOMAIN.match(prefix))) and len(ident) <= 63 and \
+        bool(QUALIFIED_NAME.match(ident))
+
+
+def _exact(errs: _Errors, path: str, req: dict, sub: bool = False) -> None:
+    _dns(errs, f"{path}.deviceClassName", req.get("deviceClassName"))
+    mode = req.get("allocationMode")
+    if mode == "ExactCount":
+        count = req.get("count")
+        if isinstance(count, int) and count <= 0:
+            errs.invalid(f"{path}.count", count, "must be greater than zero")
+        elif isinstance(count, int) and count > ALLOCATION_RESULTS_MAX:
+            errs.invalid(f"{path}.count", count, f"must not be more than {ALLOCATION_RESULTS_MAX}")
+    elif mode == "All":
+        if req.get("count"):
+            errs.invalid(f"{path}.count", req["count"], "must not be specified when allocationMode is 'All'")
+    else:
+        errs.unsupported(f"{path}.allocationMode", mode, ["All", "ExactCount"])
+    _selectors(errs, f"{path}.selectors", req.get("selectors"))
+    _tolerations(errs, f"{path}.tolerations", req.get("tolerations"))
+
+
+def _claim_spec(errs: _Errors, path: str, spec: dict) -> None:
+    devices = spec.get("devices")
+    if not isinstance(devices, dict):
+        return          # a claim without devices is valid (and useless), as upstream
+    requests = devices.get("requests") or []
+    rp = f"{path}.devices.requests"
+    if len(requests) > REQUESTS_MAX:
+        errs.too_many(rp, len(requests), REQUESTS_MAX)
+    names: dict[str, set[str]] = {}
+    for i, req in enumerate(requests):
+        p = f"{rp}[{i}]"
+        if not isinstance(req, dict):
+            continue
+        name = req.get("name")
+        _dns(errs, f"{p}.name", name, label=True)
+        if isinstance(name, str) and name in names:
+            errs.duplicate(f"{p}.name", name)
+        subs: set[str] = set()
+        exactly, first = req.get("exactly"), req.get("firstAvailable")
+        if exactly is None and not first:
+            errs.required(p, "Required value: exactly one of `exactly` or `firstAvailable` is required")
+        elif exactly is not None and first:
+            errs.invalid(p, "{...}", "exactly one of `exactly` or `firstAvailable` is required, but multiple "
+                         "fields are set")
+        elif isinstance(exactly, dict):
+            _exact(errs, f"{p}.exactly", exactly)
+        else:
+            if len(first) > SUBREQUESTS_MAX:
+                errs.too_many(f"{p}.firstAvailable", len(first), SUBREQUESTS_MAX)
+            for j, sub in enumerate(first):
+                sp = f"{p}.firstAvailable[{j}]"
+                if not isinstance(sub, dict):
+                    continue
+                _dns(errs, f"{sp}.name", sub.get("name"), label=True)
+                if sub.get("name") in subs:
+                    errs.duplicate(f"{sp}.name", sub.get("name"))
+                subs.add(sub.get("name"))
+                _exact(errs, sp, sub, sub=True)
+        if isinstance(name, str):
+            names[name] = subs
+
+    def refs(where: str, requests_: Any) -> None:
+        for j, r in enumerate(requests_ or []):
+            base, _, sub = str(r).partition("/")
+            if base not in names or (sub and sub not in names[base]):
+                errs.invalid(f"{where}[{j}]", r, "must be the name of a request in the claim or the name of a "
+                             "request and a subrequest separated by '/'")
+
+    constraints = devices.get("constraints") or []
+    if len(constraints) > CONSTRAINTS_MAX:
+        errs.too_many(f"{path}.devices.constraints", len(constraints), CONSTRAINTS_MAX)
+    for i, c in enumerate(constraints):
+        p = f"{path}.devices.constraints[{i}]"
+        if not isinstance(c, dict):
+            continue
+        refs(f"{p}.requests", c.get("requests"))
+        set_ = [k for k in ("matchAttribute", "distinctAttribute") if c.get(k)]
+        if not set_:
+            errs.required(p, "Required value: exactly one of `matchAttribute` or `distinctAttribute` is required")
+        elif len(set_) > 1:
+            errs.invalid(p, "{...}", "exactly one of `matchAttribute` or `distinctAttribute` is required, but "
+                         "multiple fields are set")
+        for key in set_:
+            v = c[key]
+            if "/" not in v or not _qualified_name(v):
+                errs.invalid(f"{p}.{key}", v, "must be a fully qualified name (a domain and an identifier "
+                             "separated by '/')")
+    config = devices.get("config") or []
+    if len(config) > CONFIG_MAX:
+        errs.too_many(f"{path}.devices.config", len(config), CONFIG_MAX)
+    for i, c in enumerate(config):
+        p = f"{path}.devices.config[{i}]"
+        if not isinstance(c, dict):
+            continue
+        refs(f"{p}.requests", c.get("requests"))
+        _opaque(errs, p, c)
+
+
+def _opaque(errs: _Errors, p: str, c: dict) -> None:
+    opaque = c.get("opaque")
+    if not isinstance(opaque, dict):
+        errs.required(f"{p}.opaque")
+        return
+    _dns(errs, f"{p}.opaque.driver", opaque.get("driver"))
+    if opaque.get("parameters") is None:
+        errs.required(f"{p}.opaque.parameters")
+
+
+def _device_class(errs: _Errors, obj: dict) -> None:
+    spec = obj.get("spec") or {}
+    _selectors(errs, "spec.selectors", spec.get("selectors"))
+    for i, c in enumerate(spec.get("config") or []):
+        if isinstance(c, dict):
+            _opaque(errs, f"spec.config[{i}]", c)
+
+
+def _resource_slice(errs: _Errors, obj: dict) -> None:
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        errs.required("spec")
+        return
+    _dns(errs, "spec.driver", spec.get("driver"))
+    pool = spec.get("pool")
+    if not isinstance(pool, dict):
+        errs.required("spec.pool")
+    else:
+        if not pool.get("name"):
+            errs.required("spec.pool.name")
+        if not isinstance(pool.get("resourceSliceCount"), int) or pool["resourceSliceCount"] <= 0:
+            errs.invalid("spec.pool.resourceSliceCount", pool.get("resourceSliceCount"), "must be greater than zero")
+        if isinstance(pool.get("generation"), int) and pool["generation"] < 0:
+            errs.invalid("spec.pool.generation", pool["generation"], "must be greater than or equal to 0")
+    node = [k for k in ("nodeName", "nodeSelector", "allNodes", "perDeviceNodeSelection") if spec.get(k)]
+    if len(node) != 1:
+        errs.required("spec", "Required value: exactly one of `nodeName`, `nodeSelector`, `allNodes`, "
+                      "`perDeviceNodeSelection` is required" + (", but multiple fields are set" if node else ""))
+    devices = spec.get("devices") or []
+    if len(devices) > DEVICES_MAX:
+        errs.too_many("spec.devices", len(devices), DEVICES_MAX)
+    seen: set[str] = set()
+    for i, d in enumerate(devices):
+        if not isinstance(d, dict):
+            continue
+        _dns(errs, f"spec.devices[{i}].name", d.get("name"), label=True)
+        if d.get("name") in seen:
+            errs.duplicate(f"spec.devices[{i}].name", d.get("name"))
+        seen.add(d.get("name"))
+        for name, attr in (d.get("attributes") or {}).items():
+            values = [key for key in ("int", "bool", "string", "version", "ints", "bools", "strings", "versions")
+                      if isinstance(attr, dict) and attr.get(key) is not None]
+            if len(values) != 1:
+                errs.invalid(f"spec.devices[{i}].attributes[{name}]", "{...}", "exactly one value must be specified")
+
+
+def _pod_claims(errs: _Errors, obj: dict) -> None:
+    """The DRA parts of pod validation: ``spec.resourceClaims`` and the containers' claim references."""
+    spec = obj.get("spec") or {}
+    names: set[str] = set()
+    for i, rc in enumerate(spec.get("resourceClaims") or []):
+        if not isinstance(rc, dict):
+            continue
+        p = f"spec.resourceClaims[{i}]"
+        _dns(errs, f"{p}.name", rc.get("name"), label=True)
+        if rc.get("name") in names:
+            errs.duplicate(f"{p}.name", rc.get("name"))
+        names.add(rc.get("name"))
+        sources = [k for k in ("resourceClaimName", "resourceClaimTemplateName") if rc.get(k)]
+        if len(sources) != 1:
+            errs.invalid(p, "{...}", "must specify one of: `resourceClaimName`, `resourceClaimTemplateName`")
+        for k in sources:
+            _dns(errs, f"{p}.{k}", rc[k])
+    for group in ("initContainers", "containers"):
+        for j, c in enumerate(spec.get(group) or []):
+            for m, ref in enumerate(((c or {}).get("resources") or {}).get("claims") or []):
+                name = (ref or {}).get("name")
+                if not name:
+                    errs.required(f"spec.{group}[{j}].resources.claims[{m}].name")
+                elif name not in names:
+                    errs.append(FieldError(f"spec.{group}[{j}].resources.claims[{m}].name", "FieldValueNotFound",
+                                           f'Not found: "{name}"'))
+
+
+def validate(obj: dict, old: dict | None = None) -> None:
+    """Raises :class:`Rejected` (422) with every field error."""
+    errs = _Errors()
+    md = obj.get("metadata") or {}
+    kind = obj.get("kind")
+    _dns(errs, "metadata.name", md.get("name"), label=kind == "Namespace")
+    for path, spec in _claim_specs(obj):
+        _claim_spec(errs, path, spec)
+    if kind == "ResourceClaimTemplate" and not isinstance((obj.get("spec") or {}).get("spec"), dict):
+        errs.required("spec.spec")
+    if kind == "DeviceClass":
+        _device_class(errs, obj)
+    if kind == "ResourceSlice":
+        _resource_slice(errs, obj)
+    if kind == "Pod":
+        _pod_claims(errs, obj)
+    if old is not None and kind in ("ResourceClaim", "ResourceClaimTemplate") and obj.get("spec") != old.get("spec"):
+        errs.invalid("spec", "{...}", "field is immutable")
+    if errs:
+        group = obj.get("apiVersion", "").rpartition("/")[0]
+        what = f"{kind}.{group}" if group else kind
+        body = errs[0].text() if len(errs) == 1 else "[" + ", ".join(e.text() for e in errs) + "]"
+        raise Rejected(422, "Invalid", f'{what} "{md.get("name", "")}" is invalid: {body}', list(errs))
+
+
+def admit(obj: dict, old: dict | None = None, field_validation: str = "Warn") -> tuple[dict, list[str]]:
+    """Decode, default and validate a create (``old`` None) or update; returns the object to store and
+    the warnings. Raises :class:`Rejected`."""
+    stored, warnings = decode(obj, field_validation)
+    default(stored)
+    validate(stored, old)
+    return stored, warnings
+
+
+__all__ = ["MODELS", "FieldError", "Rejected", "admit", "decode", "default", "validate"]
