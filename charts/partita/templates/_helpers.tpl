@@ -35,19 +35,23 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
 {{- /*
-A component's container image: (dict "root" $ "image" .Values.<component>.image). Each field of the
-component's image (repository, tag, digest) falls back to the global image's; a digest pins the image
-(repository@sha256:...) and wins over the tag.
+A component's container image: (dict "root" $ "image" .Values.<component>.image). The component's own
+digest, else its own tag; else, for the global repository, the global digest; else the global tag (or
+the chart's appVersion). A digest pins the image (repository@sha256:...); the global digest is not
+applied to a component's own repository (it names the global repository's image).
 */}}
 {{- define "partita.image" -}}
 {{- $global := .root.Values.image -}}
 {{- $own := .image | default dict -}}
 {{- $repository := $own.repository | default $global.repository -}}
-{{- $digest := $own.digest | default $global.digest -}}
-{{- if $digest -}}
-{{ $repository }}@{{ $digest }}
+{{- if $own.digest -}}
+{{ $repository }}@{{ $own.digest }}
+{{- else if $own.tag -}}
+{{ $repository }}:{{ $own.tag }}
+{{- else if and (not $own.repository) $global.digest -}}
+{{ $repository }}@{{ $global.digest }}
 {{- else -}}
-{{ $repository }}:{{ $own.tag | default $global.tag | default .root.Chart.AppVersion }}
+{{ $repository }}:{{ $global.tag | default .root.Chart.AppVersion }}
 {{- end -}}
 {{- end -}}
 
@@ -61,6 +65,8 @@ A pod template's labels: the chart's, the component's, then podLabels (global, t
 labels the workload selects its pods by.
 */}}
 {{- define "partita.podLabels" -}}
+{{- include "partita.checkKeys" (dict "what" "podLabels" "map" .root.Values.podLabels) -}}
+{{- include "partita.checkKeys" (dict "what" (printf "%s.podLabels" .valuesKey) "map" .values.podLabels) -}}
 {{- $labels := merge (dict) ((.values.podLabels) | default dict) (.root.Values.podLabels | default dict) -}}
 {{- $selector := include "partita.selector" (dict "root" .root "component" .component) | fromYaml -}}
 {{- range $key, $_ := $selector -}}
@@ -79,6 +85,8 @@ app.kubernetes.io/component: {{ .component }}
 podAnnotations (the component's, then the global ones); the chart's own win.
 (dict "root" $ "values" .Values.plugin "own" (dict "checksum/..." "...")). */}}
 {{- define "partita.podAnnotations" -}}
+{{- include "partita.checkKeys" (dict "what" "podAnnotations" "map" .root.Values.podAnnotations) -}}
+{{- include "partita.checkKeys" (dict "what" (printf "%s.podAnnotations" .valuesKey) "map" .values.podAnnotations) -}}
 {{- $all := merge (dict) (.own | default dict) ((.values.podAnnotations) | default dict) (.root.Values.podAnnotations | default dict) -}}
 {{- with $all -}}
 {{ toYaml . }}
@@ -88,6 +96,8 @@ podAnnotations (the component's, then the global ones); the chart's own win.
 {{- /* A ServiceAccount's annotations (a YAML map, empty when there are none): the component's
 serviceAccount.annotations, then the global ones. (dict "root" $ "values" .Values.plugin) */}}
 {{- define "partita.serviceAccountAnnotations" -}}
+{{- include "partita.checkKeys" (dict "what" "serviceAccount.annotations" "map" .root.Values.serviceAccount.annotations) -}}
+{{- include "partita.checkKeys" (dict "what" (printf "%s.serviceAccount.annotations" .valuesKey) "map" (.values.serviceAccount | default dict).annotations) -}}
 {{- $all := merge (dict) ((.values.serviceAccount | default dict).annotations | default dict) (.root.Values.serviceAccount.annotations | default dict) -}}
 {{- with $all -}}
 {{ toYaml . }}
@@ -112,6 +122,19 @@ redefine one the chart sets: the chart's value would silently lose (or win, by t
 {{- $_ := set $names $e.name true -}}
 {{- end -}}
 {{- toYaml (concat $own (.extra | default list)) -}}
+{{- end -}}
+
+{{- /* Label and annotation keys are qualified names: [prefix/]name, the prefix a DNS subdomain, the name
+up to 63 alphanumerics, -, _, . (dict "what" "plugin.podLabels" "map" .Values.plugin.podLabels) */}}
+{{- define "partita.checkKeys" -}}
+{{- range $key, $_ := (.map | default dict) -}}
+{{- $parts := splitList "/" $key -}}
+{{- $name := last $parts -}}
+{{- $prefix := ternary (first $parts) "" (eq (len $parts) 2) -}}
+{{- if or (gt (len $parts) 2) (not (regexMatch "^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$" $name)) (gt (len $name) 63) (and (eq (len $parts) 2) (or (gt (len $prefix) 253) (not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$" $prefix)))) -}}
+{{- fail (printf "%s: %q is not a valid key: [prefix/]name, the prefix a DNS subdomain (example.com), the name up to 63 letters, digits, -, _ or . starting and ending with a letter or digit" $.what $key) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "partita.pluginName" -}}{{ include "partita.fullname" . }}-plugin{{- end -}}
