@@ -1,6 +1,8 @@
 """The Helm chart (charts/partita): lint, render several value sets, validate every object against the
 Kubernetes schemas of 1.34-1.37, and check what the objects promise: DeviceClasses equal to the driver's,
-least-privilege RBAC, the admission policies' CEL evaluated on sample requests, schema-rejected values.
+least-privilege RBAC, the admission policies' CEL evaluated on sample requests, schema-rejected values,
+the conventional knobs platform teams set (names, images, labels, env, strategies, PDB, node selection,
+webhook certificates kept across upgrades, the GPU Operator's driver root), refused vendor driver names.
 
 Helm v4 comes from hack/install-tools.sh (.cache/tools/bin/helm), which hack/test.sh runs; without it the
 tests skip, unless PARTITA_REQUIRE_TOOLS=1 (hack/test.sh sets it where the tools can be installed), then fail.
