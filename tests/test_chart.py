@@ -1,6 +1,8 @@
 """The Helm chart (charts/partita): lint, render several value sets, validate every object against the
 Kubernetes schemas of 1.34-1.37, and check what the objects promise: DeviceClasses equal to the driver's,
-least-privilege RBAC, the admission policies' CEL evaluated on sample requests, schema-rejected values.
+least-privilege RBAC, the admission policies' CEL evaluated on sample requests, schema-rejected values,
+the conventional knobs platform teams set (names, images, labels, env, strategies, PDB, node selection,
+webhook certificates kept across upgrades, the GPU Operator's driver root), refused vendor driver names.
 
 Helm v4 comes from hack/install-tools.sh (.cache/tools/bin/helm), which hack/test.sh runs; without it the
 tests skip, unless PARTITA_REQUIRE_TOOLS=1 (hack/test.sh sets it where the tools can be installed), then fail.
@@ -12,9 +14,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from functools import lru_cache
 from pathlib import Path
 
+import base64
 import hashlib
 import json
 
@@ -37,6 +41,42 @@ VERSIONS = ["1.34.0", "1.35.0", "1.36.0", "1.37.0"]
 NOT_IN_KUBERNETES = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("cert-manager.io/v1", "Issuer"),
                      ("cert-manager.io/v1", "Certificate")}
 
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+#: one value of each conventional knob (VALUE_SETS["conventions"]; test_conventional_knobs_reach_the_objects)
+CONVENTIONS: dict = {
+    "image.digest": DIGEST,
+    "controller.image": {"repository": "registry.example.com/partita-controller", "tag": "0.2.0", "pullPolicy": "Always"},
+    "webhook.image": {"digest": "sha256:" + "f" * 64},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "podLabels": {"team": "ml-platform"},
+    "podAnnotations": {"example.com/owner": "ml", "example.com/scrape": "false"},
+    "plugin.podLabels": {"tier": "node"},
+    "plugin.podAnnotations": {"example.com/scrape": "true"},
+    "serviceAccount.annotations": {"iam.example.com/role": "partita"},
+    "plugin.serviceAccount.annotations": {"iam.example.com/role": "partita-plugin"},
+    "plugin.extraArgs": ["--log-level=DEBUG"],
+    "plugin.env": [{"name": "HTTPS_PROXY", "value": "http://proxy.example.com:3128"},
+                   {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}],
+    "controller.extraArgs": ["--log-level=WARNING"],
+    "controller.env": [{"name": "TZ", "value": "UTC"}],
+    "webhook.env": [{"name": "TZ", "value": "UTC"}],
+    "plugin.updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%", "maxSurge": 0}},
+    "controller.updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+    "webhook.updateStrategy": {"type": "Recreate"},
+    "controller.priorityClassName": "system-cluster-critical",
+    "webhook.enabled": True,
+    "webhook.priorityClassName": "system-cluster-critical",
+    "webhook.nodeSelector": {"kubernetes.io/os": "linux"},
+    "webhook.tolerations": [{"key": "node-role.kubernetes.io/control-plane", "operator": "Exists", "effect": "NoSchedule"}],
+    "webhook.affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "podAffinityTerm": {
+        "topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "webhook"}}}}]}},
+    "plugin.driverRoot": "/run/nvidia/driver",
+    "plugin.nodeSelector": {"nvidia.com/gpu.present": "true"},
+}
+GPU_NODE_AFFINITY = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+    {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]},
+    {"matchExpressions": [{"key": "feature.node.kubernetes.io/pci-10de.present", "operator": "In", "values": ["true"]}]}]}}}
+
 VALUE_SETS = {
     "defaults": [],
     "fake-gpus": ["--set", "fakeGpu.enabled=true"],
@@ -47,6 +87,15 @@ VALUE_SETS = {
     "other-driver": ["--set", "driverName=gpu.example.com", "--set", "plugin.runtimeClassName=nvidia"],
     # a driver name without the gpu. prefix, and the CDI specs written to /etc/cdi
     "plain-driver": ["--set", "driverName=nvidia.example.org", "--set", "plugin.cdiRoot=/etc/cdi"],
+    # the knobs platform teams set (NVIDIA's device plugin / GPU Operator conventions), all at once
+    "conventions": [f"--set-json={k}={json.dumps(v)}" for k, v in CONVENTIONS.items()],
+    "renamed": ["--set", "nameOverride=gpu-dra", "--set", "fullnameOverride=acme-gpu", "--set", "webhook.enabled=true",
+                "--set", "serviceMonitor.enabled=true"],
+    # node selection by affinity alone (the GPU Operator's label or NFD's): no NFD nodeSelector on top
+    "plugin-affinity": [f"--set-json=plugin.affinity={json.dumps(GPU_NODE_AFFINITY)}"],
+    "cluster-issuer": ["--set", "webhook.enabled=true", "--set", "webhook.certManager.enabled=true",
+                       "--set", "webhook.certManager.issuerRef.kind=ClusterIssuer",
+                       "--set", "webhook.certManager.issuerRef.name=corp-ca"],
 }
 DRIVER_OF = {"defaults": C.DEFAULT_DRIVER_NAME, "other-driver": "gpu.example.com", "plain-driver": "nvidia.example.org"}
 
@@ -223,9 +272,10 @@ def test_plugin_env_names_are_flags_of_partita_plugin() -> None:
 
     from driver.plugin.main import add_arguments
     source = (REPO / "driver" / "plugin" / "main.py").read_text()
-    for name in ("defaults", "fake-gpus"):
+    for name in ("defaults", "fake-gpus", "conventions"):      # conventions: NVIDIA_DRIVER_ROOT too
         env = {e["name"] for e in one(name, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
         env -= {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}      # for the NVIDIA runtime
+        env -= {e["name"] for e in CONVENTIONS["plugin.env"]}               # the user's own
         missing = {e for e in env if f'"{e}"' not in source}
         assert not missing, f"the chart sets {missing}, which partita plugin does not read"
     add_arguments(argparse.ArgumentParser())     # the module still defines them
@@ -459,10 +509,11 @@ def test_webhook_is_wired_to_its_service_and_certificate() -> None:
     deploy = one("webhook", "Deployment", "webhook")
     pod = deploy["spec"]["template"]
     assert pod["spec"]["containers"][0]["command"] == ["partita", "webhook"]
-    # a regenerated certificate (every helm upgrade) restarts the pods, which load it at start
-    assert pod["metadata"]["annotations"]["checksum/tls"] == \
-        hashlib.sha256(hook["clientConfig"]["caBundle"].encode()).hexdigest()
+    # a new certificate restarts the pods, which load it at start (a kept one does not: see the lookup test)
     secret = one("webhook", "Secret")
+    assert pod["metadata"]["annotations"]["checksum/tls"] == \
+        hashlib.sha256(base64.b64decode(secret["data"]["tls.crt"])).hexdigest()
+    assert secret["data"]["ca.crt"] == hook["clientConfig"]["caBundle"]     # kept with the cert for upgrades
     assert pod["spec"]["volumes"][0]["secret"]["secretName"] == secret["metadata"]["name"]
     assert not objects("defaults", "ValidatingWebhookConfiguration")
     assert "annotations" not in one("webhook-cert-manager", "Deployment", "webhook")["spec"]["template"]["metadata"]
@@ -493,6 +544,39 @@ def test_webhook_is_wired_to_its_service_and_certificate() -> None:
     (["--set", "plugin.cdiRoot=var/run/cdi"], "/plugin/cdiRoot"),
     (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
     (["--set", "unknownKey=1"], "unknownKey"),
+    # the conventional knobs' schema entries
+    (["--set", "image.digest=latest"], "/image/digest"),
+    (["--set", "plugin.image.digest=sha256:xyz"], "/plugin/image/digest"),
+    (["--set", "controller.image.pullPolicy=Sometimes"], "/controller/image/pullPolicy"),
+    (["--set", "plugin.updateStrategy.rollingUpdate.maxSurge=1"], "/plugin/updateStrategy/rollingUpdate/maxSurge"),
+    (["--set", "plugin.updateStrategy.type=Recreate"], "/plugin/updateStrategy/type"),
+    (["--set", "controller.updateStrategy.type=OnDelete"], "/controller/updateStrategy/type"),
+    (["--set", "plugin.extraArgs[0]=debug"], "/plugin/extraArgs/0"),
+    (["--set-json", 'plugin.env=[{"value": "x"}]'], "/plugin/env/0"),
+    (["--set-json", 'plugin.env=[{"name": "A B", "value": "x"}]'], "/plugin/env/0/name"),
+    (["--set", "plugin.driverRoot=run/nvidia/driver"], "/plugin/driverRoot"),
+    (["--set", "podLabels.team=ml platform"], "/podLabels/team"),
+    (["--set-json", 'podAnnotations={"a b": "x"}'], 'podAnnotations: "a b" is not a valid key'),
+    (["--set-json", 'plugin.serviceAccount.annotations={"Bad_Prefix/x": "y"}'],
+     'plugin.serviceAccount.annotations: "Bad_Prefix/x" is not a valid key'),
+    (["--set", "controller.podDisruptionBudget.maxUnavailable=0"], "/controller/podDisruptionBudget/maxUnavailable"),
+    (["--set", "webhook.certManager.issuerRef.kind=Vault"], "/webhook/certManager/issuerRef/kind"),
+    (["--set", "webhook.tls.cert=not a pem"], "/webhook/tls/cert"),
+    (["--set", "fullnameOverride=Partita_GPU"], "/fullnameOverride"),
+    (["--set", "serviceAccount.name=x"], "/serviceAccount"),
+    # what only the templates can check, with the value named and the fix
+    (["--set", "plugin.podLabels.app\\.kubernetes\\.io/component=gpu"],
+     'podLabels: "app.kubernetes.io/component" is the label the kubelet-plugin\'s pods are selected by'),
+    (["--set-json", 'controller.env=[{"name": "DRIVER_NAME", "value": "x"}]'],
+     "controller.env[0]: DRIVER_NAME is set by the chart"),
+    (["--set-json", 'plugin.env=[{"name": "X", "value": "1"}, {"name": "NVML_BACKEND", "value": "fake"}]'],
+     "plugin.env[1]: NVML_BACKEND is set by the chart"),
+    (["--set", "webhook.enabled=true", "--set", "webhook.tls.cert=-----BEGIN CERTIFICATE-----"],
+     "webhook.tls: cert, key and caCert go together"),
+    (["--set", "webhook.enabled=true", "--set", "webhook.certManager.enabled=true",
+      "--set", "webhook.certManager.issuerRef.kind=ClusterIssuer"], "ClusterIssuer needs issuerRef.name"),
+    (["--set", "webhook.certManager.issuer=a", "--set", "webhook.certManager.issuerRef.name=b"],
+     'webhook.certManager.issuer "a" and webhook.certManager.issuerRef.name "b" disagree'),
 ])
 def test_bad_values_are_rejected_naming_the_field(args: list[str], message: str) -> None:
     r = helm("template", "partita", str(CHART), *args, check=False)
@@ -540,3 +624,412 @@ def test_values_schema_and_the_plugin_agree_on_fake_profiles(nodes: list[dict]) 
 def test_kubernetes_older_than_1_34_is_refused() -> None:
     r = helm("template", "partita", str(CHART), "--kube-version", "1.33.0", check=False)
     assert r.returncode != 0 and "kubeVersion" in r.stderr
+
+
+# ------------------------------------------------------------------ the conventional knobs (Day-2 operations)
+
+def _pods(name: str) -> dict[str, dict]:
+    """component -> pod template of each workload in the render."""
+    return {o["metadata"]["labels"]["app.kubernetes.io/component"]: o["spec"]["template"]
+            for o in render(name) if o["kind"] in ("Deployment", "DaemonSet")}
+
+
+def _container(pod: dict) -> dict:
+    [c] = pod["spec"]["containers"]
+    return c
+
+
+def test_conventional_knobs_reach_the_objects() -> None:
+    pods = _pods("conventions")
+    assert set(pods) == {"kubelet-plugin", "controller", "webhook"}
+    plugin, controller, webhook = pods["kubelet-plugin"], pods["controller"], pods["webhook"]
+    # images: the global digest pins the global repository; a component's own repository or digest wins
+    assert _container(plugin)["image"] == f"ghcr.io/partita-dev/partita@{DIGEST}"
+    assert _container(controller)["image"] == "registry.example.com/partita-controller:0.2.0"
+    assert _container(controller)["imagePullPolicy"] == "Always"
+    assert _container(plugin)["imagePullPolicy"] == "IfNotPresent"
+    assert _container(webhook)["image"] == "ghcr.io/partita-dev/partita@sha256:" + "f" * 64
+    for pod in pods.values():
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["metadata"]["labels"]["team"] == "ml-platform"
+        assert pod["metadata"]["annotations"]["example.com/owner"] == "ml"
+    # the component's labels and annotations add to and override the global ones
+    assert plugin["metadata"]["labels"]["tier"] == "node" and "tier" not in controller["metadata"]["labels"]
+    assert plugin["metadata"]["annotations"]["example.com/scrape"] == "true"
+    assert controller["metadata"]["annotations"]["example.com/scrape"] == "false"
+    # the webhook's own annotation (the certificate's checksum) is kept next to the user's
+    assert "checksum/tls" in webhook["metadata"]["annotations"]
+    # extra flags after the command; extra env after the chart's own, which are all still there
+    assert _container(plugin)["command"] == ["partita", "plugin"] and _container(plugin)["args"] == ["--log-level=DEBUG"]
+    assert _container(controller)["args"] == ["--log-level=WARNING"]
+    assert "args" not in _container(webhook)
+    env = _container(plugin)["env"]
+    assert env[-2:] == CONVENTIONS["plugin.env"]
+    defaults_env = _container(_pods("defaults")["kubelet-plugin"])["env"]
+    assert {e["name"] for e in defaults_env} | {"NVIDIA_DRIVER_ROOT", "HTTPS_PROXY", "POD_UID"} == {e["name"] for e in env}
+    assert _container(controller)["env"][-1] == {"name": "TZ", "value": "UTC"}
+    assert _container(webhook)["env"][-1] == {"name": "TZ", "value": "UTC"}
+    # update strategies: the plugin still never surges (two plugins on a node would fight over its sockets)
+    ds, deploys = one("conventions", "DaemonSet"), {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+                                                     for d in objects("conventions", "Deployment")}
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%", "maxSurge": 0}}
+    assert deploys["controller"]["spec"]["strategy"] == CONVENTIONS["controller.updateStrategy"]
+    assert deploys["webhook"]["spec"]["strategy"] == {"type": "Recreate"}
+    assert controller["spec"]["priorityClassName"] == webhook["spec"]["priorityClassName"] == "system-cluster-critical"
+    assert plugin["spec"]["priorityClassName"] == "system-node-critical"
+    for key in ("nodeSelector", "tolerations", "affinity"):
+        assert webhook["spec"][key] == CONVENTIONS[f"webhook.{key}"]
+    # node selection: the GPU Operator's label instead of NFD's
+    assert plugin["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # service accounts: the global annotations, the plugin's own override
+    sas = {sa["metadata"]["name"]: sa for sa in objects("conventions", "ServiceAccount")}
+    assert sas["partita-plugin"]["metadata"]["annotations"] == {"iam.example.com/role": "partita-plugin"}
+    assert sas["partita-controller"]["metadata"]["annotations"] == {"iam.example.com/role": "partita"}
+    assert sas["partita-webhook"]["metadata"]["annotations"] == {"iam.example.com/role": "partita"}
+    # and nothing of that without the values: the defaults render none of it
+    for pod in _pods("defaults").values():
+        assert "imagePullSecrets" not in pod["spec"] and "args" not in _container(pod)
+        assert set(pod["metadata"]["labels"]) == {"app.kubernetes.io/name", "app.kubernetes.io/instance",
+                                                  "app.kubernetes.io/version", "app.kubernetes.io/managed-by",
+                                                  "helm.sh/chart", "app.kubernetes.io/component"}
+    assert not [sa for sa in objects("defaults", "ServiceAccount") if "annotations" in sa["metadata"]]
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_selector_selects_its_pods(name: str) -> None:
+    """Workload selectors, Services, the PodDisruptionBudget and the ServiceMonitor select the pods they
+    mean, whatever the names and labels the values give (podLabels cannot replace a selector label)."""
+    pods = _pods(name)
+
+    def selects(selector: dict, labels: dict) -> bool:
+        return all(labels.get(k) == v for k, v in selector.items())
+    for o in render(name):
+        if o["kind"] in ("Deployment", "DaemonSet"):
+            assert selects(o["spec"]["selector"]["matchLabels"], o["spec"]["template"]["metadata"]["labels"])
+        elif o["kind"] in ("Service", "PodDisruptionBudget"):
+            selector = o["spec"]["selector"].get("matchLabels", o["spec"]["selector"])
+            matched = [c for c, pod in pods.items() if selects(selector, pod["metadata"]["labels"])]
+            assert matched == [o["metadata"]["labels"].get("app.kubernetes.io/component", "webhook")], (o["metadata"]["name"], matched)
+        elif o["kind"] == "ServiceMonitor":
+            matched = {c for c, pod in pods.items() if selects(o["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])}
+            assert matched >= {"controller", "kubelet-plugin"}
+
+
+def test_name_overrides_name_every_object() -> None:
+    names = {(o["kind"], o["metadata"]["name"]) for o in render("renamed") if o["kind"] != "DeviceClass"}
+    assert all(n == "acme-gpu" or n.startswith("acme-gpu-") for _, n in names), sorted(names)
+    for o in render("renamed"):
+        assert o["metadata"]["labels"]["app.kubernetes.io/name"] == "gpu-dra"
+    # the identities that name each other follow: the plugin's service account in the slice policy, the lease
+    assert one("renamed", "DaemonSet")["spec"]["template"]["spec"]["serviceAccountName"] == "acme-gpu-plugin"
+    policy = _slice_policy("renamed")
+    assert "system:serviceaccount:partita-system:acme-gpu-plugin" in policy["spec"]["matchConditions"][0]["expression"]
+    env = {e["name"]: e.get("value") for e in _container(_pods("renamed")["controller"])["env"]}
+    assert env["LEADER_ELECTION_ID"] == "acme-gpu-controller"
+    [role] = objects("renamed", "Role")
+    assert [r["resourceNames"] for r in role["rules"] if "resourceNames" in r] == [["acme-gpu-controller"]]
+    hook = one("renamed", "ValidatingWebhookConfiguration")["webhooks"][0]
+    assert hook["clientConfig"]["service"]["name"] == "acme-gpu-webhook"
+    # nameOverride alone: <release>-<name>
+    out = helm("template", "partita", str(CHART), "--set", "nameOverride=gpu").stdout
+    assert {d["metadata"]["name"] for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet"} == {"partita-gpu-plugin"}
+
+
+def test_controller_has_a_disruption_budget_when_replicated() -> None:
+    [pdb] = objects("defaults", "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["selector"]["matchLabels"] == \
+        one("defaults", "Deployment", "controller")["spec"]["selector"]["matchLabels"]
+
+    def budgets(*args: str) -> list[dict]:
+        out = helm("template", "partita", str(CHART), *args).stdout
+        return [d for d in yaml.safe_load_all(out) if d and d["kind"] == "PodDisruptionBudget"]
+    # one replica: a budget would block every drain of its node
+    assert budgets("--set", "controller.replicas=1") == []
+    assert budgets("--set", "controller.podDisruptionBudget.enabled=false") == []
+    [pdb] = budgets("--set", "controller.replicas=3", "--set", "controller.podDisruptionBudget.minAvailable=2")
+    assert pdb["spec"]["minAvailable"] == 2 and "maxUnavailable" not in pdb["spec"]
+    for version in VERSIONS:
+        kubernetes_validate.validate(pdb, version, strict=True)
+
+
+def test_plugin_node_selection_can_be_replaced_keeping_the_nfd_default() -> None:
+    nfd = {"feature.node.kubernetes.io/pci-10de.present": "true"}
+    assert one("defaults", "DaemonSet")["spec"]["template"]["spec"]["nodeSelector"] == nfd
+    pod = one("plugin-affinity", "DaemonSet")["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and pod["affinity"] == GPU_NODE_AFFINITY      # affinity alone decides
+    # an affinity without nodeAffinity (pod anti-affinity, say) keeps the NFD default
+    out = helm("template", "partita", str(CHART), "--set-json",
+               'plugin.affinity={"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}').stdout
+    [ds] = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet"]
+    assert ds["spec"]["template"]["spec"]["nodeSelector"] == nfd
+
+
+def test_plugin_update_strategy_on_delete() -> None:
+    out = helm("template", "partita", str(CHART), "--set", "plugin.updateStrategy.type=OnDelete").stdout
+    [ds] = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet"]
+    assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    kubernetes_validate.validate(ds, VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("driver", ["gpu.nvidia.com", "compute-domain.nvidia.com", "nvidia.com", "mig.gpu.nvidia.com",
+                                    "gpu.amd.com", "amd.com", "gpu.intel.com", "xe.intel.com"])
+def test_other_vendors_driver_names_are_refused(driver: str) -> None:
+    r = helm("template", "partita", str(CHART), "--set", f"driverName={driver}", check=False)
+    assert r.returncode != 0
+    assert f'driverName "{driver}": names under' in r.stderr and "collide" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("driver", ["gpu.example.com", "gpu.mynvidia.com", "nvidia.example.org", "amd.com.example.net"])
+def test_driver_names_that_only_look_like_a_vendors_are_accepted(driver: str) -> None:
+    out = helm("template", "partita", str(CHART), "--set", f"driverName={driver}").stdout
+    assert f"device.driver == '{driver}'" in out
+
+
+# ------------------------------------------------------------------ webhook certificates
+
+def test_cluster_issuer_signs_the_webhook_certificate() -> None:
+    [cert] = [o for o in render("cluster-issuer") if o["kind"] == "Certificate"]
+    assert cert["spec"]["issuerRef"] == {"kind": "ClusterIssuer", "name": "corp-ca", "group": "cert-manager.io"}
+    assert not [o for o in render("cluster-issuer") if o["kind"] == "Issuer"]     # none created
+    # no issuer named: the chart's self-signed Issuer, as before
+    [own] = [o for o in render("webhook-cert-manager") if o["kind"] == "Issuer"]
+    [cert] = [o for o in render("webhook-cert-manager") if o["kind"] == "Certificate"]
+    assert cert["spec"]["issuerRef"] == {"kind": "Issuer", "name": own["metadata"]["name"], "group": "cert-manager.io"}
+    # the older spelling names an Issuer
+    out = helm("template", "partita", str(CHART), "--set", "webhook.enabled=true", "--set", "webhook.certManager.enabled=true",
+               "--set", "webhook.certManager.issuer=team-ca").stdout
+    [cert] = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "Certificate"]
+    assert cert["spec"]["issuerRef"] == {"kind": "Issuer", "name": "team-ca", "group": "cert-manager.io"}
+    hook = one("cluster-issuer", "ValidatingWebhookConfiguration")
+    assert hook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == "partita-system/partita-webhook"
+
+
+def _tls_of(objs) -> tuple[dict, str, str]:
+    secret = next(o for o in objs if o["kind"] == "Secret")
+    hook = next(o for o in objs if o["kind"] == "ValidatingWebhookConfiguration")["webhooks"][0]
+    pod = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-webhook"))["spec"]["template"]
+    return secret["data"], hook["clientConfig"]["caBundle"], pod["metadata"]["annotations"]["checksum/tls"]
+
+
+def test_supplied_webhook_certificate_is_used(tmp_path: Path) -> None:
+    data, ca_bundle, _ = _tls_of(render("webhook"))          # a valid set of PEMs, made by the chart itself
+    pem = {k: base64.b64decode(v).decode() for k, v in data.items()}
+    values = tmp_path / "tls.yaml"
+    values.write_text(yaml.safe_dump({"webhook": {"enabled": True, "tls": {
+        "cert": pem["tls.crt"], "key": pem["tls.key"], "caCert": pem["ca.crt"]}}}))
+    objs = [d for d in yaml.safe_load_all(helm("template", "partita", str(CHART), "-n", "partita-system",
+                                               "-f", str(values)).stdout) if d]
+    got, got_bundle, checksum = _tls_of(objs)
+    assert got == data and got_bundle == ca_bundle == data["ca.crt"]
+    assert checksum == hashlib.sha256(pem["tls.crt"].encode()).hexdigest()
+    for obj in objs:
+        kubernetes_validate.validate(obj, VERSIONS[-1], strict=True)
+
+
+class _FakeKubeApi:
+    """Just enough of an API server for Helm's lookup (helm template --dry-run=server): discovery of the
+    kinds the chart renders, the webhook's Secret when it exists, 404 for everything else."""
+    CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "DeviceClass", "ValidatingAdmissionPolicy",
+                      "ValidatingAdmissionPolicyBinding", "ValidatingWebhookConfiguration"}
+
+    def __init__(self, kinds: set[tuple[str, str]], secret: dict | None):
+        import http.server
+        import threading
+        groups: dict[str, set[str]] = {"v1": {"Secret"}}
+        for api_version, kind in kinds:
+            groups.setdefault(api_version, set()).add(kind)
+        api = self
+        self.requests: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                path = self.path.split("?")[0]
+                api.requests.append(path)
+                parts = path.strip("/").split("/")
+                gv = parts[1] if parts[:1] == ["api"] and len(parts) == 2 else \
+                    "/".join(parts[1:3]) if parts[:1] == ["apis"] and len(parts) == 3 else None
+                code, body = 200, None
+                if path == "/version":
+                    body = {"major": "1", "minor": "36", "gitVersion": "v1.36.0"}
+                elif path == "/api":
+                    body = {"kind": "APIVersions", "versions": ["v1"]}
+                elif path == "/apis":
+                    named = sorted(g for g in groups if "/" in g)
+                    body = {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                        {"name": g.split("/")[0], "versions": [{"groupVersion": g, "version": g.split("/")[1]}],
+                         "preferredVersion": {"groupVersion": g, "version": g.split("/")[1]}} for g in named]}
+                elif gv in groups:
+                    body = {"kind": "APIResourceList", "groupVersion": gv, "resources": [
+                        {"name": k.lower() + "s", "singularName": k.lower(), "kind": k, "verbs": ["get", "list"],
+                         "namespaced": k not in api.CLUSTER_SCOPED} for k in sorted(groups[gv])]}
+                elif secret and path == f"/api/v1/namespaces/partita-system/secrets/{secret['metadata']['name']}":
+                    body = secret
+                else:
+                    code, body = 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                                       "code": 404}
+                raw = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _render_against(api: _FakeKubeApi, tmp_path: Path, *args: str) -> list[dict]:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": api.url}}], "users": [{"name": "fake", "user": {}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}]}))
+    r = subprocess.run([_helm(), "template", "partita", str(CHART), "-n", "partita-system", "--dry-run=server",
+                        "--disable-openapi-validation", *args], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
+
+
+def test_webhook_certificate_is_kept_across_upgrades(tmp_path: Path) -> None:
+    """Without cert-manager, an upgrade reuses the certificate in the cluster's Secret (Helm's lookup):
+    no new CA in the webhook configuration, no changed checksum (no pod restart), no GitOps diff."""
+    first = render("webhook")                          # the install (no cluster to look up: generated)
+    data, ca_bundle, checksum = _tls_of(first)
+    installed = next(o for o in first if o["kind"] == "Secret")
+    # as Helm left it in the cluster: owned by the release
+    secret = {**installed, "metadata": {**installed["metadata"], "annotations": {
+        "meta.helm.sh/release-name": "partita", "meta.helm.sh/release-namespace": "partita-system"}}}
+    kinds = {(o["apiVersion"], o["kind"]) for o in first}
+    api = _FakeKubeApi(kinds, secret)
+    try:
+        for _ in range(2):
+            got, got_bundle, got_checksum = _tls_of(_render_against(api, tmp_path, "--set", "webhook.enabled=true"))
+            assert (got, got_bundle, got_checksum) == (data, ca_bundle, checksum)
+        assert "/api/v1/namespaces/partita-system/secrets/partita-webhook-tls" in api.requests
+    finally:
+        api.close()
+    # a Secret of an older chart without ca.crt cannot be reused (no CA for the webhook configuration): new one
+    old = {**secret, "data": {k: v for k, v in data.items() if k != "ca.crt"}}
+    api = _FakeKubeApi(kinds, old)
+    try:
+        got, got_bundle, _ = _tls_of(_render_against(api, tmp_path, "--set", "webhook.enabled=true"))
+        assert got["tls.crt"] != data["tls.crt"] and got_bundle == got["ca.crt"]
+    finally:
+        api.close()
+    # without a cluster (helm template, GitOps renderers) every render is a new certificate: documented
+    assert _tls_of(render("webhook"))[0]["tls.crt"] != _tls_of(
+        [d for d in yaml.safe_load_all(helm("template", "partita", str(CHART), *VALUE_SETS["webhook"]).stdout) if d])[0]["tls.crt"]
+
+
+# ------------------------------------------------------------------ the driver root (GPU Operator driver container)
+
+def test_driver_root_is_mounted_read_only_and_given_to_the_plugin() -> None:
+    pod = _pods("conventions")["kubelet-plugin"]
+    c = _container(pod)
+    [mount] = [m for m in c["volumeMounts"] if m["mountPath"] == "/driver-root"]
+    assert mount["readOnly"] is True and mount["mountPropagation"] == "HostToContainer"
+    [volume] = [v for v in pod["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["hostPath"] == {"path": "/run/nvidia/driver", "type": "Directory"}
+    assert {"name": "NVIDIA_DRIVER_ROOT", "value": "/driver-root"} in c["env"]
+    # the default (/): the driver is on the host, NVML comes from the NVIDIA runtime as before; fake GPUs: none
+    for name in ("defaults", "fake-gpus"):
+        c = _container(_pods(name)["kubelet-plugin"])
+        assert "/driver-root" not in {m["mountPath"] for m in c["volumeMounts"]}
+        assert "NVIDIA_DRIVER_ROOT" not in {e["name"] for e in c["env"]}
+
+
+def test_plugin_reads_the_driver_root_the_chart_sets(monkeypatch) -> None:
+    import argparse
+
+    from driver.plugin.main import add_arguments
+    env = {e["name"]: e.get("value") for e in _container(_pods("conventions")["kubelet-plugin"])["env"]}
+    monkeypatch.setenv("NVIDIA_DRIVER_ROOT", env["NVIDIA_DRIVER_ROOT"])
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args([]).nvidia_driver_root == "/driver-root"
+    monkeypatch.delenv("NVIDIA_DRIVER_ROOT")
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert p.parse_args([]).nvidia_driver_root == ""
+
+
+def _driver_tree(root: Path, libdir: str = "usr/lib/x86_64-linux-gnu", absolute_link: bool = True) -> Path:
+    """A driver root as NVIDIA's driver container lays it out: libnvidia-ml.so.1 a link to the versioned
+    file, here an absolute link (it names the root's own file, not this container's)."""
+    d = root / libdir
+    d.mkdir(parents=True)
+    real = d / "libnvidia-ml.so.580.105.08"
+    real.write_bytes(b"\x7fELF")
+    (d / "libnvidia-ml.so.1").symlink_to(f"/{libdir}/{real.name}" if absolute_link else real.name)
+    return real
+
+
+def test_nvml_is_loaded_from_the_driver_root(tmp_path: Path) -> None:
+    from driver.nvml import errors
+    from driver.nvml.real import RealNvml, find_nvml_library
+    real = _driver_tree(tmp_path)
+    assert find_nvml_library(tmp_path) == real
+    calls: list[str] = []
+    nvml = type("Nvml", (), {"NVMLError": Exception, "nvmlInit": staticmethod(lambda: calls.append("nvmlInit"))})
+    RealNvml(nvml, driver_root=str(tmp_path), load_library=calls.append).init()
+    assert calls == [str(real), "nvmlInit"]                  # by its path, before pynvml opens it by name
+    # without a driver root, nothing is preloaded (the container's library path, as before)
+    calls.clear()
+    RealNvml(nvml, load_library=calls.append).init()
+    assert calls == ["nvmlInit"]
+    # a root without the driver, a root that is not there, a library that does not load: clear errors
+    (tmp_path / "empty").mkdir()
+    for root, words in ((tmp_path / "empty", "is not under NVIDIA driver root"), (tmp_path / "missing", "is not a directory")):
+        calls.clear()
+        with pytest.raises(errors.LibraryNotFoundError, match=words) as e:
+            RealNvml(nvml, driver_root=str(root), load_library=calls.append).init()
+        assert "plugin.driverRoot" in str(e.value) and str(root) in str(e.value) and calls == []
+
+    def broken(path: str) -> None:
+        raise OSError(f"{path}: invalid ELF header")
+    with pytest.raises(errors.LibraryNotFoundError, match="invalid ELF header"):
+        RealNvml(nvml, driver_root=str(tmp_path), load_library=broken).init()
+
+
+_STUB_NVML = r"""
+#include <string.h>
+int nvmlInitWithFlags(unsigned int flags) { return 0; }
+int nvmlShutdown(void) { return 0; }
+int nvmlSystemGetDriverVersion(char *version, unsigned int length) {
+    strncpy(version, "580.105.08-from-driver-root", length); return 0; }
+"""
+
+
+def test_real_pynvml_finds_nvml_under_the_driver_root(tmp_path: Path) -> None:
+    """End to end with pynvml: a stand-in libnvidia-ml.so.1 (compiled here) only under the driver root.
+    pynvml opens "libnvidia-ml.so.1" by name; with the driver root it gets the preloaded library."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        pytest.skip("no C compiler to build a stand-in libnvidia-ml.so.1")
+    libdir = tmp_path / "root" / "usr" / "lib64"
+    libdir.mkdir(parents=True)
+    (tmp_path / "nvml.c").write_text(_STUB_NVML)
+    subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libnvidia-ml.so.1", "-o", str(libdir / "libnvidia-ml.so.1"),
+                    str(tmp_path / "nvml.c")], check=True, capture_output=True, timeout=60)
+    script = ("import sys\nfrom driver.nvml.real import RealNvml\nfrom driver.nvml.errors import NvmlError\n"
+              "b = RealNvml(driver_root=sys.argv[1] or None)\n"
+              "try:\n    b.init()\nexcept NvmlError as e:\n    print('ERROR', e)\nelse:\n    print(b.driver_version())\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LD_LIBRARY_PATH", None)
+
+    def run(root: str) -> str:
+        return subprocess.run([sys.executable, "-c", script, root], capture_output=True, text=True, env=env,
+                              timeout=60, check=True).stdout.strip()
+    assert run(str(tmp_path / "root")) == "580.105.08-from-driver-root"
+    assert run("").startswith("ERROR cannot load libnvidia-ml.so.1")      # without it: not found, as before

@@ -6,13 +6,21 @@ by return code. The ``pynvml`` module is injectable so the logic can be tested w
 Read-only except the explicit MIG, compute-mode and time-slice calls. NVML has no public call for the
 compute time-slice; like NVIDIA's DRA driver (cmd/gpu-kubelet-plugin/nvlib.go ``setTimeSlice``) we run
 ``nvidia-smi compute-policy -i <uuid> --set-timeslice=<0..3>``.
+
+NVML is ``libnvidia-ml.so.1``, which pynvml opens by that name (the container's library path: the NVIDIA
+container runtime puts it there). With a *driver root* (``--nvidia-driver-root``, env NVIDIA_DRIVER_ROOT:
+where a driver installed outside the host's ``/`` is mounted, e.g. the GPU Operator's driver container
+under /run/nvidia/driver), the library is loaded from that root first, by its path; pynvml's later open
+by name then finds the library already loaded (the dynamic loader matches its soname).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import subprocess
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
@@ -44,6 +52,47 @@ _COMPUTE_MODE = {0: COMPUTE_MODE_DEFAULT, 2: COMPUTE_MODE_PROHIBITED, 3: COMPUTE
 _MIG_PROFILE_NAME_SUFFIX = {7: "+me", 8: "+me"}
 
 
+#: where drivers install libnvidia-ml.so.1, relative to the driver root (RHEL/SUSE, Debian/Ubuntu multiarch,
+#: plain lib directories)
+NVML_LIBRARY_DIRS = ("usr/lib64", "usr/lib/x86_64-linux-gnu", "usr/lib/aarch64-linux-gnu", "lib64",
+                     "lib/x86_64-linux-gnu", "lib/aarch64-linux-gnu", "usr/lib", "lib")
+NVML_LIBRARY = "libnvidia-ml.so.1"
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """``path`` (a link inside ``root``) with its symbolic links resolved relative to ``root``: an absolute
+    link target in a mounted driver root names a file of that root, not of this container."""
+    for _ in range(40):
+        if not path.is_symlink():
+            return path
+        target = Path(os.readlink(path))
+        path = root / target.relative_to("/") if target.is_absolute() else path.parent / target
+    raise errors.LibraryNotFoundError(f"{path}: too many levels of symbolic links under driver root {root}")
+
+
+def find_nvml_library(driver_root: str | os.PathLike) -> Path:
+    """The path of libnvidia-ml.so.1 under ``driver_root``; LibraryNotFoundError naming the places tried."""
+    root = Path(driver_root)
+    if not root.is_dir():
+        raise errors.LibraryNotFoundError(
+            f"NVIDIA driver root {root} is not a directory: mount the driver's root there (the chart's "
+            "plugin.driverRoot: / for a host install, /run/nvidia/driver for the GPU Operator's driver container)")
+    for d in NVML_LIBRARY_DIRS:
+        candidate = root / d / NVML_LIBRARY
+        if candidate.is_symlink() or candidate.exists():
+            resolved = _inside(root, candidate)
+            if resolved.is_file():
+                return resolved
+    raise errors.LibraryNotFoundError(
+        f"{NVML_LIBRARY} is not under NVIDIA driver root {root} (looked in {', '.join(NVML_LIBRARY_DIRS)}): "
+        "is the driver installed there? Set the chart's plugin.driverRoot to the directory the driver is "
+        "installed under (/ for a host install, /run/nvidia/driver for the GPU Operator's driver container)")
+
+
+def _load_library(path: str) -> Any:
+    return ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+
+
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -51,11 +100,14 @@ def _text(v: Any) -> str:
 class RealNvml(NvmlBackend):
     kind = "real"
 
-    def __init__(self, nvml: ModuleType | None = None, run: Callable[..., Any] = subprocess.run):
+    def __init__(self, nvml: ModuleType | None = None, run: Callable[..., Any] = subprocess.run,
+                 driver_root: str | None = None, load_library: Callable[[str], Any] = _load_library):
         if nvml is None:
             import pynvml as nvml  # nvidia-ml-py
         self._n = nvml
         self._run = run
+        self._driver_root = driver_root or None
+        self._load_library = load_library
 
     # -- plumbing -------------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -79,6 +131,13 @@ class RealNvml(NvmlBackend):
 
     # -- lifecycle and system -------------------------------------------------------------------
     def init(self) -> None:
+        if self._driver_root:
+            path = find_nvml_library(self._driver_root)
+            try:
+                self._load_library(str(path))
+            except OSError as e:
+                raise errors.LibraryNotFoundError(
+                    f"cannot load {path} (NVIDIA driver root {self._driver_root}): {e}") from None
         self._call("nvmlInit", self._n.nvmlInit)
 
     def shutdown(self) -> None:

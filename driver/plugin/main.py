@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DRA driver name (env DRIVER_NAME; default %(default)s)")
     p.add_argument("--nvml", choices=BACKENDS, default=_env("NVML_BACKEND", "real"),
                    help="NVML backend: real GPUs, or fake GPUs from --fake-profile (env NVML_BACKEND)")
+    p.add_argument("--nvidia-driver-root", default=_env("NVIDIA_DRIVER_ROOT") or "",
+                   help="--nvml real: the directory a driver installed outside / is mounted at (the GPU "
+                        "Operator's driver container); libnvidia-ml.so.1 is loaded from under it (env "
+                        "NVIDIA_DRIVER_ROOT; default: the container's library path)")
     p.add_argument("--fake-profile", default=_env("FAKE_GPU_PROFILE"),
                    help="FakeGpuProfile file for --nvml fake (env FAKE_GPU_PROFILE)")
     p.add_argument("--fake-state-dir", default=_env("FAKE_GPU_STATE_DIR"),
@@ -104,6 +108,10 @@ def _open_backend(args: argparse.Namespace, plugin_dir: Path):
             raise StartupError(str(e)) from None
         state_dir = Path(args.fake_state_dir) if args.fake_state_dir else plugin_dir / "fake-nvml"
         backend = open_backend("fake", profile=profile, node_name=args.node_name, state_dir=state_dir)
+    elif getattr(args, "nvidia_driver_root", ""):
+        from driver.nvml.real import RealNvml
+
+        backend = RealNvml(driver_root=args.nvidia_driver_root)
     else:
         backend = open_backend("real")
     try:
