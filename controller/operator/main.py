@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="namespace of the Lease (env POD_NAMESPACE)")
     p.add_argument("--leader-election-id", default=_env("LEADER_ELECTION_ID", "partita-controller"),
                    help="name of the Lease (env LEADER_ELECTION_ID)")
+    p.add_argument("--leader-identity", default=os.environ.get("POD_NAME"),
+                   help="this instance's name in the Lease (env POD_NAME; default hostname plus a random suffix)")
     p.add_argument("--leader-lease-duration", type=float, default=float(_env("LEADER_LEASE_DURATION", "15")),
                    help="seconds a standby waits after the lease last changed before taking it (env LEADER_LEASE_DURATION)")
     p.add_argument("--leader-renew-deadline", type=float, default=float(_env("LEADER_RENEW_DEADLINE", "10")),
@@ -81,7 +83,7 @@ class Running:
 
 async def run_controller(cfg: ControllerConfig, stop: asyncio.Event, *, kube_api: str | None = None,
                          leader_election: tuple[str, str] | None = None, ready: asyncio.Event | None = None,
-                         started: list | None = None) -> int:
+                         started: list | None = None, identity: str | None = None) -> int:
     """Run the controller until ``stop`` (or until leadership is lost: returns 1).
 
     Order: win the lease, start the informers, and only once every one has applied its first list start
@@ -94,7 +96,7 @@ async def run_controller(cfg: ControllerConfig, stop: asyncio.Event, *, kube_api
         if started is not None:
             started.append(Running(controller, None))
         if leader_election is not None:
-            elector = LeaderElector(kube, *leader_election, lease_seconds=cfg.lease_duration,
+            elector = LeaderElector(kube, *leader_election, identity=identity, lease_seconds=cfg.lease_duration,
                                     renew_deadline=cfg.renew_deadline, retry_seconds=cfg.retry_period)
             if started is not None:
                 started[-1].leader = elector
@@ -165,6 +167,15 @@ def run(args: argparse.Namespace) -> int:
                            resync_seconds=args.resync_seconds, lease_duration=args.leader_lease_duration,
                            renew_deadline=args.leader_renew_deadline, retry_period=args.leader_retry_period)
 
+    if args.leader_elect and not 0 < args.leader_retry_period < args.leader_renew_deadline < args.leader_lease_duration:
+        log.error("leader election: need 0 < --leader-retry-period (%s) < --leader-renew-deadline (%s) < "
+                  "--leader-lease-duration (%s)", args.leader_retry_period, args.leader_renew_deadline,
+                  args.leader_lease_duration)
+        return 2
+    if args.resync_seconds <= 0:
+        log.error("--resync-seconds must be > 0 (got %s)", args.resync_seconds)
+        return 2
+
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -178,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
             start_http_server(args.metrics_port)
         try:
             election = (args.leader_election_namespace, args.leader_election_id) if args.leader_elect else None
-            return await run_controller(cfg, stop, kube_api=args.kube_api, leader_election=election, started=running)
+            return await run_controller(cfg, stop, kube_api=args.kube_api, leader_election=election, started=running,
+                                        identity=args.leader_identity)
         finally:
             if health is not None:
                 await health.cleanup()
