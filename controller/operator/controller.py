@@ -158,6 +158,9 @@ class Controller:
                     log.error("stopping the worker: %s", e)
                     self.lost = True
                     break
+                except KubeError as e:     # the API server refused or failed (5xx, 429, ...): retried
+                    log.warning("reconciling %s failed: %s; retrying with backoff", k, e)
+                    self._backoff(k)
                 except Exception:  # noqa: BLE001 - one bad object must not stop the controller
                     log.exception("reconciling %s failed", k)
                     self._backoff(k)
