@@ -27,6 +27,7 @@ def test_handover_chaos_reports_no_violations(seed: int, tmp_path: Path) -> None
     assert out.exists(), f"no figures; stderr:\n{proc.stderr[-3000:]}"
     fig = json.loads(out.read_text())
     assert fig["violations"] == [] and fig["leaks"] == [], (fig, proc.stderr[-3000:])
+    assert fig["double_allocations_logged"] == 0, fig      # no controller ever saw a device held twice
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the run did what it is for: pods came and went, and the lease changed hands (3 rounds take 3 of the
     # 5 actions, so at least one of kill, term and pause-long)

@@ -303,7 +303,6 @@ class Controller:
         node = choice.node.name
         try:
             for claim, result in zip(todo, choice.results or []):
-                md = claim["metadata"]
                 stored = await write_allocation(self.kube, claim, result, pod_key, node, self.fence)
                 self.cache.record_write(stored, (stored.get("status") or {}).get("allocation") or result,
                                         int(stored["metadata"].get("resourceVersion") or 0), node, pod_key)
