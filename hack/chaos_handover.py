@@ -53,12 +53,23 @@ MAX_DELAY = 0.8          # < lease - renew
 
 
 # -- processes ------------------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """In the child: SIGKILL it when this harness dies, however it dies (Linux), so nothing is left running."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class ApiProcess:
     def __init__(self, logdir: Path):
         self.log = open(logdir / "apiserver.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "controller.sandbox.apiserver", "--test-hooks", "--bookmark-interval", "0.5"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=self.log, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            cwd=REPO, stdout=subprocess.PIPE, stderr=self.log, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+            preexec_fn=_die_with_parent)
         assert self.proc.stdout is not None
         self.url = self.proc.stdout.readline().strip()
         if not self.url.startswith("http"):
@@ -92,7 +103,8 @@ class ControllerProcess:
              "--leader-identity", f"{self.name}-{self.starts}", "--leader-lease-duration", str(TIMING["lease"]),
              "--leader-renew-deadline", str(TIMING["renew"]), "--leader-retry-period", str(TIMING["retry"]),
              "--metrics-port", "-1", "--health-port", "-1", "--resync-seconds", "30", "--log-level", "INFO"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
+            preexec_fn=_die_with_parent)
         log.close()
         self.paused = False
 
@@ -440,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rounds < 1 or args.nodes < 1 or args.gpus < 1 or args.in_flight < 1:
         p.error("--rounds, --nodes, --gpus and --in-flight must be >= 1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # run the cleanup (finally) on SIGTERM too
     with tempfile.TemporaryDirectory(prefix="partita-chaos-") as tmp:
         logdir = Path(args.keep_logs or tmp)
         logdir.mkdir(parents=True, exist_ok=True)
