@@ -31,5 +31,6 @@ def test_handover_chaos_reports_no_violations(seed: int, tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the run did what it is for: pods came and went, and the lease changed hands (3 rounds take 3 of the
     # 5 actions, so at least one of kill, term and pause-long)
-    assert fig["rounds"] == 3 and fig["claims_allocated"] >= 10 and fig["samples_checked"] >= 10
+    assert fig["rounds"] == 3 and fig["claims_allocated"] >= 5 and fig["pods_bound"] >= 5, fig
+    assert fig["samples_checked"] >= 10, fig
     assert fig["lease_transitions"] >= 1, fig
