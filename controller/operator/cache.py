@@ -17,6 +17,7 @@ from typing import Mapping
 from controller.allocator import AllocatedState, SliceIndex
 from driver.api import constants as C
 
+from .holders import Holders
 from .sharingmodes import ShareModes
 from .taintrules import RuleState
 from .claims import is_partita_class, is_pending, key, pod_claims
@@ -51,6 +52,7 @@ class Cache:
         self.namespaces: dict[str, dict] = {}           # namespace -> labels (affinity namespaceSelector)
         self.slices = SliceIndex()
         self.allocated = AllocatedState()
+        self.holders = Holders(self.allocated)          # claims per device: a double allocation stays held
         self.share_modes = ShareModes(driver_name)      # sharing strategy of each allocated share
         self._accounted: dict[str, dict] = {}          # claim uid -> allocation counted in self.allocated
         self.inflight: dict[str, InFlight] = {}        # claim uid -> allocation we wrote
@@ -95,7 +97,8 @@ class Cache:
         k = key(claim)
         uid = claim["metadata"].get("uid", "")
         if etype == "DELETED":
-            self.claims.pop(k, None)
+            if (self.claims.get(k) or {}).get("metadata", {}).get("uid") == uid:
+                self.claims.pop(k, None)
             self._account(uid, None)
             self.inflight.pop(uid, None)
             return
@@ -113,7 +116,7 @@ class Cache:
                 self.vanished.append((k, flight.pod, flight.node))
             else:
                 allocation = flight.allocation            # an event older than our write
-        self._account(uid, allocation)
+        self._account(uid, allocation, k)
 
     def _cleared(self, k: str, claim: dict) -> None:
         """An allocation disappeared. If it was ours and its pod still waits for a node, kube-scheduler's
@@ -127,23 +130,23 @@ class Cache:
         if pod is not None and is_pending(pod):
             self.vanished.append((k, pod_key, node))
 
-    def _account(self, uid: str, allocation: dict | None) -> None:
+    def _account(self, uid: str, allocation: dict | None, claim_key: str = "") -> None:
         old = self._accounted.get(uid)
         if old == allocation:
             return
         if old is not None:
-            self.allocated.remove_allocation(old)
+            self.holders.remove(uid, old)
             self.share_modes.add(old, -1)
             del self._accounted[uid]
         if allocation is not None:
-            self.allocated.add_allocation(allocation)
+            self.holders.add(uid, claim_key or uid, allocation)
             self.share_modes.add(allocation, 1)
             self._accounted[uid] = allocation
 
     def record_write(self, claim: dict, allocation: dict, write_rv: int, node: str, pod: str) -> None:
         uid = claim["metadata"]["uid"]
         self.inflight[uid] = InFlight(allocation, write_rv, node, pod, time.monotonic())
-        self._account(uid, allocation)
+        self._account(uid, allocation, key(claim))
 
     def expire_inflight(self, max_age: float = 60.0) -> None:
         now = time.monotonic()
@@ -151,7 +154,7 @@ class Cache:
             if now - f.since > max_age:
                 del self.inflight[uid]
                 claim = next((c for c in self.claims.values() if c["metadata"].get("uid") == uid), None)
-                self._account(uid, ((claim or {}).get("status") or {}).get("allocation"))
+                self._account(uid, ((claim or {}).get("status") or {}).get("allocation"), key(claim) if claim else uid)
 
     def _on_node(self, etype: str, node: dict) -> None:
         if etype == "DELETED":

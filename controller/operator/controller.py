@@ -3,6 +3,10 @@
 Everything runs in one worker (allocations never race each other inside one controller; leader election
 keeps it to one controller). Events from the watches update the cache and queue keys; failed attempts
 are retried with backoff and whenever something relevant changes.
+
+The worker starts deciding only once every informer has applied its first list (a decision on half a
+list can hand out a device another claim holds), and every write passes the leader fence
+(``self.fence``): when the lease is lost the write is not sent and the worker stops at once.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from . import metrics
 from .cache import Cache
 from .claims import allocated_node, is_done, is_pending, key, ownership, pod_claims
 from .events import EventRecorder
+from .leader import NO_FENCE, Fence, NotLeader
 from .nodefit import NodeInfo, Topology, fit
 from .taintrules import noexecute_hits
 from .writer import ANNOTATION_NODE, ANNOTATION_POD, Lost, release, remove_finalizer, write_allocation
@@ -46,6 +51,12 @@ class ControllerConfig:
     #: a pod is reported unschedulable only once it has failed for this long: right after start (or right
     #: after a node joins) the watches deliver slices, nodes and pods in no particular order
     report_after: float = 2.0
+    #: every informer lists again this often (the list replaces its cache: converges whatever was missed)
+    resync_seconds: float = 300.0
+    #: leader election (client-go's defaults): lease duration > renew deadline > retry period, seconds
+    lease_duration: float = 15.0
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
 
 
 class Controller:
@@ -64,6 +75,9 @@ class Controller:
         self.why_pending: dict[str, str] = {}                # pod key -> why its last attempt failed
         self.synced = False
         self.attempts = 0
+        self.fence: Fence = NO_FENCE        # the leader elector when leader election is on
+        self.informers = None               # set by run_controller: Informers (per-resource synced)
+        self.lost = False                   # a write was refused for want of leadership: the worker stopped
 
     # -- inputs ---------------------------------------------------------------------------------
     def on_event(self, kind: str, etype: str, obj: dict) -> None:
@@ -104,7 +118,24 @@ class Controller:
                 self.enqueue(f"pod:{k}")
 
     # -- loop -----------------------------------------------------------------------------------
+    def informers_synced(self) -> bool:
+        return self.informers is not None and self.informers.synced
+
+    async def _wait_synced(self, stop: asyncio.Event) -> bool:
+        while not self.informers_synced():
+            if stop.is_set():
+                return False
+            waiter = asyncio.create_task(self.informers.wait_synced()) if self.informers is not None else \
+                asyncio.create_task(asyncio.sleep(0.05))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (waiter, stopper):
+                t.cancel()
+        return True
+
     async def run(self, stop: asyncio.Event) -> None:
+        if not await self._wait_synced(stop):
+            return
         ticker = asyncio.create_task(self._tick(stop))
         try:
             while not stop.is_set():
@@ -122,12 +153,20 @@ class Controller:
                 if due is not None and due[0] > time.monotonic():
                     continue   # a backoff is running; the ticker re-queues it
                 try:
+                    self.fence.check(f"anything for {k}")      # lost the lease: stop at once
                     if k.startswith("pod:"):
                         await self.reconcile_pod(k[4:])
                     elif k.startswith("taint:"):
                         await self.report_noexecute(k[6:])
                     else:
                         await self.reconcile_claim(k[6:])
+                except NotLeader as e:
+                    log.error("stopping the worker: %s", e)
+                    self.lost = True
+                    break
+                except KubeError as e:     # the API server refused or failed (5xx, 429, ...): retried
+                    log.warning("reconciling %s failed: %s; retrying with backoff", k, e)
+                    self._backoff(k)
                 except Exception:  # noqa: BLE001 - one bad object must not stop the controller
                     log.exception("reconciling %s failed", k)
                     self._backoff(k)
@@ -270,8 +309,7 @@ class Controller:
         node = choice.node.name
         try:
             for claim, result in zip(todo, choice.results or []):
-                md = claim["metadata"]
-                stored = await write_allocation(self.kube, md.get("namespace", ""), md["name"], result, pod_key, node)
+                stored = await write_allocation(self.kube, claim, result, pod_key, node, self.fence)
                 self.cache.record_write(stored, (stored.get("status") or {}).get("allocation") or result,
                                         int(stored["metadata"].get("resourceVersion") or 0), node, pod_key)
         except Lost as e:
@@ -281,9 +319,10 @@ class Controller:
             return
         except KubeError as e:
             if e.conflict:
+                # the claim changed since the cache showed it: decide again once the watch has the change
                 metrics.CONFLICTS.inc()
                 metrics.ALLOCATIONS.labels("conflict").inc()
-                self.enqueue(k)
+                self._backoff(k)
                 return
             raise
         self._nominated[pod_key] = node
@@ -368,11 +407,11 @@ class Controller:
             return
         try:
             if (fresh.get("status") or {}).get("allocation"):
-                await release(self.kube, fresh)
+                await release(self.kube, fresh, self.fence)
                 metrics.RELEASES.inc()
                 log.info("released claim %s/%s (node %s)", md.get("namespace"), md["name"], allocated_node(fresh))
             else:
-                await remove_finalizer(self.kube, fresh)
+                await remove_finalizer(self.kube, fresh, self.fence)
             self._done(k)
         except Lost:
             self._done(k)     # reserved again meanwhile: in use, keep it

@@ -1,60 +1,28 @@
-"""kopf wiring only: watch pods, claims, slices, device classes and nodes, and feed the controller.
+"""What the controller watches: pods, claims, slices, device classes, nodes and namespaces (and DeviceTaintRules
+where the cluster serves them), each fed into the
+controller's cache by an informer of its own (``informer.py``).
 
-Handlers are ``on.event`` handlers in a registry of their own (several controllers can run in one
-process, as in tests); they write nothing into the watched objects (no progress annotations, no status).
+The handlers write nothing into the watched objects (no progress annotations, no status). Add a
+resource here (and an ``_on_<kind>`` to the cache) to watch it.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
-import kopf
+from driver.api.kube import Kube
 
 from .controller import Controller
-
-log = logging.getLogger(__name__)
+from .informer import Informers, Watched
 
 WATCHED = (
-    ("pod", "", "v1", "pods"),
-    ("claim", "resource.k8s.io", "v1", "resourceclaims"),
-    ("slice", "resource.k8s.io", "v1", "resourceslices"),
-    ("deviceclass", "resource.k8s.io", "v1", "deviceclasses"),
-    ("node", "", "v1", "nodes"),
-    ("namespace", "", "v1", "namespaces"),      # labels, for pod affinity namespaceSelectors (nodefit)
+    Watched("pod", "", "v1", "pods"),
+    Watched("claim", "resource.k8s.io", "v1", "resourceclaims"),
+    Watched("slice", "resource.k8s.io", "v1", "resourceslices"),
+    Watched("deviceclass", "resource.k8s.io", "v1", "deviceclasses"),
+    Watched("node", "", "v1", "nodes"),
+    Watched("namespace", "", "v1", "namespaces"),      # labels, for pod affinity namespaceSelectors (nodefit)
 )
 
 
-def build_registry(controller: Controller, kube_api: str | None,
-                   extra: tuple[tuple[str, str, str, str], ...] = ()) -> kopf.OperatorRegistry:
-    """``extra``: more (kind, group, version, plural) to watch, found by discovery (DeviceTaintRules)."""
-    registry = kopf.OperatorRegistry()
-
-    @kopf.on.login(registry=registry)
-    def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
-        if kube_api:
-            return kopf.ConnectionInfo(server=kube_api.rstrip("/"), insecure=True)
-        return (kopf.login_with_service_account(settings=settings, **kwargs)
-                or kopf.login_with_kubeconfig(settings=settings, **kwargs))
-
-    @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.peering.standalone = True
-        settings.scanning.disabled = True          # fixed resources; no CRD watch (the chart grants none)
-        settings.posting.enabled = False          # the controller posts its own, deduplicated events
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="partita.dev")
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="partita.dev",
-                                                                                 key="kopf-last-handled")
-        settings.watching.server_timeout = 240
-        settings.watching.client_timeout = 270
-        settings.networking.request_timeout = 60
-
-    for kind, group, version, plural in WATCHED + tuple(extra):
-        def handler(event: dict, _kind: str = kind, **_: Any) -> None:
-            etype = event.get("type") or "ADDED"       # None: the initial listing
-            obj = event.get("object")
-            if obj:
-                controller.on_event(_kind, etype, dict(obj))
-
-        kopf.on.event(group, version, plural, registry=registry, id=f"partita-{kind}")(handler)
-    return registry
+def build_informers(controller: Controller, kube: Kube, extra: tuple[Watched, ...] = ()) -> Informers:
+    """``extra``: more resources to watch, found by discovery (DeviceTaintRules)."""
+    return Informers(kube, WATCHED + tuple(extra), controller.on_event, resync=controller.cfg.resync_seconds)

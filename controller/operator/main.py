@@ -1,4 +1,4 @@
-"""The controller process (``partita controller``): flags, leader election, kopf, health and metrics.
+"""The controller process (``partita controller``): flags, leader election, informers, health and metrics.
 
 In-process entry for the sandbox and tests: :func:`run_controller`.
 """
@@ -13,7 +13,6 @@ import signal
 import sys
 from dataclasses import dataclass
 
-import kopf
 from aiohttp import web
 
 from controller.allocator import STRATEGIES
@@ -22,7 +21,8 @@ from driver.api.kube import Kube
 
 from . import metrics
 from .controller import Controller, ControllerConfig
-from .handlers import build_registry
+from .handlers import build_informers
+from .informer import Watched
 from .leader import LeaderElector
 from .taintrules import GROUP, PLURAL, discover_version
 
@@ -48,6 +48,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="namespace of the Lease (env POD_NAMESPACE)")
     p.add_argument("--leader-election-id", default=_env("LEADER_ELECTION_ID", "partita-controller"),
                    help="name of the Lease (env LEADER_ELECTION_ID)")
+    p.add_argument("--leader-identity", default=os.environ.get("POD_NAME"),
+                   help="this instance's name in the Lease (env POD_NAME; default hostname plus a random suffix)")
+    p.add_argument("--leader-lease-duration", type=float, default=float(_env("LEADER_LEASE_DURATION", "15")),
+                   help="seconds a standby waits after the lease last changed before taking it (env LEADER_LEASE_DURATION)")
+    p.add_argument("--leader-renew-deadline", type=float, default=float(_env("LEADER_RENEW_DEADLINE", "10")),
+                   help="the leader writes nothing once this long has passed since its last successful renew; "
+                        "must be below the lease duration (env LEADER_RENEW_DEADLINE)")
+    p.add_argument("--leader-retry-period", type=float, default=float(_env("LEADER_RETRY_PERIOD", "2")),
+                   help="seconds between renew and acquire attempts (env LEADER_RETRY_PERIOD)")
+    p.add_argument("--resync-seconds", type=float, default=float(_env("RESYNC_SECONDS", "300")),
+                   help="every watch lists again this often; the list replaces the cache (env RESYNC_SECONDS)")
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "8080")),
                    help="Prometheus metrics port, -1 = off (env METRICS_PORT)")
     p.add_argument("--health-port", type=int, default=int(_env("HEALTH_PORT", "8081")),
@@ -58,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def quiet_kopf(level: str) -> None:
-    """kopf logs every handler run at INFO; keep its per-object chatter for DEBUG."""
+    """kopf logs every handler run at INFO; keep its per-object chatter for DEBUG (the controller's own
+    watches no longer use kopf; this only quiets kopf where something else in the process runs it)."""
     if level != "DEBUG":
         for name in ("kopf.objects", "kopf._core.reactor.running", "kopf._core.engines.activities",
                      "kopf._core.reactor.activities"):
@@ -73,8 +85,12 @@ class Running:
 
 async def run_controller(cfg: ControllerConfig, stop: asyncio.Event, *, kube_api: str | None = None,
                          leader_election: tuple[str, str] | None = None, ready: asyncio.Event | None = None,
-                         started: list | None = None) -> int:
-    """Run the controller until ``stop`` (or until leadership is lost: returns 1)."""
+                         started: list | None = None, identity: str | None = None) -> int:
+    """Run the controller until ``stop`` (or until leadership is lost: returns 1).
+
+    Order: win the lease, start the informers, and only once every one has applied its first list start
+    deciding (``ready`` is set then). On loss the worker is cancelled at once and the lease is not
+    touched again."""
     kube = await Kube.connect(kube_api)
     controller = Controller(cfg, kube)
     elector = None
@@ -82,37 +98,42 @@ async def run_controller(cfg: ControllerConfig, stop: asyncio.Event, *, kube_api
         if started is not None:
             started.append(Running(controller, None))
         if leader_election is not None:
-            elector = LeaderElector(kube, *leader_election)
+            elector = LeaderElector(kube, *leader_election, identity=identity, lease_seconds=cfg.lease_duration,
+                                    renew_deadline=cfg.renew_deadline, retry_seconds=cfg.retry_period)
             if started is not None:
                 started[-1].leader = elector
             if not await elector.acquire(stop):
                 return 0
+            controller.fence = elector
         metrics.IS_LEADER.set(1)
         rules_version = await discover_version(kube)
-        registry = build_registry(controller, kube_api, (("devicetaintrule", GROUP, rules_version, PLURAL),)
-                                  if rules_version else ())
-        kopf_stop = asyncio.Event()
-        kopf_ready = asyncio.Event()
-        operator = asyncio.create_task(kopf.operator(registry=registry, standalone=True, clusterwide=True,
-                                                     stop_flag=kopf_stop, ready_flag=kopf_ready))
-        worker = asyncio.create_task(controller.run(kopf_stop))
+        informers = build_informers(controller, kube, (Watched("devicetaintrule", GROUP, rules_version, PLURAL),)
+                                    if rules_version else ())
+        controller.informers = informers
+        inner = asyncio.Event()
+        watching = asyncio.create_task(informers.run(inner))
+        worker = asyncio.create_task(controller.run(inner))
         keeper = asyncio.create_task(elector.keep(stop)) if elector else None
-        await kopf_ready.wait()
-        controller.synced = True
-        if ready is not None:
-            ready.set()
-        waits = {asyncio.create_task(stop.wait()), operator}
-        if keeper is not None:
-            waits.add(keeper)
-        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        lost = keeper is not None and keeper in done and not stop.is_set()
-        kopf_stop.set()
-        for t in waits:
-            if t not in done and t is not operator:
+        stopping = asyncio.create_task(stop.wait())
+        synced = asyncio.create_task(informers.wait_synced())
+        ends = {stopping, worker, watching} | ({keeper} if keeper else set())
+        done, _ = await asyncio.wait(ends | {synced}, return_when=asyncio.FIRST_COMPLETED)
+        if synced in done and not (done & ends):
+            controller.synced = True
+            log.info("every watch has listed (%s); allocating", ", ".join(i.watched.plural for i in informers.all))
+            if ready is not None:
+                ready.set()
+            done, _ = await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+        lost = not stop.is_set() and (controller.lost or (keeper is not None and keeper in done)
+                                      or (elector is not None and elector.lost.is_set()))
+        if lost:
+            worker.cancel()          # at once: not one more write
+        inner.set()
+        watching.cancel()
+        for t in (stopping, synced, keeper):
+            if t is not None and not t.done():
                 t.cancel()
-        await asyncio.gather(operator, worker, return_exceptions=True)
-        if keeper is not None and not keeper.done():
-            keeper.cancel()
+        await asyncio.gather(worker, watching, stopping, synced, *([keeper] if keeper else []), return_exceptions=True)
         if elector is not None and not lost:
             await elector.release()
         metrics.IS_LEADER.set(0)
@@ -146,7 +167,18 @@ def run(args: argparse.Namespace) -> int:
     level = str(args.log_level).upper()
     logging.getLogger().setLevel(level)
     quiet_kopf(level)
-    cfg = ControllerConfig(driver_name=args.driver_name, allocation_mode=args.allocation_mode, strategy=args.strategy)
+    cfg = ControllerConfig(driver_name=args.driver_name, allocation_mode=args.allocation_mode, strategy=args.strategy,
+                           resync_seconds=args.resync_seconds, lease_duration=args.leader_lease_duration,
+                           renew_deadline=args.leader_renew_deadline, retry_period=args.leader_retry_period)
+
+    if args.leader_elect and not 0 < args.leader_retry_period < args.leader_renew_deadline < args.leader_lease_duration:
+        log.error("leader election: need 0 < --leader-retry-period (%s) < --leader-renew-deadline (%s) < "
+                  "--leader-lease-duration (%s)", args.leader_retry_period, args.leader_renew_deadline,
+                  args.leader_lease_duration)
+        return 2
+    if args.resync_seconds <= 0:
+        log.error("--resync-seconds must be > 0 (got %s)", args.resync_seconds)
+        return 2
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -161,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
             start_http_server(args.metrics_port)
         try:
             election = (args.leader_election_namespace, args.leader_election_id) if args.leader_elect else None
-            return await run_controller(cfg, stop, kube_api=args.kube_api, leader_election=election, started=running)
+            return await run_controller(cfg, stop, kube_api=args.kube_api, leader_election=election, started=running,
+                                        identity=args.leader_identity)
         finally:
             if health is not None:
                 await health.cleanup()

@@ -16,3 +16,5 @@ POOLS_MISSING_TAINT = Gauge("partita_controller_pools_missing_taint",
 VANISHED = Counter("partita_controller_vanished_allocations_total",
                    "Allocations cleared by someone else (kube-scheduler PostFilter) before the pod bound")
 IS_LEADER = Gauge("partita_controller_leader", "1 while this instance is the active controller")
+DOUBLE_ALLOCATIONS = Counter("partita_controller_double_allocations_total",
+                             "Devices seen allocated to two claims at once (kept unavailable until all release)")

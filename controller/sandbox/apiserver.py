@@ -30,7 +30,9 @@ Python API (for tests and the sandbox)::
     server.url                      # "http://127.0.0.1:<port>"
     server.create(obj) / server.get(plural, name, ns) / server.list(plural, ns=None) /
     server.update(obj) / server.update_status(obj) / server.delete(plural, name, ns)   # thread-safe
-    server.inject_fault(plural, verb, status, count=1, name=None)   # next N matching requests fail
+    server.inject_fault(plural, verb, status, count=1, name=None, delay=0.0)  # next N matching requests
+                                    # fail (status 0: only delayed by ``delay`` seconds, then served)
+    server.drop_watches(plural=None) / server.compact(plural=None)  # end open watches / expire resumes (410)
     await server.wait_for(lambda s: ..., timeout=5)                 # no blind sleeps
     server.drop_features({"DRADeviceTaints"})                       # emulate a gate that is off
     await server.stop()             # or server.stop_in_thread()
@@ -137,9 +139,10 @@ def _key(res: Resource) -> str:
 class _Fault:
     plural: str
     verb: str
-    status: int
+    status: int           # 0: no error, only the delay
     count: int
     name: str | None
+    delay: float = 0.0
 
 
 @dataclass
@@ -159,7 +162,8 @@ class _Log:
 
 
 class ApiServer:
-    def __init__(self, *, bookmark_interval: float = 5.0, log_size: int = 4096, port: int = 0):
+    def __init__(self, *, bookmark_interval: float = 5.0, log_size: int = 4096, port: int = 0,
+                 test_hooks: bool = False):
         self._lock = threading.RLock()
         self._objs: dict[str, dict[tuple[str, str], dict]] = {_key(r): {} for r in RESOURCES}
         self._rv = itertools.count(1)
@@ -170,6 +174,7 @@ class ApiServer:
         self._dropped: set[str] = set()
         self._bookmark = bookmark_interval
         self._port = port
+        self._test_hooks = test_hooks     # serve POST /_test/{fault,compact,drop-watches} (a process's tests)
         self._runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -238,11 +243,40 @@ class ApiServer:
         return kopf.ConnectionInfo(server=self.url, insecure=True)
 
     # ---------------------------------------------------------------- test hooks
-    def inject_fault(self, plural: str, verb: str, status: int, count: int = 1, name: str | None = None) -> None:
+    def inject_fault(self, plural: str, verb: str, status: int, count: int = 1, name: str | None = None,
+                     delay: float = 0.0) -> None:
         """The next ``count`` requests for ``plural`` with ``verb`` (get, list, watch, create, update,
-        patch, delete) answer ``status`` without touching state."""
+        patch, delete) wait ``delay`` seconds, then answer ``status`` without touching state; status 0
+        only delays them (a slow API server: the request is then served, and lands late)."""
+        if status and not 400 <= status <= 599:
+            raise ValueError(f"inject_fault: status {status} is not an HTTP error (400-599), nor 0 for a delay only")
+        if count < 1 or delay < 0:
+            raise ValueError(f"inject_fault: count must be >= 1 and delay >= 0 (got count={count}, delay={delay})")
         with self._lock:
-            self._faults.append(_Fault(plural, verb, status, count, name))
+            self._faults.append(_Fault(plural, verb, status, count, name, delay))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def drop_watches(self, plural: str | None = None) -> int:
+        """End every open watch (of ``plural``) as a dropped connection would; returns how many. Clients
+        resume from their last resourceVersion."""
+        with self._lock:
+            cut = [w for w in self._watchers if plural is None or w.res.plural == plural]
+        for w in cut:
+            w.loop.call_soon_threadsafe(w.queue.put_nowait, None)
+        return len(cut)
+
+    def compact(self, plural: str | None = None) -> None:
+        """Forget the watch log (of ``plural``), as etcd compaction does: a watch resuming from any
+        resourceVersion older than the newest gets ``410 Expired`` and must list again."""
+        with self._lock:
+            for r in RESOURCES:
+                if plural is None or r.plural == plural:
+                    log = self._logs[_key(r)]
+                    log.events.clear()
+                    log.oldest_rv = self._last_rv
 
     def drop_features(self, gates: Iterable[str]) -> None:
         """Emulate feature gates that are off: their fields are dropped from ResourceSlice writes and
@@ -544,27 +578,60 @@ class ApiServer:
                     cap.pop("requestPolicy", None)
 
     # ---------------------------------------------------------------- HTTP
-    def _fault(self, plural: str, verb: str, name: str | None) -> int | None:
+    def _fault(self, plural: str, verb: str, name: str | None) -> _Fault | None:
         with self._lock:
             for f in self._faults:
                 if f.plural == plural and f.verb == verb and (f.name is None or f.name == name) and f.count > 0:
                     f.count -= 1
                     if f.count == 0:
                         self._faults.remove(f)
-                    return f.status
+                    return f
         return None
+
+    async def _test_hook(self, request: web.Request, path: str) -> web.StreamResponse:
+        """POST /_test/fault {plural, verb, status, count?, name?, delay?}, /_test/clear-faults,
+        /_test/compact {plural?}, /_test/drop-watches {plural?}: the Python test hooks for a server run as
+        a process (``--test-hooks``). Never served otherwise."""
+        if not self._test_hooks or request.method != "POST":
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({path})")
+        raw = await request.read()
+        body = json.loads(raw) if raw else {}
+        if not isinstance(body, dict):
+            raise ApiError(400, "BadRequest", f"{path}: the body must be a JSON object")
+        hook = path[len("/_test/"):]
+        if hook == "fault":
+            missing = [f for f in ("plural", "verb", "status") if f not in body]
+            if missing:
+                raise ApiError(400, "BadRequest", f"{path}: missing field(s) {missing}")
+            self.inject_fault(body["plural"], body["verb"], int(body["status"]), int(body.get("count", 1)),
+                              body.get("name"), float(body.get("delay", 0.0)))
+            return web.json_response({"ok": True})
+        if hook == "clear-faults":
+            self.clear_faults()
+            return web.json_response({"ok": True})
+        if hook == "compact":
+            self.compact(body.get("plural"))
+            return web.json_response({"ok": True, "resourceVersion": str(self._last_rv)})
+        if hook == "drop-watches":
+            return web.json_response({"ok": True, "dropped": self.drop_watches(body.get("plural"))})
+        raise ApiError(404, "NotFound", f"no test hook {hook!r}; known: fault, clear-faults, compact, drop-watches")
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         path = "/" + request.match_info["tail"].strip("/")
         try:
+            if path.startswith("/_test/"):
+                return await self._test_hook(request, path)
             disc = self._discovery(path)
             if disc is not None:
                 return web.json_response(disc)
             res, ns, name, sub = self._route(path)
             verb = self._verb(request.method, name, request.query)
-            code = self._fault(res.plural, verb, name)
-            if code is not None:
+            fault = self._fault(res.plural, verb, name)
+            if fault is not None and fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault is not None and fault.status:
+                code = fault.status
                 raise ApiError(code, {409: "Conflict", 429: "TooManyRequests", 500: "InternalError",
                                       503: "ServiceUnavailable"}.get(code, "Unknown"), f"injected fault {code}")
             if verb == "watch":
@@ -840,10 +907,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m controller.sandbox.apiserver", description=main.__doc__)
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--bookmark-interval", type=float, default=5.0, help="seconds between watch BOOKMARKs")
+    p.add_argument("--test-hooks", action="store_true",
+                   help="serve POST /_test/{fault,clear-faults,compact,drop-watches} (chaos tests)")
     args = p.parse_args(argv)
 
     async def serve() -> None:
-        server = ApiServer(port=args.port)
+        server = ApiServer(port=args.port, bookmark_interval=args.bookmark_interval, test_hooks=args.test_hooks)
         url = await server.start()
         print(url, flush=True)
         stop = asyncio.Event()
