@@ -121,6 +121,17 @@ def test_status_subresource_semantics_and_finalizers(apis, server) -> None:
     assert server.get("resourceclaims", "c1", "default") is None
 
 
+def test_a_node_keeps_its_status_on_create_and_a_pod_does_not(apis, server) -> None:
+    """The kubelet registers its Node with capacity and allocatable; the node strategy keeps them (upstream
+    PrepareForCreate: "Nodes allow *all* fields, including status, to be set on create"); pods start Pending."""
+    core, _, _ = apis
+    core.create_node({"metadata": {"name": "n1"}, "status": {"allocatable": {"pods": "110", "cpu": "8"}}})
+    assert server.get("nodes", "n1")["status"]["allocatable"] == {"pods": "110", "cpu": "8"}
+    core.create_namespaced_pod("default", {"metadata": {"name": "p"}, "spec": {"containers": [
+        {"name": "c", "image": "busybox"}]}, "status": {"phase": "Running", "hostIP": "10.0.0.1"}})
+    assert server.get("pods", "p", "default")["status"] == {"phase": "Pending"}
+
+
 def test_reserved_for_needs_an_allocation(apis, server) -> None:
     _, res, _ = apis
     res.create_namespaced_resource_claim("default", _claim())

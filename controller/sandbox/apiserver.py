@@ -96,6 +96,10 @@ RESOURCES = [
 _BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
 #: events exist in two groups; store keys use "<group>/<plural>" so they do not mix
 _STATUS_RESOURCES = {"pods", "nodes", "resourceclaims", "namespaces"}
+#: status subresources whose status a create keeps: "Nodes allow *all* fields, including status, to be set on
+#: create" (kubernetes pkg/registry/core/node/strategy.go, PrepareForCreate): the kubelet registers its Node with
+#: capacity and allocatable
+_STATUS_KEPT_ON_CREATE = {"nodes"}
 
 #: feature gate -> what a real API server drops from ResourceSlices/claim status when it is off
 FEATURES = ("DRADeviceTaints", "DRAPartitionableDevices", "DRAConsumableCapacity")
@@ -419,7 +423,7 @@ class ApiServer:
             if k in self._objs[_key(res)]:
                 raise ApiError(409, "AlreadyExists", f'{res.plural} "{md["name"]}" already exists')
             obj["apiVersion"], obj["kind"] = res.api_version, res.kind
-            if drop_status and res.plural in _STATUS_RESOURCES:
+            if drop_status and res.plural in _STATUS_RESOURCES - _STATUS_KEPT_ON_CREATE:
                 obj.pop("status", None)
             obj = _admit(res, obj, None, field_validation)
             md = obj["metadata"]
