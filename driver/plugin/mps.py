@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from driver.plugin import durable
 from driver.plugin.mps_standin import PID_FILE, recv_line
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class MpsDaemons:
         if not self.running(gpu_uuid):
             for p in (d.pipe, d.log):
                 p.mkdir(parents=True, exist_ok=True)
-            (d.root / "gpu").write_text(gpu_uuid + "\n")      # which GPU this directory serves
+            durable.write_file(d.root / "gpu", (gpu_uuid + "\n").encode(), what="MPS marker")  # its GPU
             env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(d.pipe), "CUDA_MPS_LOG_DIRECTORY": str(d.log),
                    "CUDA_VISIBLE_DEVICES": gpu_uuid}
             if self.fake:
