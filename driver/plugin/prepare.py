@@ -150,18 +150,22 @@ class DeviceState:
         self._dirs_ready = True
 
     # -- serialization --------------------------------------------------------------------------
+    def _open_lock_file(self) -> None:
+        if self._lock_file is not None:
+            return
+        path = self.plugin_dir / "serialize.lock"
+        try:     # never through a link planted at the path
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise CheckpointError(f"cannot open the lock file {path}: {e.strerror}; remove whatever is at that "
+                                  "path (a link?) and make the plugin directory writable") from None
+        self._lock_file = os.fdopen(fd, "a+")
+
     @contextlib.asynccontextmanager
     async def _file_lock(self) -> AsyncIterator[None]:
         """Excludes a second plugin instance (rolling update) sharing the plugin directory. The lock
         file stays open for the plugin's lifetime; waiting for the other instance never blocks the loop."""
-        if self._lock_file is None:
-            path = self.plugin_dir / "serialize.lock"
-            try:     # never through a link planted at the path
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            except OSError as e:
-                raise CheckpointError(f"cannot open the lock file {path}: {e.strerror}; remove whatever is at "
-                                      "that path (a link?) and make the plugin directory writable") from None
-            self._lock_file = os.fdopen(fd, "a+")
+        self._open_lock_file()
         f = self._lock_file
         deadline = time.monotonic() + 30
         while True:
@@ -187,6 +191,7 @@ class DeviceState:
         async with self._lock:
             try:
                 self._ensure_dirs()
+                self._open_lock_file()
             except CheckpointError as e:
                 log.error("%s", e)
                 yield e
@@ -345,8 +350,7 @@ class DeviceState:
         """Undo a failed prepare, every step even when one fails; returns what failed."""
         errors = self._undo(cp, entry)
         errors += self._try(self._maybe_leave_mig, entry)
-        if spec_path.exists() or spec_path.is_symlink():
-            errors += self._try(cdi.remove_spec, spec_path)
+        errors += self._try(self._remove_spec, spec_path)
         persisted = ref.uid in cp.claims
         cp.claims.pop(ref.uid, None)
         for uuid in sorted(set(shared_gpus)):
@@ -357,6 +361,12 @@ class DeviceState:
         if persisted or errors:
             errors += self._try(self.checkpoint.write, cp)
         return errors
+
+    @staticmethod
+    def _remove_spec(path: Path) -> None:
+        """Only when there is one: removing a missing file from a read-only directory is an error too."""
+        if path.exists() or path.is_symlink():
+            cdi.remove_spec(path)
 
     @staticmethod
     def _try(step: Callable[..., Any], *args: Any) -> list[str]:
@@ -631,7 +641,7 @@ class DeviceState:
         failed (idempotent, so a retry finishes it)."""
         errors = self._undo(cp, entry)
         errors += self._try(self._maybe_leave_mig, entry)
-        errors += self._try(cdi.remove_spec, Path(entry.cdi_spec) if entry.cdi_spec else
+        errors += self._try(self._remove_spec, Path(entry.cdi_spec) if entry.cdi_spec else
                             cdi.spec_path(self.cdi_root, self.driver_name, entry.uid))
         self._crash("cdi-spec-removed")
         shared = sorted({d.gpu_uuid for d in entry.devices if uses_sharing(d.type, d.config)})
