@@ -104,6 +104,30 @@ def write_file(path: Path, data: bytes, *, what: str = "file", mode: int = 0o600
         os.close(dfd)
 
 
+def temp_name_of(path: Path) -> str:
+    """The glob pattern of :func:`write_file`'s temp files for ``path``."""
+    return f".{path.name}.*.tmp"
+
+
+def remove_stale_temps(directory: Path, pattern: str = ".*.tmp") -> list[Path]:
+    """Remove temp files a killed writer left in ``directory`` (the caller excludes concurrent writers).
+    Returns those removed; errors are logged, never raised."""
+    removed = []
+    try:
+        found = sorted(directory.glob(pattern))
+    except OSError:
+        return removed
+    for p in found:
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot remove the stale temp file %s: %s", p, e.strerror)
+    return removed
+
+
 def remove_file(path: Path, *, what: str = "file") -> None:
     """Remove ``path`` (a symlink there is removed, never followed); missing is fine."""
     try:

@@ -121,7 +121,6 @@ class DeviceState:
         self._lock = asyncio.Lock()
         self._lock_file: Any = None
         self._dirs_ready = False
-        self._rebooted = False
         self._on_inventory_change = on_inventory_change
         self.prepared_count = 0
         self.sharing = Sharing(backend, MpsDaemons(plugin_dir / "mps", backend.kind))
@@ -210,15 +209,18 @@ class DeviceState:
         """Undo interrupted prepares, finish interrupted unprepares, record the boot id. An entry that
         cannot be finished now stays (logged) and is tried again by the next call."""
         changed = False
+        # temp files of writes a kill interrupted (all writes happen under the file lock we hold)
+        for p in durable.remove_stale_temps(self.plugin_dir, durable.temp_name_of(self.checkpoint.path)) + \
+                durable.remove_stale_temps(self.cdi_root, f".{cdi.spec_path(self.cdi_root, self.driver_name, '*').name}.*.tmp"):
+            log.info("removed %s, left by an interrupted write", p)
         current = boot.read_boot_id(self.boot_id_file)
+        rebooted_from = None
         if current is not None and cp.boot_id != current:
-            if cp.boot_id is not None:
-                log.warning("the node rebooted (boot id %s, checkpoint written under %s): the MIG instances, CDI "
-                            "specs and MPS daemons of %d prepared claim(s) are restored", current, cp.boot_id,
-                            sum(1 for c in cp.claims.values() if c.state == "Prepared"))
-                self._rebooted = True
-            cp.boot_id = current
-            changed = True
+            if cp.boot_id is None:
+                cp.boot_id = current
+                changed = True
+            else:
+                rebooted_from = cp.boot_id
         for uid, entry in list(cp.claims.items()):
             if entry.state == "Prepared":
                 continue
@@ -233,8 +235,28 @@ class DeviceState:
             log.warning("%s the interrupted %s of claim %s/%s (uid %s)",
                         "undid" if entry.state == "Preparing" else "finished",
                         "prepare" if entry.state == "Preparing" else "unprepare", entry.namespace, entry.name, uid)
+        if rebooted_from is not None:
+            self._restore_after_reboot(cp, rebooted_from, current)
+            changed = True
         if changed:
             self.checkpoint.write(cp)
+
+    def _restore_after_reboot(self, cp: Checkpoint, old: str, current: str | None) -> None:
+        """Re-create what prepared claims had before the node rebooted. The new boot id is recorded only
+        after this (with the caller's write), so a crash meanwhile restores again (idempotent)."""
+        log.warning("the node rebooted (boot id %s, checkpoint written under %s): restoring the MIG instances, "
+                    "CDI specs and MPS daemons of %d prepared claim(s)", current, old,
+                    sum(1 for c in cp.claims.values() if c.state == "Prepared"))
+        for uid, entry in list(cp.claims.items()):
+            if entry.state != "Prepared":
+                continue
+            ref = ClaimRef(entry.namespace, entry.name, uid)
+            try:
+                self._verify_prepared(cp, ref, entry)
+            except (PrepareError, NvmlError, SharingError) as e:
+                log.error("after the reboot, claim %s (uid %s) could not be restored: %s; its next prepare "
+                          "tries again", ref, uid, e)
+        cp.boot_id = current
 
     # -- prepare --------------------------------------------------------------------------------
     async def prepare(self, claims: list[tuple[ClaimRef, dict | Exception]]) -> dict[str, PreparedResult]:
@@ -670,8 +692,9 @@ class DeviceState:
     # -- start-up recovery ----------------------------------------------------------------------
     async def recover(self) -> list[str]:
         """Undo prepares and finish unprepares a crash interrupted; after a node reboot, restore what
-        prepared claims had (MIG instances, CDI specs; each claim's next prepare verifies it again).
-        Returns the UIDs of the interrupted claims that were finished."""
+        prepared claims had (MIG instances, CDI specs; each claim's next prepare verifies it again) — the
+        session does both (:meth:`_finish_interrupted`). Returns the UIDs of the interrupted claims that
+        were finished."""
         try:
             before = {uid for uid, c in self.checkpoint.read().claims.items() if c.state != "Prepared"}
         except CheckpointError:
@@ -679,17 +702,6 @@ class DeviceState:
         async with self._checkpoint_session() as cp:
             if isinstance(cp, CheckpointError):
                 return []
-            if self._rebooted:
-                self._rebooted = False
-                for uid, entry in list(cp.claims.items()):
-                    if entry.state != "Prepared":
-                        continue
-                    ref = ClaimRef(entry.namespace, entry.name, uid)
-                    try:
-                        self._verify_prepared(cp, ref, entry)
-                    except (PrepareError, NvmlError, CheckpointError, SharingError) as e:
-                        log.error("after the reboot, claim %s (uid %s) could not be restored: %s; its next "
-                                  "prepare tries again", ref, uid, e)
             self.sharing.reconcile(cp)
             self.prepared_count = len(cp.claims)
             return sorted(before - set(cp.claims))
