@@ -119,8 +119,9 @@ class Chaos:
         self.prepared: dict[str, dict] = {}       # slot name -> claim the kubelet saw prepared
         self.serial = 0
         self.crash_at: str | None = None
+        self.timer_next = False
         self.point_rate = 0.7        # processes started with a crash point (the rest die by a timer)
-        self.reboot_rate = 0.06      # kills that are node reboots
+        self.reboot_rate = 0.08      # kills that are node reboots
         self.boot_file = workdir / "boot_id"
         self.boot_file.write_text("boot-0\n")
 
@@ -147,6 +148,7 @@ class Chaos:
             await self.start()
             return
         self.crash_at = crash_at
+        self.timer_next = False
 
     def _died(self) -> bool:
         """The plugin killed itself (at its crash point), allowing a moment for the kernel to reap it."""
@@ -259,7 +261,7 @@ class Chaos:
         moment of the step. A killed plugin is restarted (sometimes after a simulated reboot) and the
         step finished as the kubelet would."""
         method, step = self._step()
-        point = self.crash_at
+        point = None if self.timer_next else self.crash_at
         call = asyncio.create_task(self.call(method, [c for _, c in step]))
         if point is None:
             await asyncio.sleep(self.rng.uniform(0, 0.05))
@@ -270,6 +272,7 @@ class Chaos:
             await asyncio.wait([call], timeout=20)
             down = call.exception() is not None and self._died()
             how = f"point:{point}" if down else "none"
+            self.timer_next = not down      # a point this stream did not reach: the timer kills it next round
         errors: dict[str, str] | None
         try:
             errors = await call
@@ -331,7 +334,8 @@ def main() -> int:
     for v in report.violations[:50]:
         print("VIOLATION", v)
     if args.json:
-        Path(args.json).write_text(json.dumps(asdict(report), indent=2, default=list))
+        data = {**asdict(report), "kills": dict(report.kills), "calls": dict(report.calls)}
+        Path(args.json).write_text(json.dumps(data, indent=2))
     return 1 if report.violations else 0
 
 

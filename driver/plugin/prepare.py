@@ -196,13 +196,17 @@ class DeviceState:
                 yield e
                 return
             async with self._file_lock():
+                cp: Checkpoint | CheckpointError
                 try:
-                    cp: Checkpoint | CheckpointError = self.checkpoint.read()
-                    assert isinstance(cp, Checkpoint)
+                    cp = self.checkpoint.read()
                     self._finish_interrupted(cp)
                 except CheckpointError as e:
                     log.error("%s", e)
                     cp = e
+                except Exception as e:  # noqa: BLE001 - a bug here must not crash-loop the plugin
+                    log.exception("finishing interrupted work failed")
+                    cp = CheckpointError(f"finishing the interrupted prepares and unprepares recorded in "
+                                         f"{self.checkpoint.path} failed: internal error: {e}; see the plugin log")
                 yield cp
 
     def _finish_interrupted(self, cp: Checkpoint) -> None:
