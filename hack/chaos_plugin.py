@@ -40,7 +40,7 @@ from controller.sandbox.plugin import PluginProcess  # noqa: E402
 from driver.api import naming  # noqa: E402
 from driver.kubeletapi.dra.v1 import api_pb2 as v1  # noqa: E402
 from driver.kubeletapi.dra.v1 import api_pb2_grpc as v1_grpc  # noqa: E402
-from driver.nvml import open_backend, profile_from_spec  # noqa: E402
+from driver.nvml import profile_from_spec  # noqa: E402
 from driver.nvml.fake import fake_gpu_uuid  # noqa: E402
 from driver.plugin import boot  # noqa: E402
 from driver.plugin.faults import ENV, POINTS  # noqa: E402
