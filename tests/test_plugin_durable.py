@@ -160,6 +160,10 @@ def test_prepare_on_a_full_disk_fails_keeps_the_checkpoint_and_works_once_space_
     assert (plugin_dir / "checkpoint.json").read_bytes() == good
     assert backend.gpu_instances(backend.device_by_uuid(inv.gpus[1].uuid)) == []   # nothing created
     assert not (tmp_path / "cdi" / f"{SPEC_PREFIX}{mig['metadata']['uid']}.json").exists()
+    err = _unprepare(state, first)[first["metadata"]["uid"]]      # the intent cannot be recorded: nothing done
+    assert "nothing was unprepared" in err and "no space left" in err
+    assert (tmp_path / "cdi" / f"{SPEC_PREFIX}{first['metadata']['uid']}.json").exists()
+    assert (plugin_dir / "checkpoint.json").read_bytes() == good
     filler.unlink()
     restarted = make_state(plugin_dir=plugin_dir)
     assert _error(restarted, mig) == ""

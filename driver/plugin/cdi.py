@@ -86,8 +86,12 @@ def spec_path(cdi_root: Path, driver_name: str, claim_uid: str) -> Path:
 def write_spec(path: Path, spec: CdiSpec) -> None:
     """Completely or not at all (:func:`driver.plugin.durable.write_file`): a reader sees the old file, the
     new file, or nothing — never a partial one; a link planted at the path is replaced, never followed.
-    Raises :class:`~driver.plugin.durable.DurableError` naming the file and its directory."""
-    durable.write_file(path, spec_bytes(spec), what="CDI spec", mode=0o644)
+    Raises :class:`~driver.plugin.durable.DurableError` naming the file and its directory.
+
+    Not fsynced: /var/run/cdi is a tmpfs that a power loss empties anyway, and every prepare of a
+    prepared claim compares its spec byte for byte and rewrites it (:func:`spec_is_current`) before the
+    kubelet starts containers, so a spec lost or torn by a power loss is repaired by the next prepare."""
+    durable.write_file(path, spec_bytes(spec), what="CDI spec", mode=0o644, sync=False)
 
 
 def spec_bytes(spec: CdiSpec) -> bytes:

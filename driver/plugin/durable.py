@@ -71,8 +71,9 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def write_file(path: Path, data: bytes, *, what: str = "file", mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``, completely or not at all (see the module doc)."""
+def write_file(path: Path, data: bytes, *, what: str = "file", mode: int = 0o600, sync: bool = True) -> None:
+    """Replace ``path`` with ``data``, completely or not at all (see the module doc). ``sync=False`` skips
+    the two fsyncs: for files whose content is checked and rewritten anyway after a power loss."""
     try:
         dfd = os.open(path.parent, _OPEN_DIR)
     except OSError as e:
@@ -86,7 +87,8 @@ def write_file(path: Path, data: bytes, *, what: str = "file", mode: int = 0o600
         try:
             try:
                 _write_all(fd, data)
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -97,7 +99,8 @@ def write_file(path: Path, data: bytes, *, what: str = "file", mode: int = 0o600
                 pass
             raise write_error(what, path, e) from None
         try:
-            os.fsync(dfd)
+            if sync:
+                os.fsync(dfd)
         except OSError as e:   # the rename happened; only its durability is in doubt
             log.warning("fsync of directory %s after writing %s failed: %s", path.parent, path, e)
     finally:

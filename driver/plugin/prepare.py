@@ -624,6 +624,7 @@ class DeviceState:
             if isinstance(cp, CheckpointError):
                 return {ref.uid: str(cp) for ref in claims}
             done: list[ClaimRef] = []
+            todo: list[tuple[ClaimRef, PreparedClaim]] = []
             for ref in claims:
                 if not ref.uid:
                     out[ref.uid] = (f"the kubelet sent a claim with an empty uid ({ref.namespace}/{ref.name}); "
@@ -633,15 +634,22 @@ class DeviceState:
                 if entry is None:
                     out[ref.uid] = ""
                     continue
-                if entry.state == "Prepared":
+                todo.append((ref, entry))
+            marked = [entry for _, entry in todo if entry.state == "Prepared"]
+            if marked:                     # the intent of every claim of the call, in one write
+                for entry in marked:
                     entry.state = "Unpreparing"
-                    try:
-                        self.checkpoint.write(cp)
-                    except CheckpointError as e:
+                try:
+                    self.checkpoint.write(cp)
+                except CheckpointError as e:
+                    for entry in marked:
                         entry.state = "Prepared"
+                    for ref, _ in todo:
                         out[ref.uid] = f"claim {ref}: nothing was unprepared: {e}; the kubelet retries"
-                        continue
+                    todo = []
+                else:
                     self._crash("unprepare-recorded")
+            for ref, entry in todo:
                 errors = self._release(cp, entry)
                 if errors:
                     out[ref.uid] = f"claim {ref}: {'; '.join(errors)}; the kubelet retries"
