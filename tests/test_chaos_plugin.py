@@ -25,10 +25,10 @@ def _chaos_module():
 
 
 def test_killing_the_plugin_at_random_never_leaves_the_node_inconsistent() -> None:
-    report = _chaos_module().run_chaos(seed=7, rounds=30)
-    assert report.rounds == 30
+    report = _chaos_module().run_chaos(seed=7, rounds=24)
+    assert report.rounds == 24
     assert report.violations == [], "\n".join(report.violations[:20])
     killed = sum(n for how, n in report.kills.items() if how != "none")
-    assert killed >= 10, report.summary()             # the run really killed the plugin
+    assert killed >= 8, report.summary()             # the run really killed the plugin
     assert any(how.startswith("point:") for how in report.kills), report.summary()
     assert report.calls["prepare"] and report.calls["unprepare"]
