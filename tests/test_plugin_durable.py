@@ -419,3 +419,21 @@ def test_an_interrupted_unprepare_is_finished_by_the_next_call(node, tmp_path) -
     assert res.devices[0].mig.uuid == mig.uuid
     assert (tmp_path / "cdi" / f"{SPEC_PREFIX}{uid}.json").exists()
     assert "overlaps" in _error(restarted, allocated_claim("big", [_mig(inv, 0, "7g.80gb", 0)]))
+
+
+def test_a_node_reboot_restores_the_mps_daemon_and_compute_mode_of_a_share(node, tmp_path) -> None:
+    backend, inv, make_state = node
+    state = make_state()
+    claim = _mps_claim("mps", inv)
+    assert _error(state, claim) == ""
+    h = backend.device_by_uuid(inv.gpus[2].uuid)
+    for uuid in state.sharing.mps.running_gpus():          # the reboot: daemons gone, GPU defaults back
+        state.sharing.mps.stop(uuid)
+    backend.set_compute_mode(h, COMPUTE_MODE_DEFAULT)
+    (tmp_path / "boot_id").write_text("boot-2\n")
+    restarted = make_state()
+    asyncio.run(restarted.recover())
+    assert backend.compute_mode(h) == "ExclusiveProcess"
+    assert restarted.sharing.mps.running_gpus() == [inv.gpus[2].uuid]
+    assert _unprepare(restarted, claim) == {claim["metadata"]["uid"]: ""}
+    assert backend.compute_mode(h) == COMPUTE_MODE_DEFAULT and restarted.sharing.mps.running_gpus() == []

@@ -33,7 +33,7 @@ from typing import Any, AsyncIterator, Callable
 from driver.api import constants as C
 from driver.inventory import Inventory, discover
 from driver.nvml import NvmlBackend, NvmlError
-from driver.nvml.interface import CI_PROFILE_FOR_SLICES, Placement
+from driver.nvml.interface import CI_PROFILE_FOR_SLICES, COMPUTE_MODE_EXCLUSIVE_PROCESS, Placement
 from driver.plugin import boot, cdi, durable
 from driver.plugin.checkpoint import (
     Checkpoint,
@@ -410,6 +410,12 @@ class DeviceState:
         for d in entry.devices:
             if d.mig is not None and not self._mig_present(d.mig):
                 self._recreate_mig(cp, ref, entry, d)
+            if uses_sharing(d.type, d.config) and strategy_of(d.config)[0] == "MPS":
+                h = self.backend.device_by_uuid(d.gpu_uuid)
+                if self.backend.compute_mode(h) != COMPUTE_MODE_EXCLUSIVE_PROCESS:     # reset by a reboot
+                    log.warning("claim %s: GPU %s of its MPS share %s lost its exclusive-process compute mode: "
+                                "set again", ref, d.gpu_uuid, d.device)
+                    self.backend.set_compute_mode(h, COMPUTE_MODE_EXCLUSIVE_PROCESS)
             if uses_sharing(d.type, d.config) and strategy_of(d.config)[0] == "MPS" \
                     and not self.sharing.mps.running(d.gpu_uuid):
                 self.sharing.reconcile(cp)

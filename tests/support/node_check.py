@@ -12,7 +12,7 @@ fake GPUs through NVML, and lists every violation of what a quiescent node must 
 * no stale CDI spec: every spec file of the driver belongs to a prepared claim, every prepared claim's spec
   exists, parses, names exactly its CDI devices and points MIG devices at their MIG UUID; no temp files;
 * MIG mode is off on Hopper GPUs without MIG instances; GPUs without shares run compute mode Default and
-  no MPS daemon; GPUs with MPS shares have their daemon running.
+  no MPS daemon; GPUs with MPS shares run exclusive-process compute mode and their daemon.
 """
 
 from __future__ import annotations
@@ -133,6 +133,9 @@ def check_node(*, plugin_dir: Path, cdi_dir: Path, profile: FakeGpuProfile, node
                 v.append(f"GPU {uuid}: an MPS daemon runs with no share using it")
         if mps_here and uuid not in mps_running:
             v.append(f"GPU {uuid}: MPS shares of claims {sorted(set(mps_here))} but no MPS daemon runs")
+        if mps_here and backend.compute_mode(h) != "ExclusiveProcess":
+            v.append(f"GPU {uuid}: MPS shares of claims {sorted(set(mps_here))} but compute mode "
+                     f"{backend.compute_mode(h)}")
     backend.shutdown()
 
     # -- CDI specs --
