@@ -1,4 +1,4 @@
-"""CDI (Container Device Interface) specs: one file per prepared claim, written atomically.
+"""CDI (Container Device Interface) specs: one file per prepared claim, written completely or not at all.
 
 The kubelet hands the runtime the CDI device IDs Prepare returns (``k8s.gpu.partita.dev/gpu=<name>``);
 the runtime (containerd, CRI-O, podman) looks them up in the spec files of its CDI directories
@@ -15,13 +15,13 @@ only up to 0.5.0.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from driver.api import constants as C
+from driver.plugin import durable
 
 
 class _Model(BaseModel):
@@ -84,22 +84,37 @@ def spec_path(cdi_root: Path, driver_name: str, claim_uid: str) -> Path:
 
 
 def write_spec(path: Path, spec: CdiSpec) -> None:
-    """Atomic: a reader sees the old file, the new file, or nothing — never a partial one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    data = json.dumps(spec.to_json())
+    """Completely or not at all (:func:`driver.plugin.durable.write_file`): a reader sees the old file, the
+    new file, or nothing — never a partial one; a link planted at the path is replaced, never followed.
+    Raises :class:`~driver.plugin.durable.DurableError` naming the file and its directory.
+
+    Not fsynced: /var/run/cdi is a tmpfs that a power loss empties anyway, and every prepare of a
+    prepared claim compares its spec byte for byte and rewrites it (:func:`spec_is_current`) before the
+    kubelet starts containers, so a spec lost or torn by a power loss is repaired by the next prepare."""
+    durable.write_file(path, spec_bytes(spec), what="CDI spec", mode=0o644, sync=False)
+
+
+def spec_bytes(spec: CdiSpec) -> bytes:
+    return json.dumps(spec.to_json()).encode()
+
+
+def spec_is_current(path: Path, spec: CdiSpec) -> bool:
+    """The file at ``path`` (not a link) holds exactly ``spec``."""
     try:
-        tmp.write_text(data)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(data)
-    os.replace(tmp, path)
+        return durable.read_file(path, what="CDI spec") == spec_bytes(spec)
+    except durable.DurableError:
+        return False
 
 
 def remove_spec(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+    """Missing is fine; raises :class:`~driver.plugin.durable.DurableError` naming the directory otherwise."""
+    durable.remove_file(path, what="CDI spec")
+
+
+def ensure_dir(cdi_root: Path) -> None:
+    """The CDI directory exists, is a real directory of the plugin's user and nobody else can write to it
+    (container runtimes only read it)."""
+    durable.private_dir(cdi_root, what="CDI directory", mode=0o755)
 
 
 _TOOLKIT_KIND = re.compile(r'"?kind"?\s*:\s*"?nvidia\.com/gpu"?')

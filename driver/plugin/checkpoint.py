@@ -1,23 +1,29 @@
 """The plugin's checkpoint: which claims are prepared on this node, and how.
 
 A versioned JSON document (``apiVersion: gpu.partita.dev/v1``, ``kind: PluginCheckpoint``) in the
-plugin data directory, written atomically (temp file, fsync, rename, fsync of the directory) and
-re-read at the start of every Prepare and Unprepare, so state lives on disk only (a restarted or a
-second plugin instance sees it). Newer plugins read older versions; an unknown version or a corrupt
-file raises :class:`CheckpointError` and the file is left untouched, so nothing is lost.
+plugin data directory, written completely or not at all (:mod:`driver.plugin.durable`: exclusive
+no-follow temp file, every byte checked, fsync, rename, fsync of the directory) and re-read at the start
+of every Prepare and Unprepare, so state lives on disk only (a restarted or a second plugin instance
+sees it). Newer plugins read older versions; an unknown version, a corrupt file (not UTF-8, not JSON,
+wrong schema) or one that cannot be read or written raises :class:`CheckpointError`, answered per call;
+the file on disk is left untouched, so nothing is lost.
 
 A claim is recorded ``Preparing`` before any step with side effects (MIG instances) and ``Prepared``
-when done, so a restart can finish or undo what a crash interrupted.
+when done; ``Unpreparing`` before unprepare destroys or removes anything. A restart (or the next call)
+undoes an interrupted prepare and finishes an interrupted unprepare. ``bootID`` is the node's boot id
+when the checkpoint was written: a different one at start means the node rebooted (MIG instances, CDI
+specs under /var/run and MPS daemons are gone while the prepared claims are still recorded).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from driver.plugin import durable
 
 API_VERSION = "gpu.partita.dev/v1"
 KIND = "PluginCheckpoint"
@@ -64,7 +70,7 @@ class PreparedClaim(_Model):
     uid: str
     namespace: str
     name: str
-    state: Literal["Preparing", "Prepared"]
+    state: Literal["Preparing", "Prepared", "Unpreparing"]
     devices: list[PreparedDevice] = []
     cdi_spec: str = Field(default="", alias="cdiSpec")
 
@@ -72,6 +78,8 @@ class PreparedClaim(_Model):
 class Checkpoint(_Model):
     api_version: str = Field(default=API_VERSION, alias="apiVersion")
     kind: str = KIND
+    #: /proc/sys/kernel/random/boot_id when this was written (absent in checkpoints of older plugins)
+    boot_id: str | None = Field(default=None, alias="bootID")
     claims: dict[str, PreparedClaim] = {}
 
 
@@ -82,11 +90,16 @@ class CheckpointStore:
 
     def read(self) -> Checkpoint:
         try:
-            raw = self.path.read_text()
-        except FileNotFoundError:
+            raw_bytes = durable.read_file(self.path, what="checkpoint")
+        except durable.DurableError as e:
+            raise CheckpointError(f"{e.strerror}. The plugin keeps serving but will not prepare or unprepare "
+                                  "claims until it can read it") from None
+        if raw_bytes is None:
             return Checkpoint()
-        except OSError as e:
-            raise CheckpointError(f"cannot read checkpoint {self.path}: {e.strerror}") from None
+        try:
+            raw = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise self._unreadable(f"it is not UTF-8 text (byte {e.start}: {raw_bytes[e.start:e.start + 1]!r})") from None
         try:
             data = json.loads(raw)
         except ValueError as e:
@@ -110,21 +123,20 @@ class CheckpointStore:
             "unprepare claims until it is repaired, so no prepared state is lost. Repair or restore the file; "
             "or, once no pod on this node uses Partita devices, delete it and restart the plugin")
 
+    def ensure_dir(self) -> None:
+        """The checkpoint's directory exists, is a real directory of the plugin's user and only it can write."""
+        try:
+            durable.private_dir(self.path.parent, what="plugin directory")
+        except durable.DurableError as e:
+            raise CheckpointError(e.strerror) from None
+        self._dir_ready = True
+
     def write(self, cp: Checkpoint) -> None:
+        """Completely or not at all; on failure a :class:`CheckpointError` and the old file unchanged."""
         if not self._dir_ready:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._dir_ready = True
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        data = cp.model_dump_json(by_alias=True, exclude_none=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            self.ensure_dir()
+        data = cp.model_dump_json(by_alias=True, exclude_none=True).encode()
         try:
-            os.write(fd, data.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+            durable.write_file(self.path, data, what="checkpoint")
+        except durable.DurableError as e:
+            raise CheckpointError(f"{e.strerror}. The previous checkpoint is unchanged") from None

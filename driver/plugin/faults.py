@@ -15,8 +15,10 @@ ENV = "PARTITA_CRASH_AT"
 #: every point, in the order a MIG prepare and then its unprepare pass them
 PREPARE_POINTS = ("mig-intent-recorded", "mig-mode-enabled", "gpu-instance-created", "gpu-instance-recorded",
                   "compute-instance-created", "mig-device-recorded", "cdi-spec-written", "claim-prepared")
-UNPREPARE_POINTS = ("mig-destroyed", "mig-mode-disabled", "cdi-spec-removed")
-POINTS = PREPARE_POINTS + UNPREPARE_POINTS
+UNPREPARE_POINTS = ("unprepare-recorded", "mig-destroyed", "mig-mode-disabled", "cdi-spec-removed")
+#: passed by a shared (or configured whole GPU) claim: after its sharing set-up (MPS daemon, time-slice)
+SHARE_POINTS = ("share-set-up",)
+POINTS = PREPARE_POINTS + UNPREPARE_POINTS + SHARE_POINTS
 
 
 def crash_point(name: str, backend_kind: str) -> None:

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from driver.plugin import durable
 from driver.plugin.mps_standin import CONTROL_SOCKET, recv_line
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class MpsDaemons:
             d.root.chmod(0o700)                                # private: only the plugin writes here
             for p in (d.pipe, d.log):
                 p.mkdir(parents=True, exist_ok=True)
-            (d.root / "gpu").write_text(gpu_uuid + "\n")      # which GPU this directory serves
+            durable.write_file(d.root / "gpu", (gpu_uuid + "\n").encode(), what="MPS marker")  # its GPU
             d.pid_file.unlink(missing_ok=True)
             env = {**os.environ, "CUDA_MPS_PIPE_DIRECTORY": str(d.pipe), "CUDA_MPS_LOG_DIRECTORY": str(d.log),
                    "CUDA_VISIBLE_DEVICES": gpu_uuid}

@@ -9,8 +9,13 @@ spec per claim and the checkpoint. Prepare and unprepare are idempotent; a faile
 it did, so the node stays as it was.
 
 Crash safety: a claim is checkpointed ``Preparing`` (with the MIG instances it is about to create)
-before any side effect and ``Prepared`` at the end; :meth:`DeviceState.recover` at start destroys what
-interrupted prepares created and drops them, so no MIG instance is orphaned.
+before any side effect and ``Prepared`` at the end, and ``Unpreparing`` before unprepare destroys or
+removes anything. Every call (and :meth:`DeviceState.recover` at start) first undoes interrupted prepares
+and finishes interrupted unprepares, so no MIG instance or CDI spec is orphaned and no claim is answered
+from a stale entry. Preparing an already prepared claim verifies its MIG instances, MPS daemons and CDI
+spec still exist (re-creating them, or failing with what is missing); a node reboot (a new boot id) makes
+the start-up recovery restore them for every prepared claim. A failed prepare runs every undo step even
+when one fails and reports all that failed.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +34,8 @@ from driver.api import constants as C
 from driver.api.nodeselector import NodeFacts
 from driver.inventory import Inventory, discover
 from driver.nvml import NvmlBackend, NvmlError
-from driver.nvml.interface import CI_PROFILE_FOR_SLICES, Placement
-from driver.plugin import cdi
+from driver.nvml.interface import CI_PROFILE_FOR_SLICES, COMPUTE_MODE_EXCLUSIVE_PROCESS, Placement
+from driver.plugin import boot, cdi, durable
 from driver.plugin.admission import AdmissionError, admit, check_allocated_here
 from driver.plugin.checkpoint import (
     Checkpoint,
@@ -42,8 +48,8 @@ from driver.plugin.checkpoint import (
 from driver.plugin.config import ConfigError, effective_configs
 from driver.plugin.devices import DeviceRef, device_index
 from driver.plugin.faults import crash_point
-from driver.plugin.mps import MpsDaemons
-from driver.plugin.sharing import Sharing, SharingError, uses_sharing
+from driver.plugin.mps import MpsDaemons, MpsError
+from driver.plugin.sharing import Sharing, SharingError, strategy_of, uses_sharing
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +95,7 @@ class DeviceState:
     def __init__(self, *, driver_name: str, node_name: str, backend: NvmlBackend, inventory: Inventory,
                  cdi_root: Path, plugin_dir: Path, cdi_search_dirs: list[Path] | None = None,
                  on_inventory_change: Callable[[Inventory], None] | None = None,
-                 node_labels: Mapping[str, str] | None = None):
+                 node_labels: Mapping[str, str] | None = None, boot_id_file: Path | None = None):
         self.driver_name = driver_name
         self.node_name = node_name
         #: this Node's labels (for allocations whose nodeSelector tests labels); None until read
@@ -98,9 +104,11 @@ class DeviceState:
         self.cdi_root = cdi_root
         self.plugin_dir = plugin_dir
         self.checkpoint = CheckpointStore(plugin_dir / "checkpoint.json")
+        self.boot_id_file = boot_id_file if boot_id_file is not None else boot.default_path()
         self._cdi_search = cdi_search_dirs if cdi_search_dirs is not None else [Path("/etc/cdi"), Path("/var/run/cdi")]
         self._lock = asyncio.Lock()
         self._lock_file: Any = None
+        self._dirs_ready = False
         self._on_inventory_change = on_inventory_change
         self.prepared_count = 0
         self.sharing = Sharing(backend, MpsDaemons(plugin_dir / "mps", backend.kind))
@@ -115,14 +123,36 @@ class DeviceState:
         if self._on_inventory_change:
             self._on_inventory_change(self.inventory)
 
+    def _ensure_dirs(self) -> None:
+        """The plugin and CDI directories are real directories that only the plugin can write: checked by
+        the first call (the start-up recovery) and, until that succeeds, by every call, which answers the
+        error meanwhile (never a crash loop)."""
+        if self._dirs_ready:
+            return
+        self.checkpoint.ensure_dir()
+        try:
+            cdi.ensure_dir(self.cdi_root)
+        except durable.DurableError as e:
+            raise CheckpointError(f"{e.strerror}; the plugin prepares nothing until then") from None
+        self._dirs_ready = True
+
     # -- serialization --------------------------------------------------------------------------
+    def _open_lock_file(self) -> None:
+        if self._lock_file is not None:
+            return
+        path = self.plugin_dir / "serialize.lock"
+        try:     # never through a link planted at the path
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise CheckpointError(f"cannot open the lock file {path}: {e.strerror}; remove whatever is at that "
+                                  "path (a link?) and make the plugin directory writable") from None
+        self._lock_file = os.fdopen(fd, "a+")
+
     @contextlib.asynccontextmanager
     async def _file_lock(self) -> AsyncIterator[None]:
         """Excludes a second plugin instance (rolling update) sharing the plugin directory. The lock
         file stays open for the plugin's lifetime; waiting for the other instance never blocks the loop."""
-        if self._lock_file is None:
-            self.plugin_dir.mkdir(parents=True, exist_ok=True)
-            self._lock_file = open(self.plugin_dir / "serialize.lock", "a+")  # noqa: SIM115 - kept open
+        self._open_lock_file()
         f = self._lock_file
         deadline = time.monotonic() + 30
         while True:
@@ -142,15 +172,83 @@ class DeviceState:
     @contextlib.asynccontextmanager
     async def _checkpoint_session(self) -> AsyncIterator[Checkpoint | CheckpointError]:
         """Serialized access (this process and a second plugin instance) to the checkpoint read at its
-        start: yields it, or the error that makes it unreadable (logged; the file is left untouched)."""
+        start: yields it, or the error that makes it unreadable (logged; the file is left untouched).
+        Work a crash or a failed write interrupted (claims ``Preparing`` or ``Unpreparing``) is finished
+        first, and a changed boot id is recorded."""
         async with self._lock:
+            try:
+                self._ensure_dirs()
+                self._open_lock_file()
+            except CheckpointError as e:
+                log.error("%s", e)
+                yield e
+                return
             async with self._file_lock():
+                cp: Checkpoint | CheckpointError
                 try:
-                    cp: Checkpoint | CheckpointError = self.checkpoint.read()
+                    cp = self.checkpoint.read()
+                    self._finish_interrupted(cp)
                 except CheckpointError as e:
                     log.error("%s", e)
                     cp = e
+                except Exception as e:  # noqa: BLE001 - a bug here must not crash-loop the plugin
+                    log.exception("finishing interrupted work failed")
+                    cp = CheckpointError(f"finishing the interrupted prepares and unprepares recorded in "
+                                         f"{self.checkpoint.path} failed: internal error: {e}; see the plugin log")
                 yield cp
+
+    def _finish_interrupted(self, cp: Checkpoint) -> None:
+        """Undo interrupted prepares, finish interrupted unprepares, record the boot id. An entry that
+        cannot be finished now stays (logged) and is tried again by the next call."""
+        changed = False
+        # temp files of writes a kill interrupted (all writes happen under the file lock we hold)
+        for p in durable.remove_stale_temps(self.plugin_dir, durable.temp_name_of(self.checkpoint.path)) + \
+                durable.remove_stale_temps(self.cdi_root, f".{cdi.spec_path(self.cdi_root, self.driver_name, '*').name}.*.tmp"):
+            log.info("removed %s, left by an interrupted write", p)
+        current = boot.read_boot_id(self.boot_id_file)
+        rebooted_from = None
+        if current is not None and cp.boot_id != current:
+            if cp.boot_id is None:
+                cp.boot_id = current
+                changed = True
+            else:
+                rebooted_from = cp.boot_id
+        for uid, entry in list(cp.claims.items()):
+            if entry.state == "Prepared":
+                continue
+            errors = self._release(cp, entry)
+            if errors:
+                log.error("could not finish the interrupted %s of claim %s/%s (uid %s): %s",
+                          "prepare" if entry.state == "Preparing" else "unprepare", entry.namespace, entry.name,
+                          uid, "; ".join(errors))
+                continue
+            del cp.claims[uid]
+            changed = True
+            log.warning("%s the interrupted %s of claim %s/%s (uid %s)",
+                        "undid" if entry.state == "Preparing" else "finished",
+                        "prepare" if entry.state == "Preparing" else "unprepare", entry.namespace, entry.name, uid)
+        if rebooted_from is not None:
+            self._restore_after_reboot(cp, rebooted_from, current)
+            changed = True
+        if changed:
+            self.checkpoint.write(cp)
+
+    def _restore_after_reboot(self, cp: Checkpoint, old: str, current: str | None) -> None:
+        """Re-create what prepared claims had before the node rebooted. The new boot id is recorded only
+        after this (with the caller's write), so a crash meanwhile restores again (idempotent)."""
+        log.warning("the node rebooted (boot id %s, checkpoint written under %s): restoring the MIG instances, "
+                    "CDI specs and MPS daemons of %d prepared claim(s)", current, old,
+                    sum(1 for c in cp.claims.values() if c.state == "Prepared"))
+        for uid, entry in list(cp.claims.items()):
+            if entry.state != "Prepared":
+                continue
+            ref = ClaimRef(entry.namespace, entry.name, uid)
+            try:
+                self._verify_prepared(cp, ref, entry)
+            except (PrepareError, NvmlError, SharingError) as e:
+                log.error("after the reboot, claim %s (uid %s) could not be restored: %s; its next prepare "
+                          "tries again", ref, uid, e)
+        cp.boot_id = current
 
     # -- prepare --------------------------------------------------------------------------------
     async def prepare(self, claims: list[tuple[ClaimRef, dict | Exception]]) -> dict[str, PreparedResult]:
@@ -168,8 +266,8 @@ class DeviceState:
                 except (PrepareError, AdmissionError, ConfigError, SharingError) as e:
                     log.warning("prepare of claim %s (uid %s) failed: %s", ref, ref.uid, e)
                     out[ref.uid] = PreparedResult(error=str(e))
-                except NvmlError as e:
-                    log.warning("prepare of claim %s (uid %s) failed in NVML: %s", ref, ref.uid, e)
+                except (NvmlError, CheckpointError) as e:
+                    log.warning("prepare of claim %s (uid %s) failed: %s", ref, ref.uid, e)
                     out[ref.uid] = PreparedResult(error=f"claim {ref}: {e}")
                 except Exception as e:  # noqa: BLE001 - a bug must not take the plugin down
                     log.exception("prepare of claim %s (uid %s) failed unexpectedly", ref, ref.uid)
@@ -201,16 +299,16 @@ class DeviceState:
         results = self._check_claim(ref, claim)
         existing = cp.claims.get(ref.uid)
         if existing is not None and existing.state == "Prepared":
-            # Idempotent: the kubelet asks again after its own restart. Re-create the CDI spec if the
-            # node rebooted and /var/run lost it; nothing else changes.
-            path = Path(existing.cdi_spec) if existing.cdi_spec else None
-            if path is not None and not path.exists():
-                cdi.write_spec(path, self._spec(ref, existing.devices))
-            return existing.devices
+            # Idempotent: the kubelet asks again after its own restart. What the claim had must still be
+            # there (a reboot or a crash may have taken it): re-created, or a clear error.
+            return self._verify_prepared(cp, ref, existing)
         # The device model, whatever the allocation says: this node, one use per GPU, shares that fit.
         admit(cp.claims, ref, results, self._devices)
-        if existing is not None:      # an interrupted prepare: undo it, then prepare afresh
-            self._undo(existing)
+        if existing is not None:      # an interrupted prepare or unprepare the session could not finish
+            errors = self._release(cp, existing)
+            if errors:
+                raise PrepareError(f"claim {ref}: its interrupted {existing.state.lower()} cannot be finished: "
+                                   f"{'; '.join(errors)}")
             del cp.claims[ref.uid]
             self.checkpoint.write(cp)
         refs = []
@@ -225,14 +323,14 @@ class DeviceState:
         configs = effective_configs(claim, self.driver_name, [r for r, _ in refs])
         claim_entry = PreparedClaim(uid=ref.uid, namespace=ref.namespace, name=ref.name, state="Preparing")
         devices: list[PreparedDevice] = []
+        spec_path = cdi.spec_path(self.cdi_root, self.driver_name, ref.uid)
         try:
             for (r, dev), config in zip(refs, configs):
                 d = self._prepare_device(cp, claim_entry, ref, r, dev, config)
                 devices.append(d)
                 # entry.devices may hold a placeholder for a MIG device being created: now it is done
                 claim_entry.devices = list(devices)
-            spec_path = cdi.spec_path(self.cdi_root, self.driver_name, ref.uid)
-            cdi.write_spec(spec_path, self._spec(ref, devices))
+            self._write_spec(ref, spec_path, devices)
             claim_entry.devices = devices
             claim_entry.cdi_spec = str(spec_path)
             self._crash("cdi-spec-written")
@@ -240,18 +338,116 @@ class DeviceState:
             cp.claims[ref.uid] = claim_entry
             self.checkpoint.write(cp)
             self._crash("claim-prepared")
-        except BaseException:
-            self._undo(claim_entry)   # devices done so far plus any MIG placeholder being created
-            cdi.remove_spec(cdi.spec_path(self.cdi_root, self.driver_name, ref.uid))
-            cp.claims.pop(ref.uid, None)
-            with contextlib.suppress(Exception):
-                self.sharing.release_unused(cp, [dev.gpu.uuid for (_, dev), config in zip(refs, configs)
-                                                 if uses_sharing(dev.type, config)])
-            with contextlib.suppress(Exception):
-                self.checkpoint.write(cp)
-            raise
+        except BaseException as e:
+            errors = self._rollback(cp, ref, claim_entry, spec_path,
+                                    [dev.gpu.uuid for (_, dev), config in zip(refs, configs)
+                                     if uses_sharing(dev.type, config)])
+            if not errors or not isinstance(e, Exception):
+                raise
+            first = str(e) if isinstance(e, (PrepareError, ConfigError, SharingError)) else f"claim {ref}: {e}"
+            raise PrepareError(f"{first}; undoing the prepare also failed (retried by the next call): "
+                               f"{'; '.join(errors)}") from None
         log.info("prepared claim %s (uid %s): %s", ref, ref.uid, ", ".join(d.device for d in devices) or "no devices")
         return devices
+
+    def _write_spec(self, ref: ClaimRef, path: Path, devices: list[PreparedDevice]) -> None:
+        try:
+            cdi.write_spec(path, self._spec(ref, devices))
+        except durable.DurableError as e:
+            raise PrepareError(f"claim {ref}: {e.strerror}") from None
+
+    def _rollback(self, cp: Checkpoint, ref: ClaimRef, entry: PreparedClaim, spec_path: Path,
+                  shared_gpus: list[str]) -> list[str]:
+        """Undo a failed prepare, every step even when one fails; returns what failed."""
+        errors = self._undo(cp, entry)
+        errors += self._try(self._maybe_leave_mig, entry)
+        errors += self._try(self._remove_spec, spec_path)
+        persisted = ref.uid in cp.claims
+        cp.claims.pop(ref.uid, None)
+        for uuid in sorted(set(shared_gpus)):
+            errors += self._try(self.sharing.release_unused, cp, [uuid])
+        if errors:       # keep the entry so the next call finishes the undo
+            entry.state = "Preparing"
+            cp.claims[ref.uid] = entry
+        if persisted or errors:
+            errors += self._try(self.checkpoint.write, cp)
+        return errors
+
+    @staticmethod
+    def _remove_spec(path: Path) -> None:
+        """Only when there is one: removing a missing file from a read-only directory is an error too."""
+        if path.exists() or path.is_symlink():
+            cdi.remove_spec(path)
+
+    @staticmethod
+    def _try(step: Callable[..., Any], *args: Any) -> list[str]:
+        try:
+            step(*args)
+        except durable.DurableError as e:
+            return [e.strerror]
+        except (NvmlError, CheckpointError, SharingError, MpsError, PrepareError, OSError) as e:
+            return [str(e)]
+        return []
+
+    def _verify_prepared(self, cp: Checkpoint, ref: ClaimRef, entry: PreparedClaim) -> list[PreparedDevice]:
+        """A prepared claim's MIG instances, MPS daemons and CDI spec still exist: missing ones are
+        re-created (the claim keeps its CDI device IDs), or the error names what is missing."""
+        for d in entry.devices:
+            if d.mig is not None and not self._mig_present(d.mig):
+                self._recreate_mig(cp, ref, entry, d)
+            if uses_sharing(d.type, d.config) and strategy_of(d.config)[0] == "MPS":
+                h = self.backend.device_by_uuid(d.gpu_uuid)
+                if self.backend.compute_mode(h) != COMPUTE_MODE_EXCLUSIVE_PROCESS:     # reset by a reboot
+                    log.warning("claim %s: GPU %s of its MPS share %s lost its exclusive-process compute mode: "
+                                "set again", ref, d.gpu_uuid, d.device)
+                    self.backend.set_compute_mode(h, COMPUTE_MODE_EXCLUSIVE_PROCESS)
+            if uses_sharing(d.type, d.config) and strategy_of(d.config)[0] == "MPS" \
+                    and not self.sharing.mps.running(d.gpu_uuid):
+                self.sharing.reconcile(cp)
+                if not self.sharing.mps.running(d.gpu_uuid):
+                    raise PrepareError(f"claim {ref}: the MPS control daemon of GPU {d.gpu_uuid} that its share "
+                                       f"{d.device} uses is not running and cannot be restarted (see the plugin "
+                                       "log); unprepare and prepare the claim again, or use TimeSlicing")
+        path = Path(entry.cdi_spec) if entry.cdi_spec else cdi.spec_path(self.cdi_root, self.driver_name, ref.uid)
+        spec = self._spec(ref, entry.devices)
+        if not cdi.spec_is_current(path, spec):
+            log.warning("claim %s (uid %s): its CDI spec %s was missing or changed: written again", ref, ref.uid, path)
+            self._write_spec(ref, path, entry.devices)
+        return entry.devices
+
+    def _mig_present(self, mig: MigInstance) -> bool:
+        h = self.backend.device_by_uuid(mig.gpu_uuid)
+        if not self.backend.mig_mode(h).current:
+            return False
+        placement = Placement(mig.placement_start, mig.placement_size)
+        return any(d.uuid == mig.uuid and d.profile_id == mig.profile_id and d.placement == placement
+                   and d.gpu_instance_id == mig.gpu_instance_id and d.compute_instance_id == mig.compute_instance_id
+                   for d in self.backend.mig_devices(h))
+
+    def _recreate_mig(self, cp: Checkpoint, ref: ClaimRef, entry: PreparedClaim, d: PreparedDevice) -> None:
+        mig = d.mig
+        assert mig is not None
+        what = (f"claim {ref}: its MIG device {d.device} ({mig.uuid or 'unnamed'}, profile {mig.profile_id} at "
+                f"{mig.placement_start}:{mig.placement_size}) no longer exists on GPU {mig.gpu_uuid}")
+        if not mig.created:
+            raise PrepareError(f"{what}; it was created outside Partita (static MIG), so Partita does not re-create "
+                               "it — re-create it with nvidia-smi, or delete the claim so it is allocated again")
+        dev = self._devices.get(d.device)
+        if dev is None or dev.profile is None:
+            raise PrepareError(f"{what}, and this node no longer publishes that device; delete the claim so it is "
+                               "allocated again")
+        log.warning("%s: re-creating it", what)
+        # Intent first: from here the instance is matched by profile and placement only.
+        mig.gpu_instance_id = mig.compute_instance_id = mig.uuid = None
+        self.checkpoint.write(cp)
+        h = self.backend.device_by_uuid(mig.gpu_uuid)
+        try:
+            self._create_mig(cp, ref, dev, h, mig, adopt=True)
+        except (NvmlError, PrepareError) as e:
+            raise PrepareError(f"{what} and cannot be re-created: {e}; delete the claim (and its pod) so it is "
+                               "allocated again") from None
+        self._write_spec(ref, Path(entry.cdi_spec) if entry.cdi_spec else
+                         cdi.spec_path(self.cdi_root, self.driver_name, ref.uid), entry.devices)
 
     def _prepare_device(self, cp: Checkpoint, entry: PreparedClaim, ref: ClaimRef, result: dict, dev: DeviceRef,
                         config: dict | None) -> PreparedDevice:
@@ -265,6 +461,7 @@ class DeviceState:
             if uses_sharing(dev.type, config):
                 e = self.sharing.prepare(cp, str(ref), ref.uid, dev.gpu.uuid, h, config,
                                          result.get("consumedCapacity"), pending=entry.devices)
+                self._crash("share-set-up")
                 edits = cdi.ContainerEdits(env=e.env, mounts=e.mounts or None).model_dump(by_alias=True,
                                                                                           exclude_none=True)
         share = result.get("shareID")
@@ -307,6 +504,16 @@ class DeviceState:
         cp.claims[ref.uid] = entry
         self.checkpoint.write(cp)
         self._crash("mig-intent-recorded")
+        self._create_mig(cp, ref, dev, h, mig)
+        return mig
+
+    def _create_mig(self, cp: Checkpoint, ref: ClaimRef, dev: DeviceRef, h: Any, mig: MigInstance, *,
+                    adopt: bool = False) -> None:
+        """Create the MIG device ``mig`` describes (its intent already in the checkpoint), recording each
+        instance id as it comes. ``adopt``: a GPU instance of ours left at the placement by an interrupted
+        re-creation is used instead of a new one."""
+        assert dev.profile is not None
+        placement = Placement(mig.placement_start, mig.placement_size)
         mode = self.backend.mig_mode(h)
         if not mode.current:
             if not self.backend.set_mig_mode(h, True):
@@ -315,13 +522,20 @@ class DeviceState:
                                    "(nvidia-smi -i <gpu> -mig 1 and a reset) or allocate another device")
             log.info("enabled MIG mode on GPU %s", dev.gpu.uuid)
             self._crash("mig-mode-enabled")
-        gi = self.backend.create_gpu_instance(h, dev.profile.profile_id, placement)
+        found = [g.id for g in self.backend.gpu_instances(h)
+                 if adopt and g.profile_id == mig.profile_id and g.placement == placement
+                 and not self._held_by_other(cp, ref.uid, mig.gpu_uuid, g.id, placement)]
+        gi = found[0] if found else self.backend.create_gpu_instance(h, mig.profile_id, placement)
         self._crash("gpu-instance-created")
         mig.gpu_instance_id = gi
         self.checkpoint.write(cp)
         self._crash("gpu-instance-recorded")
-        ci_info = self.backend.compute_instance_profile_info(h, gi, CI_PROFILE_FOR_SLICES[dev.profile.compute_slices])
-        ci = self.backend.create_compute_instance(h, gi, ci_info.id)
+        cis = self.backend.compute_instances(h, gi) if found else []
+        if cis:
+            ci = cis[0].id
+        else:
+            ci_info = self.backend.compute_instance_profile_info(h, gi, CI_PROFILE_FOR_SLICES[dev.profile.compute_slices])
+            ci = self.backend.create_compute_instance(h, gi, ci_info.id)
         self._crash("compute-instance-created")
         mig.compute_instance_id = ci
         mig.uuid = next(d.uuid for d in self.backend.mig_devices(h) if d.gpu_instance_id == gi and d.compute_instance_id == ci)
@@ -329,15 +543,23 @@ class DeviceState:
         self._crash("mig-device-recorded")
         log.info("created MIG device %s (%s at %d:%d) on GPU %s", mig.uuid, dev.profile.name, placement.start,
                  placement.size, dev.gpu.uuid)
-        return mig
 
-    def _undo(self, entry: PreparedClaim) -> None:
-        """Destroy what a (possibly interrupted) prepare of this claim created."""
+    @staticmethod
+    def _held_by_other(cp: Checkpoint, uid: str, gpu_uuid: str, gi_id: int, placement: Placement) -> bool:
+        """Another claim in the checkpoint records this GPU instance as its own."""
+        return any(d.mig is not None and d.mig.gpu_uuid == gpu_uuid and d.mig.gpu_instance_id == gi_id
+                   and Placement(d.mig.placement_start, d.mig.placement_size) == placement
+                   for c in cp.claims.values() if c.uid != uid for d in c.devices)
+
+    def _undo(self, cp: Checkpoint, entry: PreparedClaim) -> list[str]:
+        """Destroy what a (possibly interrupted) prepare of this claim created; every device is tried."""
+        errors: list[str] = []
         for d in entry.devices:
             if d.mig is not None and d.mig.created:
-                self._destroy_mig(d.mig)
+                errors += self._try(self._destroy_mig, cp, entry.uid, d.mig)
+        return errors
 
-    def _destroy_mig(self, mig: MigInstance) -> None:
+    def _destroy_mig(self, cp: Checkpoint, uid: str, mig: MigInstance) -> None:
         h = self.backend.device_by_uuid(mig.gpu_uuid)
         if not self.backend.mig_mode(h).current:
             return
@@ -346,7 +568,8 @@ class DeviceState:
             # Profile and placement always match: after a crash between a destroy and the checkpoint, a
             # recorded instance id may since have been reused by another claim's instance elsewhere.
             if gi.profile_id == mig.profile_id and gi.placement == placement and (
-                    mig.gpu_instance_id is None or gi.id == mig.gpu_instance_id):
+                    mig.gpu_instance_id is None or gi.id == mig.gpu_instance_id) \
+                    and not self._held_by_other(cp, uid, mig.gpu_uuid, gi.id, placement):
                 self.backend.destroy_mig_device(h, gi.id)
                 self._crash("mig-destroyed")
                 log.info("destroyed MIG instance %s (GPU instance %d) on GPU %s", mig.uuid or "(unnamed)", gi.id,
@@ -372,13 +595,14 @@ class DeviceState:
 
     # -- unprepare ------------------------------------------------------------------------------
     async def unprepare(self, claims: list[ClaimRef]) -> dict[str, str]:
-        """Error string per claim UID ("" = done). Unknown claims are success."""
+        """Error string per claim UID ("" = done). Unknown claims are success. Each claim is recorded
+        ``Unpreparing`` before anything is destroyed or removed, so a crash midway is finished later."""
         out: dict[str, str] = {}
         async with self._checkpoint_session() as cp:
             if isinstance(cp, CheckpointError):
                 return {ref.uid: str(cp) for ref in claims}
-            changed = False
-            released: list[str] = []
+            done: list[ClaimRef] = []
+            todo: list[tuple[ClaimRef, PreparedClaim]] = []
             for ref in claims:
                 if not ref.uid:
                     out[ref.uid] = (f"the kubelet sent a claim with an empty uid ({ref.namespace}/{ref.name}); "
@@ -388,26 +612,58 @@ class DeviceState:
                 if entry is None:
                     out[ref.uid] = ""
                     continue
+                todo.append((ref, entry))
+            marked = [entry for _, entry in todo if entry.state == "Prepared"]
+            if marked:                     # the intent of every claim of the call, in one write
+                for entry in marked:
+                    entry.state = "Unpreparing"
                 try:
-                    self._undo(entry)
-                    self._maybe_leave_mig(entry)
-                except NvmlError as e:
-                    out[ref.uid] = f"claim {ref}: {e}; the kubelet retries"
+                    self.checkpoint.write(cp)
+                except CheckpointError as e:
+                    for entry in marked:
+                        entry.state = "Prepared"
+                    for ref, _ in todo:
+                        out[ref.uid] = f"claim {ref}: nothing was unprepared: {e}; the kubelet retries"
+                    todo = []
+                else:
+                    self._crash("unprepare-recorded")
+            for ref, entry in todo:
+                errors = self._release(cp, entry)
+                if errors:
+                    out[ref.uid] = f"claim {ref}: {'; '.join(errors)}; the kubelet retries"
                     continue
-                cdi.remove_spec(Path(entry.cdi_spec) if entry.cdi_spec else
-                                cdi.spec_path(self.cdi_root, self.driver_name, ref.uid))
-                self._crash("cdi-spec-removed")
                 del cp.claims[ref.uid]
-                released += [d.gpu_uuid for d in entry.devices if uses_sharing(d.type, d.config)]
-                changed = True
+                done.append(ref)
+            if done:
+                try:
+                    self.checkpoint.write(cp)
+                except CheckpointError as e:     # all is released; the claims stay Unpreparing until recorded
+                    for ref in done:
+                        out[ref.uid] = f"claim {ref}: its devices are released but {e}; the kubelet retries"
+                    done = []
+            for ref in done:
                 out[ref.uid] = ""
                 log.info("unprepared claim %s (uid %s)", ref, ref.uid)
-            if released:
-                self.sharing.release_unused(cp, released)
-            if changed:
-                self.checkpoint.write(cp)
             self.prepared_count = len(cp.claims)
         return out
+
+    def _release(self, cp: Checkpoint, entry: PreparedClaim) -> list[str]:
+        """Everything a claim (prepared, or interrupted while preparing or unpreparing) holds on the node:
+        its MIG instances, MIG mode it needed, its CDI spec, its shares. Every step runs; returns what
+        failed (idempotent, so a retry finishes it)."""
+        errors = self._undo(cp, entry)
+        errors += self._try(self._maybe_leave_mig, entry)
+        errors += self._try(self._remove_spec, Path(entry.cdi_spec) if entry.cdi_spec else
+                            cdi.spec_path(self.cdi_root, self.driver_name, entry.uid))
+        self._crash("cdi-spec-removed")
+        shared = sorted({d.gpu_uuid for d in entry.devices if uses_sharing(d.type, d.config)})
+        if shared:
+            held = cp.claims.pop(entry.uid, None)     # the shares left on each GPU, without this claim's
+            for uuid in shared:
+                errors += self._try(self.sharing.release_unused, cp, [uuid])
+            if held is not None:
+                cp.claims[entry.uid] = held
+        return errors
 
     def _maybe_leave_mig(self, entry: PreparedClaim) -> None:
         """After the last Partita-created MIG device of a Hopper GPU goes, return it to whole use."""
@@ -425,27 +681,20 @@ class DeviceState:
 
     # -- start-up recovery ----------------------------------------------------------------------
     async def recover(self) -> list[str]:
-        """Undo prepares a crash interrupted (claims still ``Preparing``). Returns their UIDs."""
+        """Undo prepares and finish unprepares a crash interrupted; after a node reboot, restore what
+        prepared claims had (MIG instances, CDI specs; each claim's next prepare verifies it again) — the
+        session does both (:meth:`_finish_interrupted`). Returns the UIDs of the interrupted claims that
+        were finished."""
+        try:
+            before = {uid for uid, c in self.checkpoint.read().claims.items() if c.state != "Prepared"}
+        except CheckpointError:
+            before = set()
         async with self._checkpoint_session() as cp:
             if isinstance(cp, CheckpointError):
                 return []
-            undone = []
-            released: list[str] = []
-            for uid, entry in list(cp.claims.items()):
-                if entry.state == "Preparing":
-                    released += [d.gpu_uuid for d in entry.devices if uses_sharing(d.type, d.config)]
-                    self._undo(entry)
-                    self._maybe_leave_mig(entry)
-                    cdi.remove_spec(cdi.spec_path(self.cdi_root, self.driver_name, uid))
-                    del cp.claims[uid]
-                    undone.append(uid)
-                    log.warning("undid the interrupted prepare of claim %s/%s (uid %s)", entry.namespace,
-                                entry.name, uid)
-            if undone:
-                self.checkpoint.write(cp)
-            self.sharing.release_unused(cp, released)
             self.sharing.reconcile(cp)
-            return undone
+            self.prepared_count = len(cp.claims)
+            return sorted(before - set(cp.claims))
 
     def _crash(self, point: str) -> None:
         crash_point(point, self.backend.kind)
