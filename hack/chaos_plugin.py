@@ -44,7 +44,7 @@ from driver.nvml import profile_from_spec  # noqa: E402
 from driver.nvml.fake import fake_gpu_uuid  # noqa: E402
 from driver.plugin import boot  # noqa: E402
 from driver.plugin.faults import ENV, POINTS  # noqa: E402
-from driver.plugin.mps_standin import PID_FILE  # noqa: E402
+from driver.plugin.mps import PID_FILE  # noqa: E402
 from tests.support.claims import allocated_claim  # noqa: E402
 from tests.support.node_check import check_node  # noqa: E402
 
@@ -176,7 +176,7 @@ class Chaos:
     def stop_daemons(self) -> None:
         if self.plugin is None:
             return
-        for pid_file in (self.plugin_dir / "mps").glob(f"*/pipe/{PID_FILE}"):
+        for pid_file in (self.plugin_dir / "mps").glob(f"*/{PID_FILE}"):
             try:
                 os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
             except (OSError, ValueError):

@@ -117,9 +117,7 @@ class MpsDaemons:
             self._wait(gpu_uuid, up=True)
             pid = pid if pid is not None else self._find_real_daemon(d)
             if pid is not None:
-                tmp = d.root / f".{PID_FILE}.tmp"
-                tmp.write_text(f"{pid}\n")
-                os.replace(tmp, d.pid_file)
+                durable.write_file(d.pid_file, f"{pid}\n".encode(), what="MPS daemon PID")
             log.info("started the MPS control daemon of GPU %s (pipe %s)", gpu_uuid, d.pipe)
         if active_thread_percentage is not None:
             self.control(gpu_uuid, f"set_default_active_thread_percentage {active_thread_percentage}")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from driver.nvml import open_backend
 from driver.nvml.profile import FakeGpuProfile
+from driver.plugin.mps_standin import CONTROL_SOCKET
 
 CDI_PREFIX = "k8s.gpu.partita.dev-gpu_"
 _RESETLESS = {"Hopper", "Blackwell"}
@@ -45,7 +46,7 @@ def running_mps_gpus(plugin_dir: Path) -> set[str]:
     """GPU UUIDs whose MPS stand-in answers on its control socket."""
     out = set()
     for marker in (plugin_dir / "mps").glob("*/gpu"):
-        if _daemon_answers(marker.parent / "pipe" / "control"):
+        if _daemon_answers(marker.parent / CONTROL_SOCKET):   # the stand-in's, in the plugin-private dir
             out.add(marker.read_text().strip())
     return out
 
