@@ -483,10 +483,19 @@ class Run:
             return nothing
         if not self.f.partitionable_devices and dev.consumes:
             return nothing
-        # Upstream checks counters, then taints, then constraints, and leaves counters consumed when a later
-        # check rejects the device (allocator_incubating.go, noted as a quirk in the reference notes); the
-        # outcome for the device is the same, so Partita checks taints first and always rolls back.
+        # Upstream's order (allocator_incubating.go allocateDevice): in use, counters, taints, constraints,
+        # capacity. The order is observable: for an ``All`` request (must=True) a device without counters
+        # left makes the node unsatisfiable before its constraint could raise the fatal error. Unlike
+        # upstream (see shared/oracle/README.md, the counter leak), counters taken here are given back
+        # whenever a later check rejects the device.
+        took_counters = False
+        if dev.consumes and not (multi and self._capacity_in_use(dev.id)):
+            if not self._take_counters(pool, dev):
+                return nothing
+            took_counters = True
         if self.f.device_taints and taint_prevents(dev, rd.tolerations):
+            if took_counters:
+                self._return_counters(pool, dev)
             return nothing
         base = rd.parent or rd.name
         sub = rd.name if rd.parent else ""
@@ -495,19 +504,14 @@ class Run:
             if not c.add(base, sub, dev):
                 for e in range(i):
                     cons[e].remove(base, sub, dev)
+                if took_counters:
+                    self._return_counters(pool, dev)
                 if must:
                     cref = claim_ref(self.claims[ci])
                     raise AllocationError(f"claim {cref}, request {rd.name}: cannot add device {dev.id} because a claim "
                                           "constraint would not be satisfied", claim=cref, request=rd.name,
                                           field=f"spec.devices.constraints[{i}]")
                 return nothing
-        took_counters = False
-        if dev.consumes and not (multi and self._capacity_in_use(dev.id)):
-            if not self._take_counters(pool, dev):
-                for c in cons:
-                    c.remove(base, sub, dev)
-                return nothing
-            took_counters = True
         consumed: dict[str, Quantity] | None = None
         share_id = None
         if self.f.consumable_capacity:
