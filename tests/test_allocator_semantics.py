@@ -144,6 +144,17 @@ def test_all_mode_checks_counters_before_constraints_as_upstream() -> None:
     assert [d for _, _, d in devices_of(r)] == ["a0", "w"]
 
 
+def test_device_with_binding_conditions_is_skipped_before_its_class_selector_runs() -> None:
+    """Upstream's isSelectable rejects a device with binding conditions (feature off) before any selector:
+    a class selector that would fail at runtime on it is no error (found by the differential test)."""
+    erring = cls("class-err", 'device.attributes["driver-a"].numa >= 1')
+    s = slice_("s1", [dev("d0", bindingConditions=["ready"], bindingFailureConditions=["failed"])])
+    for mode in (None, "All"):
+        assert allocate([claim("c", req(cls_name="class-err", mode=mode))], [s], [erring]) is None
+    with pytest.raises(AllocationError, match="no such key"):
+        allocate([claim("c", req(cls_name="class-err"))], [s], [erring], features=Features(device_binding_and_status=True))
+
+
 def test_shared_devices_get_share_ids_and_consume_capacity() -> None:
     policy = {"default": "1Gi", "validRange": {"min": "1Gi", "step": "1Gi"}}
     s = slice_("s1", [dev("gpu", cap={"memory": {"value": "4Gi", "requestPolicy": policy}}, allowMultipleAllocations=True)])

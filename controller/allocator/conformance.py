@@ -165,7 +165,8 @@ def compare(doc: dict, claims: list[dict], results: list[dict]) -> str:
             return f"claim {name}: results\n  got      {h_res}\n  expected {w_res}"
         if cmp.get("shareID") == "any-non-null":
             for r in (have.get("devices") or {}).get("results") or []:
-                want_share = any(x.get("device") == r["device"] and x.get("shareID")
+                want_share = any((x.get("driver"), x.get("pool"), x.get("device")) ==
+                                 (r.get("driver"), r.get("pool"), r["device"]) and x.get("shareID")
                                  for x in (want.get("devices") or {}).get("results") or [])
                 if want_share and not r.get("shareID"):
                     return f"claim {name}: result for {r['device']} has no shareID"

@@ -217,7 +217,7 @@ class Run:
                     raise AllocationError(f"{where}: asks for all devices, but resource pool {pool} is currently "
                                           "invalid", claim=cref, request=rname, field="allocationMode")
                 for dev, failure in self.class_list(pool, rd):
-                    if failure is not None:
+                    if failure is not None and not self.binding_excluded(dev):
                         self._raise_selector_error(rd, dev, failure, from_class=True)
                     if not self.request_ok(key, rd, dev):
                         continue
@@ -304,6 +304,11 @@ class Run:
                               f"(expression: {expr})", claim=cref, request=rd.full_name,
                               field=f"selectors[{i}].cel.expression")
 
+    def binding_excluded(self, dev: CDevice) -> bool:
+        """A device with binding conditions while the feature is off: upstream's isSelectable rejects it
+        before evaluating any selector, so its class selectors cannot fail on it."""
+        return not self.f.device_binding_and_status and dev.has_binding_conditions
+
     def request_ok(self, key: tuple[int, int, int], rd: ReqData, dev: CDevice) -> bool:
         """The (sub)request's own selectors, binding conditions and per-device node selection; the
         class selectors were applied by :meth:`class_list`."""
@@ -311,9 +316,7 @@ class Run:
         hit = self.match_cache.get(mk)
         if hit is not None:
             return hit
-        ok = True
-        if not self.f.device_binding_and_status and dev.has_binding_conditions:
-            ok = False
+        ok = not self.binding_excluded(dev)
         selectors = rd.spec.get("selectors")
         if ok and selectors:
             outcome = self._evaluate(dev, [(sel.get("cel") or {}).get("expression", "") for sel in selectors])
@@ -328,7 +331,7 @@ class Run:
     def selectable(self, key: tuple[int, int, int], rd: ReqData, dev: CDevice, pool: Pool) -> bool:
         for d, failure in self.class_list(pool, rd):
             if d is dev:
-                if failure is not None:
+                if failure is not None and not self.binding_excluded(dev):
                     self._raise_selector_error(rd, dev, failure, from_class=True)
                 return self.request_ok(key, rd, dev)
         return False
@@ -454,7 +457,7 @@ class Run:
                     continue
             elif self._in_use(dev.id):
                 continue
-            if failure is not None:
+            if failure is not None and not self.binding_excluded(dev):
                 self._raise_selector_error(rd, dev, failure, from_class=True)
             if not self.request_ok(key, rd, dev):
                 continue
