@@ -5,7 +5,8 @@
 
 Runs cases ``start .. start+cases-1`` of the seed (tests/support/diffgen.py; case i is the same
 whatever the range, so a long run can be split into pieces), judges each (tests/support/difftest.py:
-agree, upstream-bug, stable-vs-incubating, unexplained, oracle-failure) and writes every disagreement,
+agree, upstream-bug,
+upstream-constraint-leak, stable-vs-incubating, unexplained, oracle-failure) and writes every disagreement,
 shrunk (greedy removals that keep the same verdict), as a conformance fixture
 (shared/conformance/README.md format, expected = draalloc's answer) into ``--out``, named
 ``<category>-<seed>-<index>.yaml`` with the verdict in its header. Prints one summary line per
@@ -23,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.difftest import Differ, Summary, oracle_present, shrink, write_fixture  # noqa: E402
+from tests.support.difftest import EXPLAINED, Differ, Summary, oracle_present, shrink, write_fixture  # noqa: E402
 from tests.support.diffgen import cases  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             summary.add(i, inp, v)
             if v.category == "agree":
                 continue
-            explained = v.category in ("upstream-bug", "stable-vs-incubating")
+            explained = v.category in EXPLAINED
             if args.out is None or (explained and not args.write_explained):
                 continue
             small = inp if args.no_shrink else shrink(inp, lambda c, cat=v.category: d.judge(c).category == cat,
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     dt = time.monotonic() - t0
     print(f"seed {args.seed} cases {args.start}..{args.start + args.cases - 1}: {summary.cases} in {dt:.0f}s; "
           f"upstream implementation {summary.allocators}; draalloc outcomes {summary.outcomes}")
-    for cat in ("agree", "upstream-bug", "stable-vs-incubating", "unexplained", "oracle-failure"):
+    for cat in ("agree",) + EXPLAINED + ("unexplained", "oracle-failure"):
         print(f"  {cat}: {summary.counts.get(cat, 0)}")
     print(f"  draalloc warnings: {len(summary.warnings)}")
     for i, w in summary.warnings[:10]:

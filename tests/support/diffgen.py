@@ -32,7 +32,15 @@ DRIVERS = ("driver-a", "driver-b")
 #: every feature Partita implements (DRAListTypeAttributes is not; it is never generated)
 ALL_FEATURES = ("DRAAdminAccess", "DRAPrioritizedList", "DRAPartitionableDevices", "DRADeviceTaints",
                 "DRAConsumableCapacity", "DRADeviceBindingConditions")
-REAL_MODELS = ("A100-SXM4-40GB", "H100-SXM5-80GB", "L4", "T4")
+#: fake inventories for "real" cases: (model, count, MIG mode on) per GPU kind; H100s expose dynamic MIG
+REAL_PROFILES = (
+    (("H100-SXM5-80GB", 1, False),),
+    (("H100-SXM5-80GB", 2, False),),
+    (("A100-SXM4-40GB", 1, True), ("L4", 1, False)),
+    (("A100-SXM4-80GB", 1, False),),
+    (("L4", 2, False),),
+    (("H100-SXM5-80GB", 1, False), ("T4", 1, False)),
+)
 
 
 def _features(rng: random.Random) -> list[str]:
@@ -136,14 +144,14 @@ def _synthetic_slices(c: _Ctx) -> tuple[list[dict], list[dict]]:
                 counter_sets[f"cs{k}"] = {"mem": r.choice(("8Gi", "12Gi", "16Gi")), **({"sm": "4"} if r.random() < 0.5 else {})}
         device_slices = nslices
         total = device_slices + (1 if counter_sets else 0)
-        declared = total + (1 if r.random() < 0.06 else 0)          # incomplete: a slice is missing
+        declared = total + (1 if r.random() < 0.04 else 0)          # incomplete: a slice is missing
         where = _where(c)
         names_used: list[str] = []
         for si in range(device_slices):
             devices = []
-            for d in range(r.randint(1, 4)):
+            for d in range(r.randint(1, 5)):
                 name = f"d{si}{d}"
-                if r.random() < 0.02 and names_used:
+                if r.random() < 0.005 and names_used:
                     name = r.choice(names_used)                  # duplicate name: an invalid pool
                 names_used.append(name)
                 multi = c.gated("DRAConsumableCapacity", 0.25)
@@ -162,7 +170,7 @@ def _synthetic_slices(c: _Ctx) -> tuple[list[dict], list[dict]]:
                                 for k in counter_sets[cs] if r.random() < 0.9}
                     if counters:
                         dv["consumesCounters"] = [{"counterSet": cs, "counters": counters}]
-                if c.gated("DRADeviceTaints", 0.2):
+                if c.gated("DRADeviceTaints", 0.12):
                     dv["taints"] = _taints(c)
                 if c.gated("DRADeviceBindingConditions", 0.3):
                     dv["bindingConditions"] = ["ready"]
@@ -201,7 +209,7 @@ def _where(c: _Ctx, per_device: bool = False) -> dict:
     r = c.rng
     x = r.random()
     if x < 0.6:
-        return {"nodeName": NODE["name"] if r.random() < 0.92 else "node-2"}
+        return {"nodeName": NODE["name"] if r.random() < 0.96 else "node-2"}
     if x < 0.75:
         return {"allNodes": True}
     key, values = r.choice((("zone", ["z1"]), ("zone", ["z2"]), ("tier", ["gold", "silver"])))
@@ -235,7 +243,7 @@ def _synthetic_classes(c: _Ctx) -> list[dict]:
                   [_opaque("driver-a", "from-class")] if r.random() < 0.3 else None),
            _class("class-b", ['device.driver == "driver-b"']),
            _class("class-any", [])]
-    if r.random() < 0.3:
+    if r.random() < 0.12:
         # a class selector that errors at runtime on devices without the attribute
         out.append(_class("class-err", ['device.attributes["driver-a"].numa >= 1']))
     if r.random() < 0.3:
@@ -274,14 +282,15 @@ _SELECTORS = (
 
 def _spec(c: _Ctx, classes: list[dict], admin_ok: bool) -> dict:
     r = c.rng
-    cls = r.choice([x["metadata"]["name"] for x in classes] + (["class-missing"] if r.random() < 0.02 else []))
+    names = [x["metadata"]["name"] for x in classes]
+    cls = r.choice(names + ["class-a", "class-any"] + (["class-missing"] if r.random() < 0.02 else []))
     e: dict[str, Any] = {"deviceClassName": cls}
     if r.random() < 0.12:
         e["allocationMode"] = "All"
     else:
         e["allocationMode"] = "ExactCount"
-        e["count"] = r.choice((1, 1, 1, 2, 2, 3))
-    if r.random() < 0.45:
+        e["count"] = r.choice((1, 1, 1, 1, 2, 2, 3))
+    if r.random() < 0.35:
         e["selectors"] = [{"cel": {"expression": s}} for s in r.sample(_SELECTORS, r.choice((1, 1, 2)))]
     if c.gated("DRADeviceTaints", 0.3):
         tol: dict[str, Any] = {"key": r.choice(("k1", "k2")), "operator": r.choice(("Equal", "Exists"))}
@@ -357,12 +366,19 @@ def _state(c: _Ctx, devs: list[tuple[str, str, str, bool]], inp: dict) -> None:
 
 # -- real clusters (Partita's own slices) -----------------------------------------------------------
 @lru_cache(maxsize=None)
-def _real_template(model: str, gpus: int, controller_mode: bool) -> str:
-    from driver.slices import SliceFeatures
-    from tests.support.cluster import node_slices
+def _real_template(profile: tuple, controller_mode: bool, partitionable: bool, consumable: bool) -> str:
+    from driver.inventory import discover
+    from driver.nvml import open_backend
+    from driver.nvml.profile import parse_profile
+    from driver.slices import SliceFeatures, build_slices
 
-    slices = node_slices(NODE["name"], f"{model}:{gpus}", SliceFeatures(taints=controller_mode))
-    return json.dumps(slices)
+    gpus = [{"model": m, "count": n, **({"migEnabled": True} if mig else {})} for m, n, mig in profile]
+    prof = parse_profile({"apiVersion": "gpu.partita.dev/v1alpha1", "kind": "FakeGpuProfile",
+                          "nodes": [{"name": NODE["name"], "gpus": gpus}]})
+    backend = open_backend("fake", profile=prof, node_name=NODE["name"])
+    backend.init()
+    return json.dumps(build_slices(discover(backend, NODE["name"]), features=SliceFeatures(
+        taints=controller_mode, partitionable=partitionable, consumable_capacity=consumable)))
 
 
 @lru_cache(maxsize=None)
@@ -388,22 +404,25 @@ def _real_case(c: _Ctx) -> dict:
 
     r = c.rng
     controller_mode = r.random() < 0.7
-    slices = json.loads(_real_template(r.choice(REAL_MODELS), r.choice((1, 2)), controller_mode))
-    if not c.on("DRAPartitionableDevices"):
-        pass   # the allocator ignores slices with counters without the feature, as the API server would drop them
+    # what the publisher detects the API server keeps (driver/slices.py SliceFeatures)
+    slices = json.loads(_real_template(r.choice(REAL_PROFILES), controller_mode, c.on("DRAPartitionableDevices"),
+                                       c.on("DRAConsumableCapacity")))
     classes = json.loads(_real_classes())
     names = [x["metadata"]["name"] for x in classes]
+    present = {d["attributes"]["type"]["string"] for x in slices for d in x["spec"].get("devices") or []}
+    usable = [n for n in names if n.split(".", 1)[0] in present] or names
     claims = []
-    for ci in range(r.choice((1, 2, 3))):
+    for ci in range(r.choice((1, 1, 2, 3))):
         requests = []
-        for ri in range(r.choice((1, 1, 2))):
-            e: dict[str, Any] = {"deviceClassName": r.choice(names), "allocationMode": "ExactCount",
+        for ri in range(r.choice((1, 1, 1, 2))):
+            e: dict[str, Any] = {"deviceClassName": r.choice(usable if r.random() < 0.9 else names),
+                                 "allocationMode": "ExactCount",
                                  "count": r.choice((1, 1, 2))}
             if r.random() < 0.05:
                 e = {"deviceClassName": e["deviceClassName"], "allocationMode": "All"}
             if r.random() < 0.3:
                 e["selectors"] = [{"cel": {"expression": r.choice(_REAL_SELECTORS)}}]
-            if controller_mode and c.on("DRADeviceTaints") and r.random() < 0.85:
+            if controller_mode and c.on("DRADeviceTaints") and r.random() < 0.95:
                 e["tolerations"] = [C.managed_toleration()]
             if e["deviceClassName"] == C.DEVICE_CLASS_SHARED and c.on("DRAConsumableCapacity") and r.random() < 0.7:
                 e["capacity"] = {"requests": {"memory": r.choice(("5Gi", "10Gi", "20Gi", "40Gi"))}}

@@ -14,6 +14,14 @@ A disagreement is classified:
   ``allocateDevice``; Partita's answer is the correct one). For a case where kube-scheduler picks
   ``stable`` (which has the same leak, the patch only fixes ``incubating``) the patched build is run
   with ``incubating`` forced.
+* ``upstream-constraint-leak``: the same family of upstream bug, not covered by the patch: when
+  ``allocateDevice`` rejects a device because its capacity does not fit (allocator_incubating.go at the
+  oracle's commit, lines 1429-1440: ``return false, nil, nil`` after the constraints were added at
+  1398-1414), the device stays counted in the claim's constraints, so a later device of the same
+  claim is compared with a value nobody holds. It only happens for a multi-allocatable device of an
+  ``All`` request whose capacity was checked before the search (and then taken by another request). A
+  disagreement is this bug when Partita's allocator, made to leak the same way (test-only emulation:
+  :func:`upstream_constraint_leak`), decides exactly as draalloc.
 * ``stable-vs-incubating``: kube-scheduler picks upstream's ``stable`` implementation (features without
   DRAConsumableCapacity and DRADeviceBindingConditions) and Partita agrees with upstream's
   ``incubating`` one on the same input. Upstream itself decides differently there: stable's
@@ -30,9 +38,11 @@ generated input and are counted separately.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -45,6 +55,9 @@ REPO = Path(__file__).resolve().parents[2]
 ORACLE_DIR = REPO.parent / "shared" / "oracle"
 ORACLE = ORACLE_DIR / "draalloc"
 PATCHED = ORACLE_DIR / "draalloc-patched"
+
+#: disagreements explained by upstream's own behaviour (counted, never a failure)
+EXPLAINED = ("upstream-bug", "upstream-constraint-leak", "stable-vs-incubating")
 
 COMPARE = {"claimOrder": "exact", "deviceResultsOrder": "exact", "nodeSelectorOrder": "ignore",
            "shareID": "any-non-null", "quantities": "by-value"}
@@ -125,9 +138,47 @@ def compare(inp: dict, out: dict) -> str:
         return f"Partita's allocator raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
 
 
+@contextlib.contextmanager
+def upstream_constraint_leak() -> Iterator[None]:
+    """Partita's allocator with upstream's constraint leak (see the module docstring), for classifying
+    disagreements only: a device rejected by the capacity check in ``Run._allocate_device`` is not
+    removed from the claim's constraints."""
+    from controller.allocator import search
+
+    orig_fits = search.Run._capacity_fits
+    orig_prepare = search.Run.prepare
+
+    def fits(self, rd, dev):  # noqa: ANN001
+        ok = orig_fits(self, rd, dev)
+        if not ok and sys._getframe(1).f_code.co_name == "_allocate_device":   # noqa: SLF001
+            self._leak_skip = len(self.constraints[rd.claim_index])
+        return ok
+
+    def prepare(self):  # noqa: ANN001
+        orig_prepare(self)
+        self._leak_skip = 0
+        run = self
+        for cons in self.constraints:
+            for c in cons:
+                orig_remove = c.remove
+
+                def remove(request, subrequest, dev, orig_remove=orig_remove):  # noqa: ANN001
+                    if run._leak_skip > 0:
+                        run._leak_skip -= 1
+                        return
+                    orig_remove(request, subrequest, dev)
+                c.remove = remove
+
+    search.Run._capacity_fits, search.Run.prepare = fits, prepare
+    try:
+        yield
+    finally:
+        search.Run._capacity_fits, search.Run.prepare = orig_fits, orig_prepare
+
+
 @dataclass
 class Verdict:
-    category: str                       # agree | upstream-bug | stable-vs-incubating | unexplained | oracle-failure
+    category: str   # agree | upstream-bug | upstream-constraint-leak | stable-vs-incubating | unexplained | oracle-failure
     why: str = ""
     oracle: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -164,6 +215,9 @@ class Differ:
         pat = self.patched.run(inp, "incubating" if stable else None)
         if pat.get("outcome") != "oracle-failure" and not compare(inp, pat):
             return Verdict("upstream-bug", why, out, warnings)
+        with upstream_constraint_leak():
+            if not compare(inp, out) or (pat.get("outcome") != "oracle-failure" and not compare(inp, pat)):
+                return Verdict("upstream-constraint-leak", why, out, warnings)
         return Verdict("unexplained", why, out, warnings)
 
 
