@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="directory for the shrunk disagreement fixtures")
     p.add_argument("--shrink-s", type=float, default=20.0, help="time budget for shrinking one disagreement")
     p.add_argument("--no-shrink", action="store_true")
+    p.add_argument("--time-limit", type=float, default=0.0,
+                   help="stop after this many seconds (0: none); the summary says which cases ran, so the next "
+                        "piece starts at the first one that did not")
     p.add_argument("--write-explained", action="store_true",
                    help="also write fixtures for upstream-bug and stable-vs-incubating disagreements")
     args = p.parse_args(argv)
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = Summary()
     with Differ() as d:
         for i, inp in cases(args.seed, args.cases, args.start):
+            if args.time_limit and time.monotonic() - t0 > args.time_limit:
+                break
             v = d.judge(inp)
             summary.add(i, inp, v)
             if v.category == "agree":
@@ -62,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             path = write_fixture(args.out, f"{sv.category}-{args.seed}-{i}", small, sv, comment)
             print(f"{v.category} case {i}: {path}")
     dt = time.monotonic() - t0
-    print(f"seed {args.seed} cases {args.start}..{args.start + args.cases - 1}: {summary.cases} in {dt:.0f}s; "
+    print(f"seed {args.seed} cases {args.start}..{args.start + summary.cases - 1}: {summary.cases} in {dt:.0f}s "
+          f"(next: --start {args.start + summary.cases}); "
           f"upstream implementation {summary.allocators}; draalloc outcomes {summary.outcomes}")
     for cat in ("agree",) + EXPLAINED + ("unexplained", "oracle-failure"):
         print(f"  {cat}: {summary.counts.get(cat, 0)}")
