@@ -294,6 +294,8 @@ def _spec(c: _Ctx, classes: list[dict], admin_ok: bool) -> dict:
         e["selectors"] = [{"cel": {"expression": s}} for s in r.sample(_SELECTORS, r.choice((1, 1, 2)))]
     if c.gated("DRADeviceTaints", 0.3):
         tol: dict[str, Any] = {"key": r.choice(("k1", "k2")), "operator": r.choice(("Equal", "Exists"))}
+        if r.random() < 0.1:
+            tol = {"operator": "Exists"}                                     # tolerates every taint
         if tol["operator"] == "Equal":
             tol["value"] = r.choice(("v1", "v2"))
         if r.random() < 0.5:
@@ -339,10 +341,15 @@ def _claims(c: _Ctx, classes: list[dict]) -> list[dict]:
         if constraints:
             devices["constraints"] = constraints
         if r.random() < 0.25:
-            cfg: dict[str, Any] = _opaque(r.choice(DRIVERS), f"claim-{ci}")
-            if r.random() < 0.5:
-                cfg["requests"] = [r.choice([x["name"] for x in requests])]
-            devices["config"] = [cfg]
+            names = [x["name"] for x in requests] + [f"{x['name']}/{s['name']}" for x in requests
+                                                      for s in x.get("firstAvailable") or []]
+            cfgs = []
+            for k in range(r.choice((1, 1, 2))):
+                cfg: dict[str, Any] = _opaque(r.choice(DRIVERS), f"claim-{ci}-{k}")
+                if r.random() < 0.6:
+                    cfg["requests"] = r.sample(names, r.randint(1, min(2, len(names))))
+                cfgs.append(cfg)
+            devices["config"] = cfgs
         out.append({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
                     "metadata": {"name": f"claim-{ci}", "namespace": "default", "uid": f"uid-{ci}"},
                     "spec": {"devices": devices}})
