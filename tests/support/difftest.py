@@ -30,6 +30,9 @@ A disagreement is classified:
   binding conditions last; incubating (pools_incubating.go: ``sortPoolsByID``, ``sortSlicesByName``)
   is deterministic. Partita implements incubating's order (the one kube-scheduler uses whenever
   consumable capacity is enabled, as Partita's controller runs).
+* ``search-limit``: Partita's search gave up after ``MAX_STEPS`` steps on the node (a tenth of the
+  controller's default bound, where a pod would stay pending with that reason) where upstream searched on. Not a
+  disagreement about semantics; counted so that the generator keeps such cases rare.
 * ``unexplained``: everything else — a bug to fix in Partita's allocator.
 
 ``draalloc`` warnings (unknown or duplicate fields) and ``oracle-failure`` outcomes are bugs in the
@@ -51,13 +54,16 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
+from controller.allocator.conformance import SEARCH_LIMIT
+
 REPO = Path(__file__).resolve().parents[2]
 ORACLE_DIR = REPO.parent / "shared" / "oracle"
 ORACLE = ORACLE_DIR / "draalloc"
 PATCHED = ORACLE_DIR / "draalloc-patched"
 
-#: disagreements explained by upstream's own behaviour (counted, never a failure)
-EXPLAINED = ("upstream-bug", "upstream-constraint-leak", "stable-vs-incubating")
+#: disagreements explained by upstream's own behaviour, and cases Partita's bounded search (MAX_STEPS, as
+#: the controller runs it) gave up on: counted and reported, never a failure
+EXPLAINED = ("upstream-bug", "upstream-constraint-leak", "stable-vs-incubating", "search-limit")
 
 COMPARE = {"claimOrder": "exact", "deviceResultsOrder": "exact", "nodeSelectorOrder": "ignore",
            "shareID": "any-non-null", "quantities": "by-value"}
@@ -128,12 +134,17 @@ def fixture(inp: dict, out: dict, name: str = "difftest", comment: str = "") -> 
     return doc
 
 
+#: Partita's search bound per node in the differential test, a tenth of the controller's default
+#: (ControllerConfig.max_search_steps) to keep runs short; a case that needs more is ``search-limit``
+MAX_STEPS = 20_000
+
+
 def compare(inp: dict, out: dict) -> str:
     """"" when Partita's allocator decides as ``out`` (a draalloc output) on ``inp``, else why not."""
     from controller.allocator.conformance import run_fixture
 
     try:
-        return run_fixture(fixture(inp, out))
+        return run_fixture(fixture(inp, out), max_steps=MAX_STEPS)
     except Exception as e:  # noqa: BLE001 - a crash of ours is a disagreement, never a crash of the run
         return f"Partita's allocator raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"
 
@@ -178,7 +189,7 @@ def upstream_constraint_leak() -> Iterator[None]:
 
 @dataclass
 class Verdict:
-    category: str   # agree | upstream-bug | upstream-constraint-leak | stable-vs-incubating | unexplained | oracle-failure
+    category: str   # agree, one of EXPLAINED, unexplained or oracle-failure
     why: str = ""
     oracle: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -207,6 +218,8 @@ class Differ:
         why = compare(inp, out)
         if not why:
             return Verdict("agree", "", out, warnings)
+        if why.startswith(SEARCH_LIMIT):
+            return Verdict("search-limit", why, out, warnings)
         stable = out.get("allocator") == "stable"
         if stable:
             inc = self.oracle.run(inp, "incubating")
