@@ -447,6 +447,10 @@ def main() -> int:
                   f"{r['ours_us_per_node']:>15.0f} {r['ratio_per_node']:>6.3f} {r['upstream_claims_per_s']:>13.0f} "
                   f"{r['ours_claims_per_s']:>12.0f}" + (f"  draalloc warnings: {r['warnings']}" if r["warnings"] else ""),
                   flush=True)
+        if results["peer"]:
+            print(f"upstream implementation (as kube-scheduler picks for Partita's features): "
+                  f"{', '.join(sorted({r['upstream_allocator'] for r in results['peer']}))}; 'same' counts claims "
+                  "placed on the same node with the same devices by both", flush=True)
     elif not a.no_peer:
         print(f"\n# upstream peer skipped: {ORACLE} not found", flush=True)
     if a.only_peer:
