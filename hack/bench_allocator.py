@@ -15,6 +15,15 @@
   nodes, each allocated until the first unsatisfiable claim, for pack, first-fit and whole-GPU-only (every claim
   takes a whole GPU, as with the device plugin): claims placed and the share of GPU capacity they asked
   for (a MIG device counts its memory slices out of 8, a share its memory out of the GPU's).
+* **Upstream peer** (when ../shared/oracle/draalloc exists; --peer-nodes, --peer-claims, --no-peer,
+  --only-peer): upstream's allocator (``draalloc trace``) and Partita's on the same cluster (20 nodes by
+  default) and the same claims of each mix, like for like per node: per claim, both try the nodes in
+  cluster order until the first fit and update the allocated state. Upstream's time per claim covers
+  NewAllocator with the current state (kube-scheduler's PreFilter), Allocate on each node tried (Filter,
+  sequential) and the state update (assume); Partita's covers Allocator.allocate on each node tried and
+  AllocatedState.add_allocation (no strategy ordering, no cache of nodes that did not fit). Printed: how
+  many decisions (node and devices) were the same, nodes tried on each side, time per node tried on each
+  side and their ratio (Partita / upstream), claims/s on each side.
 * **Property run**: long random allocate/release streams (2,000 operations each) through both strategies
   on the test suite's cluster (tests/support/allocstream.py), every state checked by its independent
   validity checker (tests/support/validity.py; its slice parsing is memoized here, nothing else changes):
@@ -37,11 +46,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from controller.allocator import AllocatedState, Allocator, Node, SliceIndex  # noqa: E402
+from controller.allocator import AllocatedState, AllocationError, Allocator, Node, SliceIndex  # noqa: E402
 from driver.api import constants as C  # noqa: E402
 from driver.api.deviceclasses import device_classes  # noqa: E402
 from driver.inventory import discover  # noqa: E402
@@ -63,18 +73,9 @@ def template_slices(model: str = MODEL, gpus: int = 8) -> list[dict]:
 
 def cluster(n: int, model: str = MODEL) -> tuple[SliceIndex, list[Node]]:
     """``n`` nodes, each a clone of one node's slices from the real builder, renamed."""
-    template = json.dumps(template_slices(model))
     index = SliceIndex()
-    for i in range(n):
-        name = f"node-{i:04d}"
-        for c in json.loads(template):
-            c["metadata"]["name"] = c["metadata"]["name"].replace("template", name)
-            c["metadata"]["labels"] = {k: (name if v == "template" else v)
-                                       for k, v in (c["metadata"].get("labels") or {}).items()}
-            c["metadata"].pop("ownerReferences", None)
-            c["spec"]["nodeName"] = name
-            c["spec"]["pool"]["name"] = name
-            index.upsert(c)
+    for c in _raw_slices(n, model):
+        index.upsert(c)
     return index, [Node(f"node-{i:04d}", {"kubernetes.io/hostname": f"node-{i:04d}"}) for i in range(n)]
 
 
@@ -222,6 +223,101 @@ def _packing(index: SliceIndex, node_list: list[Node], nodes: int, items: list) 
     return out
 
 
+# -- upstream peer -----------------------------------------------------------------------------------
+ORACLE = REPO.parent / "shared" / "oracle" / "draalloc"
+#: the features Partita's allocator runs with (Features() defaults), by upstream name
+PEER_FEATURES = ["DRAAdminAccess", "DRAPrioritizedList", "DRAPartitionableDevices", "DRADeviceTaints",
+                 "DRAConsumableCapacity"]
+
+
+def _api_claim(c: dict) -> dict:
+    """The claim as the API server stores it (allocationMode and count defaulted, as draalloc requires)."""
+    c = json.loads(json.dumps(c))
+    c.update(apiVersion="resource.k8s.io/v1", kind="ResourceClaim")
+    for r in c["spec"]["devices"]["requests"]:
+        r["exactly"].setdefault("allocationMode", "ExactCount")
+        r["exactly"].setdefault("count", 1)
+    return c
+
+
+def peer(nodes: int, claims: int, kinds: list[str]) -> list[dict]:
+    """Partita's allocator and upstream's (``draalloc trace``) on the same cluster and claims, like for
+    like: for each claim, the nodes are tried one at a time in cluster order and the first that fits
+    wins, then the allocated state is updated with the result. Upstream's time per claim is
+    NewAllocator with the current state (kube-scheduler's PreFilter) + Allocate on each node tried
+    (Filter, sequential) + the state update (assume); Partita's is Allocator.allocate on each node tried
+    + AllocatedState.add_allocation (no node ordering by a strategy, no cache of nodes that did not
+    fit: allocate_on_nodes would skip those). Both sides try the same nodes when they decide the same,
+    so the time per node tried compares one Allocate with one allocate on one node's slices."""
+    index, node_list = cluster(nodes)
+    slices = list(_raw_slices(nodes))
+    out = []
+    for kind in kinds:
+        n = min(claims, 8 * nodes) if kind == "single" else claims
+        work = [_api_claim(c) for c in mix(kind, n, random.Random(1))]
+        ops = [{"op": "init", "features": PEER_FEATURES, "nodes": [{"name": x.name, "labels": dict(x.labels)}
+                                                                    for x in node_list],
+                "deviceClasses": list(CLASSES.values()), "resourceSlices": slices}]
+        ops += [{"op": "allocate", "claim": c} for c in work]
+        r = subprocess.run([str(ORACLE), "trace"], input="\n".join(json.dumps(o) for o in ops) + "\n",
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise SystemExit(f"draalloc trace failed: {r.stderr[-2000:]}")
+        lines = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
+        warnings = [w for x in lines for w in x.get("warnings") or []]
+        up = [x for x in lines if x["op"] == "allocate"]
+        allocator = Allocator(strategy="first-fit")
+        state = AllocatedState()
+        ours_lat, ours_tried, same = [], 0, 0
+        for c, u in zip(work, up):
+            t = time.perf_counter()
+            got_node, got = None, None
+            for node in node_list:
+                ours_tried += 1
+                try:
+                    res = allocator.allocate(node, [c], index, CLASSES, state)
+                except AllocationError as e:
+                    if e.node_local:
+                        continue
+                    break
+                if res is not None:
+                    got_node, got = node.name, res[0]
+                    state.add_allocation(got)
+                    break
+            ours_lat.append(time.perf_counter() - t)
+            devs = [f"{x['driver']}/{x['pool']}/{x['device']}" for x in got["devices"]["results"]] if got else []
+            same += (u.get("node") == got_node and (u.get("devices") or []) == devs)
+        up_lat = [x["latencyUS"] / 1e6 for x in up]
+        up_tried = sum(x.get("nodesTried", 0) for x in up)
+        row = {"nodes": nodes, "mix": kind, "claims": n, "same_decisions": same,
+               "upstream_allocator": next((x["summary"].get("allocator") for x in lines if x["op"] == "summary"), ""),
+               "upstream_nodes_tried": up_tried, "ours_nodes_tried": ours_tried,
+               "upstream_us_per_node": 1e6 * sum(up_lat) / max(1, up_tried),
+               "ours_us_per_node": 1e6 * sum(ours_lat) / max(1, ours_tried),
+               "upstream_p50_ms": 1000 * sorted(up_lat)[len(up_lat) // 2],
+               "ours_p50_ms": 1000 * sorted(ours_lat)[len(ours_lat) // 2],
+               "upstream_claims_per_s": len(up_lat) / sum(up_lat), "ours_claims_per_s": len(ours_lat) / sum(ours_lat),
+               "warnings": warnings[:3]}
+        row["ratio_per_node"] = row["ours_us_per_node"] / row["upstream_us_per_node"]
+        out.append(row)
+    return out
+
+
+def _raw_slices(n: int, model: str = MODEL) -> Iterator[dict]:
+    """The cluster's slices as API objects, node by node (what :func:`cluster` indexes; draalloc reads the same)."""
+    template = json.dumps(template_slices(model))
+    for i in range(n):
+        name = f"node-{i:04d}"
+        for c in json.loads(template):
+            c["metadata"]["name"] = c["metadata"]["name"].replace("template", name)
+            c["metadata"]["labels"] = {k: (name if v == "template" else v)
+                                       for k, v in (c["metadata"].get("labels") or {}).items()}
+            c["metadata"].pop("ownerReferences", None)
+            c["spec"]["nodeName"] = name
+            c["spec"]["pool"]["name"] = name
+            yield c
+
+
 # -- long property run ----------------------------------------------------------------------------
 def property_run(streams: int, length: int, release: float = 0.35) -> list[dict]:
     from tests.support import validity
@@ -292,6 +388,11 @@ def main() -> int:
     p.add_argument("--stream-length", type=int, default=2000, help="property run: operations per stream")
     p.add_argument("--quick", action="store_true", help="100 nodes, 500 claims, 2 streams of 500 operations")
     p.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
+    p.add_argument("--peer-nodes", type=int, default=20,
+                   help="upstream peer (when ../shared/oracle/draalloc exists): cluster size (default 20)")
+    p.add_argument("--peer-claims", type=int, default=160, help="upstream peer: claims per mix (default 160)")
+    p.add_argument("--no-peer", action="store_true", help="skip the upstream peer")
+    p.add_argument("--only-peer", action="store_true", help="run only the upstream peer")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -301,7 +402,9 @@ def main() -> int:
     if a.quick:
         a.nodes, a.claims, a.streams, a.stream_length = [100], 500, 2, 500
     started = time.perf_counter()
-    results: dict = {"scale": [], "packing": [], "property": []}
+    results: dict = {"scale": [], "packing": [], "property": [], "peer": []}
+    if a.only_peer:
+        a.nodes, a.no_peer = [], False
     print(f"# allocator benchmark: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; "
           f"{MODEL} x 8 per node, full device model ({len(template_slices())} slices, "
           f"{sum(len(s['spec'].get('devices') or []) for s in template_slices())} devices per node)", flush=True)
@@ -330,6 +433,30 @@ def main() -> int:
               f"RSS {target['peak_rss_mb']:.0f} MB"
               f" -> {'met' if ok else 'MISSED'}", flush=True)
         results["targets_met"] = ok
+    if not a.no_peer and ORACLE.is_file():
+        print(f"\n# upstream peer: draalloc trace ({ORACLE}) and Partita on the same {a.peer_nodes} nodes and claims; per "
+              "claim both try the nodes in cluster order, first fit wins, state updated (see peer()). upstream "
+              "times NewAllocator + Allocate per node tried + state update; Partita allocate per node tried + "
+              "state update. Ratio = Partita / upstream time per node tried.", flush=True)
+        print(f"{'mix':<7} {'claims':>6} {'same':>5} {'nodes tried':>11} {'upstream us/node':>16} {'Partita us/node':>15} "
+              f"{'ratio':>6} {'upstream cl/s':>13} {'Partita cl/s':>12}", flush=True)
+        for r in peer(a.peer_nodes, a.peer_claims, [m for m in a.mixes if m != "fill"] or ["single"]):
+            results["peer"].append(r)
+            print(f"{r['mix']:<7} {r['claims']:>6} {r['same_decisions']:>5} "
+                  f"{r['upstream_nodes_tried']:>5}/{r['ours_nodes_tried']:<5} {r['upstream_us_per_node']:>16.0f} "
+                  f"{r['ours_us_per_node']:>15.0f} {r['ratio_per_node']:>6.3f} {r['upstream_claims_per_s']:>13.0f} "
+                  f"{r['ours_claims_per_s']:>12.0f}" + (f"  draalloc warnings: {r['warnings']}" if r["warnings"] else ""),
+                  flush=True)
+        if results["peer"]:
+            print(f"upstream implementation (as kube-scheduler picks for Partita's features): "
+                  f"{', '.join(sorted({r['upstream_allocator'] for r in results['peer']}))}; 'same' counts claims "
+                  "placed on the same node with the same devices by both", flush=True)
+    elif not a.no_peer:
+        print(f"\n# upstream peer skipped: {ORACLE} not found", flush=True)
+    if a.only_peer:
+        if a.json:
+            Path(a.json).write_text(json.dumps(results, indent=2))
+        return 0
     print("\n# packing: mixed traces (5 seeds) on 10 nodes (80 GPUs), each until its first unsatisfiable claim")
     for r in packing():
         results["packing"].append(r)

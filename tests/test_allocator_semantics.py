@@ -119,6 +119,42 @@ def test_counters_of_partitionable_devices() -> None:
     assert allocate([claim("c", req())], [counters, parts], features=Features(partitionable_devices=False)) is None
 
 
+def test_all_mode_checks_counters_before_constraints_as_upstream() -> None:
+    """Upstream's allocateDevice checks in-use, counters, taints, then constraints: a device of an ``All``
+    request that both lacks the constrained attribute and has no counters left makes the node
+    unsatisfiable; it is not the fatal "constraint would not be satisfied" error (found by the
+    differential test against draalloc)."""
+    counters = slice_("counters", counters={"gpu": {"mem": "8Gi"}}, count=2)
+    parts = slice_("devices", [dev("p0", {"model": "a"}, consumesCounters=_consumes("4Gi")),
+                               dev("p1", {"model": "a"}, consumesCounters=_consumes("4Gi")),
+                               dev("p2", consumesCounters=_consumes("4Gi"))], count=2)
+    c = claim("c", req(mode="All"), constraints=[{"matchAttribute": "driver-a/model"}])
+    assert allocate([c], [counters, parts]) is None
+    # with counters left, the same device is the fatal constraint error, as upstream
+    roomy = slice_("counters", counters={"gpu": {"mem": "12Gi"}}, count=2)
+    with pytest.raises(AllocationError, match="cannot add device driver-a/pool-1/p2 because a claim constraint"):
+        allocate([c], [roomy, parts])
+    # a device rejected by its constraint gives its counters back: "whole" still fits after p2 was tried
+    parts2 = slice_("devices", [dev("p2", {"model": "b"}, consumesCounters=_consumes("8Gi")),
+                                dev("w", {"model": "a"}, consumesCounters=_consumes("8Gi"))], count=2)
+    anchor_dev = slice_("other", [dev("a0", {"model": "a"})], pool="pool-0")
+    c2 = claim("c", req("x", selectors=['device.attributes["driver-a"].model == "a"']), req("y"),
+               constraints=[{"matchAttribute": "driver-a/model"}])
+    (r,) = allocate([c2], [anchor_dev, counters, parts2])
+    assert [d for _, _, d in devices_of(r)] == ["a0", "w"]
+
+
+def test_device_with_binding_conditions_is_skipped_before_its_class_selector_runs() -> None:
+    """Upstream's isSelectable rejects a device with binding conditions (feature off) before any selector:
+    a class selector that would fail at runtime on it is no error (found by the differential test)."""
+    erring = cls("class-err", 'device.attributes["driver-a"].numa >= 1')
+    s = slice_("s1", [dev("d0", bindingConditions=["ready"], bindingFailureConditions=["failed"])])
+    for mode in (None, "All"):
+        assert allocate([claim("c", req(cls_name="class-err", mode=mode))], [s], [erring]) is None
+    with pytest.raises(AllocationError, match="no such key"):
+        allocate([claim("c", req(cls_name="class-err"))], [s], [erring], features=Features(device_binding_and_status=True))
+
+
 def test_shared_devices_get_share_ids_and_consume_capacity() -> None:
     policy = {"default": "1Gi", "validRange": {"min": "1Gi", "step": "1Gi"}}
     s = slice_("s1", [dev("gpu", cap={"memory": {"value": "4Gi", "requestPolicy": policy}}, allowMultipleAllocations=True)])

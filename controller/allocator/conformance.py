@@ -36,6 +36,7 @@ from driver.api.quantity import Quantity, QuantityError
 
 from .allocator import Allocator
 from .pools import SliceIndex
+from .search import SearchLimitExceeded
 from .types import FEATURE_NAMES, AllocatedState, AllocationError, DeviceID, Features, Node
 
 SCHEMA = "dra-allocator-fixture/v1"
@@ -43,6 +44,10 @@ SCHEMA = "dra-allocator-fixture/v1"
 UNSUPPORTED_FEATURES = {"DRAListTypeAttributes"}
 #: fixtures Partita knowingly disagrees with, name -> upstream evidence (reported, still counted as FAIL)
 KNOWN_DISAGREEMENTS: dict[str, str] = {}
+
+
+#: how run_fixture's answer starts when the search gave up (max_steps)
+SEARCH_LIMIT = "search limit exceeded"
 
 
 class FixtureError(Exception):
@@ -74,8 +79,9 @@ def _state(inp: dict) -> AllocatedState:
     return st
 
 
-def run_fixture(doc: dict, strategy: str = "first-fit") -> str:
-    """"" when the fixture passes, else why it does not."""
+def run_fixture(doc: dict, strategy: str = "first-fit", max_steps: int = 0) -> str:
+    """"" when the fixture passes, else why it does not. ``max_steps``: bound the search per node as the
+    controller does (0: exhaustive, as upstream); exceeding it is a failure that says so."""
     features = doc.get("features") or []
     unknown = [f for f in features if f not in FEATURE_NAMES]
     unsupported = [f for f in features if f in UNSUPPORTED_FEATURES]
@@ -91,11 +97,13 @@ def run_fixture(doc: dict, strategy: str = "first-fit") -> str:
             # upstream fixtures may reuse a slice name across pools; names only order slices within a pool
             s = {**s, "metadata": {**s["metadata"], "name": f"{s['metadata']['name']}~{i}"}}
         slices.upsert(s)
-    allocator = Allocator(Features.from_names(features), strategy)
+    allocator = Allocator(Features.from_names(features), strategy, max_steps=max_steps)
     claims = inp.get("claims") or []
     outcome = exp.get("outcome")
     try:
         results = allocator.allocate(node, claims, slices, classes, _state(inp))
+    except SearchLimitExceeded as e:
+        return f"{SEARCH_LIMIT}: {e}"
     except AllocationError as e:
         if outcome != "error":
             return f"expected {outcome}, got error: {e}"
@@ -203,7 +211,8 @@ def _compare_allocation(want: dict, have: dict, cmp: dict) -> str:
         return f"results\n  got      {h_res}\n  expected {w_res}"
     if cmp.get("shareID") == "any-non-null":
         for r in (have.get("devices") or {}).get("results") or []:
-            want_share = any(x.get("device") == r["device"] and x.get("shareID")
+            want_share = any((x.get("driver"), x.get("pool"), x.get("device")) ==
+                             (r.get("driver"), r.get("pool"), r["device"]) and x.get("shareID")
                              for x in (want.get("devices") or {}).get("results") or [])
             if want_share and not r.get("shareID"):
                 return f"result for {r['device']} has no shareID"

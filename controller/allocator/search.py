@@ -217,7 +217,7 @@ class Run:
                     raise AllocationError(f"{where}: asks for all devices, but resource pool {pool} is currently "
                                           "invalid", claim=cref, request=rname, field="allocationMode")
                 for dev, failure in self.class_list(pool, rd):
-                    if failure is not None:
+                    if failure is not None and not self.binding_excluded(dev):
                         self._raise_selector_error(rd, dev, failure, from_class=True)
                     if not self.request_ok(key, rd, dev):
                         continue
@@ -301,6 +301,11 @@ class Run:
                               f"(expression: {expr})", claim=cref, request=rd.full_name,
                               field=f"selectors[{i}].cel.expression")
 
+    def binding_excluded(self, dev: CDevice) -> bool:
+        """A device with binding conditions while the feature is off: upstream's isSelectable rejects it
+        before evaluating any selector, so its class selectors cannot fail on it."""
+        return not self.f.device_binding_and_status and dev.has_binding_conditions
+
     def request_ok(self, key: tuple[int, int, int], rd: ReqData, dev: CDevice) -> bool:
         """The (sub)request's own selectors, binding conditions and per-device node selection; the
         class selectors were applied by :meth:`class_list`."""
@@ -308,9 +313,7 @@ class Run:
         hit = self.match_cache.get(mk)
         if hit is not None:
             return hit
-        ok = True
-        if not self.f.device_binding_and_status and dev.has_binding_conditions:
-            ok = False
+        ok = not self.binding_excluded(dev)
         selectors = rd.spec.get("selectors")
         if ok and selectors:
             outcome = self._evaluate(dev, [(sel.get("cel") or {}).get("expression", "") for sel in selectors])
@@ -325,7 +328,7 @@ class Run:
     def selectable(self, key: tuple[int, int, int], rd: ReqData, dev: CDevice, pool: Pool) -> bool:
         for d, failure in self.class_list(pool, rd):
             if d is dev:
-                if failure is not None:
+                if failure is not None and not self.binding_excluded(dev):
                     self._raise_selector_error(rd, dev, failure, from_class=True)
                 return self.request_ok(key, rd, dev)
         return False
@@ -451,7 +454,7 @@ class Run:
                     continue
             elif self._in_use(dev.id):
                 continue
-            if failure is not None:
+            if failure is not None and not self.binding_excluded(dev):
                 self._raise_selector_error(rd, dev, failure, from_class=True)
             if not self.request_ok(key, rd, dev):
                 continue
@@ -480,10 +483,19 @@ class Run:
             return nothing
         if not self.f.partitionable_devices and dev.consumes:
             return nothing
-        # Upstream checks counters, then taints, then constraints, and leaves counters consumed when a later
-        # check rejects the device (allocator_incubating.go, noted as a quirk in the reference notes); the
-        # outcome for the device is the same, so Partita checks taints first and always rolls back.
+        # Upstream's order (allocator_incubating.go allocateDevice): in use, counters, taints, constraints,
+        # capacity. The order is observable: for an ``All`` request (must=True) a device without counters
+        # left makes the node unsatisfiable before its constraint could raise the fatal error. Unlike
+        # upstream (see shared/oracle/README.md, the counter leak), counters taken here are given back
+        # whenever a later check rejects the device.
+        took_counters = False
+        if dev.consumes and not (multi and self._capacity_in_use(dev.id)):
+            if not self._take_counters(pool, dev):
+                return nothing
+            took_counters = True
         if self.f.device_taints and taint_prevents(dev, rd.tolerations):
+            if took_counters:
+                self._return_counters(pool, dev)
             return nothing
         base = rd.parent or rd.name
         sub = rd.name if rd.parent else ""
@@ -492,19 +504,14 @@ class Run:
             if not c.add(base, sub, dev):
                 for e in range(i):
                     cons[e].remove(base, sub, dev)
+                if took_counters:
+                    self._return_counters(pool, dev)
                 if must:
                     cref = claim_ref(self.claims[ci])
                     raise AllocationError(f"claim {cref}, request {rd.name}: cannot add device {dev.id} because a claim "
                                           "constraint would not be satisfied", claim=cref, request=rd.name,
                                           field=f"spec.devices.constraints[{i}]")
                 return nothing
-        took_counters = False
-        if dev.consumes and not (multi and self._capacity_in_use(dev.id)):
-            if not self._take_counters(pool, dev):
-                for c in cons:
-                    c.remove(base, sub, dev)
-                return nothing
-            took_counters = True
         consumed: dict[str, Quantity] | None = None
         share_id = None
         if self.f.consumable_capacity:
