@@ -116,8 +116,6 @@ def simulate(strategy: SimStrategy, cluster: Cluster, requests: list[Request], t
     nxt = 0
     tick = 0
     while tick < horizon:
-        if ticks is None and nxt >= len(requests) and not pending and not running:
-            break
         while running and running[0][0] <= tick:
             _, _, allocation, holds, gain = heapq.heappop(running)
             state.remove_allocation(allocation)
@@ -125,6 +123,8 @@ def simulate(strategy: SimStrategy, cluster: Cluster, requests: list[Request], t
             freed = {node_of_gpu[g] for g, _ in holds}
             for nodes in failed.values():
                 nodes -= freed
+        if ticks is None and nxt >= len(requests) and not pending and not running:
+            break
         while nxt < len(requests) and requests[nxt].arrival <= tick:
             req = requests[nxt]
             nxt += 1

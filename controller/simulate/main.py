@@ -98,12 +98,14 @@ def simulate_report(args: argparse.Namespace) -> tuple[dict, dict[str, list[floa
         series[s.name] = run.useful
     workload["requests"] = len(requests)
     ran = max(x["ticks"] for x in summaries)
+    least = min(x["ticks"] for x in summaries)
+    span = f"{ran} ticks" if least == ran else f"{least}-{ran} ticks by strategy"
     report = {
         "cluster": {"nodes": len(cluster.nodes), "gpus": len(cluster.gpus), "spec": cluster.spec,
                     "summary": _summary(cluster)},
         "workload": workload,
         "ticks": ran,
-        "ticks_label": f"{ran} ticks" if ticks is not None else f"until every request ended ({ran} ticks)",
+        "ticks_label": f"{ran} ticks" if ticks is not None else f"until every request ended ({span})",
         "steady_state_from": min(warmup, max(0, ran - 1)),
         "strategies": summaries,
     }
