@@ -265,3 +265,13 @@ def test_plot_without_matplotlib_says_how_to_install_it(tmp_path: Path, capsys: 
     png = tmp_path / "sim.png"
     rc, out, err = _run_cli([*ONE_H100, "--ticks", "5", "--mix", "whole", "--plot", str(png)], capsys)
     assert rc == 2 and "pip install 'partita[plot]'" in err and not png.exists()
+
+
+def test_a_shape_none_of_whose_steady_state_arrivals_was_placed_has_no_wait_figure() -> None:
+    cluster = build_cluster(cluster_profile(["n1=H100-SXM5-80GB:1"], None, None, None))
+    requests = [Request(0, 0, 50, Shape("gpu", count=1)), Request(1, 5, 1, Shape("gpu", count=1))]
+    run = simulate(SIM_STRATEGIES["pack"], cluster, requests, 20)
+    row = summarize(run, requests, warmup=0)["by_shape"]["gpu:1"]
+    assert row["never_placed"] == 1 and row["steady_state_placed"] == 1 and row["mean_wait"] == 0.0
+    row = summarize(run, requests, warmup=3)["by_shape"]["gpu:1"]     # only request 1 arrived in steady state
+    assert row["steady_state_placed"] == 0 and row["mean_wait"] is None and row["wait_per_run"] is None

@@ -9,7 +9,9 @@
 * **node fragmentation**: per tick, of the entirely free GPUs, the share on nodes that are partly in use —
   free, but not usable by a job that needs a whole node.
 * **wait**: ticks from arrival to placement, per request shape, over the requests that arrived in steady
-  state and were placed: mean, p95 (nearest rank) and mean wait over the shape's mean lifetime.
+  state and were placed: mean, p95 (nearest rank) and mean wait over the shape's mean lifetime (None
+  when none of them was placed). Requests still waiting at the end are not in it (they are counted as
+  never placed), so under overload the figure is a lower bound.
 * **never placed**: requests still pending at the end; **unplaceable**: requests whose shape does not fit
   even the empty cluster (set aside on arrival, not counted as waiting).
 
@@ -26,8 +28,6 @@ from .workload import Request
 
 
 def p95(values: list[int]) -> float:
-    if not values:
-        return 0.0
     ordered = sorted(values)
     return float(ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)])
 
@@ -64,10 +64,10 @@ def summarize(run: RunResult, requests: list[Request], warmup: int) -> dict:
         w = waits.get(key, [])
         mean_run = fmean(runs[key])
         row["steady_state_placed"] = len(w)
-        row["mean_wait"] = fmean(w) if w else 0.0
-        row["p95_wait"] = p95(w)
+        row["mean_wait"] = fmean(w) if w else None      # None: no steady-state arrival of the shape was placed
+        row["p95_wait"] = p95(w) if w else None
         row["mean_run"] = mean_run
-        row["wait_per_run"] = (fmean(w) if w else 0.0) / mean_run
+        row["wait_per_run"] = fmean(w) / mean_run if w else None
     ordered = dict(sorted(by_shape.items(), key=lambda kv: keys[kv[0]]))
     return {
         "strategy": run.strategy,

@@ -41,12 +41,12 @@ def write_plot(report: dict, series: dict[str, list[float]], path: Path) -> None
         width = 0.8 / max(1, len(strategies))
         for i, s in enumerate(strategies):
             xs = [j + (i - (len(strategies) - 1) / 2) * width for j in range(len(shapes))]
-            ys = [s["by_shape"].get(k, {}).get("wait_per_run", 0.0) for k in shapes]
+            ys = [s["by_shape"].get(k, {}).get("wait_per_run") or 0.0 for k in shapes]
             bottom.bar(xs, ys, width=width, label=s["strategy"])
         bottom.set_xticks(range(len(shapes)))
         bottom.set_xticklabels(shapes, rotation=30, ha="right", fontsize=8)
         bottom.set_ylabel("mean wait / mean run time")
-        bottom.set_title("wait by request shape (steady state)")
+        bottom.set_title("wait by request shape (steady-state arrivals that were placed; none placed: no bar)")
         bottom.legend(fontsize=8)
         bottom.grid(axis="y", alpha=0.3)
         fig.tight_layout()

@@ -47,6 +47,9 @@ def render_table(report: dict) -> str:
                 continue
             run = row["mean_run"]
             never = f" never {row['never_placed']}" if row["never_placed"] else ""
-            cells.append(f"{row['mean_wait']:.1f}/{row['p95_wait']:.0f}/{row['wait_per_run']:.2f}x{never}".rjust(32))
+            if row["mean_wait"] is None:
+                cells.append(f"none placed{never}".rjust(32))
+            else:
+                cells.append(f"{row['mean_wait']:.1f}/{row['p95_wait']:.0f}/{row['wait_per_run']:.2f}x{never}".rjust(32))
         lines.append(f"{k:<18} {run or 0:>6.1f} " + " ".join(cells))
     return "\n".join(lines)
