@@ -278,3 +278,36 @@ def test_topology_attributes_keep_every_device_within_the_limit() -> None:
         inv, _ = _inventory(f"{model}:8")
         for d in _devices(build_slices(inv)):
             assert len(d.get("attributes") or {}) + len(d.get("capacity") or {}) <= LIMIT
+
+
+def test_the_nvlink_pair_example_fits_nvlink_boards_and_not_pcie_cards() -> None:
+    """examples/gpu-pair-nvlink-numa.yaml through the allocator, on the slices of real fake nodes."""
+    from pathlib import Path
+
+    import yaml
+
+    from controller.allocator import AllocatedState, Allocator, Node, SliceIndex
+    from driver.api.deviceclasses import device_classes
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "gpu-pair-nvlink-numa.yaml"
+    template = next(d for d in yaml.safe_load_all(example.read_text()) if d["kind"] == "ResourceClaimTemplate")
+    claim = {"metadata": {"name": "pair", "namespace": "default", "uid": "u1"}, "spec": template["spec"]["spec"]}
+    for r in claim["spec"]["devices"]["requests"]:
+        r["exactly"]["tolerations"] = [C.managed_toleration()]
+    classes = {c["metadata"]["name"]: c for c in device_classes()}
+
+    def allocate(spec: str):
+        inv, _ = _inventory(spec, node="n1")
+        index = SliceIndex()
+        for s in build_slices(inv):
+            index.upsert(s)
+        got = Allocator().allocate(Node("n1"), [claim], index, classes, AllocatedState())
+        by_name = {d["name"]: d for d in _devices(build_slices(inv))}
+        return None if got is None else [by_name[r["device"]] for r in got[0]["devices"]["results"]]
+
+    pair = allocate("H100-SXM5-80GB:8")
+    assert pair is not None and len(pair) == 2
+    assert len({d["attributes"][C.ATTR_NUMA_NODE]["int"] for d in pair}) == 1
+    assert allocate("L4:8") is None
+    # one H100 per NUMA node: NVLink connects them, but the NUMA constraint cannot hold
+    assert allocate("H100-SXM5-80GB:1,L4:4,H100-SXM5-80GB:1") is None
