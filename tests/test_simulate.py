@@ -275,3 +275,30 @@ def test_a_shape_none_of_whose_steady_state_arrivals_was_placed_has_no_wait_figu
     assert row["never_placed"] == 1 and row["steady_state_placed"] == 1 and row["mean_wait"] == 0.0
     row = summarize(run, requests, warmup=3)["by_shape"]["gpu:1"]     # only request 1 arrived in steady state
     assert row["steady_state_placed"] == 0 and row["mean_wait"] is None and row["wait_per_run"] is None
+
+
+def test_reports_are_the_same_across_processes_whatever_the_hash_seed() -> None:
+    """Share IDs are random UUIDs and string hashes differ per process; neither may change a placement."""
+    import os
+    import subprocess
+    import sys
+
+    outs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        r = subprocess.run([sys.executable, "-m", "controller", "simulate", "--nodes", "2", "--ticks", "150",
+                            "--mix", "mixed", "--seed", "4", "-o", "json", "--series"],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        outs.append(_without_timings(json.loads(r.stdout)))
+    assert outs[0] == outs[1]
+
+
+def test_a_trace_cut_short_by_ticks_counts_only_what_arrived(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = tmp_path / "tiny.csv"
+    trace.write_text(TINY)
+    rc, out, err = _run_cli([*ONE_H100, "--trace", str(trace), "--ticks", "5", "-o", "json"], capsys)
+    assert rc == 0, err
+    pack = next(s for s in json.loads(out)["strategies"] if s["strategy"] == "pack")
+    # requests 0-2 arrived by tick 4; request 1 and 2 are still waiting when the run stops
+    assert pack["arrived"] == 3 and pack["placed"] == 1 and pack["never_placed"] == 2

@@ -44,7 +44,8 @@ def summarize(run: RunResult, requests: list[Request], warmup: int) -> dict:
     runs: dict[str, list[int]] = {}
     waits: dict[str, list[int]] = {}
     keys = {}
-    for r in requests:
+    arrived = [r for r in requests if r.arrival < run.ticks]     # a trace cut short by --ticks: the rest never came
+    for r in arrived:
         key = str(r.shape)
         keys[key] = r.shape.sort_key()
         runs.setdefault(key, []).append(r.duration)
@@ -78,7 +79,7 @@ def summarize(run: RunResult, requests: list[Request], warmup: int) -> dict:
         "gpu_fragmentation": mean(run.gpu_frag),
         "node_fragmentation": mean(run.node_frag),
         "mean_pending": mean([float(p) for p in run.pending]),
-        "arrived": len(requests),
+        "arrived": len(arrived),
         "placed": len(run.starts),
         "never_placed": sum(r["never_placed"] for r in by_shape.values()),
         "unplaceable": len(run.unplaceable),
