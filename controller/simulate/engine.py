@@ -39,8 +39,8 @@ class RunResult:
     ticks: int = 0
     useful: list[float] = field(default_factory=list)     # per tick: useful capacity / GPUs
     held: list[float] = field(default_factory=list)       # per tick: capacity held / GPUs
-    gpu_frag: list[float] = field(default_factory=list)   # per tick (None-free): see metrics
-    node_frag: list[float] = field(default_factory=list)
+    gpu_frag: list[float] = field(default_factory=list)   # per tick: GPU fragmentation (see metrics)
+    node_frag: list[float] = field(default_factory=list)  # per tick: node fragmentation
     pending: list[int] = field(default_factory=list)      # per tick: requests waiting
     starts: dict[int, int] = field(default_factory=dict)  # request id -> tick placed
     unplaceable: set[int] = field(default_factory=set)    # ids whose shape never fits the empty cluster
@@ -136,7 +136,7 @@ def simulate(strategy: SimStrategy, cluster: Cluster, requests: list[Request], t
             else:
                 out.unplaceable.add(req.id)
         if pending:
-            tried: set[int] = set()
+            placed: set[int] = set()
             for req in queue.order(pending, tick):
                 shape = strategy.shape_for(req.shape)
                 ruled_out = failed.setdefault(shape, set())
@@ -154,9 +154,9 @@ def simulate(strategy: SimStrategy, cluster: Cluster, requests: list[Request], t
                 acct.apply(holds, gain, 1)
                 heapq.heappush(running, (tick + req.duration, req.id, choice, holds, gain))
                 out.starts[req.id] = tick
-                tried.add(req.id)
-            if tried:
-                pending = [r for r in pending if r.id not in tried]
+                placed.add(req.id)
+            if placed:
+                pending = [r for r in pending if r.id not in placed]
         acct.sample(out)
         out.pending.append(len(pending))
         tick += 1
