@@ -173,6 +173,8 @@ def test_trace_files_in_csv_and_json_give_the_same_run(tmp_path: Path, capsys: p
     assert rc == 0, err
     from_json = json.loads(out)
     assert from_csv["workload"]["requests"] == from_json["workload"]["requests"] == 4
+    # asked for: 5 + 3 GPU-ticks of whole GPUs, 2 + 1 ticks of 1/8 GPU, over ticks 0-8 of one GPU
+    assert from_csv["workload"]["offered_load"] == pytest.approx((5 + 3 + 3 / 8) / 9)
     pack_csv = next(s for s in from_csv["strategies"] if s["strategy"] == "pack")
     pack_json = next(s for s in from_json["strategies"] if s["strategy"] == "pack")
     assert pack_csv["by_shape"]["gpu:1"] == pack_json["by_shape"]["gpu:1"]

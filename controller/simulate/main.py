@@ -20,7 +20,7 @@ from .metrics import summarize
 from .report import render_json, render_table
 from .strategies import SIM_STRATEGIES, get_strategies
 from .trace import load_trace
-from .workload import MIXES, Request, check_shapes, generate
+from .workload import MIXES, Request, check_shapes, generate, offered_load
 
 DEFAULT_TICKS = 2000
 DEFAULT_LOAD = 1.25
@@ -98,6 +98,8 @@ def simulate_report(args: argparse.Namespace) -> tuple[dict, dict[str, list[floa
         series[s.name] = run.useful
     workload["requests"] = len(requests)
     ran = max(x["ticks"] for x in summaries)
+    span = ticks if ticks is not None else max(r.arrival for r in requests) + 1
+    workload["offered_load"] = offered_load(requests, cluster, span)
     least = min(x["ticks"] for x in summaries)
     span = f"{ran} ticks" if least == ran else f"{least}-{ran} ticks by strategy"
     report = {

@@ -17,7 +17,7 @@ def render_table(report: dict) -> str:
     w = report["workload"]
     c = report["cluster"]
     lines = [f"cluster: {c['nodes']} nodes, {c['gpus']} GPUs ({c['summary']})",
-             f"workload: {w['description']}; {w['requests']} requests"
+             f"workload: {w['description']}; {w['requests']} requests (offered load {100 * w['offered_load']:.0f}%)"
              f"{'' if w.get('seed') is None else ', seed ' + str(w['seed'])}; "
              f"{report['ticks_label']}; steady state from tick {report['steady_state_from']}", ""]
     head = (f"{'strategy':<15} {'useful':>7} {'held':>7} {'GPU frag':>8} {'node frag':>9} {'pending':>8} "

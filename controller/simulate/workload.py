@@ -82,6 +82,13 @@ def generate(mix: str, cluster: Cluster, *, ticks: int, load: float, mean_durati
         out.append(Request(len(out), int(t), duration, shape))
 
 
+def offered_load(requests: list[Request], cluster: Cluster, ticks: int) -> float:
+    """What the requests arriving in the first ``ticks`` ticks asked for, as a share of the cluster's
+    capacity over those ticks (useful size times lifetime; a mix's realized value varies around --load)."""
+    asked = sum(useful_size(r.shape, cluster) * r.duration for r in requests if r.arrival < ticks)
+    return asked / (len(cluster.gpus) * max(1, ticks))
+
+
 def check_shapes(requests: list[Request], cluster: Cluster) -> None:
     """Every MIG profile and GPU model a request names exists in the cluster, else an error naming the request."""
     profiles = dict(cluster.mig_profiles())
@@ -98,4 +105,4 @@ def check_shapes(requests: list[Request], cluster: Cluster) -> None:
                                 f"(offered: {offered})")
 
 
-__all__ = ["MIXES", "Request", "check_shapes", "generate", "mix_shapes", "parse_shape", "useful_size"]
+__all__ = ["MIXES", "Request", "check_shapes", "generate", "mix_shapes", "offered_load", "parse_shape", "useful_size"]
