@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from driver.nvml.interface import NvmlBackend
+    from driver.nvml.interface import GpuFabricInfo, NvmlBackend
 
 
 class _Model(BaseModel):
@@ -108,10 +108,9 @@ def discover(backend: "NvmlBackend", node_name: str) -> Inventory:
 
     gpus = []
     handles = [backend.device_by_index(i) for i in range(backend.device_count())]
-    topology = _topology(backend, handles)
-    for index in range(len(handles)):
-        h = handles[index]
-        info = backend.device_info(h)
+    infos = [backend.device_info(h) for h in handles]
+    topology = _topology(backend, handles, [i.pci_bus_id for i in infos], [i.uuid for i in infos])
+    for index, (h, info) in enumerate(zip(handles, infos)):
         try:
             mode = backend.mig_mode(h)
         except NotSupportedError:
@@ -150,22 +149,18 @@ def discover(backend: "NvmlBackend", node_name: str) -> Inventory:
                      cuda_driver_version=backend.cuda_driver_version(), gpus=tuple(gpus), backend=backend.kind)
 
 
-def _topology(backend: "NvmlBackend", handles: list) -> list[dict]:
+def _topology(backend: "NvmlBackend", handles: list, bus_ids: list[str], uuids: list[str]) -> list[dict]:
     """Per GPU: its NVLink fabric clique and NVLink peers on this node, and the NVLink domain (connected
     set) it belongs to. Read-only calls; a GPU or driver that cannot answer has none of them."""
     from driver.nvml.errors import NvmlError
-    from driver.nvml.interface import FABRIC_STATE_COMPLETED, P2P_STATUS_OK
+    from driver.nvml.interface import P2P_STATUS_OK
 
-    infos = [backend.device_info(h) for h in handles]
     cliques: list[str | None] = []
     for h in handles:
         try:
-            f = backend.gpu_fabric_info(h)
+            cliques.append(_fabric_clique(backend.gpu_fabric_info(h)))
         except NvmlError:
-            f = None
-        in_cluster = f is not None and f.state == FABRIC_STATE_COMPLETED and f.status == 0 and (
-            f.cluster_uuid.strip("0-") or f.clique_id)
-        cliques.append(f"{f.cluster_uuid}.{f.clique_id}" if in_cluster and f is not None else None)
+            cliques.append(None)
     peers: list[set[int]] = [set() for _ in handles]
     for i in range(len(handles)):
         for j in range(i + 1, len(handles)):
@@ -185,8 +180,20 @@ def _topology(backend: "NvmlBackend", handles: list) -> list[dict]:
             for j in peers[todo.pop()] - members:
                 members.add(j)
                 todo.append(j)
-        name = min(infos[m].pci_bus_id for m in members)
+        name = min(bus_ids[m] for m in members)
         for m in members:
             domains[m] = name
     return [{"fabric_clique": cliques[i], "nvlink_domain": domains[i],
-             "nvlink_peers": tuple(sorted(infos[j].uuid for j in peers[i]))} for i in range(len(handles))]
+             "nvlink_peers": tuple(sorted(uuids[j] for j in peers[i]))} for i in range(len(handles))]
+
+
+def _fabric_clique(f: "GpuFabricInfo") -> str | None:
+    """``<clusterUuid>.<cliqueId>`` once the GPU's fabric registration completed successfully and put it in a
+    cluster (a zero cluster UUID with clique 0 is no cluster)."""
+    from driver.nvml.interface import FABRIC_STATE_COMPLETED
+
+    if f.state != FABRIC_STATE_COMPLETED or f.status != 0:
+        return None
+    if f.cluster_uuid == "00000000-0000-0000-0000-000000000000" and f.clique_id == 0:
+        return None
+    return f"{f.cluster_uuid}.{f.clique_id}"
