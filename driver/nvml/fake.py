@@ -41,11 +41,11 @@ from . import errors
 from .interface import (
     CI_PROFILE_FOR_SLICES,
     COMPUTE_MODES,
-    TIME_SLICE_INTERVALS,
-    ComputeInstanceInfo,
     FABRIC_STATE_COMPLETED,
     P2P_STATUS_NOT_SUPPORTED,
     P2P_STATUS_OK,
+    TIME_SLICE_INTERVALS,
+    ComputeInstanceInfo,
     ComputeInstanceProfileInfo,
     DeviceInfo,
     GpuFabricInfo,
