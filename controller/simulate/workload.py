@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from .cluster import Cluster
 from .errors import SimulateError
-from .shapes import Shape, parse_shape
+from .shapes import Shape
 
 MIXES = ("whole", "mig", "shared", "mixed")
 _GI = 1024**3
@@ -105,4 +105,4 @@ def check_shapes(requests: list[Request], cluster: Cluster) -> None:
                                 f"(offered: {offered})")
 
 
-__all__ = ["MIXES", "Request", "check_shapes", "generate", "mix_shapes", "offered_load", "parse_shape", "useful_size"]
+__all__ = ["MIXES", "Request", "check_shapes", "generate", "mix_shapes", "offered_load", "useful_size"]
