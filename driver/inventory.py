@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
-    from driver.nvml.interface import NvmlBackend
+    from driver.nvml.interface import GpuFabricInfo, NvmlBackend
 
 
 class _Model(BaseModel):
@@ -77,6 +77,12 @@ class Gpu(_Model):
     pcie_root: str | None = None  # "pci0000:17"
     numa_node: int | None = None
     pci_device_id: str | None = None  # "0x233010DE"
+    #: NVLink fabric clique "<clusterUuid>.<cliqueId>" (nvmlDeviceGetGpuFabricInfoV, registration completed)
+    fabric_clique: str | None = None
+    #: UUIDs of this node's other GPUs it reaches over NVLink (nvmlDeviceGetP2PStatus, NVLINK)
+    nvlink_peers: tuple[str, ...] = ()
+    #: the set of this node's GPUs connected over NVLink, named by its lowest PCI bus ID (None: no NVLink peer)
+    nvlink_domain: str | None = None
     mig_capable: bool = False
     mig_enabled: bool = False    # current MIG mode
     mig_pending: bool = False    # pending MIG mode (Ampere needs a reset to apply it)
@@ -101,9 +107,10 @@ def discover(backend: "NvmlBackend", node_name: str) -> Inventory:
     from driver.nvml.errors import NotSupportedError
 
     gpus = []
-    for index in range(backend.device_count()):
-        h = backend.device_by_index(index)
-        info = backend.device_info(h)
+    handles = [backend.device_by_index(i) for i in range(backend.device_count())]
+    infos = [backend.device_info(h) for h in handles]
+    topology = _topology(backend, handles, [i.pci_bus_id for i in infos], [i.uuid for i in infos])
+    for index, (h, info) in enumerate(zip(handles, infos)):
         try:
             mode = backend.mig_mode(h)
         except NotSupportedError:
@@ -134,9 +141,59 @@ def discover(backend: "NvmlBackend", node_name: str) -> Inventory:
             architecture=info.architecture, cuda_compute_capability=info.cuda_compute_capability,
             memory_bytes=info.memory_total_bytes, multiprocessors=info.multiprocessors, pci_bus_id=info.pci_bus_id,
             pcie_root=info.pcie_root, numa_node=info.numa_node, pci_device_id=info.pci_device_id,
-            mig_capable=mode is not None, mig_enabled=bool(mode and mode.current),
+            **topology[index], mig_capable=mode is not None, mig_enabled=bool(mode and mode.current),
             mig_pending=bool(mode and mode.pending), memory_slices=memory_slices,
             mig_profiles=tuple(sorted(profiles, key=lambda p: (p.memory_slices, p.compute_slices, p.nvml_constant))),
             mig_devices=tuple(devices), healthy=backend.is_healthy(h)))
     return Inventory(node_name=node_name, driver_version=backend.driver_version(),
                      cuda_driver_version=backend.cuda_driver_version(), gpus=tuple(gpus), backend=backend.kind)
+
+
+def _topology(backend: "NvmlBackend", handles: list, bus_ids: list[str], uuids: list[str]) -> list[dict]:
+    """Per GPU: its NVLink fabric clique and NVLink peers on this node, and the NVLink domain (connected
+    set) it belongs to. Read-only calls; a GPU or driver that cannot answer has none of them."""
+    from driver.nvml.errors import NvmlError
+    from driver.nvml.interface import P2P_STATUS_OK
+
+    cliques: list[str | None] = []
+    for h in handles:
+        try:
+            cliques.append(_fabric_clique(backend.gpu_fabric_info(h)))
+        except NvmlError:
+            cliques.append(None)
+    peers: list[set[int]] = [set() for _ in handles]
+    for i in range(len(handles)):
+        for j in range(i + 1, len(handles)):
+            try:
+                linked = backend.nvlink_p2p_status(handles[i], handles[j]) == P2P_STATUS_OK
+            except NvmlError:
+                linked = False
+            if linked:
+                peers[i].add(j)
+                peers[j].add(i)
+    domains: list[str | None] = [None] * len(handles)
+    for i in range(len(handles)):
+        if domains[i] is not None or not peers[i]:
+            continue
+        members, todo = {i}, [i]
+        while todo:
+            for j in peers[todo.pop()] - members:
+                members.add(j)
+                todo.append(j)
+        name = min(bus_ids[m] for m in members)
+        for m in members:
+            domains[m] = name
+    return [{"fabric_clique": cliques[i], "nvlink_domain": domains[i],
+             "nvlink_peers": tuple(sorted(uuids[j] for j in peers[i]))} for i in range(len(handles))]
+
+
+def _fabric_clique(f: "GpuFabricInfo") -> str | None:
+    """``<clusterUuid>.<cliqueId>`` once the GPU's fabric registration completed successfully and put it in a
+    cluster (a zero cluster UUID with clique 0 is no cluster)."""
+    from driver.nvml.interface import FABRIC_STATE_COMPLETED
+
+    if f.state != FABRIC_STATE_COMPLETED or f.status != 0:
+        return None
+    if f.cluster_uuid == "00000000-0000-0000-0000-000000000000" and f.clique_id == 0:
+        return None
+    return f"{f.cluster_uuid}.{f.clique_id}"

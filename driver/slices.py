@@ -86,6 +86,18 @@ def _parent_attributes(inv: Inventory, gpu: Gpu) -> dict:
     return attrs
 
 
+def _nvlink_attributes(gpu: Gpu) -> dict:
+    """NVLink topology, on devices that can use NVLink: whole GPUs and shares of one (MIG devices have
+    no GPU-to-GPU peer access, so they do not carry it)."""
+    attrs: dict = {}
+    if gpu.fabric_clique:
+        attrs[C.ATTR_FABRIC_CLIQUE] = _s(gpu.fabric_clique)
+    if gpu.nvlink_domain:
+        attrs[C.ATTR_NVLINK_DOMAIN] = _s(gpu.nvlink_domain)
+        attrs[C.ATTR_NVLINK_PEERS] = {"int": len(gpu.nvlink_peers)}
+    return attrs
+
+
 def shared_memory_policy(gpu: Gpu) -> dict:
     """Request policy of a shared GPU's memory: 1Gi steps from 1Gi; an unsized request gets 1/8 of the
     GPU (one MIG memory slice's worth, 10Gi on an 80GB board), so unsized notebooks still pack 8 a GPU."""
@@ -200,7 +212,8 @@ def gpu_devices(inv: Inventory, gpu: Gpu, features: SliceFeatures) -> GpuDevices
             devices.append({
                 "name": naming.shared_device_name(name),
                 "allowMultipleAllocations": True,
-                "attributes": {C.ATTR_TYPE: _s(C.DEVICE_TYPE_SHARED), C.ATTR_PARENT_UUID: _s(gpu.uuid), **parent},
+                "attributes": {C.ATTR_TYPE: _s(C.DEVICE_TYPE_SHARED), C.ATTR_PARENT_UUID: _s(gpu.uuid), **parent,
+                               **_nvlink_attributes(gpu)},
                 "capacity": {C.CAP_MEMORY: {"value": format_bytes(gpu.memory_bytes),
                                             "requestPolicy": shared_memory_policy(gpu)}},
                 "consumesCounters": _consumes(name, totals),
@@ -221,7 +234,7 @@ def _whole(gpu: Gpu, name: str, parent: dict, consumes: list[dict] | None) -> di
     d = {
         "name": name,
         "attributes": {C.ATTR_TYPE: _s(C.DEVICE_TYPE_GPU), C.ATTR_UUID: _s(gpu.uuid),
-                       C.ATTR_MIG_CAPABLE: {"bool": gpu.mig_capable}, **parent},
+                       C.ATTR_MIG_CAPABLE: {"bool": gpu.mig_capable}, **parent, **_nvlink_attributes(gpu)},
         "capacity": {C.CAP_MEMORY: {"value": format_bytes(gpu.memory_bytes)},
                      C.CAP_MULTIPROCESSORS: {"value": str(gpu.multiprocessors)}},
     }

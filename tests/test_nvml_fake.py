@@ -208,3 +208,45 @@ def test_unhealthy_gpus_are_reported() -> None:
     assert isinstance(b, FakeNvml)
     b.set_healthy(b.device_info(1).uuid, True)
     assert b.is_healthy(1)
+
+
+# -- topology: NVLink fabric, NVLink P2P, PCIe roots ---------------------------------------------------
+def test_hopper_on_nvswitch_reports_one_fabric_clique_per_node() -> None:
+    from driver.nvml.interface import FABRIC_STATE_COMPLETED
+
+    a = _fake("H100-SXM5-80GB:8", node="node-a")
+    infos = [a.gpu_fabric_info(i) for i in range(8)]
+    assert {(f.cluster_uuid, f.clique_id) for f in infos} == {(infos[0].cluster_uuid, infos[0].clique_id)}
+    assert all(f.state == FABRIC_STATE_COMPLETED and f.status == 0 for f in infos)
+    other = _fake("H100-SXM5-80GB:8", node="node-b").gpu_fabric_info(0)
+    assert other.cluster_uuid != infos[0].cluster_uuid      # each HGX board is its own NVLink domain
+
+
+@pytest.mark.parametrize("spec", ["A100-SXM4-80GB:2", "L4:2", "T4:1"])
+def test_fabric_info_is_not_supported_before_hopper_and_on_pcie_cards(spec: str) -> None:
+    b = _fake(spec)
+    with pytest.raises(errors.NotSupportedError, match="NVLink fabric"):
+        b.gpu_fabric_info(0)
+
+
+def test_nvlink_p2p_connects_every_pair_on_an_nvswitch_board_and_nothing_over_pcie() -> None:
+    from driver.nvml.interface import P2P_STATUS_NOT_SUPPORTED, P2P_STATUS_OK
+
+    for spec in ("H100-SXM5-80GB:8", "A100-SXM4-80GB:8"):
+        b = _fake(spec)
+        assert {b.nvlink_p2p_status(i, j) for i in range(8) for j in range(8) if i != j} == {P2P_STATUS_OK}
+    mixed = _fake("H100-SXM5-80GB:2,L4:2")
+    assert mixed.nvlink_p2p_status(0, 1) == P2P_STATUS_OK
+    assert mixed.nvlink_p2p_status(0, 2) == P2P_STATUS_NOT_SUPPORTED
+    assert mixed.nvlink_p2p_status(2, 3) == P2P_STATUS_NOT_SUPPORTED
+    with pytest.raises(errors.InvalidArgumentError):
+        mixed.nvlink_p2p_status(1, 1)
+
+
+def test_pcie_cards_come_in_pairs_behind_one_root_complex() -> None:
+    b = _fake("L4:8")
+    roots = [b.device_info(i).pcie_root for i in range(8)]
+    numa = [b.device_info(i).numa_node for i in range(8)]
+    assert roots[0] == roots[1] and roots[2] == roots[3] and roots[4] == roots[5] and roots[6] == roots[7]
+    assert len(set(roots)) == 4 and numa == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert len({b.device_info(i).pci_bus_id for i in range(8)}) == 8

@@ -110,3 +110,106 @@ def test_time_slice_uses_nvidia_smi_and_reports_failures(monkeypatch) -> None:
 def test_bus_id_normalization() -> None:
     assert _normalize_bus_id("00000000:AB:00.0") == "0000:ab:00.0"
     assert _normalize_bus_id("0001:1B:00.0") == "0001:1b:00.0"
+
+
+# -- topology: fabric info and NVLink P2P (read-only, tolerant of NOT_SUPPORTED) -------------------------
+def _with_fabric(n, *, state=3, status=0, clique=7, cluster=bytes(range(1, 17)), code=None, v_missing=False):
+    def fill(h, ref):
+        if code is not None:
+            raise n.NVMLError(code)
+        info = ctypes.cast(ref, ctypes.POINTER(pynvml.c_nvmlGpuFabricInfoV_t)).contents
+        for i, b in enumerate(cluster):
+            info.clusterUuid[i] = b
+        info.cliqueId, info.state, info.status = clique, state, status
+        return 0
+
+    if not v_missing:
+        n.nvmlDeviceGetGpuFabricInfoV = fill
+        n.c_nvmlGpuFabricInfoV_t = pynvml.c_nvmlGpuFabricInfoV_t
+    return n
+
+
+def test_fabric_info_is_read_through_the_versioned_call() -> None:
+    b = RealNvml(_with_fabric(_stand_in()))
+    f = b.gpu_fabric_info("h0")
+    assert f.cluster_uuid == "01020304-0506-0708-090a-0b0c0d0e0f10" and f.clique_id == 7
+    assert f.state == 3 and f.status == 0
+
+
+def test_fabric_info_not_supported_or_missing_from_the_binding_is_not_supported() -> None:
+    with pytest.raises(errors.NotSupportedError):
+        RealNvml(_with_fabric(_stand_in(), code=3)).gpu_fabric_info("h0")
+    with pytest.raises(errors.NotSupportedError, match="not available"):
+        RealNvml(_with_fabric(_stand_in(), v_missing=True)).gpu_fabric_info("h0")
+
+
+def test_fabric_info_falls_back_to_the_original_call_on_an_older_driver() -> None:
+    n = _with_fabric(_stand_in(), code=13)          # FUNCTION_NOT_FOUND for the _V call
+
+    def original(h, ref):
+        info = ctypes.cast(ref, ctypes.POINTER(pynvml.c_nvmlGpuFabricInfo_t)).contents
+        info.cliqueId, info.state, info.status = 2, 3, 0
+        return 0
+
+    n.nvmlDeviceGetGpuFabricInfo, n.c_nvmlGpuFabricInfo_t = original, pynvml.c_nvmlGpuFabricInfo_t
+    f = RealNvml(n).gpu_fabric_info("h0")
+    assert f.clique_id == 2 and f.cluster_uuid == "00000000-0000-0000-0000-000000000000"
+
+
+def _two_gpus(n, p2p):
+    uuids = {"h0": b"GPU-11111111-2222-3333-4444-555555555555", "h1": b"GPU-66666666-2222-3333-4444-555555555555"}
+    buses = {"h0": b"00000000:1B:00.0", "h1": b"00000000:43:00.0"}
+    n.nvmlDeviceGetCount = lambda: 2
+    n.nvmlDeviceGetHandleByIndex = lambda i: f"h{i}"
+    n.nvmlDeviceGetUUID = lambda h: uuids[h]
+    n.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(busId=buses[h], pciDeviceId=0x233010DE)
+    n.nvmlDeviceGetMigMode = lambda h: (0, 0)
+    n.nvmlDeviceGetGpuInstanceProfileInfo = lambda h, p: (_ for _ in ()).throw(n.NVMLError(3))
+    n.nvmlDeviceGetP2PStatus = p2p
+    n.NVML_P2P_CAPS_INDEX_NVLINK = pynvml.NVML_P2P_CAPS_INDEX_NVLINK
+    return n
+
+
+def test_discovery_reads_fabric_clique_and_nvlink_peers_from_real_nvml(monkeypatch) -> None:
+    from driver.inventory import discover
+
+    asked = []
+
+    def p2p(a, b, index):
+        asked.append(index)
+        return 0
+
+    n = _two_gpus(_with_fabric(_stand_in()), p2p)
+    b = RealNvml(n)
+    monkeypatch.setattr(b, "is_healthy", lambda h: True)
+    b.init()
+    inv = discover(b, "node-a")
+    assert asked == [pynvml.NVML_P2P_CAPS_INDEX_NVLINK]
+    g0, g1 = inv.gpus
+    assert g0.fabric_clique == g1.fabric_clique == "01020304-0506-0708-090a-0b0c0d0e0f10.7"
+    assert g0.nvlink_peers == (g1.uuid,) and g1.nvlink_peers == (g0.uuid,)
+    assert g0.nvlink_domain == g1.nvlink_domain == "0000:1b:00.0"
+
+
+@pytest.mark.parametrize("fabric, p2p_answer", [
+    ({"code": 3}, 5),                    # a PCIe board: fabric NOT_SUPPORTED, P2P status NOT_SUPPORTED
+    ({"state": 2}, "raise"),             # registration still in progress; the P2P query itself refused
+    ({"status": 19}, 5),                 # registration failed
+    ({"cluster": bytes(16), "clique": 0}, 5),   # registered, but in no cluster
+])
+def test_discovery_without_fabric_or_nvlink_publishes_no_topology(monkeypatch, fabric, p2p_answer) -> None:
+    from driver.inventory import discover
+
+    n = _stand_in()
+
+    def p2p(a, b, index):
+        if p2p_answer == "raise":
+            raise n.NVMLError(3)
+        return p2p_answer
+
+    n = _two_gpus(_with_fabric(n, **fabric), p2p)
+    b = RealNvml(n)
+    monkeypatch.setattr(b, "is_healthy", lambda h: True)
+    b.init()
+    inv = discover(b, "node-a")
+    assert all(g.fabric_clique is None and g.nvlink_peers == () and g.nvlink_domain is None for g in inv.gpus)

@@ -222,3 +222,92 @@ def test_mig_counters_match_hardware_on_every_reachable_configuration(model) -> 
     if whole is not None:
         for _, _, cons in candidates:
             assert not _counter_fits([_ints(whole["consumesCounters"][0]["counters"]), cons], totals)
+
+
+# -- topology -----------------------------------------------------------------------------------------
+def _by_type(slices, kind):
+    return [d for d in _devices(slices) if d["attributes"][C.ATTR_TYPE]["string"] == kind]
+
+
+def test_hgx_h100_publishes_its_fabric_clique_nvlink_domain_numa_and_pcie_root() -> None:
+    inv, _ = _inventory("H100-SXM5-80GB:8")
+    slices = build_slices(inv)
+    whole = _by_type(slices, C.DEVICE_TYPE_GPU)
+    assert len(whole) == 8
+    cliques = {d["attributes"][C.ATTR_FABRIC_CLIQUE]["string"] for d in whole}
+    assert len(cliques) == 1 and next(iter(cliques)).endswith(".1")
+    assert {d["attributes"][C.ATTR_NVLINK_DOMAIN]["string"] for d in whole} == {"0000:1b:00.0"}
+    assert {d["attributes"][C.ATTR_NVLINK_PEERS]["int"] for d in whole} == {7}
+    assert [d["attributes"][C.ATTR_NUMA_NODE]["int"] for d in whole] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert len({d["attributes"][C.ATTR_PCIE_ROOT]["string"] for d in whole}) == 8
+    # shares of a GPU can use its NVLink; MIG devices cannot (no GPU-to-GPU peer access under MIG)
+    shared = _by_type(slices, C.DEVICE_TYPE_SHARED)
+    assert all(C.ATTR_NVLINK_DOMAIN in d["attributes"] and C.ATTR_FABRIC_CLIQUE in d["attributes"] for d in shared)
+    mig = _by_type(slices, C.DEVICE_TYPE_MIG)
+    assert mig and not any(C.ATTR_NVLINK_DOMAIN in d["attributes"] or C.ATTR_FABRIC_CLIQUE in d["attributes"]
+                           for d in mig)
+    assert all(C.ATTR_NUMA_NODE in d["attributes"] and C.ATTR_PCIE_ROOT in d["attributes"] for d in mig)
+
+
+def test_ampere_hgx_has_nvlink_but_no_fabric_clique_and_pcie_cards_neither() -> None:
+    inv, _ = _inventory("A100-SXM4-80GB:4")
+    whole = _by_type(build_slices(inv), C.DEVICE_TYPE_GPU)
+    assert all(C.ATTR_FABRIC_CLIQUE not in d["attributes"] for d in whole)
+    assert {d["attributes"][C.ATTR_NVLINK_PEERS]["int"] for d in whole} == {3}
+    inv, _ = _inventory("L4:2")
+    whole = _by_type(build_slices(inv), C.DEVICE_TYPE_GPU)
+    assert not any(k in d["attributes"] for d in whole for k in (C.ATTR_FABRIC_CLIQUE, C.ATTR_NVLINK_DOMAIN,
+                                                                 C.ATTR_NVLINK_PEERS))
+    assert {d["attributes"][C.ATTR_PCIE_ROOT]["string"] for d in whole} == {"pci0000:3a"}
+
+
+def test_nvlink_domains_are_the_connected_sets_of_the_node() -> None:
+    inv, _ = _inventory("H100-SXM5-80GB:2,A100-SXM4-80GB:2,L4:1")
+    domains = [g.nvlink_domain for g in inv.gpus]
+    # the H100 pair and the A100 pair are each one domain; the L4 is in none
+    assert domains[0] == domains[1] == inv.gpus[0].pci_bus_id
+    assert domains[2] == domains[3] == min(inv.gpus[2].pci_bus_id, inv.gpus[3].pci_bus_id)
+    assert domains[0] != domains[2] and domains[4] is None
+    assert inv.gpus[0].nvlink_peers == (inv.gpus[1].uuid,) and inv.gpus[4].nvlink_peers == ()
+
+
+def test_topology_attributes_keep_every_device_within_the_limit() -> None:
+    from driver.limits import MAX_ATTRIBUTES_AND_CAPACITIES as LIMIT
+
+    for model in MODELS:
+        inv, _ = _inventory(f"{model}:8")
+        for d in _devices(build_slices(inv)):
+            assert len(d.get("attributes") or {}) + len(d.get("capacity") or {}) <= LIMIT
+
+
+def test_the_nvlink_pair_example_fits_nvlink_boards_and_not_pcie_cards() -> None:
+    """examples/gpu-pair-nvlink-numa.yaml through the allocator, on the slices of real fake nodes."""
+    from pathlib import Path
+
+    import yaml
+
+    from controller.allocator import AllocatedState, Allocator, Node, SliceIndex
+    from driver.api.deviceclasses import device_classes
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "gpu-pair-nvlink-numa.yaml"
+    template = next(d for d in yaml.safe_load_all(example.read_text()) if d["kind"] == "ResourceClaimTemplate")
+    claim = {"metadata": {"name": "pair", "namespace": "default", "uid": "u1"}, "spec": template["spec"]["spec"]}
+    for r in claim["spec"]["devices"]["requests"]:
+        r["exactly"]["tolerations"] = [C.managed_toleration()]
+    classes = {c["metadata"]["name"]: c for c in device_classes()}
+
+    def allocate(spec: str):
+        inv, _ = _inventory(spec, node="n1")
+        index = SliceIndex()
+        for s in build_slices(inv):
+            index.upsert(s)
+        got = Allocator().allocate(Node("n1"), [claim], index, classes, AllocatedState())
+        by_name = {d["name"]: d for d in _devices(build_slices(inv))}
+        return None if got is None else [by_name[r["device"]] for r in got[0]["devices"]["results"]]
+
+    pair = allocate("H100-SXM5-80GB:8")
+    assert pair is not None and len(pair) == 2
+    assert len({d["attributes"][C.ATTR_NUMA_NODE]["int"] for d in pair}) == 1
+    assert allocate("L4:8") is None
+    # one H100 per NUMA node: NVLink connects them, but the NUMA constraint cannot hold
+    assert allocate("H100-SXM5-80GB:1,L4:4,H100-SXM5-80GB:1") is None

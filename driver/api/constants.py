@@ -53,6 +53,12 @@ ATTR_MIG_PROFILE = "migProfile"
 ATTR_MIG_PLACEMENT = "migPlacement"
 ATTR_PARENT_UUID = "parentUUID"
 ATTR_NUMA_NODE = "numaNode"
+#: GPU interconnect topology (driver domain; docs/device-model.md "Topology"): the NVLink fabric clique
+#: "<clusterUuid>.<cliqueId>", the node-local NVLink domain (GPUs connected over NVLink, named by their
+#: lowest PCI bus ID) and how many of the node's other GPUs this one reaches over NVLink.
+ATTR_FABRIC_CLIQUE = "fabricClique"
+ATTR_NVLINK_DOMAIN = "nvlinkDomain"
+ATTR_NVLINK_PEERS = "nvlinkPeers"
 ATTR_PCI_BUS_ID = "resource.kubernetes.io/pciBusID"
 ATTR_PCIE_ROOT = "resource.kubernetes.io/pcieRoot"
 

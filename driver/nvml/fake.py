@@ -41,10 +41,14 @@ from . import errors
 from .interface import (
     CI_PROFILE_FOR_SLICES,
     COMPUTE_MODES,
+    FABRIC_STATE_COMPLETED,
+    P2P_STATUS_NOT_SUPPORTED,
+    P2P_STATUS_OK,
     TIME_SLICE_INTERVALS,
     ComputeInstanceInfo,
     ComputeInstanceProfileInfo,
     DeviceInfo,
+    GpuFabricInfo,
     GpuInstanceInfo,
     GpuInstanceProfileInfo,
     MigDeviceInfo,
@@ -52,17 +56,24 @@ from .interface import (
     NvmlBackend,
     Placement,
 )
-from .models import GpuModel, get_model, slot_layout
+from .models import GpuModel, get_model, interconnect, slot_layout
 from .profile import FakeGpuProfile, NodeProfile
 
 _UUID_NAMESPACE = uuidlib.UUID("6f1d4b2e-9a57-4c1e-8f0a-5a17c0de9a11")
 _STATE_VERSION = 1
 #: architectures that change MIG mode without a GPU reset
 _RESETLESS_MIG = {"Hopper", "Blackwell"}
+#: architectures whose GPUs register with an NVLink fabric and answer nvmlDeviceGetGpuFabricInfoV
+_FABRIC_ARCHITECTURES = {"Hopper", "Blackwell"}
 
 
 def fake_gpu_uuid(node_name: str, slot: int) -> str:
     return f"GPU-{uuidlib.uuid5(_UUID_NAMESPACE, f'{node_name}/{slot}')}"
+
+
+def fake_fabric_cluster_uuid(node_name: str) -> str:
+    """The NVLink fabric cluster of a node's NVSwitch board (one clique per node)."""
+    return str(uuidlib.uuid5(_UUID_NAMESPACE, f"{node_name}/nvlink-fabric"))
 
 
 def fake_mig_uuid(gpu_uuid: str, gi: int, ci: int, start: int) -> str:
@@ -74,7 +85,9 @@ class _Gpu:
 
     def __init__(self, node: str, slot: int, model: GpuModel, mig_at_boot: bool, healthy: bool):
         self.slot = slot
+        self.node = node
         self.model = model
+        self.nvswitch = interconnect(model.system).nvlink == "nvswitch"
         self.uuid = fake_gpu_uuid(node, slot)
         self.mig_at_boot = mig_at_boot
         self.healthy_at_boot = healthy
@@ -251,6 +264,23 @@ class FakeNvml(NvmlBackend):
 
     def device_info(self, h: int) -> DeviceInfo:
         return self._gpu(h).info
+
+    def gpu_fabric_info(self, h: int) -> GpuFabricInfo:
+        g = self._gpu(h)
+        if not g.nvswitch or g.model.architecture not in _FABRIC_ARCHITECTURES:
+            raise errors.NotSupportedError(f"GPU {g.uuid} ({g.model.product_name}) reports no NVLink fabric "
+                                           "information")
+        return GpuFabricInfo(cluster_uuid=fake_fabric_cluster_uuid(g.node), clique_id=1,
+                             state=FABRIC_STATE_COMPLETED, status=0)
+
+    def nvlink_p2p_status(self, h1: int, h2: int) -> int:
+        a, b = self._gpu(h1), self._gpu(h2)
+        if a is b:
+            raise errors.InvalidArgumentError(f"P2P status of GPU {a.uuid} with itself")
+        # NVSwitch boards connect GPUs of one board: the same model in the same system
+        if a.nvswitch and b.nvswitch and a.model.key == b.model.key:
+            return P2P_STATUS_OK
+        return P2P_STATUS_NOT_SUPPORTED
 
     def model_of(self, h: int) -> GpuModel:
         return self._gpu(h).model

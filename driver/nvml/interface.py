@@ -58,6 +58,27 @@ class DeviceInfo:
     pcie_root: str | None = None   # "pci0000:15" when known
 
 
+#: nvmlGpuFabricState_t
+FABRIC_STATE_NOT_SUPPORTED = 0
+FABRIC_STATE_NOT_STARTED = 1
+FABRIC_STATE_IN_PROGRESS = 2
+FABRIC_STATE_COMPLETED = 3
+
+#: nvmlGpuP2PStatus_t values Partita tells apart (every other value: no P2P over that link type)
+P2P_STATUS_OK = 0
+P2P_STATUS_NOT_SUPPORTED = 5
+
+
+@dataclass(frozen=True)
+class GpuFabricInfo:
+    """``nvmlGpuFabricInfo_t`` / ``_v2_t``: the GPU's registration with the NVLink fabric (NVSwitch)."""
+
+    cluster_uuid: str              # clusterUuid as 8-4-4-4-12 hex; all zeros when the GPU is in no cluster
+    clique_id: int                 # cliqueId: GPUs of one cluster with the same clique reach each other over NVLink
+    state: int                     # FABRIC_STATE_*
+    status: int                    # NVML return code of the registration (0: success)
+
+
 @dataclass(frozen=True)
 class MigMode:
     current: bool
@@ -160,6 +181,16 @@ class NvmlBackend(ABC):
 
     @abstractmethod
     def device_info(self, h: Handle) -> DeviceInfo: ...
+
+    @abstractmethod
+    def gpu_fabric_info(self, h: Handle) -> GpuFabricInfo:
+        """``nvmlDeviceGetGpuFabricInfoV``; NotSupportedError where the GPU has no NVLink fabric
+        (GPUs before Hopper, PCIe boards)."""
+
+    @abstractmethod
+    def nvlink_p2p_status(self, h1: Handle, h2: Handle) -> int:
+        """``nvmlDeviceGetP2PStatus(h1, h2, NVML_P2P_CAPS_INDEX_NVLINK)``: P2P_STATUS_OK when the two GPUs
+        reach each other over NVLink (directly or through NVSwitch)."""
 
     @abstractmethod
     def running_processes(self, h: Handle) -> list[int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -76,12 +77,24 @@ class SlotLayout(_Model):
     pcie_root: str = Field(alias="pcieRoot")
 
 
+class Interconnect(_Model):
+    """How a system's GPUs reach each other: ``nvswitch`` (all pairs over NVLink) or ``none`` (PCIe only)."""
+
+    nvlink: Literal["nvswitch", "none"]
+
+
 @lru_cache(maxsize=1)
-def _load() -> tuple[dict[str, GpuModel], dict[str, tuple[SlotLayout, ...]]]:
+def _load() -> tuple[dict[str, GpuModel], dict[str, tuple[SlotLayout, ...]], dict[str, Interconnect]]:
     raw = yaml.safe_load(_DATA.read_text())
     models = {k: GpuModel(key=k, **v) for k, v in raw["models"].items()}
     systems = {k: tuple(SlotLayout(**s) for s in v) for k, v in raw["systems"].items()}
-    return models, systems
+    links = {k: Interconnect(**v) for k, v in (raw.get("interconnects") or {}).items()}
+    return models, systems, links
+
+
+def interconnect(system: str) -> Interconnect:
+    """The system's GPU interconnect (PCIe only where the table does not list it)."""
+    return _load()[2].get(system, Interconnect(nvlink="none"))
 
 
 def known_models() -> list[str]:

@@ -20,6 +20,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import uuid as uuidlib
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
@@ -29,10 +30,12 @@ from .interface import (
     COMPUTE_MODE_DEFAULT,
     COMPUTE_MODE_EXCLUSIVE_PROCESS,
     COMPUTE_MODE_PROHIBITED,
+    P2P_STATUS_NOT_SUPPORTED,
     TIME_SLICE_INTERVALS,
     ComputeInstanceInfo,
     ComputeInstanceProfileInfo,
     DeviceInfo,
+    GpuFabricInfo,
     GpuInstanceInfo,
     GpuInstanceProfileInfo,
     MigDeviceInfo,
@@ -182,6 +185,41 @@ class RealNvml(NvmlBackend):
             memory_total_bytes=int(mem.total), pci_bus_id=bus_id, pci_device_id=f"0x{int(pci.pciDeviceId):08X}",
             numa_node=numa if numa is not None and numa >= 0 else None, minor=minor_number,
             multiprocessors=self._multiprocessors(h, name), pcie_root=_pcie_root_from_sysfs(bus_id))
+
+    def gpu_fabric_info(self, h: Any) -> GpuFabricInfo:
+        """Read-only. The versioned call (``nvmlDeviceGetGpuFabricInfoV``, R535+) where this nvidia-ml-py and
+        driver have it, else the original one; neither present: NotSupportedError."""
+        n = self._n
+        uuid = self._dev(h)
+        calls = [("nvmlDeviceGetGpuFabricInfoV", "c_nvmlGpuFabricInfoV_t"),
+                 ("nvmlDeviceGetGpuFabricInfo", "c_nvmlGpuFabricInfo_t")]
+        for fn_name, struct_name in calls:
+            fn, struct = getattr(n, fn_name, None), getattr(n, struct_name, None)
+            if fn is None or struct is None:
+                continue
+            info = struct()
+            try:
+                self._call(f"{fn_name} on {uuid}", fn, h, ctypes.byref(info))
+            except errors.NvmlError as e:
+                if e.code == errors.FUNCTION_NOT_FOUND:
+                    continue            # an older driver: try the original call
+                raise
+            raw = bytes(bytearray(info.clusterUuid))
+            return GpuFabricInfo(cluster_uuid=str(uuidlib.UUID(bytes=raw.ljust(16, b"\0")[:16])),
+                                 clique_id=int(info.cliqueId), state=int(info.state), status=int(info.status))
+        raise errors.NotSupportedError(f"nvmlDeviceGetGpuFabricInfo is not available for {uuid} (nvidia-ml-py or "
+                                       "driver too old)")
+
+    def nvlink_p2p_status(self, h1: Any, h2: Any) -> int:
+        """Read-only: ``nvmlDeviceGetP2PStatus`` for the NVLink capability. A driver that cannot answer
+        (NOT_SUPPORTED) means no NVLink between the two."""
+        n = self._n
+        index = getattr(n, "NVML_P2P_CAPS_INDEX_NVLINK", 2)
+        try:
+            return int(self._call(f"nvmlDeviceGetP2PStatus({self._dev(h1)}, {self._dev(h2)}, NVLINK)",
+                                  n.nvmlDeviceGetP2PStatus, h1, h2, index))
+        except errors.NotSupportedError:
+            return P2P_STATUS_NOT_SUPPORTED
 
     def _multiprocessors(self, h: Any, name: str) -> int:
         try:

@@ -1,0 +1,7 @@
+"""The simulator's one error type: bad input, with a message naming the source, the place and the fix."""
+
+from __future__ import annotations
+
+
+class SimulateError(ValueError):
+    """Input the simulator cannot use (cluster spec, trace file, option); ``partita simulate`` exits 2."""
