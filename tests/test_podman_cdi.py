@@ -32,7 +32,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 NODE = "node-a"
 IMAGE = "localhost/partita-busybox-test:latest"
 CDI_ROOT = Path("/var/run/cdi")
-PODMAN = ["podman", "--cgroup-manager=cgroupfs", "run", "--rm", "--runtime", "runc",
+# --network=none: the container needs no network, and podman 5 (Debian trixie) would otherwise need nftables
+# for its default network, which a minimal machine lacks.
+PODMAN = ["podman", "--cgroup-manager=cgroupfs", "run", "--rm", "--runtime", "runc", "--network=none",
           "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 
 
