@@ -1,4 +1,4 @@
-"""Inventory -> ResourceSlices: Partita's published device model (ARCHITECTURE §3, docs/device-model.md).
+"""Inventory -> ResourceSlices: Partita's published device model (docs/architecture.md §3, docs/device-model.md).
 
 Pure functions. One pool per node (named after it). Per physical GPU, depending on what the cluster
 supports (:class:`SliceFeatures`):

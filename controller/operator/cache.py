@@ -1,6 +1,6 @@
 """What the controller knows of the cluster: the watched objects, and the devices claims hold.
 
-Bookkeeping follows ARCHITECTURE §4.6: allocated devices come from what the informers show, plus the
+Bookkeeping follows docs/architecture.md §4.6: allocated devices come from what the informers show, plus the
 allocations this controller wrote that the informers have not shown yet (in flight) — never from memory
 of writes alone. An in-flight allocation stays counted until the claim is seen with it, or is seen
 without it at a newer resourceVersion than our write (then kube-scheduler's PostFilter, or someone,

@@ -1,4 +1,4 @@
-"""Does a pod fit a node? kube-scheduler's Filter plugins, as pure functions (ARCHITECTURE §4.3).
+"""Does a pod fit a node? kube-scheduler's Filter plugins, as pure functions (docs/architecture.md §4.3).
 
 The controller must be at least as strict as kube-scheduler: if it picked a node the scheduler's
 filters reject, the scheduler's PostFilter would clear the allocation; and it must never reject a node

@@ -1,7 +1,7 @@
 """An in-process Kubernetes API server emulator for the sandbox and the integration tests.
 
 Never used against a cluster. It serves the Kubernetes HTTP API on 127.0.0.1 (aiohttp, JSON) for the
-resources Partita touches, with the semantics its clients rely on (shared/reference/notes/api-emulator.md):
+resources Partita touches, with the semantics its clients rely on (docs/architecture.md §7):
 
 * discovery (``/version``, ``/api``, ``/apis``, ``/api/v1``, ``/apis/<g>/<v>``) as kopf and the official
   client expect, including ``namespaces`` (without it kopf starts no watchers);

@@ -1,4 +1,4 @@
-"""``partita sandbox``: the whole system on one machine, no cluster (ARCHITECTURE §7).
+"""``partita sandbox``: the whole system on one machine, no cluster (docs/architecture.md §7).
 
 An in-process API server; per fake-GPU node the real kubelet plugin in its own process (real unix
 sockets, CDI specs, checkpoint) and a kubelet stand-in that registers it and prepares claims over gRPC;

@@ -1,4 +1,4 @@
-"""Prepare and unprepare claims on this node (ARCHITECTURE §5).
+"""Prepare and unprepare claims on this node (docs/architecture.md §5).
 
 For each claim the kubelet names: check the claim we read from the API server (uid, allocation, node),
 take the results of our driver, resolve each device to a GPU / MIG placement / share, check it is not
