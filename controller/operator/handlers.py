@@ -6,10 +6,13 @@ process, as in tests); they write nothing into the watched objects (no progress 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import kopf
+
+from driver.api.kube import Connection
 
 from .controller import Controller
 
@@ -26,12 +29,16 @@ WATCHED = (
 
 
 def build_registry(controller: Controller, kube_api: str | None,
-                   extra: tuple[tuple[str, str, str, str], ...] = ()) -> kopf.OperatorRegistry:
-    """``extra``: more (kind, group, version, plural) to watch, found by discovery (DeviceTaintRules)."""
+                   extra: tuple[tuple[str, str, str, str], ...] = (),
+                   connection: Connection | None = None) -> kopf.OperatorRegistry:
+    """``extra``: more (kind, group, version, plural) to watch, found by discovery (DeviceTaintRules);
+    ``connection``: the one ``--kubeconfig``/``--context`` chose (driver.api.kube.Kube.connection)."""
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
     def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
+        if connection is not None:
+            return kopf.ConnectionInfo(**dataclasses.asdict(connection))
         if kube_api:
             return kopf.ConnectionInfo(server=kube_api.rstrip("/"), insecure=True)
         return (kopf.login_with_service_account(settings=settings, **kwargs)
