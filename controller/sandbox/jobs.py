@@ -43,6 +43,7 @@ class Job:
     indexed: bool
     pods: list[str] = field(default_factory=list)        # names of the pods created, in order
     succeeded: set[str] = field(default_factory=set)
+    gone: set[str] = field(default_factory=set)          # pods deleted before they finished
     started: float | None = None
     finished: float | None = None
     problem: str = ""
@@ -92,7 +93,8 @@ class JobController:
             for name in job.pods:
                 pod = pods.get((job.namespace, name))
                 if pod is None:
-                    continue          # deleted: neither active nor succeeded (the Job would replace it)
+                    job.gone.add(name)    # deleted: neither active nor succeeded (the Job replaces it)
+                    continue
                 phase = (pod.get("status") or {}).get("phase", "Pending")
                 if phase == "Running" and not pod["metadata"].get("deletionTimestamp"):
                     since = self._running_since.setdefault(pod["metadata"]["uid"], now)
@@ -130,10 +132,8 @@ class JobController:
         labels = {JOB_NAME: job.name, LEGACY_JOB_NAME: job.name}
         if not job.indexed:
             return f"{job.name}-{len(job.pods)}", labels
-        busy = {n for n in job.pods if (job.namespace, n) in pods and n not in job.succeeded}
-        done = {n for n in job.succeeded}
-        index = next(i for i in range(job.completions + len(job.pods) + 1)
-                     if f"{job.name}-{i}" not in busy | done)
+        taken = set(job.pods) - job.gone          # active or succeeded: that index is someone's
+        index = next(i for i in range(job.completions + len(job.pods) + 1) if f"{job.name}-{i}" not in taken)
         return f"{job.name}-{index}", {**labels, COMPLETION_INDEX: str(index)}
 
     def _create(self, job: Job, now: float, pods: dict) -> bool:
@@ -145,10 +145,12 @@ class JobController:
         try:
             self.server.create(pod, keep_status=False, field_validation="Strict")
         except ApiError as e:
-            job.problem = f"Job {job.key}: creating pod {name} failed: {e.code} {e.reason}: {e.message}"
-            log.error("%s", job.problem)
+            job.problem = f"creating pod {name} failed: {e.code} {e.reason}: {e.message}"
+            log.error("Job %s: %s", job.key, job.problem)
             return False
-        job.pods.append(name)
+        job.gone.discard(name)
+        if name not in job.pods:
+            job.pods.append(name)
         job.started = job.started or now
         self.last_change = now
         return True
