@@ -25,7 +25,8 @@ def test_default_sandbox_runs_the_examples_and_cleans_up() -> None:
     r = sandbox()
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("default/")}
+    table = out.split("\nPending:")[0]
+    rows = {line.split()[0]: line for line in table.splitlines() if line.startswith("default/")}
     # pods run in any order, so where each lands varies; what each gets does not
     status = {pod: row.split()[1] for pod, row in rows.items()}
     training = [f"default/training-{i}" for i in range(6)]
