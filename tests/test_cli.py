@@ -137,3 +137,31 @@ def test_the_controller_connects_through_the_kubeconfig_context_and_leases_in_it
 
     lease = asyncio.run(go())
     assert lease is not None and lease["spec"]["holderIdentity"]
+
+
+# -- progress ----------------------------------------------------------------------------------------
+def test_progress_lines_say_what_is_waited_for_and_only_when_asked(capsys) -> None:
+    import io
+
+    from controller.sandbox.progress import Progress
+
+    stream = io.StringIO()
+    state = {"n": 0}
+
+    def what() -> str:
+        state["n"] += 1
+        return f"pods to settle: {state['n']} pending"
+
+    async def go(p: Progress) -> None:
+        async with p.waiting(what):
+            await asyncio.sleep(0.35)
+
+    asyncio.run(go(Progress(True, stream, interval=0.1)))
+    lines = stream.getvalue().splitlines()
+    assert len(lines) >= 2 and lines[0].startswith("sandbox: waiting for pods to settle: 1 pending (")
+    # not a terminal (as under pytest) and not forced: nothing at all
+    quiet = Progress.for_stderr(forced=False, interval=0.1)
+    assert not quiet.enabled
+    asyncio.run(go(quiet))
+    assert capsys.readouterr().err == ""
+    assert Progress.for_stderr(forced=True).enabled

@@ -43,6 +43,7 @@ def test_default_sandbox_runs_the_examples_and_cleans_up() -> None:
     for i in range(3):
         assert "(shared: 20Gi of 80Gi)" in rows[f"default/notebook-{i}"] and rows[f"default/notebook-{i}"].split()[2] == "node-c"
     assert "StatefulSet notebook): volumeClaimTemplates (home) ignored" in r.stderr
+    assert "waiting for" not in r.stderr          # progress lines only on a terminal or with --progress
     # one GPU from a ResourceClaimTemplate, with its CDI device
     assert rows["default/single-gpu"].count("(whole NVIDIA H100 80GB HBM3)") == 1
     assert "k8s.gpu.partita.dev/gpu=" in rows["default/single-gpu"]
