@@ -25,7 +25,9 @@ dropping one constraint, dropping one request — and reports the first one with
 a solution (changes addressing the last stage that excluded devices first, as that is the one closest to
 fitting), and up to two alternatives.
 
-Inputs are files (claim or template, slices, classes, nodes, other allocated claims) or the cluster.
+Inputs are files (claim or template, slices, classes, nodes, other allocated claims; one multi-document
+``-f`` file may hold them all, with ``--claim NAME`` picking one of several claims) or the cluster
+(``--kubeconfig``/``--context``/``-n``, the claim's namespace defaulting to the context's).
 """
 
 from __future__ import annotations
