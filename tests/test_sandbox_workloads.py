@@ -138,3 +138,27 @@ def test_a_job_pod_template_must_not_restart_always(tmp_path) -> None:
                                                r"OnFailure for a Job, got 'Always'"):
         _load(tmp_path, "apiVersion: batch/v1\nkind: Job\nmetadata: {name: train}\nspec:\n"
               + POD_TEMPLATE.replace("Never", "Always"))
+
+
+def test_the_reaper_finds_only_the_sandboxs_own_processes_under_its_work_folder(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from controller.sandbox.reaper import processes_under, reap
+
+    code = "import time; time.sleep(60)"
+    stranger = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "x")])          # names the folder
+    standin = subprocess.Popen([sys.executable, "-c", code, "-m", "driver.plugin.mps_standin", "--pipe-dir",
+                                str(tmp_path / "n" / "mps")])                              # looks like ours
+    elsewhere = subprocess.Popen([sys.executable, "-c", code, "-m", "driver", "plugin", "--cdi-root", "/tmp/other"])
+    try:
+        assert processes_under(tmp_path) == [standin.pid]
+        assert reap(tmp_path, grace=5.0) == [standin.pid]
+        standin.wait(5)
+        assert not os.path.exists(f"/proc/{standin.pid}")       # stopped (and reaped)
+        assert stranger.poll() is None and elsewhere.poll() is None
+    finally:
+        for p in (stranger, standin, elsewhere):
+            p.kill()
+            p.wait()

@@ -3,7 +3,9 @@
 Each node's plugin runs in a session of its own (``start_new_session``), and the plugin starts its MPS
 control stand-ins in sessions of their own too, as MPS daemons outlive a plugin restart on a real node:
 neither a terminal's Ctrl-C nor the sandbox's exit reaches them. Every one of them names a path under the
-sandbox's work directory on its command line (``--cdi-root``, ``--pipe-dir``), which is how they are found.
+sandbox's work directory on its command line (``--cdi-root``, ``--pipe-dir``) and runs one of Partita's own
+modules (:data:`MODULES`), which is how they are found: nothing else is touched, whatever the work
+directory (``--workdir`` may be any folder).
 """
 
 from __future__ import annotations
@@ -14,8 +16,22 @@ import time
 from pathlib import Path
 
 
+#: ``python -m <module> [<first argument>]`` of the processes a sandbox starts: the plugin, MPS stand-ins
+MODULES = (("driver", "plugin"), ("driver.plugin.mps_standin", None))
+
+
+def _ours(args: list[str]) -> bool:
+    for i, a in enumerate(args[:-1]):
+        if a == "-m":
+            for module, first in MODULES:
+                if args[i + 1] == module and (first is None or args[i + 2:i + 3] == [first]):
+                    return True
+    return False
+
+
 def processes_under(workdir: Path) -> list[int]:
-    """Process IDs (not this one) whose command line names a path inside ``workdir``."""
+    """Process IDs (not this one) of a sandbox's plugins and MPS stand-ins whose command line names a path
+    inside ``workdir``."""
     root = str(Path(workdir).resolve())
     prefixes = (root + os.sep, root)
     out = []
@@ -23,10 +39,10 @@ def processes_under(workdir: Path) -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
+            args = [a.decode(errors="replace") for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
         except OSError:
             continue      # gone meanwhile, or not ours to read
-        if any(a.decode(errors="replace").startswith(prefixes) for a in args if a):
+        if _ours(args) and any(a.startswith(prefixes) for a in args):
             out.append(int(entry.name))
     return out
 
