@@ -262,3 +262,14 @@ def _alive(pid: int) -> bool:
         return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def test_a_failed_run_leaves_no_process_and_no_work_folder(tmp_path) -> None:
+    wl = tmp_path / "job.yaml"
+    wl.write_text(JOB)
+    # the Job's pods "run" for a minute, so the pods cannot settle within a second: the run fails
+    r = sandbox("--node", "n=L4:1", "-f", str(wl), "--timeout", "1", "--job-run-time", "60")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "the pods did not settle within 1s" in r.stderr and "Job default/train 0/3 complete" in r.stderr
+    workdir = re.search(r"work directory (\S+)", r.stdout).group(1)
+    assert not pathlib.Path(workdir).exists() and _running_under(workdir) == []

@@ -311,14 +311,6 @@ class Sandbox:
         return problems
 
 
-class Interrupted(Exception):
-    """SIGTERM or SIGINT arrived; ``signum`` says which."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
 async def run_sandbox(args: argparse.Namespace, out=sys.stdout) -> int:  # noqa: ANN001
     profile = cluster_profile(args)
     files = list(args.manifests or mf.default_files())
@@ -422,6 +414,9 @@ async def run_sandbox(args: argparse.Namespace, out=sys.stdout) -> int:  # noqa:
                 shutil.rmtree(workdir, ignore_errors=True)
     for p in problems:
         print(f"sandbox problem: {p}", file=sys.stderr)
+    if problems and temp and not rejected:
+        print("sandbox: the temporary work directory is removed; pass --workdir DIR to keep the plugin logs, "
+              "sockets and CDI specs", file=sys.stderr)
     say(f"Done in {time.monotonic() - started:.1f}s.")
     if received:
         return 128 + received[0]
