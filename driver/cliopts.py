@@ -59,7 +59,8 @@ def add_cluster(p: argparse.ArgumentParser, *, kube_api_default: str | None = No
                                      "in-cluster, then the kubeconfig") -> None:
     g = p.add_argument_group("cluster connection")
     g.add_argument("--kubeconfig", metavar="FILE",
-                   help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config; in a pod: its service account)")
+                   help="kubeconfig file (default: in a pod its service account, else $KUBECONFIG, else "
+                        "~/.kube/config)")
     g.add_argument("--context", help="kubeconfig context (default: the current context)")
     if namespace:
         g.add_argument("-n", "--namespace",
