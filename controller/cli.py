@@ -8,6 +8,7 @@ fast and a missing optional part gives a clear message instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import sys
 
@@ -23,9 +24,18 @@ COMMANDS = {
 }
 
 
+def version() -> str:
+    """The installed distribution's version (a source checkout run without installing says so)."""
+    try:
+        return importlib.metadata.version("partita")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed; run from a source checkout)"
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="partita", description="Partita: DRA driver and operator for NVIDIA GPUs (whole, MIG, shared).")
+    parser.add_argument("--version", action="version", version=f"partita {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     driver_cli.add_subcommands(sub, wanted)
@@ -39,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args._run(args))
+    try:
+        return int(args._run(args))
+    except BrokenPipeError:         # `partita ... | head`: the reader left; no traceback
+        sys.stderr.close()
+        return 141
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from aiohttp import web
 from driver.api import constants as C
 from driver.api.config import validate_claim_configs
 from driver.api.messages import bound_list
+from driver.cliopts import add_log_level
 
 log = logging.getLogger("partita.webhook")
 
@@ -72,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", default=env("TLS_CERT_FILE", "/etc/partita/tls/tls.crt"), help="env TLS_CERT_FILE")
     p.add_argument("--tls-key", default=env("TLS_KEY_FILE", "/etc/partita/tls/tls.key"), help="env TLS_KEY_FILE")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (tests only)")
-    p.add_argument("--log-level", default=env("LOG_LEVEL", "INFO"), help="env LOG_LEVEL")
+    add_log_level(p, env("LOG_LEVEL", "INFO"), "env LOG_LEVEL")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from typing import Callable
 import yaml
 
 from driver.api import constants as C
+from driver.cliopts import add_output
 from driver.inventory import Inventory, discover
 from driver.nvml import NvmlError, ProfileError, load_profile, open_backend, profile_from_spec
 from driver.slices import SliceFeatures, build_slices
@@ -31,13 +32,14 @@ def add_inventory_arguments(p: argparse.ArgumentParser) -> None:
                    help="as on clusters without partitionable devices: no counters, static MIG only")
     p.add_argument("--no-consumable-capacity", action="store_true",
                    help="as on clusters without consumable capacity: no shared GPU devices")
-    p.add_argument("-o", "--output", choices=("table", "yaml", "json"), default="table",
-                   help="table (default), or the ResourceSlices as a Kubernetes List in yaml or json")
+    add_output(p, help_="table (default), wide (the table with architecture, PCIe root, device ID and minor, "
+                        "and every device named), or the ResourceSlices as a Kubernetes List in yaml or json")
 
 
 def _inventory(args: argparse.Namespace) -> Inventory:
     if args.fake or args.profile:
-        profile = profile_from_spec(args.fake, args.node_name) if args.fake else load_profile(args.profile)
+        profile = profile_from_spec(args.fake, args.node_name) if args.fake else \
+            load_profile(args.profile, "--profile", "--fake MODEL:COUNT")
         backend = open_backend("fake", profile=profile, node_name=args.node_name)
     else:
         backend = open_backend("real")
@@ -48,10 +50,13 @@ def _inventory(args: argparse.Namespace) -> Inventory:
         backend.shutdown()
 
 
-def _table(inv: Inventory, slices: list[dict], features: SliceFeatures) -> str:
+def _table(inv: Inventory, slices: list[dict], features: SliceFeatures, wide: bool = False) -> str:
     lines = [f"Node {inv.node_name}: {len(inv.gpus)} GPU(s), NVIDIA driver {inv.driver_version}, "
              f"CUDA {inv.cuda_driver_version} ({inv.backend} NVML)", ""]
     hdr = f"{'UUID':42} {'PRODUCT':26} {'MEMORY':>9} {'SMS':>4} {'CC':>4} {'PCI BUS':13} {'NUMA':>4} MIG"
+    width = len(hdr)
+    if wide:
+        hdr += f"  {'ARCH':13} {'PCIE ROOT':11} {'DEVICE ID':11} MINOR"
     lines.append(hdr)
     for g in inv.gpus:
         mig = "on" if g.mig_enabled else ("off" if g.mig_capable else "-")
@@ -59,8 +64,12 @@ def _table(inv: Inventory, slices: list[dict], features: SliceFeatures) -> str:
             mig += f" (pending {'on' if g.mig_pending else 'off'})"
         numa = "-" if g.numa_node is None else str(g.numa_node)
         health = "" if g.healthy else "  UNHEALTHY"
-        lines.append(f"{g.uuid:42} {g.product_name[:26]:26} {g.memory_bytes / 2**30:8.1f}G {g.multiprocessors:>4} "
-                     f"{g.cuda_compute_capability:>4} {g.pci_bus_id:13} {numa:>4} {mig}{health}")
+        row = (f"{g.uuid:42} {g.product_name[:26]:26} {g.memory_bytes / 2**30:8.1f}G {g.multiprocessors:>4} "
+               f"{g.cuda_compute_capability:>4} {g.pci_bus_id:13} {numa:>4} {mig}")
+        if wide:
+            row = f"{row:{width}}  {g.architecture:13} {g.pcie_root or '-':11} {g.pci_device_id or '-':11} " \
+                  f"{g.minor}"
+        lines.append(row + health)
     devices = [d for s in slices for d in s["spec"].get("devices") or []]
     lines += ["", f"ResourceSlices: {len(slices)} (driver {slices[0]['spec']['driver']}, pool {inv.node_name}, "
               f"allocation mode {features.allocation_mode}), {len(devices)} device(s)"]
@@ -68,7 +77,8 @@ def _table(inv: Inventory, slices: list[dict], features: SliceFeatures) -> str:
     for d in devices:
         by_type.setdefault(d["attributes"][C.ATTR_TYPE]["string"], []).append(d["name"])
     for t, names in by_type.items():
-        shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+        shown = ", ".join(names) if wide else \
+            ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
         lines.append(f"  {t:7} {shown}")
     return "\n".join(lines)
 
@@ -83,8 +93,8 @@ def run_inventory(args: argparse.Namespace) -> int:
                              partitionable=not args.no_partitionable,
                              consumable_capacity=not args.no_consumable_capacity)
     slices = build_slices(inv, driver_name=args.driver_name, features=features)
-    if args.output == "table":
-        print(_table(inv, slices, features))
+    if args.output in ("table", "wide"):
+        print(_table(inv, slices, features, wide=args.output == "wide"))
         return 0
     doc = {"apiVersion": "v1", "kind": "List", "items": slices}
     if args.output == "json":

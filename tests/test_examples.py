@@ -13,6 +13,7 @@ from driver.api.deviceclasses import device_classes
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 VERSIONS = ["1.34.0", "1.35.0", "1.36.0", "1.37.0"]
 SHIPPED_CLASSES = {c["metadata"]["name"] for c in device_classes()}
+WORKLOADS = ("Deployment", "StatefulSet", "Job")       # kinds with a pod template
 
 
 def _docs(path: Path) -> list[dict]:
@@ -49,15 +50,15 @@ def test_example_uses_shipped_device_classes_and_pods_reference_their_claims(pat
         if doc["kind"] in ("ResourceClaimTemplate", "ResourceClaim"):
             for req in _requests(doc):
                 assert req["deviceClassName"] in SHIPPED_CLASSES, (path.name, req)
-        if doc["kind"] in ("Pod", "Deployment"):
+        if doc["kind"] in ("Pod", *WORKLOADS):
             pod_spec = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
             pod_claims = {c["name"]: c for c in pod_spec.get("resourceClaims", [])}
             assert pod_claims, f"{path.name}: {doc['kind']} {doc['metadata']['name']} uses no claim"
             for c in pod_claims.values():
                 ref = c.get("resourceClaimTemplateName") or c.get("resourceClaimName")
                 assert ref in templates | claims, f"{path.name}: pod claim {c['name']} refers to {ref}"
-            if doc["kind"] == "Deployment":
-                # a Deployment's pods cannot share one ResourceClaim by accident: templates only
+            if doc["kind"] in WORKLOADS:
+                # a workload's pods cannot share one ResourceClaim by accident: templates only
                 assert all("resourceClaimTemplateName" in c for c in pod_claims.values()), path.name
             for container in pod_spec["containers"]:
                 for used in container.get("resources", {}).get("claims", []):
@@ -78,3 +79,13 @@ def test_the_examples_cover_every_device_type() -> None:
     used = {req["deviceClassName"] for path in EXAMPLES for doc in _docs(path)
             if doc["kind"] in ("ResourceClaimTemplate", "ResourceClaim") for req in _requests(doc)}
     assert used == SHIPPED_CLASSES
+
+
+def test_the_examples_cover_every_workload_kind_the_sandbox_runs() -> None:
+    kinds = {doc["kind"] for path in EXAMPLES for doc in _docs(path)}
+    assert {"Pod", *WORKLOADS} <= kinds
+
+
+def test_every_example_is_in_the_readme_table() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert [p.name for p in EXAMPLES if f"| `{p.name}` |" not in readme] == []

@@ -365,7 +365,7 @@ def test_cli_classes_and_nodes_from_files(files, capsys) -> None:
     (None, [], "cannot read"),
     ("kind: ResourceClaim\nmetadata: {name: x}\nspec: {devices: {requests: [{name: a, exactly: "
      "{deviceClassName: gpu.partita.dev, count: 0}}]}}\n", [], "request a: count 0 is invalid"),
-    ("kind: ResourceClaim\nmetadata: {name: x}\n", ["--claim", "default/x"], "either as a file"),
+    ("kind: ResourceClaim\nmetadata: {name: x}\n", ["--claim", "default/y"], "no claim matches in"),
 ])
 def test_cli_bad_input_exits_2_with_a_clear_message(files, capsys, content, args, message) -> None:
     path = files / "bad.yaml"
@@ -414,3 +414,80 @@ def test_cli_unreachable_api_server(tmp_path, capsys) -> None:
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(_claim(_req())))
     assert main(["explain", "-f", str(tmp_path / "c.yaml"), "--kube-api", "http://127.0.0.1:9"]) == 2
     assert "API server (http://127.0.0.1:9)" in capsys.readouterr().err
+
+
+# -- one multi-document file, kubeconfig contexts, output formats ------------------------------------
+def test_cli_one_multi_document_file_holds_claim_slices_classes_and_allocations(h100x2, tmp_path, capsys) -> None:
+    slices, gpus = h100x2
+    pair = _claim(_req(count=2), name="pair")
+    single = _claim(_req(), name="single")
+    held = _allocated("trainer", "node-a", gpus[0])
+    path = tmp_path / "all.yaml"
+    path.write_text(yaml.safe_dump_all([pair, *slices, *device_classes(), held, single]))
+    # no --slices, no cluster: the file's slices and classes; the allocated claim in it holds a GPU
+    assert main(["explain", "-f", str(path), "--claim", "pair", "-o", "json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["claim"] == "default/pair" and out["requests"][0]["candidates"] == {"node-a": 1}
+    assert "held by claim default/trainer" in out["fix"]
+    assert main(["explain", "-f", str(path), "--claim", "default/single"]) == 0
+    assert "claim default/single fits: node node-a" in capsys.readouterr().out
+    # several claims and none picked, or a name the file lacks: exit 2 naming what the file holds
+    assert main(["explain", "-f", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "holds 3 claims (default/pair, default/trainer, default/single); pick one with --claim NAME" in err
+    assert main(["explain", "-f", str(path), "--claim", "nope"]) == 2
+    assert "--claim nope: no claim matches" in capsys.readouterr().err
+    # the same kind both in the file and by flag is ambiguous
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "a.yaml").write_text(yaml.safe_dump_all(slices))
+    assert main(["explain", "-f", str(path), "--claim", "pair", "--slices", str(tmp_path / "s")]) == 2
+    assert "holds ResourceSlice objects and --slices gives more" in capsys.readouterr().err
+
+
+def _kubeconfig(tmp_path, url: str, namespace: str | None) -> str:
+    ctx = {"cluster": "sandbox", "user": "me", **({"namespace": namespace} if namespace else {})}
+    cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "plain",
+           "clusters": [{"name": "sandbox", "cluster": {"server": url}}],
+           "users": [{"name": "me", "user": {"token": "t"}}],
+           "contexts": [{"name": "plain", "context": {"cluster": "sandbox", "user": "me"}},
+                        {"name": "team", "context": ctx}]}
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_cli_claim_namespace_comes_from_n_or_the_kubeconfig_context(server, tmp_path, capsys) -> None:
+    s, url = server
+    team = _claim(_req(), name="solo")
+    team["metadata"]["namespace"] = "team-a"
+    s.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}})
+    s.create(team)
+    kc = _kubeconfig(tmp_path, url, "team-a")
+    # the context "team" sets namespace team-a: --claim NAME finds team-a/solo
+    assert main(["explain", "--claim", "solo", "--kubeconfig", kc, "--context", "team", "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["claim"] == "team-a/solo"
+    # the current context has no namespace: default, where solo is not
+    assert main(["explain", "--claim", "solo", "--kubeconfig", kc]) == 2
+    assert "ResourceClaim solo not found in namespace default" in capsys.readouterr().err
+    # -n overrides the context's namespace
+    assert main(["explain", "--claim", "solo", "--kubeconfig", kc, "-n", "team-a"]) == 0
+    assert main(["explain", "--claim", "pair", "--kubeconfig", kc, "--context", "team", "-n", "default"]) == 1
+    capsys.readouterr()
+    # an unknown context is a clear exit 2
+    assert main(["explain", "--claim", "solo", "--kubeconfig", kc, "--context", "nope"]) == 2
+    assert "cannot reach the API server (kubeconfig" in capsys.readouterr().err
+
+
+def test_cli_output_vocabulary(files, capsys) -> None:
+    base = ["explain", "-f", str(files / "t.yaml"), "--slices", str(files / "slices")]
+    assert main([*base, "-o", "yaml"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["claim"] == "ml/pair"
+    assert main([*base, "-o", "wide"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n  device node-a/gpu-") == 2
+    assert main([*base, "-o", "text"]) == 0          # the old name: still accepted, with a note
+    r = capsys.readouterr()
+    assert "claim ml/pair fits" in r.out and "-o text is deprecated; use -o table" in r.err
+    with pytest.raises(SystemExit) as e:
+        main([*base, "-o", "xml"])
+    assert e.value.code == 2 and "invalid output 'xml'" in capsys.readouterr().err

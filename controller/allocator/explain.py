@@ -25,7 +25,9 @@ dropping one constraint, dropping one request — and reports the first one with
 a solution (changes addressing the last stage that excluded devices first, as that is the one closest to
 fitting), and up to two alternatives.
 
-Inputs are files (claim or template, slices, classes, nodes, other allocated claims) or the cluster.
+Inputs are files (claim or template, slices, classes, nodes, other allocated claims; one multi-document
+``-f`` file may hold them all, with ``--claim NAME`` picking one of several claims) or the cluster
+(``--kubeconfig``/``--context``/``-n``, the claim's namespace defaulting to the context's).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import yaml
 from driver.api import constants as C
 from driver.api.deviceclasses import device_classes
 from driver.api.quantity import Quantity
+from driver.cliopts import add_cluster, add_output
 
 from .allocator import Allocator, copy_claim_with_tolerations
 from .constraints import lookup_attribute
@@ -506,9 +509,12 @@ def _request_specs(i: int, req: Mapping) -> Iterator[tuple[str, str, Callable[[M
 
 
 # -- rendering ------------------------------------------------------------------------------------
-def render(e: Explanation) -> str:
+def render(e: Explanation, wide: bool = False) -> str:
+    """The explanation as text; ``wide`` also lists each chosen device on its own line and, for a claim
+    that does not fit, every node's devices left (nodes with none included)."""
     if e.fits:
-        return f"claim {e.claim} fits: node {e.node}, devices {', '.join(e.devices)}"
+        head = f"claim {e.claim} fits: node {e.node}, devices {', '.join(e.devices)}"
+        return "\n".join([head, *(f"  device {d}" for d in e.devices)]) if wide else head
     lines = [f"claim {e.claim} cannot be allocated:"]
     for r in e.requests:
         lines.append(f"  request {r.request} (class {r.device_class}, needs {r.needs}): "
@@ -516,7 +522,8 @@ def render(e: Explanation) -> str:
         for s in r.stages:
             ex = f"; e.g. {', '.join(s.examples)}" if s.examples else ""
             lines.append(f"    - {s.excluded:>5} excluded by {s.reason} ({s.meaning}){ex}")
-        left = ", ".join(f"{n} {k}" for n, k in sorted(r.candidates.items(), key=lambda kv: -kv[1]) if k) or "none"
+        left = ", ".join(f"{n} {k}" for n, k in sorted(r.candidates.items(), key=lambda kv: -kv[1])
+                         if k or wide) or "none"
         lines.append(f"    = left on a node: {left}")
         lines.append(f"    {r.verdict}")
     if e.undecided:
@@ -596,27 +603,30 @@ def _nodes(docs: Sequence[Mapping]) -> list[Node]:
             for d in docs if d.get("kind") == "Node" and (d.get("metadata") or {}).get("name")]
 
 
-async def _from_cluster(kube_api: str | None, claim_name: str | None) -> dict:
-    from driver.api.kube import CLAIMS, DEVICE_CLASSES, NODES, SLICES, InvalidName, Kube, KubeError, claim_path
+async def _from_cluster(args: argparse.Namespace, claim_name: str | None) -> dict:
+    from driver.api.kube import CLAIMS, DEVICE_CLASSES, NODES, SLICES, InvalidName, KubeError, claim_path
+    from driver.cliopts import connect, where as where_of
 
+    where = where_of(args)
     try:
-        kube = await Kube.connect(kube_api)
+        kube = await connect(args)
     except Exception as e:  # noqa: BLE001 - no kubeconfig, bad URL: a clear message, not a traceback
-        raise ExplainInputError(f"cannot reach the API server ({kube_api or 'in-cluster or kubeconfig'}): {e}; "
-                                "pass --kube-api URL, or give the slices as files (--slices)") from None
-    where = kube_api or "in-cluster or kubeconfig"
+        raise ExplainInputError(f"cannot reach the API server ({where}): {e}; pass --kubeconfig FILE, --context "
+                                "NAME or --kube-api URL, or give the slices as files (--slices)") from None
     try:
         out: dict = {}
         if claim_name:
             ns, _, name = claim_name.rpartition("/")
+            ns = ns or getattr(args, "namespace", None) or kube.namespace
             try:
-                out["claim"] = await kube.get(claim_path(ns or "default", name))
+                out["claim"] = await kube.get(claim_path(ns, name))
             except InvalidName as e:
-                raise ExplainInputError(f"--claim {claim_name}: {e}; give it as NAMESPACE/NAME") from None
+                raise ExplainInputError(f"--claim {claim_name}: {e}; give it as NAME (with -n NAMESPACE) or "
+                                        "NAMESPACE/NAME") from None
             except KubeError as e:
                 if e.not_found:
                     raise ExplainInputError(f"--claim {claim_name}: ResourceClaim {name} not found in namespace "
-                                            f"{ns or 'default'}; give it as NAMESPACE/NAME") from None
+                                            f"{ns}; give it as NAME with -n NAMESPACE, or as NAMESPACE/NAME") from None
                 raise
         for key, kind, path in (("slices", "ResourceSlice", SLICES), ("classes", "DeviceClass", DEVICE_CLASSES),
                                 ("claims", "ResourceClaim", CLAIMS), ("nodes", "Node", NODES)):
@@ -632,8 +642,8 @@ async def _from_cluster(kube_api: str | None, claim_name: str | None) -> dict:
     except KubeError as e:
         raise ExplainInputError(f"reading from the API server ({where}): {e}") from None
     except (OSError, asyncio.TimeoutError) as e:
-        raise ExplainInputError(f"cannot reach the API server ({where}): {e}; pass --kube-api URL, or give the "
-                                "slices as files (--slices)") from None
+        raise ExplainInputError(f"cannot reach the API server ({where}): {e}; pass --kubeconfig FILE, --context "
+                                "NAME or --kube-api URL, or give the slices as files (--slices)") from None
     except Exception as e:  # noqa: BLE001 - a client library error: a clear message, not a traceback
         if isinstance(e, ExplainInputError):
             raise
@@ -657,8 +667,13 @@ async def _cluster_taint_rules(kube) -> list[dict]:  # noqa: ANN001
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--claim-file", type=Path, help="a ResourceClaim or ResourceClaimTemplate (YAML/JSON)")
-    p.add_argument("--claim", metavar="NAMESPACE/NAME", help="a claim in the cluster instead of a file")
+    p.add_argument("-f", "--claim-file", type=Path,
+                   help="a ResourceClaim or ResourceClaimTemplate (YAML/JSON); a multi-document file may also hold "
+                        "the ResourceSlices, DeviceClasses, allocated claims, Nodes and DeviceTaintRules to explain "
+                        "against, and several claims (pick one with --claim NAME)")
+    p.add_argument("--claim", metavar="[NAMESPACE/]NAME",
+                   help="the claim in the cluster (namespace: -n, else the kubeconfig context's), or, with -f, the "
+                        "claim of that name in the file")
     p.add_argument("--slices", type=Path, nargs="+", metavar="PATH",
                    help="ResourceSlice files or directories (e.g. `partita inventory --fake H100-SXM5-80GB:8 -o yaml` "
                         "output); default: the cluster's")
@@ -677,8 +692,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allocation-mode", choices=C.ALLOCATION_MODES, default=C.ALLOCATION_MODE_CONTROLLER,
                    help="controller (default): the claim tolerates Partita's managed taint, as the controller "
                         "makes it; scheduler: as kube-scheduler sees it")
-    p.add_argument("--kube-api", help="plain-HTTP API server URL; default: in-cluster, then kubeconfig")
-    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    add_cluster(p)
+    add_output(p, help_="table (default: the explanation), wide (every node's devices left, each device chosen), "
+                        "yaml or json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -689,36 +705,85 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.output == "json":
         print(json.dumps(asdict(explanation), indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(asdict(explanation), sort_keys=False), end="")
     else:
-        print(render(explanation))
+        print(render(explanation, wide=args.output == "wide"))
     return 0 if explanation.fits else 1
 
 
-def _run(args: argparse.Namespace) -> Explanation:
-    if bool(args.claim_file) == bool(args.claim):
-        raise ExplainInputError("give the claim either as a file (-f FILE) or as NAMESPACE/NAME in the cluster "
-                                "(--claim)")
-    cluster: dict = {}
-    if args.claim or not args.slices:
-        cluster = asyncio.run(_from_cluster(args.kube_api, args.claim))
-    if args.claim_file:
-        docs = _load_docs([args.claim_file], "claim")
-        if len(docs) != 1:
-            raise ExplainInputError(f"{args.claim_file}: expected one ResourceClaim or ResourceClaimTemplate, "
-                                    f"found {len(docs)} objects")
-        claim = claim_from(docs[0], str(args.claim_file))
+#: kinds a multi-document ``-f`` file may hold besides the claim, and the flag each stands in for
+_FILE_KINDS = {"ResourceSlice": "--slices", "DeviceClass": "--classes", "Node": "--nodes",
+               TAINT_RULE_KIND: "--taint-rules"}
+_CLAIM_KINDS = ("ResourceClaim", "ResourceClaimTemplate")
+
+
+def _split_claim_file(path: Path, pick: str | None) -> tuple[dict, dict[str, list[dict]], list[dict]]:
+    """The claim of a ``-f`` file (the only one, or the one ``pick`` names), the other objects by kind, and
+    the file's other claims (those allocated count as allocated)."""
+    docs = _load_docs([path], "claim")
+    claims = [d for d in docs if d.get("kind") in _CLAIM_KINDS]
+    others: dict[str, list[dict]] = {k: [d for d in docs if d.get("kind") == k] for k in _FILE_KINDS}
+    unknown = sorted({str(d.get("kind")) for d in docs if d.get("kind") not in (*_CLAIM_KINDS, *_FILE_KINDS)})
+    if unknown and not claims:
+        raise ExplainInputError(f"{path}: expected a ResourceClaim or ResourceClaimTemplate, got kind "
+                                f"{unknown[0]!r}")
+    if unknown:
+        raise ExplainInputError(f"{path}: holds {', '.join(unknown)}; a claim file may hold ResourceClaims, "
+                                f"ResourceClaimTemplates, {', '.join(_FILE_KINDS)} objects only")
+    if not claims:
+        raise ExplainInputError(f"{path}: holds no ResourceClaim or ResourceClaimTemplate")
+
+    def ref(d: Mapping) -> str:
+        md = d.get("metadata") or {}
+        return f"{md.get('namespace') or 'default'}/{md.get('name', '')}"
+
+    if pick:
+        ns, _, name = pick.rpartition("/")
+        chosen = [d for d in claims if (d.get("metadata") or {}).get("name") == name
+                  and (not ns or ref(d).split("/")[0] == ns)]
+        if len(chosen) != 1:
+            held = ", ".join(ref(d) for d in claims)
+            what = "several claims match" if chosen else "no claim matches"
+            raise ExplainInputError(f"--claim {pick}: {what} in {path} (it holds {held}); give it as NAME or "
+                                    "NAMESPACE/NAME")
+    elif len(claims) > 1:
+        raise ExplainInputError(f"{path}: holds {len(claims)} claims ({', '.join(ref(d) for d in claims)}); pick "
+                                "one with --claim NAME")
     else:
+        chosen = claims
+    rest = [d for d in claims if d is not chosen[0] and d.get("kind") == "ResourceClaim"]
+    return claim_from(chosen[0], str(path)), others, rest
+
+
+def _run(args: argparse.Namespace) -> Explanation:
+    if not args.claim_file and not args.claim:
+        raise ExplainInputError("give the claim either as a file (-f FILE) or as [NAMESPACE/]NAME in the cluster "
+                                "(--claim)")
+    in_file: dict[str, list[dict]] = {}
+    file_claims: list[dict] = []
+    if args.claim_file:
+        claim, in_file, file_claims = _split_claim_file(args.claim_file, args.claim)
+    for kind, flag in _FILE_KINDS.items():
+        if in_file.get(kind) and getattr(args, flag[2:].replace("-", "_"), None):
+            raise ExplainInputError(f"{args.claim_file} holds {kind} objects and {flag} gives more; give them in "
+                                    "one place")
+    file_slices = in_file.get("ResourceSlice") or []
+    cluster: dict = {}
+    if not args.claim_file or not (args.slices or file_slices):
+        cluster = asyncio.run(_from_cluster(args, None if args.claim_file else args.claim))
+    if not args.claim_file:
         claim = claim_from(cluster["claim"], f"claim {args.claim}")
-    from_cluster = not args.slices
-    slices = _load_docs(args.slices, "--slices") if args.slices else cluster["slices"]
+    from_cluster = not args.slices and not file_slices
+    slices = _load_docs(args.slices, "--slices") if args.slices else file_slices or cluster["slices"]
     wrong = sorted({str(s.get("kind")) for s in slices if s.get("kind", "ResourceSlice") != "ResourceSlice"})
     slices = [s for s in slices if s.get("kind", "ResourceSlice") == "ResourceSlice"]
     if not slices:
         raise ExplainInputError("no ResourceSlices found" + (f" (only {', '.join(wrong)})" if wrong else "") +
                                 (" in the cluster: is the Partita plugin running on the GPU nodes?" if from_cluster
                                  else " in --slices: pass files or directories of ResourceSlice objects"))
-    if args.classes:
-        classes_list = _load_docs(args.classes, "--classes")
+    if args.classes or in_file.get("DeviceClass"):
+        classes_list = _load_docs(args.classes, "--classes") if args.classes else in_file["DeviceClass"]
     elif from_cluster:
         classes_list = cluster["classes"]
     else:
@@ -730,12 +795,16 @@ def _run(args: argparse.Namespace) -> Explanation:
         allocated = [c for c in _load_docs(args.allocated, "--allocated")
                      if c.get("kind", "ResourceClaim") == "ResourceClaim"]
     else:
-        allocated = cluster.get("claims", []) if from_cluster or args.claim else []
-    nodes = _nodes(_load_docs(args.nodes, "--nodes")) if args.nodes else _nodes(cluster.get("nodes", []))
+        allocated = cluster.get("claims", []) if from_cluster or (args.claim and not args.claim_file) else []
+    allocated = allocated + [c for c in file_claims if (c.get("status") or {}).get("allocation")]
+    nodes = _nodes(_load_docs(args.nodes, "--nodes")) if args.nodes else \
+        _nodes(in_file.get("Node") or cluster.get("nodes", []))
     taint_rules = getattr(args, "taint_rules", None)
-    rules = _load_docs(taint_rules, "--taint-rules") if taint_rules else cluster.get("taintrules", [])
+    rules = _load_docs(taint_rules, "--taint-rules") if taint_rules else \
+        in_file.get(TAINT_RULE_KIND) or cluster.get("taintrules", [])
     if rules:
-        slices = _with_taint_rules(slices, rules, classes, "--taint-rules" if taint_rules else "the cluster")
+        slices = _with_taint_rules(slices, rules, classes, "--taint-rules" if taint_rules else
+                                   str(args.claim_file) if in_file.get(TAINT_RULE_KIND) else "the cluster")
     explainer = Explainer(slices, classes, [c for c in allocated if claim_ref(c) != claim_ref(claim)],
                           managed_toleration=args.allocation_mode == C.ALLOCATION_MODE_CONTROLLER, nodes=nodes)
     return explainer.explain(claim)

@@ -18,6 +18,7 @@ from aiohttp import web
 from controller.allocator import STRATEGIES
 from driver.api import constants as C
 from driver.api.kube import Kube
+from driver.cliopts import add_cluster, add_log_level
 
 from . import metrics
 from .controller import Controller, ControllerConfig
@@ -44,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--leader-elect", action=argparse.BooleanOptionalAction,
                    default=_env("LEADER_ELECT", "true").lower() in ("1", "true", "yes"),
                    help="elect one active controller through a Lease (env LEADER_ELECT)")
-    p.add_argument("--leader-election-namespace", default=_env("POD_NAMESPACE", "default"),
-                   help="namespace of the Lease (env POD_NAMESPACE)")
+    p.add_argument("-n", "--namespace", "--leader-election-namespace", dest="leader_election_namespace",
+                   default=_env("POD_NAMESPACE", "") or None,
+                   help="namespace of the Lease (env POD_NAMESPACE; default: the kubeconfig context's, else default)")
     p.add_argument("--leader-election-id", default=_env("LEADER_ELECTION_ID", "partita-controller"),
                    help="name of the Lease (env LEADER_ELECTION_ID)")
     p.add_argument("--leader-identity", default=os.environ.get("POD_NAME"),
@@ -63,9 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Prometheus metrics port, -1 = off (env METRICS_PORT)")
     p.add_argument("--health-port", type=int, default=int(_env("HEALTH_PORT", "8081")),
                    help="HTTP /healthz and /readyz port, -1 = off (env HEALTH_PORT)")
-    p.add_argument("--kube-api", default=os.environ.get("KUBE_API_URL"),
-                   help="plain-HTTP API server URL (sandbox, tests); default in-cluster, then kubeconfig (env KUBE_API_URL)")
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="log level (env LOG_LEVEL)")
+    add_cluster(p, kube_api_default=os.environ.get("KUBE_API_URL"), namespace=False,
+                kube_api_help="plain-HTTP API server URL (sandbox, tests); default in-cluster, then kubeconfig "
+                              "(env KUBE_API_URL)")
+    add_log_level(p, _env("LOG_LEVEL", "INFO"), "log level (env LOG_LEVEL)")
 
 
 def quiet_kopf(level: str) -> None:
@@ -85,13 +88,16 @@ class Running:
 
 async def run_controller(cfg: ControllerConfig, stop: asyncio.Event, *, kube_api: str | None = None,
                          leader_election: tuple[str, str] | None = None, ready: asyncio.Event | None = None,
-                         started: list | None = None, identity: str | None = None) -> int:
+                         started: list | None = None, identity: str | None = None,
+                         kubeconfig: str | None = None, context: str | None = None) -> int:
     """Run the controller until ``stop`` (or until leadership is lost: returns 1).
 
     Order: win the lease, start the informers, and only once every one has applied its first list start
     deciding (``ready`` is set then). On loss the worker is cancelled at once and the lease is not
     touched again."""
-    kube = await Kube.connect(kube_api)
+    kube = await Kube.connect(kube_api, kubeconfig=kubeconfig, context=context)
+    if leader_election is not None and not leader_election[0]:
+        leader_election = (kube.namespace, leader_election[1])
     controller = Controller(cfg, kube)
     elector = None
     try:
@@ -194,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             election = (args.leader_election_namespace, args.leader_election_id) if args.leader_elect else None
             return await run_controller(cfg, stop, kube_api=args.kube_api, leader_election=election, started=running,
-                                        identity=args.leader_identity)
+                                        identity=args.leader_identity, kubeconfig=args.kubeconfig,
+                                        context=args.context)
         finally:
             if health is not None:
                 await health.cleanup()

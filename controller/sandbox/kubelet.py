@@ -91,8 +91,9 @@ class Kubelet:
             if k in self._busy:
                 continue
             phase = (pod.get("status") or {}).get("phase", "Pending")
-            if md.get("deletionTimestamp"):
-                self._spawn(k, self._stop_pod(pod))
+            if md.get("deletionTimestamp") or (phase in ("Succeeded", "Failed")
+                                               and FINALIZER in (md.get("finalizers") or [])):
+                self._spawn(k, self._stop_pod(pod))     # deleted, or its containers finished (a Job's pod)
             elif phase == "Pending" and k not in self.failures:
                 self._spawn(k, self._start_pod(pod))
 
@@ -174,6 +175,8 @@ class Kubelet:
         for other in self.server.list("pods"):
             omd = other["metadata"]
             if (other.get("spec") or {}).get("nodeName") == self.node and not omd.get("deletionTimestamp") \
+                    and omd.get("uid") != md.get("uid") \
+                    and (other.get("status") or {}).get("phase") not in ("Succeeded", "Failed") \
                     and f"{omd['namespace']}/{omd['name']}" in self.prepared:
                 still_used.update(pod_claim_names(other))
         claims = [c for c in self._claims(pod) if self._ours(c) and c["metadata"]["name"] not in still_used]

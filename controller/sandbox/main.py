@@ -3,9 +3,16 @@
 An in-process API server; per fake-GPU node the real kubelet plugin in its own process (real unix
 sockets, CDI specs, checkpoint) and a kubelet stand-in that registers it and prepares claims over gRPC;
 stand-ins for the resourceclaim controller and kube-scheduler's binding; the real controller. It applies
-workload manifests (default: ``examples/``), waits until every pod runs or is pending for a reason, prints
-per pod its node, devices and CDI devices and the cluster's GPU utilization, then deletes the pods and
-checks that every claim was unprepared and released. Exit 0 when all of that held.
+workload manifests (default: ``examples/``; Deployments, StatefulSets and Jobs are expanded into pods by
+stand-ins, and a Job's pods finish after ``--job-run-time``), waits until every pod runs, finished, or is
+pending for a reason, and every Job is complete or stuck, prints per pod its node, devices and CDI devices,
+the Jobs' progress and the cluster's GPU utilization, then deletes the pods and checks that every claim was
+unprepared and released. Exit 0 when all of that held.
+
+SIGTERM and SIGINT (Ctrl-C) stop it at any point, with or without ``--keep-running``: the workload is
+deleted if it was applied, every plugin and MPS stand-in is stopped and the temporary work directory is
+removed (exit 128 + the signal's number). A failed run leaves no process and no temporary directory behind
+either; the plugin logs' last lines are printed instead.
 """
 
 from __future__ import annotations
@@ -15,11 +22,14 @@ import asyncio
 import json
 import logging
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from controller.allocator import STRATEGIES
 from controller.operator.claims import is_pending
@@ -27,13 +37,17 @@ from controller.operator.controller import ControllerConfig
 from controller.operator.main import Running, quiet_kopf
 from driver.api import constants as C
 from driver.api.deviceclasses import device_classes
+from driver.cliopts import add_log_level, add_output
 from driver.nvml.profile import FakeGpuProfile, ProfileError, load_profile, parse_profile, profile_from_spec
 
 from . import manifests as mf
 from .apiserver import ApiServer
+from .jobs import JobController
 from .kubelet import Kubelet
 from .plugin import PluginProcess
-from .report import render
+from .progress import Progress
+from .reaper import reap
+from .report import jobs_table, render
 from .standins import Binder, ClaimController
 from .threads import ControllerThread
 
@@ -58,9 +72,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: a temporary directory, removed at the end)")
     p.add_argument("--keep-running", action="store_true", help="after the report, keep the cluster up until Ctrl-C "
                    "(the API server URL is printed; point kubectl-style clients at it)")
-    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    p.add_argument("--log-level", default="WARNING", help="log level of the sandbox and controller (plugin logs "
-                   "always go to <workdir>/<node>/plugin.log)")
+    p.add_argument("--job-run-time", type=_seconds, default=2.0, metavar="SECONDS",
+                   help="how long each Job pod runs before it succeeds (default %(default)s)")
+    p.add_argument("--progress", action="store_true",
+                   help="say on stderr what the sandbox waits for, every few seconds (default: only on a terminal)")
+    add_output(p, help_="table (default), wide (also each pod's claims and workload), or the report as yaml or "
+                        "json (stdout holds the report only)")
+    add_log_level(p, "WARNING", "log level of the sandbox and controller (plugin logs always go to "
+                                "<workdir>/<node>/plugin.log)")
+
+
+def _seconds(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not 0 <= v <= 3600:
+        raise argparse.ArgumentTypeError(f"expected 0 to 3600 seconds, got {value!r}")
+    return v
 
 
 def cluster_profile(args: argparse.Namespace) -> FakeGpuProfile:
@@ -75,7 +104,7 @@ def cluster_profile(args: argparse.Namespace) -> FakeGpuProfile:
             nodes.append(profile_from_spec(spec, name).nodes[0].model_dump(by_alias=True, mode="json"))
         return parse_profile({"apiVersion": "gpu.partita.dev/v1alpha1", "kind": "FakeGpuProfile", "nodes": nodes},
                              "--node")
-    profile = load_profile(args.profile or DEFAULT_PROFILE)
+    profile = load_profile(args.profile or DEFAULT_PROFILE, "--profile", "--node NAME=MODEL:COUNT")
     wild = [n.name for n in profile.nodes if n.name == "*"]
     if wild:
         raise ProfileError(f"{args.profile}: the sandbox needs real node names; replace the \"*\" entry by named nodes")
@@ -97,7 +126,7 @@ class Outcome:
 
 class Sandbox:
     def __init__(self, profile: FakeGpuProfile, workdir: Path, *, strategy: str = "pack",
-                 driver: str = C.DEFAULT_DRIVER_NAME, plugin_log_level: str = "INFO"):
+                 driver: str = C.DEFAULT_DRIVER_NAME, plugin_log_level: str = "INFO", job_run_time: float = 2.0):
         self.profile = profile
         self.workdir = workdir
         self.driver = driver
@@ -106,6 +135,7 @@ class Sandbox:
         self.kubelets: list[Kubelet] = []
         self.claim_controller = ClaimController(self.server)
         self.binder = Binder(self.server)
+        self.job_controller = JobController(self.server, job_run_time)
         self.running: list[Running] = []
         self.controller_thread: ControllerThread | None = None
         self.cfg = ControllerConfig(driver_name=driver, strategy=strategy, retry_min=0.25, retry_max=5.0,
@@ -142,6 +172,7 @@ class Sandbox:
     async def _standins(self) -> None:
         rv = -1
         while not self._stopping.is_set():
+            self.job_controller.sync()
             self.claim_controller.sync()
             self.binder.sync()
             for k in self.kubelets:
@@ -158,9 +189,13 @@ class Sandbox:
         if self.controller_thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.controller_thread.stop)
         for p in self.plugins:
-            code = p.stop()
+            code = await asyncio.get_running_loop().run_in_executor(None, p.stop)
             if code not in (0, None):
                 problems.append(f"the plugin of node {p.name} exited with code {code} on SIGTERM; see {p.paths.log}")
+        left = await asyncio.get_running_loop().run_in_executor(None, reap, self.workdir)
+        if left:
+            log.warning("stopped %d process(es) left under %s (MPS stand-ins of plugins that did not stop them)",
+                        len(left), self.workdir)
         await self.server.stop()
         return problems
 
@@ -186,14 +221,32 @@ class Sandbox:
             md = pod["metadata"]
             k = f"{md['namespace']}/{md['name']}"
             phase = (pod.get("status") or {}).get("phase", "Pending")
-            if phase == "Running":
+            if phase in ("Running", "Succeeded", "Failed"):
                 continue
             if is_pending(pod) and k in reasons:
                 continue
             if k in reasons and (pod.get("spec") or {}).get("nodeName"):
                 continue      # bound, but its prepare failed
             return False
-        return True
+        return not self.job_controller.busy(grace=self.cfg.retry_max + 1.0)
+
+    def waiting_for(self) -> str:
+        """What :meth:`wait_settled` waits for, in a few words."""
+        reasons = self.pending_reasons()
+        phases: dict[str, int] = {}
+        unexplained = 0
+        for pod in self.pods():
+            md = pod["metadata"]
+            phase = (pod.get("status") or {}).get("phase", "Pending")
+            phases[phase] = phases.get(phase, 0) + 1
+            if phase == "Pending" and f"{md['namespace']}/{md['name']}" not in reasons:
+                unexplained += 1
+        parts = [f"{n} {phase.lower()}" for phase, n in sorted(phases.items())]
+        line = f"pods to settle: {', '.join(parts) or 'no pods yet'}"
+        if unexplained:
+            line += f" ({unexplained} pending without a reason yet)"
+        busy = [f"Job {j['name']} {j['completions']}" for j in self.job_controller.progress() if not j["complete"]]
+        return line + (f"; {', '.join(busy)} complete" if busy else "")
 
     async def wait_settled(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
@@ -214,23 +267,30 @@ class Sandbox:
                     raise SandboxError(f"the plugin of node {p.name} died:\n{p.log_tail()}")
         return False
 
-    def report(self) -> tuple[str, dict]:
+    def report(self, wide: bool = False) -> tuple[str, dict]:
         cdi = {pod: prep.claims for k in self.kubelets for pod, prep in k.prepared.items()}
         pods = self.pods()
         claims = self.server.list("resourceclaims", group="resource.k8s.io")
         slices = self.server.list("resourceslices")
         reasons = self.pending_reasons()
-        text = render(pods, claims, slices, self.driver, cdi, reasons)
+        jobs = self.job_controller.progress()
+        text = render(pods, claims, slices, self.driver, cdi, reasons, wide=wide)
+        if jobs:
+            text += "\n\nJobs:\n" + jobs_table(jobs)
         data = {"pods": [{"name": f"{p['metadata']['namespace']}/{p['metadata']['name']}",
                           "phase": (p.get("status") or {}).get("phase"), "node": (p.get("spec") or {}).get("nodeName"),
                           "claims": cdi.get(f"{p['metadata']['namespace']}/{p['metadata']['name']}", {}),
-                          "pending": reasons.get(f"{p['metadata']['namespace']}/{p['metadata']['name']}")}
+                          "pending": reasons.get(f"{p['metadata']['namespace']}/{p['metadata']['name']}"),
+                          "createdBy": ((p["metadata"].get("annotations") or {}).get(mf.CREATED_BY))}
                          for p in pods],
+                "jobs": jobs,
                 "apiRequests": self.server.requests}
         return text, data
 
     async def delete_workload(self, timeout: float = 60.0) -> list[str]:
-        """Delete every pod, as a user would; the kubelets unprepare, claims are released and deleted."""
+        """Delete every pod (and the Jobs), as a user would; the kubelets unprepare, claims are released and
+        deleted."""
+        self.job_controller.stop()
         for p in self.pods():
             self.server.delete("pods", p["metadata"]["name"], p["metadata"]["namespace"])
         for c in self.server.list("resourceclaims", group="resource.k8s.io"):
@@ -254,56 +314,112 @@ class Sandbox:
 async def run_sandbox(args: argparse.Namespace, out=sys.stdout) -> int:  # noqa: ANN001
     profile = cluster_profile(args)
     files = list(args.manifests or mf.default_files())
-    workload = mf.load(files)
+    notes: list[str] = []
+    workload = mf.load(files, notes)
     temp = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="partita-sandbox-")) if temp else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    sandbox = Sandbox(profile, workdir, strategy=args.strategy)
+    sandbox = Sandbox(profile, workdir, strategy=args.strategy, job_run_time=getattr(args, "job_run_time", 2.0))
+    output = getattr(args, "output", "table")
     gpus = sum(g.count for n in profile.nodes for g in n.gpus)
-    say = (lambda *a: print(*a, file=out, flush=True)) if args.output == "table" else (lambda *a: None)
+    say = (lambda *a: print(*a, file=out, flush=True)) if output in ("table", "wide") else (lambda *a: None)
+    progress = Progress.for_stderr(getattr(args, "progress", False))
     problems: list[str] = []
     rejected = False
+    received: list[int] = []
     started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    applied = False
+
+    def on_signal(signum: int) -> None:
+        if received:
+            print(f"sandbox: {signal.Signals(signum).name} again; still stopping the plugins and removing "
+                  f"{workdir}", file=sys.stderr, flush=True)
+            return
+        received.append(signum)
+        print(f"sandbox: {signal.Signals(signum).name}: stopping", file=sys.stderr, flush=True)
+        if main_task is not None:
+            main_task.cancel()
+
+    handled = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass        # not the main thread (tests): signals stay as they were
     try:
-        say(f"Starting {len(profile.nodes)} fake-GPU nodes ({gpus} GPUs), the API server and the controller...")
-        await sandbox.start()
-        say(f"API server {sandbox.server.url}; plugins registered on {', '.join(p.name for p in sandbox.plugins)}; "
-            f"work directory {workdir}")
-        say(f"Applying {len(workload)} objects from {', '.join(str(f) for f in files)}")
-        mf.apply(sandbox.server, workload)
-        if not await sandbox.wait_settled(args.timeout):
-            problems.append(f"the pods did not settle within {args.timeout:.0f}s (neither running nor pending "
-                            "with a reason)")
-        text, data = sandbox.report()
-        if args.output == "json":
-            print(json.dumps(data, indent=2), file=out)
-        else:
-            say("")
-            say(text)
-            say("")
-        if args.keep_running:
-            say(f"The cluster keeps running at {sandbox.server.url}; press Ctrl-C to stop.")
-            try:
+        try:
+            say(f"Starting {len(profile.nodes)} fake-GPU nodes ({gpus} GPUs), the API server and the controller...")
+            async with progress.waiting(f"the plugins of {len(profile.nodes)} node(s) to register and publish, "
+                                        "and the controller to start"):
+                await sandbox.start()
+            say(f"API server {sandbox.server.url}; plugins registered on {', '.join(p.name for p in sandbox.plugins)}; "
+                f"work directory {workdir}")
+            say(f"Applying {len(workload)} objects from {', '.join(str(f) for f in files)}")
+            for n in notes:
+                print(f"sandbox note: {n}", file=sys.stderr, flush=True)
+            mf.apply(sandbox.server, workload)
+            applied = True
+            for job in mf.jobs(workload):
+                sandbox.job_controller.add(job)
+            async with progress.waiting(sandbox.waiting_for):
+                if not await sandbox.wait_settled(args.timeout):
+                    problems.append(f"the pods did not settle within {args.timeout:.0f}s (neither running, finished "
+                                    "nor pending with a reason): " + sandbox.waiting_for())
+            text, data = sandbox.report(wide=output == "wide")
+            if output == "json":
+                print(json.dumps(data, indent=2), file=out, flush=True)
+            elif output == "yaml":
+                print(yaml.safe_dump(data, sort_keys=False), file=out, end="", flush=True)
+            else:
+                say("")
+                say(text)
+                say("")
+            if args.keep_running:
+                say(f"The cluster keeps running at {sandbox.server.url}; press Ctrl-C (or send SIGTERM) to stop.")
                 await asyncio.Event().wait()
-            except asyncio.CancelledError:
-                pass
-        problems += await sandbox.delete_workload()
-        if not problems:
-            say("Deleted the workload: every claim was unprepared (no CDI specs left) and released.")
+        except asyncio.CancelledError:
+            if not received:
+                raise
+            asyncio.current_task().uncancel()
+        if applied:
+            async with progress.waiting("the workload's claims to be unprepared and released"):
+                problems += await sandbox.delete_workload()
+            if not problems and not received:
+                say("Deleted the workload: every claim was unprepared (no CDI specs left) and released.")
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        asyncio.current_task().uncancel()      # the signal's: stop as below, then exit 128 + its number
     except mf.ManifestError as e:       # bad input, as when it is found before the start: exit 2
         problems.append(str(e))
         rejected = True
-    except SandboxError as e:
-        problems.append(str(e))
+    except (SandboxError, RuntimeError, TimeoutError, OSError) as e:
+        problems.append(str(e) or type(e).__name__)
     finally:
-        problems += await sandbox.stop()
-        if temp and not problems:
-            shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            async with progress.waiting("the plugins and the controller to stop"):
+                problems += await asyncio.shield(sandbox.stop())
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+            if problems and temp:
+                for p in sandbox.plugins:
+                    tail = p.log_tail(10)
+                    if tail and tail != "(no log)" and any(w in tail for w in ("ERROR", "Traceback", "CRITICAL")):
+                        print(f"sandbox: the last lines of node {p.name}'s plugin log:\n{tail}", file=sys.stderr)
+            if temp:
+                shutil.rmtree(workdir, ignore_errors=True)
     for p in problems:
         print(f"sandbox problem: {p}", file=sys.stderr)
-    if problems and temp:
-        print(f"plugin logs are in {workdir}", file=sys.stderr)
+    if problems and temp and not rejected:
+        print("sandbox: the temporary work directory is removed; pass --workdir DIR to keep the plugin logs, "
+              "sockets and CDI specs", file=sys.stderr)
     say(f"Done in {time.monotonic() - started:.1f}s.")
+    if received:
+        return 128 + received[0]
     return 2 if rejected else 1 if problems else 0
 
 

@@ -1,8 +1,18 @@
 """Workload manifests for the sandbox: load multi-document YAML files and create their objects.
 
-The API emulator serves the objects DRA involves (see :data:`apiserver.RESOURCES`). An ``apps/v1``
-Deployment is expanded here into its pods, ``<name>-0`` .. ``<name>-<replicas-1>``, standing in for the
-Deployment and ReplicaSet controllers (no rollout, no re-creation of deleted pods).
+The API emulator serves the objects DRA involves (see :data:`apiserver.RESOURCES`). Workload controllers
+are stood in for here and in :mod:`controller.sandbox.jobs`:
+
+* ``apps/v1`` **Deployment**: its pods, ``<name>-0`` .. ``<name>-<replicas-1>`` (the Deployment and
+  ReplicaSet controllers; no rollout, no re-creation of deleted pods).
+* ``apps/v1`` **StatefulSet**: its pods with their ordinals, ``<name>-0`` .. ``<name>-<replicas-1>``, labelled
+  ``statefulset.kubernetes.io/pod-name`` and ``apps.kubernetes.io/pod-index`` as upstream's controller labels
+  them, created together (as ``podManagementPolicy: Parallel``); ``volumeClaimTemplates`` are ignored (the
+  sandbox has no storage) with a note.
+* ``batch/v1`` **Job**: kept as a :class:`Manifest`; the Job stand-in (:class:`jobs.JobController`)
+  creates its pods ``parallelism`` at a time until ``completions`` succeeded.
+
+Each pod's ResourceClaimTemplates become claims per pod, as for any pod (the claim controller stand-in).
 
 Every object is admitted as ``kubectl apply`` would get it admitted (``fieldValidation=Strict``,
 :mod:`controller.sandbox.validation`) when it is loaded, before the cluster starts: a misspelled field,
@@ -12,13 +22,20 @@ the document, the object and the field (``partita sandbox`` exits 2).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 from . import validation
 from .apiserver import RESOURCES, ApiError, ApiServer
+
+#: the annotation naming the workload a pod was created for (``Deployment/notebooks``)
+CREATED_BY = "sandbox.partita.dev/created-by"
+STATEFULSET_POD_NAME = "statefulset.kubernetes.io/pod-name"
+POD_INDEX = "apps.kubernetes.io/pod-index"
 
 #: where the examples live in a source checkout (the README's commands run from one)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -50,7 +67,9 @@ def default_files() -> list[Path]:
     return sorted(EXAMPLES.glob("*.yaml"))
 
 
-def load(paths: list[Path]) -> list[Manifest]:
+def load(paths: list[Path], notes: list[str] | None = None) -> list[Manifest]:
+    """The objects of ``paths``, workloads expanded (Jobs kept for their stand-in); what the sandbox
+    ignores of them is appended to ``notes``."""
     out: list[Manifest] = []
     for path in paths:
         try:
@@ -65,11 +84,13 @@ def load(paths: list[Path]) -> list[Manifest]:
             if not isinstance(doc, dict) or not doc.get("kind") or not doc.get("apiVersion"):
                 raise ManifestError(f"{path} document {i + 1}: expected a Kubernetes object with apiVersion and kind")
             m = Manifest(str(path), i, doc)
-            if (doc["apiVersion"], doc["kind"]) == ("apps/v1", "Deployment"):
-                out.extend(_deployment_pods(m))
+            workload = WORKLOADS.get((doc["apiVersion"], doc["kind"]))
+            if workload is not None:
+                out.extend(workload(m, notes if notes is not None else []))
                 continue
             if (doc["apiVersion"], doc["kind"]) not in _KINDS:
-                known = ", ".join(sorted([f"{k} ({v})" for v, k in _KINDS] + ["Deployment (apps/v1, as pods)"]))
+                known = ", ".join(sorted([f"{k} ({v})" for v, k in _KINDS] + [
+                    f"{k} ({v}, {how})" for (v, k), how in WORKLOAD_HOW.items()]))
                 raise ManifestError(f"{m.where}: the sandbox does not serve {doc['apiVersion']} {doc['kind']}; "
                                     f"it serves {known}")
             if not (doc.get("metadata") or {}).get("name"):
@@ -95,27 +116,75 @@ def admit(m: Manifest) -> None:
         raise rejection(m, e.code, e.reason, e.message, [err.field for err in e.errors]) from None
 
 
-def _deployment_pods(m: Manifest) -> list[Manifest]:
+def _replicas(m: Manifest, field: str, value: object, default: int) -> int:
+    value = default if value is None else value
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1000:
+        raise ManifestError(f"{m.where}: {field} must be an integer from 0 to 1000, got {value!r}")
+    return value
+
+
+def _template(m: Manifest) -> dict:
     md = m.obj.get("metadata") or {}
     if not md.get("name"):
         raise ManifestError(f"{m.where}: metadata.name is required")
     admit(m)
-    spec = m.obj.get("spec") or {}
-    replicas = spec.get("replicas", 1)
-    if not isinstance(replicas, int) or isinstance(replicas, bool) or not 0 <= replicas <= 1000:
-        raise ManifestError(f"{m.where}: spec.replicas must be an integer from 0 to 1000, got {replicas!r}")
-    template = spec.get("template") or {}
+    template = (m.obj.get("spec") or {}).get("template") or {}
     if not (template.get("spec") or {}).get("containers"):
         raise ManifestError(f"{m.where}: spec.template.spec.containers is required")
-    pods = []
-    for i in range(replicas):
-        tmd = template.get("metadata") or {}
-        pod_md = {"name": f"{md['name']}-{i}", "labels": dict(tmd.get("labels") or {})}
-        if md.get("namespace"):
-            pod_md["namespace"] = md["namespace"]
-        pods.append(Manifest(m.source, m.index, {"apiVersion": "v1", "kind": "Pod", "metadata": pod_md,
-                                                 "spec": template["spec"]}))
-    return pods
+    return template
+
+
+def pod_of(m: Manifest, name: str, labels: dict[str, str] | None = None) -> Manifest:
+    """A pod of workload ``m`` from its template, named ``name``, with ``labels`` added."""
+    md = m.obj.get("metadata") or {}
+    template = (m.obj.get("spec") or {}).get("template") or {}
+    tmd = template.get("metadata") or {}
+    pod_md: dict = {"name": name, "labels": {**(tmd.get("labels") or {}), **(labels or {})},
+                    "annotations": {**(tmd.get("annotations") or {}), CREATED_BY: f"{m.obj['kind']}/{md['name']}"}}
+    if md.get("namespace"):
+        pod_md["namespace"] = md["namespace"]
+    return Manifest(m.source, m.index, {"apiVersion": "v1", "kind": "Pod", "metadata": pod_md,
+                                        "spec": copy.deepcopy(template["spec"])})
+
+
+def _deployment_pods(m: Manifest, notes: list[str]) -> list[Manifest]:
+    _template(m)
+    replicas = _replicas(m, "spec.replicas", (m.obj.get("spec") or {}).get("replicas"), 1)
+    return [pod_of(m, f"{m.obj['metadata']['name']}-{i}") for i in range(replicas)]
+
+
+def _statefulset_pods(m: Manifest, notes: list[str]) -> list[Manifest]:
+    _template(m)
+    spec = m.obj.get("spec") or {}
+    replicas = _replicas(m, "spec.replicas", spec.get("replicas"), 1)
+    name = m.obj["metadata"]["name"]
+    volumes = [(v.get("metadata") or {}).get("name", "?") for v in spec.get("volumeClaimTemplates") or []]
+    if volumes:
+        notes.append(f"{m.where}: volumeClaimTemplates ({', '.join(volumes)}) ignored: the sandbox has no storage; "
+                     "the pods run without those volumes' claims")
+    return [pod_of(m, f"{name}-{i}", {STATEFULSET_POD_NAME: f"{name}-{i}", POD_INDEX: str(i)})
+            for i in range(replicas)]
+
+
+def _job(m: Manifest, notes: list[str]) -> list[Manifest]:
+    template = _template(m)
+    spec = m.obj.get("spec") or {}
+    parallelism = _replicas(m, "spec.parallelism", spec.get("parallelism"), 1)
+    _replicas(m, "spec.completions", spec.get("completions"), parallelism)
+    policy = (template.get("spec") or {}).get("restartPolicy")
+    if policy not in ("Never", "OnFailure"):
+        raise ManifestError(f"{m.where}: spec.template.spec.restartPolicy must be Never or OnFailure for a Job, got "
+                            f"{policy!r} (the API server refuses it: 422 Invalid)")
+    return [m]
+
+
+WORKLOADS: dict[tuple[str, str], Callable[[Manifest, list[str]], list[Manifest]]] = {
+    ("apps/v1", "Deployment"): _deployment_pods,
+    ("apps/v1", "StatefulSet"): _statefulset_pods,
+    ("batch/v1", "Job"): _job,
+}
+WORKLOAD_HOW = {("apps/v1", "Deployment"): "as pods", ("apps/v1", "StatefulSet"): "as pods",
+                ("batch/v1", "Job"): "by a Job stand-in"}
 
 
 def apply(server: ApiServer, manifests: list[Manifest]) -> list[dict]:
@@ -124,16 +193,29 @@ def apply(server: ApiServer, manifests: list[Manifest]) -> list[dict]:
     order = {"Namespace": 0, "DeviceClass": 1, "ResourceClaimTemplate": 2, "ResourceClaim": 3, "Pod": 9}
     created = []
     for m in sorted(manifests, key=lambda m: order.get(m.obj["kind"], 5)):
+        if (m.obj["apiVersion"], m.obj["kind"]) in WORKLOADS:
+            continue          # a Job: its stand-in creates the pods
         res = _KINDS[(m.obj["apiVersion"], m.obj["kind"])]
         obj = dict(m.obj)
         if res.namespaced:
             ns = (obj.get("metadata") or {}).get("namespace") or "default"
             obj["metadata"] = {**obj["metadata"], "namespace": ns}
-            if server.get("namespaces", ns) is None:
-                server.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+            ensure_namespace(server, ns)
         try:
             created.append(server.create(obj, keep_status=False, field_validation="Strict"))
         except ApiError as e:
             fields = [c.get("field", "") for c in (e.details or {}).get("causes") or []]
             raise rejection(m, e.code, e.reason, e.message, fields) from None
+    for m in jobs(manifests):
+        ensure_namespace(server, (m.obj.get("metadata") or {}).get("namespace") or "default")
     return created
+
+
+def ensure_namespace(server: ApiServer, ns: str) -> None:
+    if server.get("namespaces", ns) is None:
+        server.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+
+
+def jobs(manifests: list[Manifest]) -> list[Manifest]:
+    """The Jobs among ``manifests``, for the Job stand-in."""
+    return [m for m in manifests if (m.obj["apiVersion"], m.obj["kind"]) == ("batch/v1", "Job")]

@@ -14,6 +14,7 @@ from driver.api import constants as C
 from driver.api.quantity import Quantity
 
 from .kubelet import pod_claim_names
+from .manifests import CREATED_BY
 
 
 def _attr(device: Mapping, name: str) -> object:
@@ -115,10 +116,11 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def render(pods: list[dict], claims: list[dict], slices: list[dict], driver: str,
-           cdi: Mapping[str, Mapping[str, list[dict]]], pending: Mapping[str, str]) -> str:
+           cdi: Mapping[str, Mapping[str, list[dict]]], pending: Mapping[str, str], wide: bool = False) -> str:
+    """``wide`` adds each pod's claims and the workload (Deployment, StatefulSet, Job) that created it."""
     devices = Devices(slices, driver)
     by_name = {(c["metadata"]["namespace"], c["metadata"]["name"]): c for c in claims}
-    rows = [["POD", "STATUS", "NODE", "DEVICES", "CDI DEVICES"]]
+    rows = [["POD", "STATUS", "NODE", "DEVICES", "CDI DEVICES"] + (["CLAIMS", "CREATED BY"] if wide else [])]
     notes = []
     for c in claims:
         for r in (((c.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results") or []:
@@ -130,7 +132,8 @@ def render(pods: list[dict], claims: list[dict], slices: list[dict], driver: str
         phase = (pod.get("status") or {}).get("phase", "Pending")
         node = (pod.get("spec") or {}).get("nodeName") or ""
         described, cdi_ids = [], []
-        for name in pod_claim_names(pod):
+        names = pod_claim_names(pod)
+        for name in names:
             c = by_name.get((md["namespace"], name))
             if c is None:
                 continue
@@ -139,7 +142,12 @@ def render(pods: list[dict], claims: list[dict], slices: list[dict], driver: str
             node = node or allocated_node(c) or ""
             for d in (cdi.get(k) or {}).get(name) or []:
                 cdi_ids += d["cdi"]
-        rows.append([k, phase, node or "-", ", ".join(described) or "-", ", ".join(dict.fromkeys(cdi_ids)) or "-"])
+        if phase in ("Succeeded", "Failed") and not described:
+            described = ["(released)"] if names else []
+        row = [k, phase, node or "-", ", ".join(described) or "-", ", ".join(dict.fromkeys(cdi_ids)) or "-"]
+        if wide:
+            row += [", ".join(names) or "-", (md.get("annotations") or {}).get(CREATED_BY) or "-"]
+        rows.append(row)
         if phase == "Pending" and k in pending:
             notes.append(f"  {k}: {pending[k]}")
     out = [_table(rows)]
@@ -169,4 +177,14 @@ def utilization(devices: Devices) -> str:
         total[3] = total[3] + mem
     pct = 100 * total[2].as_int() / total[3].as_int() if total[3].as_int() else 0.0
     rows.append(["total", str(total[0]), str(total[1]), "", "", "", f"{_gib(total[2])} of {_gib(total[3])} ({pct:.0f}%)"])
+    return _table(rows)
+
+
+def jobs_table(jobs: list[Mapping]) -> str:
+    """The Jobs' progress, as ``kubectl get jobs`` shows it plus the pods running and queued."""
+    rows = [["JOB", "COMPLETIONS", "RUNNING", "PENDING", "DURATION", "STATUS"]]
+    for j in jobs:
+        status = "Complete" if j["complete"] else (f"Failed: {j['problem']}" if j.get("problem") else "Running")
+        duration = "-" if j.get("duration") is None else f"{j['duration']:.1f}s"
+        rows.append([str(j["name"]), str(j["completions"]), str(j["running"]), str(j["pending"]), duration, status])
     return _table(rows)

@@ -19,6 +19,7 @@ from controller.operator.claims import allocated_node, is_pending
 from controller.operator.nodefit import NodeInfo, Topology, fit
 
 from .apiserver import ApiError, ApiServer
+from .kubelet import FINALIZER as KUBELET_FINALIZER
 from .kubelet import pod_claim_names
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class ClaimController:
                 self._create_claims(pod)
         for claim in self.server.list("resourceclaims", group="resource.k8s.io"):
             self._drop_gone_consumers(claim, pods)
+            self._delete_if_done(claim, pods)
 
     def _create_claims(self, pod: dict) -> None:
         md = pod["metadata"]
@@ -83,7 +85,7 @@ class ClaimController:
         for ref in reserved:
             pod = pods.get((ns, ref.get("name")))
             if ref.get("resource") == "pods" and (pod is None or pod["metadata"].get("uid") != ref.get("uid")
-                                                  or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")):
+                                                  or _done(pod)):
                 continue
             keep.append(ref)
         if len(keep) != len(reserved):
@@ -94,6 +96,31 @@ class ClaimController:
                 self.server.update_status(claim)
             except ApiError as e:
                 log.debug("claim %s/%s: %s", ns, claim["metadata"]["name"], e)
+
+
+    def _delete_if_done(self, claim: dict, pods: dict) -> None:
+        """A claim generated for a pod that finished (and no one else reserves) is deleted, as upstream's
+        resourceclaim controller does: the pod will not need it again."""
+        md = claim["metadata"]
+        if md.get("deletionTimestamp") or (claim.get("status") or {}).get("reservedFor"):
+            return
+        owner = next((o for o in md.get("ownerReferences") or [] if o.get("kind") == "Pod" and o.get("controller")),
+                     None)
+        pod = pods.get((md["namespace"], owner.get("name"))) if owner else None
+        if pod is None or pod["metadata"].get("uid") != owner.get("uid") or not _done(pod):
+            return
+        try:
+            self.server.delete("resourceclaims", md["name"], md["namespace"], group="resource.k8s.io")
+        except ApiError as e:
+            log.debug("claim %s/%s: %s", md["namespace"], md["name"], e)
+
+
+def _done(pod: dict) -> bool:
+    """The pod finished, and the kubelet stand-in has unprepared its claims (it drops its finalizer then):
+    only then are its devices free for others, as on a node where the kubelet unprepares before the pod
+    counts as gone."""
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") \
+        and KUBELET_FINALIZER not in (pod["metadata"].get("finalizers") or [])
 
 
 class Binder:

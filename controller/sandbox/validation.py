@@ -43,7 +43,8 @@ MODELS: dict[tuple[str, str], type] = {
     ("resource.k8s.io/v1", "ResourceClaimTemplate"): k8s.V1ResourceClaimTemplate,
     ("resource.k8s.io/v1", "DeviceClass"): k8s.V1DeviceClass,
     ("resource.k8s.io/v1", "DeviceTaintRule"): k8s.V1DeviceTaintRule,
-    ("apps/v1", "Deployment"): k8s.V1Deployment,
+    ("apps/v1", "Deployment"): k8s.V1Deployment, ("apps/v1", "StatefulSet"): k8s.V1StatefulSet,
+    ("batch/v1", "Job"): k8s.V1Job,
 }
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

@@ -5,6 +5,7 @@ TLS, exec plugins); Partita talks API JSON (camelCase dicts) through it, the sam
 kopf and the allocator use, without round-tripping every object through generated models.
 
     kube = await Kube.connect()                     # in-cluster, else kubeconfig
+    kube = await Kube.connect(kubeconfig="~/k.yaml", context="prod")   # that kubeconfig and context
     kube = await Kube.connect("http://127.0.0.1:8001")   # plain HTTP (sandbox, tests, kubectl proxy)
     claim = await kube.get(claim_path("ns", "name"))
     async for event in kube.watch(SLICES, params={"fieldSelector": "spec.nodeName=n1"}): ...
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import re
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping
 from urllib.parse import quote
 
@@ -122,32 +124,66 @@ class KubeError(Exception):
         return self.status == 422
 
 
-class Kube:
-    """Async API access with JSON dicts in and out."""
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
-    def __init__(self, api_client: Any):
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and how a client connects, in the terms of kopf's ``ConnectionInfo`` (so the controller's kopf
+    part talks to the same cluster as its own client)."""
+
+    server: str
+    insecure: bool = False
+    ca_path: str | None = None
+    token: str | None = None
+    certificate_path: str | None = None
+    private_key_path: str | None = None
+    default_namespace: str | None = None
+
+
+class Kube:
+    """Async API access with JSON dicts in and out. ``namespace``: the connection's default namespace
+    (the kubeconfig context's, in a pod its own, else ``default``), what ``-n`` defaults to."""
+
+    def __init__(self, api_client: Any, namespace: str = "default", connection: Connection | None = None):
         self._api = api_client
+        self.namespace = namespace
+        self.connection = connection
 
     @classmethod
-    async def connect(cls, url: str | None = None) -> "Kube":
-        """A client for a plain-HTTP API URL, else the in-cluster service account, else the kubeconfig."""
+    async def connect(cls, url: str | None = None, *, kubeconfig: str | None = None,
+                      context: str | None = None) -> "Kube":
+        """A client for a plain-HTTP API URL; else, with ``kubeconfig`` or ``context``, that kubeconfig file
+        (default ``$KUBECONFIG``, else ``~/.kube/config``) and context (default its current one); else the
+        in-cluster service account, falling back to the kubeconfig."""
         from kubernetes.aio import client, config
 
+        namespace = "default"
         if url:
             cfg = client.Configuration(host=url.rstrip("/"))
         else:
             cfg = client.Configuration()
-            try:
-                config.load_incluster_config(client_configuration=cfg)
-            except config.ConfigException:
-                await config.load_kube_config(client_configuration=cfg)
+            loaded = False
+            if not kubeconfig and not context:
+                try:
+                    config.load_incluster_config(client_configuration=cfg)
+                    loaded = True
+                    namespace = _read_text(SERVICE_ACCOUNT_NAMESPACE) or namespace
+                except config.ConfigException:
+                    pass
+            if not loaded:
+                loader = await config.load_kube_config(config_file=kubeconfig, context=context,
+                                                       client_configuration=cfg, persist_config=False)
+                current = loader.current_context or {}
+                namespace = ((current.get("context") if isinstance(current, dict) else None) or {}).get(
+                    "namespace") or namespace
         if not any(os.environ.get(v) for v in _PROXY_VARS):
             # Without proxy variables, aiohttp's trust_env only costs time: it re-reads proxy settings and
             # ~/.netrc on every request (about a third of a GET against a local API server).
             import aiohttp
 
             cfg.client_session_kwargs = {"trust_env": False, "cookie_jar": aiohttp.DummyCookieJar()}
-        return cls(client.ApiClient(cfg))
+        return cls(client.ApiClient(cfg), namespace, _connection(cfg, namespace, plain=bool(url)))
 
     async def close(self) -> None:
         await self._api.close()
@@ -247,3 +283,21 @@ def _qv(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     return str(v)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _connection(cfg: Any, namespace: str, plain: bool) -> Connection:
+    token = (getattr(cfg, "api_key", None) or {}).get("BearerToken") or (getattr(cfg, "api_key", None) or {}).get(
+        "authorization")
+    if token and token.lower().startswith("bearer "):
+        token = token[7:]
+    return Connection(server=str(cfg.host).rstrip("/"), insecure=plain or not cfg.verify_ssl,
+                      ca_path=cfg.ssl_ca_cert or None, token=token or None, certificate_path=cfg.cert_file or None,
+                      private_key_path=cfg.key_file or None, default_namespace=namespace)

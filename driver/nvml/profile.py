@@ -141,13 +141,15 @@ def parse_profile(data: object, source: str = "<profile>") -> FakeGpuProfile:
         raise ProfileError(_format_validation_error(source, e)) from None
 
 
-def load_profile(path: str | Path) -> FakeGpuProfile:
+def load_profile(path: str | Path, flag: str = "--fake-profile",
+                 alternative: str = "--fake MODEL:COUNT") -> FakeGpuProfile:
+    """``flag`` and ``alternative``: the calling command's own flags, which the error messages name."""
     p = Path(path)
     try:
         text = p.read_text()
     except FileNotFoundError:
-        raise ProfileError(f"fake GPU profile {p} does not exist; pass an existing file to --fake-profile "
-                           "or use --fake MODEL:COUNT") from None
+        raise ProfileError(f"fake GPU profile {p} does not exist; pass an existing file to {flag} "
+                           f"or use {alternative}") from None
     except OSError as e:
         raise ProfileError(f"cannot read fake GPU profile {p}: {e.strerror}") from None
     try:

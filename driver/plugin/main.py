@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from driver.api import constants as C
-from driver.api.kube import InvalidName, Kube, KubeError, check_name
+from driver.api.kube import InvalidName, KubeError, check_name
+from driver.cliopts import add_cluster, add_log_level, connect
 from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
 from driver.plugin.claims import KubeClaimSource
@@ -61,9 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=_env("ALLOCATION_MODE", C.ALLOCATION_MODE_CONTROLLER),
                    help="controller: devices carry Partita's taint so only its controller allocates them; "
                         "scheduler: kube-scheduler allocates (env ALLOCATION_MODE)")
-    p.add_argument("--kube-api", default=_env("KUBE_API_URL"),
-                   help="plain-HTTP API server URL (sandbox, tests); default: in-cluster, then kubeconfig "
-                        "(env KUBE_API_URL)")
+    add_cluster(p, kube_api_default=_env("KUBE_API_URL"), namespace=False,
+                kube_api_help="plain-HTTP API server URL (sandbox, tests); default: in-cluster, then kubeconfig "
+                              "(env KUBE_API_URL)")
     p.add_argument("--health-port", type=int, default=int(_env("HEALTH_PORT", "51515") or 51515),
                    help="gRPC health (service 'liveness') port, -1 = off (env HEALTH_PORT)")
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "8080") or 8080),
@@ -71,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-address", default=_env("METRICS_ADDRESS") or "127.0.0.1",
                    help="IP address to serve metrics on (env METRICS_ADDRESS; default %(default)s; the chart "
                         "sets the pod IP; 0.0.0.0 serves every interface)")
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="log level (env LOG_LEVEL)")
+    add_log_level(p, _env("LOG_LEVEL", "INFO"), "log level (env LOG_LEVEL)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,7 +154,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     inventory = discover(backend, args.node_name)
     log.info("node %s: %d GPU(s) (%s NVML, driver %s)", args.node_name, len(inventory.gpus), backend.kind,
              inventory.driver_version)
-    kube = await Kube.connect(args.kube_api)
+    kube = await connect(args)
     publisher = SlicePublisher(kube, driver_name=args.driver_name, node_name=args.node_name, inventory=inventory,
                                features=SliceFeatures(taints=args.allocation_mode == C.ALLOCATION_MODE_CONTROLLER))
     state = DeviceState(driver_name=args.driver_name, node_name=args.node_name, backend=backend,
