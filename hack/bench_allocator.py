@@ -23,7 +23,9 @@
   sequential) and the state update (assume); Partita's covers Allocator.allocate on each node tried and
   AllocatedState.add_allocation (no strategy ordering, no cache of nodes that did not fit). Printed: how
   many decisions (node and devices) were the same, nodes tried on each side, time per node tried on each
-  side and their ratio (Partita / upstream), claims/s on each side.
+  side and their ratio (Partita / upstream), claims/s on each side; then the same claims once more with one
+  node per claim (the node upstream chose), so that one operation is exactly one Allocate (plus upstream's
+  NewAllocator and both sides' state update) on one node's slices: time per operation and the ratio.
 * **Property run**: long random allocate/release streams (2,000 operations each) through both strategies
   on the test suite's cluster (tests/support/allocstream.py), every state checked by its independent
   validity checker (tests/support/validity.py; its slice parsing is memoized here, nothing else changes):
@@ -259,11 +261,7 @@ def peer(nodes: int, claims: int, kinds: list[str]) -> list[dict]:
                                                                     for x in node_list],
                 "deviceClasses": list(CLASSES.values()), "resourceSlices": slices}]
         ops += [{"op": "allocate", "claim": c} for c in work]
-        r = subprocess.run([str(ORACLE), "trace"], input="\n".join(json.dumps(o) for o in ops) + "\n",
-                           capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            raise SystemExit(f"draalloc trace failed: {r.stderr[-2000:]}")
-        lines = [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
+        lines = _trace(ops)
         warnings = [w for x in lines for w in x.get("warnings") or []]
         up = [x for x in lines if x["op"] == "allocate"]
         allocator = Allocator(strategy="first-fit")
@@ -299,8 +297,35 @@ def peer(nodes: int, claims: int, kinds: list[str]) -> list[dict]:
                "upstream_claims_per_s": len(up_lat) / sum(up_lat), "ours_claims_per_s": len(ours_lat) / sum(ours_lat),
                "warnings": warnings[:3]}
         row["ratio_per_node"] = row["ours_us_per_node"] / row["upstream_us_per_node"]
+        # One node per claim: the node upstream chose above (node-0000, full by then, for a claim it did
+        # not place), so each operation is exactly one Allocate on one node's slices on both sides.
+        chosen = [u.get("node") or node_list[0].name for u in up]
+        one = _trace(ops[:1] + [{"op": "allocate", "claim": c, "nodeName": nn} for c, nn in zip(work, chosen)])
+        by_name = {x.name: x for x in node_list}
+        allocator, state, ours_one = Allocator(strategy="first-fit"), AllocatedState(), []
+        for c, nn in zip(work, chosen):
+            t = time.perf_counter()
+            try:
+                res = allocator.allocate(by_name[nn], [c], index, CLASSES, state)
+            except AllocationError:
+                res = None
+            if res is not None:
+                state.add_allocation(res[0])
+            ours_one.append(time.perf_counter() - t)
+        up_one = [x["latencyUS"] for x in one if x["op"] == "allocate"]
+        row["upstream_us_one_node"] = sum(up_one) / len(up_one)
+        row["ours_us_one_node"] = 1e6 * sum(ours_one) / len(ours_one)
+        row["ratio_one_node"] = row["ours_us_one_node"] / row["upstream_us_one_node"]
         out.append(row)
     return out
+
+
+def _trace(ops: list[dict]) -> list[dict]:
+    r = subprocess.run([str(ORACLE), "trace"], input="\n".join(json.dumps(o) for o in ops) + "\n",
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        raise SystemExit(f"draalloc trace failed: {r.stderr[-2000:]}")
+    return [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
 
 
 def _raw_slices(n: int, model: str = MODEL) -> Iterator[dict]:
@@ -439,13 +464,16 @@ def main() -> int:
               "times NewAllocator + Allocate per node tried + state update; Partita allocate per node tried + "
               "state update. Ratio = Partita / upstream time per node tried.", flush=True)
         print(f"{'mix':<7} {'claims':>6} {'same':>5} {'nodes tried':>11} {'upstream us/node':>16} {'Partita us/node':>15} "
-              f"{'ratio':>6} {'upstream cl/s':>13} {'Partita cl/s':>12}", flush=True)
+              f"{'ratio':>6} {'upstream cl/s':>13} {'Partita cl/s':>12} | one node per claim: "
+              f"{'upstream us':>11} {'Partita us':>10} {'ratio':>6}", flush=True)
         for r in peer(a.peer_nodes, a.peer_claims, [m for m in a.mixes if m != "fill"] or ["single"]):
             results["peer"].append(r)
             print(f"{r['mix']:<7} {r['claims']:>6} {r['same_decisions']:>5} "
                   f"{r['upstream_nodes_tried']:>5}/{r['ours_nodes_tried']:<5} {r['upstream_us_per_node']:>16.0f} "
                   f"{r['ours_us_per_node']:>15.0f} {r['ratio_per_node']:>6.3f} {r['upstream_claims_per_s']:>13.0f} "
-                  f"{r['ours_claims_per_s']:>12.0f}" + (f"  draalloc warnings: {r['warnings']}" if r["warnings"] else ""),
+                  f"{r['ours_claims_per_s']:>12.0f} | {'':>19} {r['upstream_us_one_node']:>11.0f} "
+                  f"{r['ours_us_one_node']:>10.0f} {r['ratio_one_node']:>6.3f}"
+                  + (f"  draalloc warnings: {r['warnings']}" if r["warnings"] else ""),
                   flush=True)
         if results["peer"]:
             print(f"upstream implementation (as kube-scheduler picks for Partita's features): "

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() - t > 5:
                     slow.append((i, time.monotonic() - t))
                 summary.add(i, inp, v)
-                if v.category == "agree":
+                if v.category in ("agree", "oracle-timeout"):       # nothing to write for a timeout
                     continue
                 explained = v.category in EXPLAINED
                 if args.out is None or (explained and args.unexplained_only):

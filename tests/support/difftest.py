@@ -33,6 +33,8 @@ A disagreement is classified:
 * ``search-limit``: Partita's search gave up after ``MAX_STEPS`` steps on the node (a tenth of the
   controller's default bound, where a pod would stay pending with that reason) where upstream searched on. Not a
   disagreement about semantics; counted so that the generator keeps such cases rare.
+* ``oracle-timeout``: draalloc did not answer within ``ORACLE_TIMEOUT_S`` (its search is unbounded);
+  nothing to compare.
 * ``unexplained``: everything else — a bug to fix in Partita's allocator.
 
 ``draalloc`` warnings (unknown or duplicate fields) and ``oracle-failure`` outcomes are bugs in the
@@ -44,6 +46,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import select
+import signal
 import subprocess
 import sys
 import time
@@ -61,16 +65,31 @@ ORACLE_DIR = REPO.parent / "shared" / "oracle"
 ORACLE = ORACLE_DIR / "draalloc"
 PATCHED = ORACLE_DIR / "draalloc-patched"
 
-#: disagreements explained by upstream's own behaviour, and cases Partita's bounded search (MAX_STEPS, as
-#: the controller runs it) gave up on: counted and reported, never a failure
-EXPLAINED = ("upstream-bug", "upstream-constraint-leak", "stable-vs-incubating", "search-limit")
+#: disagreements explained by upstream's own behaviour, cases Partita's bounded search (MAX_STEPS) gave up
+#: on, and cases upstream did not decide within ORACLE_TIMEOUT_S: counted and reported, never a failure
+EXPLAINED = ("upstream-bug", "upstream-constraint-leak", "stable-vs-incubating", "search-limit", "oracle-timeout")
 
 COMPARE = {"claimOrder": "exact", "deviceResultsOrder": "exact", "nodeSelectorOrder": "ignore",
            "shareID": "any-non-null", "quantities": "by-value"}
 
 
+#: upstream's search is exhaustive and unbounded; stable's (no start location within a request, so
+#: permutations rather than combinations) runs for minutes on a few small unsatisfiable cases
+ORACLE_TIMEOUT_S = 10.0
+
+
 def oracle_present() -> bool:
     return ORACLE.is_file() and PATCHED.is_file()
+
+
+def _die_with_parent() -> None:
+    """In the oracle's child process: end it when the test process ends, however it ends (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class Oracle:
@@ -83,7 +102,7 @@ class Oracle:
     def _proc(self) -> subprocess.Popen:
         if self._p is None or self._p.poll() is not None:
             self._p = subprocess.Popen([str(self.binary), "batch"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.DEVNULL, text=True, bufsize=1)
+                                       stderr=subprocess.DEVNULL, text=True, bufsize=1, preexec_fn=_die_with_parent)
         return self._p
 
     def run(self, inp: dict, allocator: str | None = None) -> dict:
@@ -92,6 +111,11 @@ class Oracle:
         assert p.stdin is not None and p.stdout is not None
         p.stdin.write(json.dumps(data) + "\n")
         p.stdin.flush()
+        ready, _, _ = select.select([p.stdout], [], [], ORACLE_TIMEOUT_S)
+        if not ready:
+            p.kill()
+            self.close()
+            return {"outcome": "oracle-timeout", "error": f"{self.binary.name} took over {ORACLE_TIMEOUT_S}s"}
         line = p.stdout.readline()
         if not line:
             self.close()
@@ -103,7 +127,7 @@ class Oracle:
             if self._p.stdin:
                 self._p.stdin.close()
             try:
-                self._p.wait(timeout=10)
+                self._p.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 self._p.kill()
                 self._p.wait()
@@ -213,8 +237,8 @@ class Differ:
     def judge(self, inp: dict) -> Verdict:
         out = self.oracle.run(inp)
         warnings = list(out.get("warnings") or [])
-        if out.get("outcome") == "oracle-failure":
-            return Verdict("oracle-failure", out.get("error", ""), out, warnings)
+        if out.get("outcome") in ("oracle-failure", "oracle-timeout"):
+            return Verdict(out["outcome"], out.get("error", ""), out, warnings)
         why = compare(inp, out)
         if not why:
             return Verdict("agree", "", out, warnings)
@@ -223,13 +247,13 @@ class Differ:
         stable = out.get("allocator") == "stable"
         if stable:
             inc = self.oracle.run(inp, "incubating")
-            if inc.get("outcome") != "oracle-failure" and not compare(inp, inc):
+            if not inc["outcome"].startswith("oracle-") and not compare(inp, inc):
                 return Verdict("stable-vs-incubating", why, out, warnings)
         pat = self.patched.run(inp, "incubating" if stable else None)
-        if pat.get("outcome") != "oracle-failure" and not compare(inp, pat):
+        if not pat["outcome"].startswith("oracle-") and not compare(inp, pat):
             return Verdict("upstream-bug", why, out, warnings)
         with upstream_constraint_leak():
-            if not compare(inp, out) or (pat.get("outcome") != "oracle-failure" and not compare(inp, pat)):
+            if not compare(inp, out) or (not pat["outcome"].startswith("oracle-") and not compare(inp, pat)):
                 return Verdict("upstream-constraint-leak", why, out, warnings)
         return Verdict("unexplained", why, out, warnings)
 
