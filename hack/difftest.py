@@ -8,7 +8,7 @@ whatever the range, so a long run can be split into pieces), judges each (tests/
 agree, upstream-bug,
 upstream-constraint-leak, stable-vs-incubating, search-limit, unexplained, oracle-failure) and writes every
 disagreement, shrunk (greedy removals that keep the same verdict), as a conformance fixture
-(shared/conformance/README.md format, expected = draalloc's answer) into ``--out``, named
+(the conformance fixture format of controller/allocator/conformance.py, expected = draalloc's answer) into ``--out``, named
 ``<category>-<seed>-<index>.yaml`` with the verdict in its header. Prints one summary line per
 category and exits 1 when anything is unexplained, the oracle failed, or draalloc warned about
 the generated input.

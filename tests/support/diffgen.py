@@ -1,6 +1,6 @@
 """Random allocator cases for the differential test against upstream's allocator (``draalloc``).
 
-A case is a conformance fixture's ``input`` plus ``features`` (shared/conformance/README.md), as plain
+A case is a conformance fixture's ``input`` plus ``features`` (the format of controller/allocator/conformance.py), as plain
 JSON: what ``draalloc batch`` reads and what :func:`controller.allocator.conformance.run_fixture` runs
 through Partita's allocator. :func:`case` draws one from a ``random.Random``; the same seed gives the
 same case. Two kinds of clusters:
