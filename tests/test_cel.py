@@ -64,6 +64,18 @@ def test_a_missing_domain_reads_as_an_empty_map_but_in_stays_false(ev) -> None:
         check(ev, "device.attributes['other.example.com'].x == 1")
 
 
+def test_the_devices_own_domain_by_device_driver_reads_as_an_empty_map_too(ev) -> None:
+    """Found by the differential test against upstream: ``"ver" in device.attributes[device.driver]`` on a device
+    without attributes in its driver's domain is false upstream (unsatisfiable), not a missing-key error."""
+    bare = device_input("driver-a", {}, {}, False)
+    assert check(ev, "'ver' in device.attributes[device.driver]", bare) is False
+    assert check(ev, "size(device.capacity[device.driver]) == 0", bare) is True
+    assert check(ev, "device.driver in device.attributes", bare) is False
+    assert check(ev, "device.attributes[device.driver].type == 'gpu'") is True     # a device that has them
+    with pytest.raises(CelRuntimeError, match="no such key: x"):
+        check(ev, "device.attributes[device.driver].x == 1", bare)
+
+
 def test_runtime_and_compile_errors(ev) -> None:
     with pytest.raises(CelRuntimeError, match="no such key: nope"):
         check(ev, "device.attributes['gpu.partita.dev'].nope == 'x'")

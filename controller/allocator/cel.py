@@ -35,8 +35,8 @@ Known differences from the Go implementation (documented, checked by tests):
 
 * No type checker: a type error (``device.driver + 1``) is a runtime error, not a compile error.
 * A missing domain reads as an empty map (as upstream) because every domain an expression names in
-  ``device.attributes[...]`` / ``device.capacity[...]`` is added as an empty map when the device lacks
-  it — unless the expression also tests it with ``'<domain>' in device.attributes``, in which case it is
+  ``device.attributes[...]`` / ``device.capacity[...]`` (a string literal, or ``device.driver``) is added as
+  an empty map when the device lacks it — unless the expression also tests it with ``'<domain>' in device.attributes``, in which case it is
   left absent so that test stays false.
 """
 
@@ -369,6 +369,18 @@ def _device_map(node: Node | None) -> str | None:
     return None
 
 
+#: stands for "the device's own driver" in CompiledSelector.defaults: ``device.attributes[device.driver]``
+_DRIVER_DOMAIN = "\x00driver"
+
+
+def _domain_key(node: Node) -> str | None:
+    """The domain a map index names: a string literal, or ``device.driver`` (as :data:`_DRIVER_DOMAIN`)."""
+    if node.kind == "select" and node.value == "driver" and not node.optional and node.target is not None \
+            and node.target.kind == "ident" and node.target.value == "device":
+        return _DRIVER_DOMAIN
+    return _string_lit(node)
+
+
 def _string_lit(node: Node) -> str | None:
     if node.kind == "lit" and node.lit_type == "string":
         try:
@@ -399,8 +411,10 @@ def _reads(tree: Node) -> tuple[set[tuple[str, str]], set[tuple[str, str]], froz
             continue
         p = parents.get(id(n))
         if p is not None and p.kind == "index" and p.target is n and \
-                (domain := _string_lit(p.args[0])) is not None:
+                (domain := _domain_key(p.args[0])) is not None:
             indexed.add((which, domain))
+            if domain == _DRIVER_DOMAIN:
+                exact = False          # which entries it reads depends on the device's driver
             g = parents.get(id(p))
             if g is not None and g.kind == "select" and g.target is p:
                 needs.add((which, domain, g.value))
@@ -412,7 +426,7 @@ def _reads(tree: Node) -> tuple[set[tuple[str, str]], set[tuple[str, str]], froz
             else:
                 exact = False
         elif p is not None and p.kind == "binary" and p.value == "in" and p.args[1] is n and \
-                (domain := _string_lit(p.args[0])) is not None:
+                (domain := _domain_key(p.args[0])) is not None:
             tested.add((which, domain))
             needs.add((which, domain, ""))
         else:
@@ -602,6 +616,8 @@ class Evaluator:
         if selector.defaults:
             device = dict(device)
             for which, domain in selector.defaults:
+                if domain == _DRIVER_DOMAIN:
+                    domain = device["driver"]
                 if domain not in device[which]:
                     device[which] = {**device[which], domain: {}}
         self._context.add_variable("device", device)

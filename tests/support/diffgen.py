@@ -253,11 +253,9 @@ def _synthetic_classes(c: _Ctx) -> list[dict]:
     return out
 
 
-# Known, explained CEL divergence (controller/allocator/cel.py, not the allocator's): a domain named by a
-# *computed* key, ``device.attributes[device.driver]``, of a device that has no attribute of that domain
-# is an empty map upstream but "no such key" in Partita's CEL (which only pre-fills domains written as
-# literals). The selectors below therefore name their domains literally; see the report of the
-# differential test.
+# Domains are also named by a computed key, ``device.attributes[device.driver]``: for a device without attributes in
+# that domain it is an empty map upstream (the differential test found Partita's CEL raising "no such key" there;
+# fixed in controller/allocator/cel.py).
 _SELECTORS = (
     'device.attributes["driver-a"].model == "a"',
     '"model" in device.attributes["driver-a"] && device.attributes["driver-a"].model != "c"',
@@ -277,6 +275,9 @@ _SELECTORS = (
     'device.driver.startsWith("driver-")',
     'device.allowMultipleAllocations == false',
     'device.attributes["driver-a"].model.matches("^[ab]$")',                         # runtime error if absent
+    '"ver" in device.attributes[device.driver] && device.attributes[device.driver].ver.major() == 1',
+    'device.attributes[device.driver].model == "a"',                                # runtime error if absent
+    '"memory" in device.capacity[device.driver]',
 )
 
 
