@@ -129,7 +129,8 @@ def check_node(*, plugin_dir: Path, cdi_dir: Path, profile: FakeGpuProfile, node
             if recorded:
                 v.append(f"GPU {uuid} has no MIG but claims record MIG devices on it")
         shared_here = [(uid, d) for uid, c in claims.items() for d in c.get("devices") or []
-                       if d["gpuUUID"] == uuid and d.get("adminAccess") is not True and (d["type"] == "shared" or (d["type"] == "gpu" and d.get("config")))]
+                       if d["gpuUUID"] == uuid and d.get("adminAccess") is not True
+                       and (d["type"] == "shared" or (d["type"] == "gpu" and d.get("config")))]
         mps_here = [uid for uid, d in shared_here
                     if ((d.get("config") or {}).get("sharing") or {}).get("strategy") == "MPS"]
         if not shared_here:
