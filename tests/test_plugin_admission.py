@@ -274,3 +274,16 @@ def test_an_admin_result_is_still_checked_for_its_shape(node) -> None:
     assert "dedicated gpu device but the result carries shareID" in _prepare(state, forged)
     assert state.prepared_claims() == {}
     _untouched(backend, inv, 0)
+
+
+def test_an_admin_result_twice_in_one_claim_is_refused(node, tmp_path) -> None:
+    """Each result is one CDI device named after the claim and the device: the same device twice (a
+    forged allocation; the allocator never gives an admin request a device of its own claim) is refused."""
+    state, backend, inv, _ = node
+    twice = _admin("dcgm", [_gpu(inv, 0), _gpu(inv, 0)])
+    err = _prepare(state, twice)
+    assert "claim default/dcgm" in err and f"names device {_gpu(inv, 0)} twice" in err, err
+    mixed = allocated_claim("mixed", [_gpu(inv, 1)], extra_results=[
+        {"request": "gpu", "driver": "gpu.partita.dev", "pool": NODE, "device": _gpu(inv, 1), "adminAccess": True}])
+    assert f"names device {_gpu(inv, 1)} twice" in _prepare(state, mixed)
+    assert state.prepared_claims() == {} and not list((tmp_path / "cdi").glob("*.json"))

@@ -201,11 +201,16 @@ def admit(prepared: Mapping[str, PreparedClaim], claim: ClaimId, results: Iterab
     in_use = [_prepared_use(c, d) for c in prepared.values() if c.uid != claim.uid for d in c.devices
               if not d.admin_access]
     gpus = {}
+    seen: set[tuple[str, str | None]] = set()
     for result in results:
         dev = devices.get(result.get("device", ""))
         if dev is None:
             continue
         new = _new_use(claim, result, dev)
+        if (dev.name, new.share_id) in seen:     # one CDI device per result: a result twice is corrupt
+            raise AdmissionError(f"claim {name}: status.allocation.devices.results names device {dev.name}"
+                                 f"{f' shareID {new.share_id}' if new.share_id else ''} twice; {_FIX_ONE}")
+        seen.add((dev.name, new.share_id))
         if is_admin(result):
             continue                 # admin access is never a use of the device
         gpus[dev.gpu.uuid] = dev.gpu
