@@ -6,6 +6,7 @@ refuses, naming both claims and the device,
 
 * (:func:`check_allocated_here`, with the claim's other checks) an allocation whose ``nodeSelector``
   does not select this node, by name or by this Node's labels;
+* the same device (and shareID) twice in one claim's results (each result is one CDI device);
 * a shareID that is not a UUID (upstream: a lowercase 8-4-4-4-12 UID), a shared device without one, a
   dedicated device with one, and a shareID of a device used by another share already;
 * whole or shared use of a GPU stuck in MIG mode (Ampere: only a reset leaves it), which the node
