@@ -89,3 +89,25 @@ def test_the_examples_cover_every_workload_kind_the_sandbox_runs() -> None:
 def test_every_example_is_in_the_readme_table() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert [p.name for p in EXAMPLES if f"| `{p.name}` |" not in readme] == []
+
+
+ADMIN_LABEL = "resource.kubernetes.io/admin-access"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_admin_access_claims_live_in_a_namespace_labelled_for_it(path: Path) -> None:
+    """The API server refuses adminAccess outside namespaces labelled resource.kubernetes.io/admin-access:
+    "true" (KEP-5018), so an example asking for it brings such a namespace."""
+    docs = _docs(path)
+    labelled = {d["metadata"]["name"] for d in docs if d["kind"] == "Namespace"
+                and (d["metadata"].get("labels") or {}).get(ADMIN_LABEL) == "true"}
+    for doc in docs:
+        if doc["kind"] in ("ResourceClaimTemplate", "ResourceClaim") and any(r.get("adminAccess")
+                                                                             for r in _requests(doc)):
+            ns = doc["metadata"].get("namespace", "default")
+            assert ns in labelled, f"{path.name}: {doc['kind']} {doc['metadata']['name']} asks adminAccess in {ns}"
+
+
+def test_an_example_shows_admin_access() -> None:
+    assert any(r.get("adminAccess") for path in EXAMPLES for doc in _docs(path)
+               if doc["kind"] in ("ResourceClaimTemplate", "ResourceClaim") for r in _requests(doc))

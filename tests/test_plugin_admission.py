@@ -225,3 +225,65 @@ def test_a_gpu_stuck_in_mig_mode_is_not_prepared_whole_or_shared(tmp_path) -> No
         err = _prepare(state, claim)
         assert "is in MIG mode, which it leaves only with a GPU reset" in err and "claim default/" in err
     _ok(state, allocated_claim("mig", [_mig(inv, 0, "1g.5gb", 0)]))
+
+
+# -- admin access (KEP-5018): monitoring claims are never a use -----------------------------------
+def _admin(name: str, devices: list[str], **kw) -> dict:
+    return allocated_claim(name, devices, admin_access=True, **kw)
+
+
+def test_admin_access_is_prepared_on_gpus_in_use_whole_mig_or_shared(node) -> None:
+    """The Day-2 report: a DCGM-style claim with adminAccess on a GPU already in use was refused."""
+    state, backend, inv, _ = node
+    _ok(state, allocated_claim("whole", [_gpu(inv, 0)]))
+    _ok(state, _admin("dcgm-whole", [_gpu(inv, 0)]))                        # the same device, whole
+    _ok(state, _admin("dcgm-shared", [_shared(inv, 0)], share_ids={_shared(inv, 0): S1}))   # another use of it
+    _ok(state, allocated_claim("mig", [_mig(inv, 1, "3g.40gb", 4)]))
+    _ok(state, _admin("dcgm-mig", [_mig(inv, 1, "3g.40gb", 4)]))            # the MIG device in use
+    _ok(state, _admin("dcgm-gpu1", [_gpu(inv, 1)]))                         # the whole GPU under MIG use
+    _ok(state, _share("share", inv, 2, S1, memory="20Gi"))
+    # an admin share consumes nothing: 20Gi + 20Gi would exceed the L4's 22.5Gi
+    _ok(state, _admin("dcgm-l4", [_shared(inv, 2)], share_ids={_shared(inv, 2): S2}, share_memory="20Gi"))
+    cp = state.checkpoint.read()
+    admins = {c.name: [d.admin_access for d in c.devices] for c in cp.claims.values()}
+    assert admins == {"whole": [None], "mig": [None], "share": [None], "dcgm-whole": [True],
+                      "dcgm-shared": [True], "dcgm-mig": [True], "dcgm-gpu1": [True], "dcgm-l4": [True]}
+
+
+def test_workload_claims_are_prepared_on_devices_an_admin_claim_holds(node) -> None:
+    state, backend, inv, _ = node
+    _ok(state, _admin("dcgm-0", [_gpu(inv, 0)]))
+    _ok(state, _admin("dcgm-1", [_gpu(inv, 1), _shared(inv, 1)], share_ids={_shared(inv, 1): S1}))
+    _ok(state, allocated_claim("whole", [_gpu(inv, 0)]))
+    _ok(state, allocated_claim("mig", [_mig(inv, 1, "3g.40gb", 4)]))      # MIG next to admin whole + shared
+    _ok(state, _admin("dcgm-l4", [_shared(inv, 2)], share_ids={_shared(inv, 2): S1}, share_memory="22Gi"))
+    _ok(state, _share("share", inv, 2, S1, memory="22Gi"))                  # even the admin's shareID
+    # the device model still holds between workload claims, whatever admin claims there are
+    _refused(state, allocated_claim("whole-2", [_gpu(inv, 0)]), other="whole", device=_gpu(inv, 0),
+             why="(the same device)")
+    _refused(state, allocated_claim("whole-1", [_gpu(inv, 1)]), other="mig", device=_gpu(inv, 1),
+             why="the same GPU in another use")
+
+
+def test_an_admin_result_is_still_checked_for_its_shape(node) -> None:
+    state, backend, inv, _ = node
+    bad = _admin("dcgm", [_shared(inv, 0)], share_ids={_shared(inv, 0): "x/../y"})
+    err = _prepare(state, bad)
+    assert "claim default/dcgm" in err and _shared(inv, 0) in err and "is not a UUID" in err
+    forged = _admin("forged", [_gpu(inv, 0)], share_ids={_gpu(inv, 0): S1})
+    assert "dedicated gpu device but the result carries shareID" in _prepare(state, forged)
+    assert state.prepared_claims() == {}
+    _untouched(backend, inv, 0)
+
+
+def test_an_admin_result_twice_in_one_claim_is_refused(node, tmp_path) -> None:
+    """Each result is one CDI device named after the claim and the device: the same device twice (a
+    forged allocation; the allocator never gives an admin request a device of its own claim) is refused."""
+    state, backend, inv, _ = node
+    twice = _admin("dcgm", [_gpu(inv, 0), _gpu(inv, 0)])
+    err = _prepare(state, twice)
+    assert "claim default/dcgm" in err and f"names device {_gpu(inv, 0)} twice" in err, err
+    mixed = allocated_claim("mixed", [_gpu(inv, 1)], extra_results=[
+        {"request": "gpu", "driver": "gpu.partita.dev", "pool": NODE, "device": _gpu(inv, 1), "adminAccess": True}])
+    assert f"names device {_gpu(inv, 1)} twice" in _prepare(state, mixed)
+    assert state.prepared_claims() == {} and not list((tmp_path / "cdi").glob("*.json"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid as uuidlib
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,179 @@ def test_waiting_for_another_plugin_instance_does_not_block_the_plugin(node, tmp
         assert result[claim["metadata"]["uid"]].error == ""
 
     asyncio.run(scenario())
+
+
+# -- admin access (KEP-5018): monitoring claims change nothing on the device ---------------------
+def _spec_of(tmp_path, claim) -> dict:
+    return json.loads((tmp_path / "cdi" / f"k8s.gpu.partita.dev-gpu_{claim['metadata']['uid']}.json").read_text())
+
+
+def _env_of(tmp_path, claim) -> list[str]:
+    [dev] = _spec_of(tmp_path, claim)["devices"]
+    return dev["containerEdits"]["env"]
+
+
+def test_a_monitoring_claim_on_a_gpu_prepared_whole_is_prepared_and_either_unprepare_leaves_the_other(
+        node, tmp_path, cdi_validator) -> None:
+    """The Day-2 report: a DCGM-style claim with adminAccess on a GPU already prepared whole for another
+    claim was refused at prepare."""
+    state, backend, inv, _ = node
+    gpu = _names(inv)[0]
+    work = allocated_claim("train", [gpu])
+    dcgm = allocated_claim("dcgm", [gpu], namespace="monitoring", admin_access=True)
+    wuid, auid = work["metadata"]["uid"], dcgm["metadata"]["uid"]
+    assert _prepare(state, work)[wuid].error == ""
+    work_entry = state.prepared_claims()[wuid].model_dump()
+    work_spec = _spec_of(tmp_path, work)
+    res = _prepare(state, dcgm)[auid]
+    assert res.error == ""
+    assert [d.device for d in res.devices] == [gpu] and res.devices[0].admin_access is True
+    spec = _spec_of(tmp_path, dcgm)
+    assert list(cdi_validator.iter_errors(spec)) == []
+    env = _env_of(tmp_path, dcgm)
+    assert "PARTITA_ADMIN_ACCESS=true" in env and f"NVIDIA_VISIBLE_DEVICES={inv.gpus[0].uuid}" in env
+    assert "PARTITA_ADMIN_ACCESS=true" not in _env_of(tmp_path, work)
+    # the other claim's state is untouched
+    assert state.prepared_claims()[wuid].model_dump() == work_entry and _spec_of(tmp_path, work) == work_spec
+    # unpreparing the monitoring claim leaves the workload intact ...
+    assert _unprepare(state, dcgm) == {auid: ""}
+    assert state.prepared_claims()[wuid].model_dump() == work_entry and _spec_of(tmp_path, work) == work_spec
+    assert _prepare(state, work)[wuid].error == ""                       # still verifiably prepared
+    # ... and unpreparing the workload leaves the monitoring claim intact
+    assert _prepare(state, dcgm)[auid].error == ""
+    admin_entry = state.prepared_claims()[auid].model_dump()
+    admin_spec = _spec_of(tmp_path, dcgm)
+    assert _unprepare(state, work) == {wuid: ""}
+    assert state.prepared_claims()[auid].model_dump() == admin_entry and _spec_of(tmp_path, dcgm) == admin_spec
+    assert _prepare(state, dcgm)[auid].error == ""
+    # and another workload may now take the GPU the monitoring claim holds
+    again = allocated_claim("train-2", [gpu])
+    assert _prepare(state, again)[again["metadata"]["uid"]].error == ""
+
+
+def test_admin_access_to_a_mig_device_uses_the_existing_instance_and_creates_or_destroys_nothing(
+        node, tmp_path) -> None:
+    state, backend, inv, _ = node
+    h = backend.device_by_uuid(inv.gpus[0].uuid)
+    name = naming.mig_device_name(_names(inv)[0], "3g.40gb", 4)
+    dcgm = allocated_claim("dcgm", [name], admin_access=True)
+    auid = dcgm["metadata"]["uid"]
+    # no instance there: refused naming the device, and MIG mode was not even enabled
+    err = _prepare(state, dcgm)[auid].error
+    assert f"admin access to MIG device {name} needs that MIG device to exist" in err
+    assert backend.mig_mode(h).current is False and backend.gpu_instances(h) == []
+    assert state.prepared_claims() == {}
+    work = allocated_claim("infer", [name])
+    assert _prepare(state, work)[work["metadata"]["uid"]].error == ""
+    (instance,) = backend.mig_devices(h)
+    res = _prepare(state, dcgm)[auid]
+    assert res.error == ""
+    (d,) = res.devices
+    assert d.admin_access is True and d.mig.uuid == instance.uuid and d.mig.created is False
+    assert f"NVIDIA_VISIBLE_DEVICES={instance.uuid}" in _env_of(tmp_path, dcgm)
+    assert backend.mig_devices(h) == [instance]                           # nothing created
+    # an admin claim on the whole GPU leaves its MIG mode and instances alone (Hopper: no leaving MIG mode)
+    whole = allocated_claim("dcgm-gpu", [_names(inv)[0]], admin_access=True)
+    assert _prepare(state, whole)[whole["metadata"]["uid"]].error == ""
+    assert backend.mig_mode(h).current is True and backend.mig_devices(h) == [instance]
+    assert _unprepare(state, dcgm, whole) == {auid: "", whole["metadata"]["uid"]: ""}
+    assert backend.mig_devices(h) == [instance] and backend.mig_mode(h).current is True    # nothing destroyed
+    assert _prepare(state, work)[work["metadata"]["uid"]].error == ""    # the workload's instance verified
+    # the workload owns the instance: its unprepare destroys it even while a monitoring claim looks at it,
+    # and the monitoring claim then says what is gone instead of creating it again
+    assert _prepare(state, dcgm)[auid].error == ""
+    assert _unprepare(state, work) == {work["metadata"]["uid"]: ""}
+    assert backend.gpu_instances(h) == [] and backend.mig_mode(h).current is False
+    err = _prepare(state, dcgm)[auid].error
+    assert f"admin access to MIG device {name} needs that MIG device to exist" in err
+    assert backend.mig_mode(h).current is False and backend.gpu_instances(h) == []
+    assert _unprepare(state, dcgm) == {auid: ""}
+
+
+def test_admin_access_sets_up_no_sharing_and_its_unprepare_restores_nothing(node, tmp_path) -> None:
+    _, backend, inv, _ = node
+    state = DeviceState(driver_name="gpu.partita.dev", node_name=NODE, backend=backend, inventory=inv,
+                        cdi_root=tmp_path / "cdi", plugin_dir=tmp_path / "p", cdi_search_dirs=[])
+
+    def gpu_config(strategy: str, **details) -> list[dict]:
+        key = "mpsConfig" if strategy == "MPS" else "timeSlicingConfig"
+        return [{"source": "FromClaim", "requests": ["gpu"], "opaque": {"driver": "gpu.partita.dev", "parameters": {
+            "apiVersion": "gpu.partita.dev/v1alpha1", "kind": "GpuConfig",
+            "sharing": {"strategy": strategy, key: details}}}}]
+
+    def share(name: str, i: int, config: list[dict], admin: bool = False) -> dict:
+        shared = naming.shared_device_name(_names(inv)[i])
+        return allocated_claim(name, [shared], share_ids={shared: str(uuidlib.uuid4())}, config=config,
+                               admin_access=admin)
+
+    h0, h1 = (backend.device_by_uuid(inv.gpus[i].uuid) for i in (0, 1))
+    try:
+        # alone on a GPU, a GpuConfig of an admin claim changes nothing (whole or shared device)
+        whole = allocated_claim("dcgm-whole", [_names(inv)[0]], config=gpu_config("TimeSlicing", interval="Long"),
+                                admin_access=True)
+        lone = share("dcgm-share", 0, gpu_config("MPS"), admin=True)
+        assert {u: r.error for u, r in _prepare(state, whole, lone).items()} == {
+            whole["metadata"]["uid"]: "", lone["metadata"]["uid"]: ""}
+        assert backend.time_slice(h0) == "Default" and backend.compute_mode(h0) == "Default"
+        assert state.sharing.mps.running_gpus() == []
+        env = _env_of(tmp_path, lone)
+        assert "PARTITA_ADMIN_ACCESS=true" in env and not any(e.startswith("PARTITA_SHARING_STRATEGY") for e in env)
+        # next to an MPS share: no strategy conflict, the daemon stays the workload's
+        work = share("mps-work", 1, gpu_config("MPS"))
+        assert _prepare(state, work)[work["metadata"]["uid"]].error == ""
+        assert state.sharing.mps.running_gpus() == [inv.gpus[1].uuid]
+        dcgm = share("dcgm", 1, gpu_config("TimeSlicing", interval="Short"), admin=True)
+        assert _prepare(state, dcgm)[dcgm["metadata"]["uid"]].error == ""
+        assert backend.time_slice(h1) == "Default" and backend.compute_mode(h1) == "ExclusiveProcess"
+        assert _unprepare(state, dcgm) == {dcgm["metadata"]["uid"]: ""}
+        assert state.sharing.mps.running_gpus() == [inv.gpus[1].uuid]      # the workload's daemon still runs
+        assert backend.compute_mode(h1) == "ExclusiveProcess"
+        assert _prepare(state, work)[work["metadata"]["uid"]].error == ""
+        # the last workload share restores the defaults even while a monitoring claim stays
+        assert _prepare(state, dcgm)[dcgm["metadata"]["uid"]].error == ""
+        assert _unprepare(state, work) == {work["metadata"]["uid"]: ""}
+        assert state.sharing.mps.running_gpus() == [] and backend.compute_mode(h1) == "Default"
+        assert dcgm["metadata"]["uid"] in state.prepared_claims()
+    finally:
+        for uuid in state.sharing.mps.running_gpus():
+            state.sharing.mps.stop(uuid)
+
+
+def test_recovery_of_an_interrupted_admin_claim_destroys_nothing(node) -> None:
+    """A plugin killed while unpreparing a monitoring claim on another claim's MIG device: finishing the
+    unprepare leaves the instance (the other claim's) alone."""
+    state, backend, inv, make_state = node
+    name = naming.mig_device_name(_names(inv)[1], "3g.40gb", 0)
+    work = allocated_claim("infer", [name])
+    dcgm = allocated_claim("dcgm", [name], admin_access=True)
+    assert _prepare(state, work)[work["metadata"]["uid"]].error == ""
+    assert _prepare(state, dcgm)[dcgm["metadata"]["uid"]].error == ""
+    h = backend.device_by_uuid(inv.gpus[1].uuid)
+    (instance,) = backend.mig_devices(h)
+    cp = state.checkpoint.read()
+    cp.claims[dcgm["metadata"]["uid"]].state = "Unpreparing"
+    state.checkpoint.write(cp)
+    restarted = make_state()
+    assert asyncio.run(restarted.recover()) == [dcgm["metadata"]["uid"]]
+    assert backend.mig_devices(h) == [instance]
+    assert _prepare(restarted, work)[work["metadata"]["uid"]].error == ""
+
+
+def test_checkpoint_records_admin_access_and_reads_checkpoints_without_it(tmp_path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoint.json")
+    old = {"apiVersion": "gpu.partita.dev/v1", "kind": "PluginCheckpoint", "bootID": "b", "claims": {"u1": {
+        "uid": "u1", "namespace": "default", "name": "c1", "state": "Prepared", "cdiSpec": "/x", "devices": [{
+            "requestNames": ["gpu"], "pool": NODE, "device": "gpu-1", "cdiDeviceIDs": ["k8s.gpu.partita.dev/gpu=u1-gpu-1"],
+            "type": "gpu", "gpuUUID": "GPU-1"}]}}}
+    (tmp_path / "checkpoint.json").write_text(json.dumps(old))          # written by a plugin before admin access
+    cp = store.read()
+    assert not cp.claims["u1"].devices[0].admin_access
+    cp.claims["u2"] = PreparedClaim(uid="u2", namespace="monitoring", name="dcgm", state="Prepared", devices=[
+        PreparedDevice(requestNames=["gpu"], pool=NODE, device="gpu-1", cdiDeviceIDs=["k8s.gpu.partita.dev/gpu=u2-gpu-1"],
+                       type="gpu", gpuUUID="GPU-1", adminAccess=True)])
+    store.write(cp)
+    raw = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert "adminAccess" not in raw["claims"]["u1"]["devices"][0]      # an older plugin still reads it
+    assert raw["claims"]["u2"]["devices"][0]["adminAccess"] is True
+    again = store.read()
+    assert again.claims["u2"].devices[0].admin_access is True and not again.claims["u1"].devices[0].admin_access

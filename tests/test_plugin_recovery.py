@@ -140,6 +140,41 @@ def test_a_node_reboot_re_creates_the_instances_of_prepared_claims() -> None:
     _scenario(body)
 
 
+def test_a_node_reboot_restores_a_monitoring_claim_on_the_instance_of_another() -> None:
+    """An admin-access claim on another claim's MIG device: the reboot re-creates the instance once (for
+    its owner), the monitoring claim follows it to the new instance, and neither unprepare leaves an
+    orphan or destroys the other's."""
+    async def body(node: Node) -> None:
+        await node.start()
+        work = node.mig_claim("mig-3g", "3g.40gb", 4)
+        _, _, inv = node.gpu()
+        device = naming.mig_device_name(naming.gpu_device_name(inv.gpus[0].uuid), "3g.40gb", 4)
+        dcgm = node.server.create(allocated_claim("dcgm", [device], admin_access=True))
+        assert (await node.call("NodePrepareResources", work)).error == ""
+        assert (await node.call("NodePrepareResources", dcgm)).error == ""
+        assert node.violations(work, dcgm) == []
+        node.plugin.proc.send_signal(signal.SIGKILL)
+        node.plugin.proc.wait(10)
+        shutil.rmtree(node.plugin_dir / "fake-nvml")
+        for f in node.plugin.paths.cdi.glob("*"):
+            f.unlink()
+        node.boot_file.write_text("boot-2\n")
+        await node.start()
+        assert (await node.call("NodePrepareResources", dcgm)).error == ""
+        backend, h, _ = node.gpu()
+        (mig,) = backend.mig_devices(h)                       # one instance, re-created for its owner
+        spec = json.loads((node.plugin.paths.cdi / f"k8s.gpu.partita.dev-gpu_{dcgm['metadata']['uid']}.json")
+                          .read_text())
+        env = spec["devices"][0]["containerEdits"]["env"]
+        assert f"NVIDIA_VISIBLE_DEVICES={mig.uuid}" in env and "PARTITA_ADMIN_ACCESS=true" in env
+        assert node.violations(work, dcgm) == []
+        assert (await node.call("NodeUnprepareResources", dcgm)).error == ""
+        assert node.violations(work) == []                    # the owner's instance is intact
+        assert (await node.call("NodeUnprepareResources", work)).error == ""
+        assert node.violations() == []
+    _scenario(body)
+
+
 def test_a_non_utf8_checkpoint_does_not_crash_the_plugin() -> None:
     async def body(node: Node) -> None:
         await node.start()

@@ -71,6 +71,10 @@ def test_default_sandbox_runs_the_examples_and_cleans_up() -> None:
     util = out.split("GPU utilization:")[1]
     in_use = {ln.split()[0]: int(ln.split()[2]) for ln in util.splitlines() if ln.startswith("node-")}
     assert in_use["node-a"] + in_use["node-b"] >= 8 and in_use["node-d"] == 0, util
+    # the monitoring pod (adminAccess, all GPUs of its node) runs next to the workloads, which its
+    # claim does not count against (it is no allocation)
+    monitor = next(ln for ln in out.splitlines() if ln.startswith("gpu-monitoring/gpu-monitor "))
+    assert monitor.split()[1] == "Running" and "(whole NVIDIA" in monitor, out
     assert "every claim was unprepared" in out
 
 

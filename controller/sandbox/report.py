@@ -124,7 +124,7 @@ def render(pods: list[dict], claims: list[dict], slices: list[dict], driver: str
     notes = []
     for c in claims:
         for r in (((c.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results") or []:
-            if r.get("driver") == driver:
+            if r.get("driver") == driver and not r.get("adminAccess"):    # admin access is no allocation
                 devices.account(r)
     for pod in pods:
         md = pod["metadata"]

@@ -6,6 +6,7 @@ refuses, naming both claims and the device,
 
 * (:func:`check_allocated_here`, with the claim's other checks) an allocation whose ``nodeSelector``
   does not select this node, by name or by this Node's labels;
+* the same device (and shareID) twice in one claim's results (each result is one CDI device);
 * a shareID that is not a UUID (upstream: a lowercase 8-4-4-4-12 UID), a shared device without one, a
   dedicated device with one, and a shareID of a device used by another share already;
 * whole or shared use of a GPU stuck in MIG mode (Ampere: only a reset leaves it), which the node
@@ -16,6 +17,12 @@ refuses, naming both claims and the device,
   instances of a profile than the GPU offers;
 * shares whose consumed memory, summed over every share of the GPU, exceeds the shared device's
   published memory capacity.
+
+Admin access (``adminAccess: true`` in a result, KEP-5018; the API server admits it only in namespaces
+labelled ``resource.kubernetes.io/admin-access: "true"``) grants access to a device regardless of other
+allocations: an admin result is checked for its shape (this node, a UUID shareID if it has one) but is
+never a use — it is not refused next to other claims, and other claims are not refused next to it
+(checkpointed devices with ``adminAccess`` are left out of the uses).
 
 It reads the checkpoint's claims (``Prepared`` and interrupted ``Preparing`` ones: both hold their
 devices) and the node's device index; it changes nothing.
@@ -75,6 +82,11 @@ class Use:
         return f"whole GPU {self.device}"
 
 
+def is_admin(result: Mapping) -> bool:
+    """The result grants admin access (monitoring, maintenance): upstream's ``adminAccess: true``."""
+    return result.get("adminAccess") is True
+
+
 def _prepared_use(c: PreparedClaim, d: PreparedDevice) -> Use:
     slices = profile = None
     if d.mig is not None:
@@ -116,13 +128,13 @@ def _new_use(claim: ClaimId, result: Mapping, dev: DeviceRef) -> Use:
                              f"({dev.gpu.architecture}) is in MIG mode, which it leaves only with a GPU reset, so "
                              "this node offers only its MIG devices; the allocation is stale or forged — delete the "
                              "claim so it is allocated again (or disable MIG on the GPU and reset it)")
-    if dev.type == C.DEVICE_TYPE_SHARED:
+    if dev.type == C.DEVICE_TYPE_SHARED and not is_admin(result):
         if not share:
             raise AdmissionError(f"claim {name}: status.allocation.devices.results device {dev.name} is a shared GPU "
                                  "but the result has no shareID; every share of a shared device carries its own "
                                  "(the allocator sets it with DRAConsumableCapacity) — delete the claim so it is "
                                  "allocated again")
-    elif share is not None:
+    elif share is not None and dev.type != C.DEVICE_TYPE_SHARED:
         raise AdmissionError(f"claim {name}: status.allocation.devices.results device {dev.name} is a dedicated "
                              f"{dev.type} device but the result carries shareID {share!r}; only shared devices "
                              "(allowMultipleAllocations) have shares — delete the claim so it is allocated again")
@@ -143,7 +155,7 @@ def _new_use(claim: ClaimId, result: Mapping, dev: DeviceRef) -> Use:
         return Use(name, claim.uid, dev.name, dev.gpu.uuid, dev.type, slices, profile)
     if dev.type == C.DEVICE_TYPE_SHARED:
         return Use(name, claim.uid, dev.name, dev.gpu.uuid, dev.type, share_id=share,
-                   memory=_consumed_memory(name, result, dev))
+                   memory=0 if is_admin(result) else _consumed_memory(name, result, dev))
     return Use(name, claim.uid, dev.name, dev.gpu.uuid, dev.type)
 
 
@@ -187,13 +199,21 @@ def admit(prepared: Mapping[str, PreparedClaim], claim: ClaimId, results: Iterab
     allocation) may be prepared next to the ``prepared`` claims. Results naming devices this node does
     not publish are left to the caller (which refuses them)."""
     name = f"{claim.namespace}/{claim.name}"
-    in_use = [_prepared_use(c, d) for c in prepared.values() if c.uid != claim.uid for d in c.devices]
+    in_use = [_prepared_use(c, d) for c in prepared.values() if c.uid != claim.uid for d in c.devices
+              if not d.admin_access]
     gpus = {}
+    seen: set[tuple[str, str | None]] = set()
     for result in results:
         dev = devices.get(result.get("device", ""))
         if dev is None:
             continue
         new = _new_use(claim, result, dev)
+        if (dev.name, new.share_id) in seen:     # one CDI device per result: a result twice is corrupt
+            raise AdmissionError(f"claim {name}: status.allocation.devices.results names device {dev.name}"
+                                 f"{f' shareID {new.share_id}' if new.share_id else ''} twice; {_FIX_ONE}")
+        seen.add((dev.name, new.share_id))
+        if is_admin(result):
+            continue                 # admin access is never a use of the device
         gpus[dev.gpu.uuid] = dev.gpu
         for old in in_use:
             why = _conflict(new, old)

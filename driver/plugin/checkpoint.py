@@ -64,6 +64,10 @@ class PreparedDevice(_Model):
     config: dict | None = None                  # the effective opaque config applied (sharing)
     consumed_capacity: dict[str, str] | None = Field(default=None, alias="consumedCapacity")
     edits: dict | None = None                   # extra CDI container edits of a share (env, mounts)
+    #: True for an admin-access result (monitoring): never a use of the device, changes nothing on it.
+    #: Written only when True, so checkpoints without admin claims stay readable by older plugins;
+    #: absent (older checkpoints) means False.
+    admin_access: bool | None = Field(default=None, alias="adminAccess")
 
 
 class PreparedClaim(_Model):

@@ -16,6 +16,11 @@ from a stale entry. Preparing an already prepared claim verifies its MIG instanc
 spec still exist (re-creating them, or failing with what is missing); a node reboot (a new boot id) makes
 the start-up recovery restore them for every prepared claim. A failed prepare runs every undo step even
 when one fails and reports all that failed.
+
+Admin access (a result with ``adminAccess: true``, for monitoring and maintenance) changes nothing on the
+device: no MIG mode change, no MIG instance creation (a MIG device must exist already: its instance is
+used as it is, else the prepare fails naming the device), no sharing set-up; its unprepare destroys
+nothing. Its CDI device has the same device nodes plus ``PARTITA_ADMIN_ACCESS=true``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from driver.inventory import Inventory, discover
 from driver.nvml import NvmlBackend, NvmlError
 from driver.nvml.interface import CI_PROFILE_FOR_SLICES, COMPUTE_MODE_EXCLUSIVE_PROCESS, Placement
 from driver.plugin import boot, cdi, durable
-from driver.plugin.admission import AdmissionError, admit, check_allocated_here
+from driver.plugin.admission import AdmissionError, admit, check_allocated_here, is_admin
 from driver.plugin.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -49,7 +54,7 @@ from driver.plugin.config import ConfigError, effective_configs
 from driver.plugin.devices import DeviceRef, device_index
 from driver.plugin.faults import crash_point
 from driver.plugin.mps import MpsDaemons, MpsError
-from driver.plugin.sharing import Sharing, SharingError, strategy_of, uses_sharing
+from driver.plugin.sharing import Sharing, SharingError, holds_share, strategy_of, uses_sharing
 
 log = logging.getLogger(__name__)
 
@@ -340,8 +345,8 @@ class DeviceState:
             self._crash("claim-prepared")
         except BaseException as e:
             errors = self._rollback(cp, ref, claim_entry, spec_path,
-                                    [dev.gpu.uuid for (_, dev), config in zip(refs, configs)
-                                     if uses_sharing(dev.type, config)])
+                                    [dev.gpu.uuid for (r, dev), config in zip(refs, configs)
+                                     if uses_sharing(dev.type, config) and not is_admin(r)])
             if not errors or not isinstance(e, Exception):
                 raise
             first = str(e) if isinstance(e, (PrepareError, ConfigError, SharingError)) else f"claim {ref}: {e}"
@@ -395,13 +400,13 @@ class DeviceState:
         for d in entry.devices:
             if d.mig is not None and not self._mig_present(d.mig):
                 self._recreate_mig(cp, ref, entry, d)
-            if uses_sharing(d.type, d.config) and strategy_of(d.config)[0] == "MPS":
+            if holds_share(d) and strategy_of(d.config)[0] == "MPS":
                 h = self.backend.device_by_uuid(d.gpu_uuid)
                 if self.backend.compute_mode(h) != COMPUTE_MODE_EXCLUSIVE_PROCESS:     # reset by a reboot
                     log.warning("claim %s: GPU %s of its MPS share %s lost its exclusive-process compute mode: "
                                 "set again", ref, d.gpu_uuid, d.device)
                     self.backend.set_compute_mode(h, COMPUTE_MODE_EXCLUSIVE_PROCESS)
-            if uses_sharing(d.type, d.config) and strategy_of(d.config)[0] == "MPS" \
+            if holds_share(d) and strategy_of(d.config)[0] == "MPS" \
                     and not self.sharing.mps.running(d.gpu_uuid):
                 self.sharing.reconcile(cp)
                 if not self.sharing.mps.running(d.gpu_uuid):
@@ -429,6 +434,14 @@ class DeviceState:
         assert mig is not None
         what = (f"claim {ref}: its MIG device {d.device} ({mig.uuid or 'unnamed'}, profile {mig.profile_id} at "
                 f"{mig.placement_start}:{mig.placement_size}) no longer exists on GPU {mig.gpu_uuid}")
+        if d.admin_access:           # admin access never creates: use the instance there now, if any
+            dev = self._devices.get(d.device)
+            if dev is None or dev.profile is None:
+                raise PrepareError(f"{what}, and this node no longer publishes that device; delete the claim so it "
+                                   "is allocated again")
+            d.mig = self._existing_mig(ref, dev, self.backend.device_by_uuid(mig.gpu_uuid))
+            self.checkpoint.write(cp)
+            return
         if not mig.created:
             raise PrepareError(f"{what}; it was created outside Partita (static MIG), so Partita does not re-create "
                                "it — re-create it with nvidia-smi, or delete the claim so it is allocated again")
@@ -454,7 +467,12 @@ class DeviceState:
         h = self.backend.device_by_uuid(dev.gpu.uuid)
         mig: MigInstance | None = None
         edits = None
-        if dev.type == C.DEVICE_TYPE_MIG:
+        admin = is_admin(result)
+        if admin:                    # monitoring: changes nothing on the device
+            config = None
+            if dev.type == C.DEVICE_TYPE_MIG:
+                mig = self._existing_mig(ref, dev, h)
+        elif dev.type == C.DEVICE_TYPE_MIG:
             mig = self._prepare_mig(cp, entry, ref, dev, h)
         else:
             self._leave_mig_mode(dev, h)
@@ -474,7 +492,8 @@ class DeviceState:
         return PreparedDevice(requestNames=[base_request(result["request"])], pool=result["pool"],
                               device=dev.name, shareID=share, cdiDeviceIDs=ids, type=dev.type,
                               gpuUUID=dev.gpu.uuid, mig=mig, config=config,
-                              consumedCapacity=result.get("consumedCapacity"), edits=edits)
+                              consumedCapacity=result.get("consumedCapacity"), edits=edits,
+                              adminAccess=True if admin else None)
 
     def _leave_mig_mode(self, dev: DeviceRef, h: Any) -> None:
         """A Hopper GPU left in MIG mode by earlier MIG claims returns to whole use."""
@@ -486,6 +505,22 @@ class DeviceState:
                                    f"{dev.type} device {dev.name} until they are gone")
             self.backend.set_mig_mode(h, False)
             log.info("disabled MIG mode on GPU %s for %s use", dev.gpu.uuid, dev.type)
+
+    def _existing_mig(self, ref: ClaimRef, dev: DeviceRef, h: Any) -> MigInstance:
+        """Admin access to a MIG device: the instance that exists at its placement now (created by
+        another claim or outside Partita), never a new one; else an error naming the device."""
+        assert dev.profile is not None and dev.placement_start is not None
+        placement = Placement(dev.placement_start, dev.profile.memory_slices)
+        for d in self.backend.mig_devices(h) if self.backend.mig_mode(h).current else []:
+            if d.profile_id == dev.profile.profile_id and d.placement == placement:
+                return MigInstance(gpuUUID=dev.gpu.uuid, profileID=d.profile_id, placementStart=placement.start,
+                                   placementSize=placement.size, gpuInstanceID=d.gpu_instance_id,
+                                   computeInstanceID=d.compute_instance_id, uuid=d.uuid, created=False)
+        raise PrepareError(f"claim {ref}: admin access to MIG device {dev.name} needs that MIG device to exist, and "
+                           f"GPU {dev.gpu.uuid} has no {dev.profile.name} instance at placement {placement.start}:"
+                           f"{placement.size}; admin access never changes a device (no MIG mode change or instance "
+                           "creation) — prepare it for a workload claim first, or create it with nvidia-smi, then the "
+                           "kubelet retries")
 
     def _prepare_mig(self, cp: Checkpoint, entry: PreparedClaim, ref: ClaimRef, dev: DeviceRef, h: Any) -> MigInstance:
         assert dev.profile is not None and dev.placement_start is not None
@@ -549,7 +584,7 @@ class DeviceState:
         """Another claim in the checkpoint records this GPU instance as its own."""
         return any(d.mig is not None and d.mig.gpu_uuid == gpu_uuid and d.mig.gpu_instance_id == gi_id
                    and Placement(d.mig.placement_start, d.mig.placement_size) == placement
-                   for c in cp.claims.values() if c.uid != uid for d in c.devices)
+                   for c in cp.claims.values() if c.uid != uid for d in c.devices if not d.admin_access)
 
     def _undo(self, cp: Checkpoint, entry: PreparedClaim) -> list[str]:
         """Destroy what a (possibly interrupted) prepare of this claim created; every device is tried."""
@@ -585,6 +620,8 @@ class DeviceState:
                 env.append(f"PARTITA_MIG_UUID={d.mig.uuid}")
             if d.share_id:
                 env.append(f"PARTITA_SHARE_ID={d.share_id}")
+            if d.admin_access:
+                env.append("PARTITA_ADMIN_ACCESS=true")
             extra = cdi.ContainerEdits.model_validate(d.edits or {})
             name = d.cdi_device_ids[0].split("=", 1)[1]
             cdi_devices.append(cdi.CdiDevice(name=name, containerEdits=cdi.ContainerEdits(
@@ -656,7 +693,7 @@ class DeviceState:
         errors += self._try(self._remove_spec, Path(entry.cdi_spec) if entry.cdi_spec else
                             cdi.spec_path(self.cdi_root, self.driver_name, entry.uid))
         self._crash("cdi-spec-removed")
-        shared = sorted({d.gpu_uuid for d in entry.devices if uses_sharing(d.type, d.config)})
+        shared = sorted({d.gpu_uuid for d in entry.devices if holds_share(d)})
         if shared:
             held = cp.claims.pop(entry.uid, None)     # the shares left on each GPU, without this claim's
             for uuid in shared:

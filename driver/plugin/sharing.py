@@ -16,6 +16,10 @@ defaults (time-slice ``Default``, compute mode ``Default``, no MPS daemon).
 A whole GPU whose claim carries a GpuConfig is set up the same way: that is how several pods share one
 GPU through one ResourceClaim where consumable capacity (shared devices) is off.
 
+An admin-access result (monitoring) on a shared device or a GPU is never a share: it sets nothing up
+(no time-slice change, no MPS daemon), is not counted by :meth:`Sharing.shares_of`, and its unprepare
+restores nothing (:func:`holds_share`).
+
 Time-slicing and MPS shares cannot run on one GPU at once (MPS needs the GPU to itself in exclusive-
 process mode): such a prepare fails with both claims named.
 """
@@ -70,6 +74,11 @@ def uses_sharing(device_type: str, config: dict | None) -> bool:
     return device_type == C.DEVICE_TYPE_SHARED or (device_type == C.DEVICE_TYPE_GPU and config is not None)
 
 
+def holds_share(d: PreparedDevice) -> bool:
+    """A prepared device that holds a share of its GPU's sharing set-up (admin access never does)."""
+    return uses_sharing(d.type, d.config) and not d.admin_access
+
+
 class Sharing:
     def __init__(self, backend: NvmlBackend, mps: MpsDaemons):
         self.backend = backend
@@ -79,13 +88,13 @@ class Sharing:
     def shares_of(cp: Checkpoint, gpu_uuid: str, *, exclude_uid: str | None = None) -> list[tuple[str, PreparedDevice]]:
         """(claim namespace/name, device) of every share of the GPU prepared or being prepared."""
         return [(f"{c.namespace}/{c.name}", d) for c in cp.claims.values() if c.uid != exclude_uid
-                for d in c.devices if uses_sharing(d.type, d.config) and d.gpu_uuid == gpu_uuid]
+                for d in c.devices if holds_share(d) and d.gpu_uuid == gpu_uuid]
 
     def prepare(self, cp: Checkpoint, claim: str, claim_uid: str, gpu_uuid: str, h: object, config: dict | None,
                 consumed: dict | None, pending: Iterable[PreparedDevice] = ()) -> ShareEdits:
         strategy, details = strategy_of(config)
         others = self.shares_of(cp, gpu_uuid, exclude_uid=claim_uid) + [
-            (claim, d) for d in pending if uses_sharing(d.type, d.config) and d.gpu_uuid == gpu_uuid]
+            (claim, d) for d in pending if holds_share(d) and d.gpu_uuid == gpu_uuid]
         for other, d in others:
             theirs, _ = strategy_of(d.config)
             if theirs != strategy:
@@ -157,7 +166,7 @@ class Sharing:
     def reconcile(self, cp: Checkpoint) -> None:
         """At start: restart daemons prepared MPS shares need (after a reboot), stop orphaned ones."""
         wanted = {d.gpu_uuid for c in cp.claims.values() if c.state == "Prepared" for d in c.devices
-                  if uses_sharing(d.type, d.config) and strategy_of(d.config)[0] == "MPS"}
+                  if holds_share(d) and strategy_of(d.config)[0] == "MPS"}
         for uuid in self.mps.running_gpus():
             if uuid not in wanted:
                 log.warning("stopping the MPS control daemon of GPU %s: no prepared claim uses it", uuid)

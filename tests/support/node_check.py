@@ -13,6 +13,9 @@ fake GPUs through NVML, and lists every violation of what a quiescent node must 
   exists, parses, names exactly its CDI devices and points MIG devices at their MIG UUID; no temp files;
 * MIG mode is off on Hopper GPUs without MIG instances; GPUs without shares run compute mode Default and
   no MPS daemon; GPUs with MPS shares run exclusive-process compute mode and their daemon.
+
+Devices recorded ``adminAccess: true`` (monitoring claims) hold nothing: they are left out of the rules
+above, except that their CDI device is checked like any other.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def check_node(*, plugin_dir: Path, cdi_dir: Path, profile: FakeGpuProfile, node
     migs: dict[str, list[tuple[str, dict]]] = {}
     for uid, c in claims.items():
         for d in c.get("devices") or []:
+            if d.get("adminAccess") is True:
+                continue                 # admin access is no use: it holds no device, share or instance
             if d.get("shareID"):
                 if d["shareID"] in shares:
                     v.append(f"share {d['shareID']} is prepared for claims {shares[d['shareID']]} and {uid}")
@@ -124,7 +129,8 @@ def check_node(*, plugin_dir: Path, cdi_dir: Path, profile: FakeGpuProfile, node
             if recorded:
                 v.append(f"GPU {uuid} has no MIG but claims record MIG devices on it")
         shared_here = [(uid, d) for uid, c in claims.items() for d in c.get("devices") or []
-                       if d["gpuUUID"] == uuid and (d["type"] == "shared" or (d["type"] == "gpu" and d.get("config")))]
+                       if d["gpuUUID"] == uuid and d.get("adminAccess") is not True
+                       and (d["type"] == "shared" or (d["type"] == "gpu" and d.get("config")))]
         mps_here = [uid for uid, d in shared_here
                     if ((d.get("config") or {}).get("sharing") or {}).get("strategy") == "MPS"]
         if not shared_here:
