@@ -506,9 +506,9 @@ class DeviceState:
             self.backend.set_mig_mode(h, False)
             log.info("disabled MIG mode on GPU %s for %s use", dev.gpu.uuid, dev.type)
 
-    def _existing_mig(self, ref: ClaimRef, dev: DeviceRef, h: Any) -> MigInstance:
-        """Admin access to a MIG device: the instance that exists at its placement now (created by
-        another claim or outside Partita), never a new one; else an error naming the device."""
+    def _found_mig(self, dev: DeviceRef, h: Any) -> MigInstance | None:
+        """The MIG instance that exists now at the device's profile and placement (created by another claim, or
+        outside Partita), or None."""
         assert dev.profile is not None and dev.placement_start is not None
         placement = Placement(dev.placement_start, dev.profile.memory_slices)
         for d in self.backend.mig_devices(h) if self.backend.mig_mode(h).current else []:
@@ -516,21 +516,27 @@ class DeviceState:
                 return MigInstance(gpuUUID=dev.gpu.uuid, profileID=d.profile_id, placementStart=placement.start,
                                    placementSize=placement.size, gpuInstanceID=d.gpu_instance_id,
                                    computeInstanceID=d.compute_instance_id, uuid=d.uuid, created=False)
+        return None
+
+    def _existing_mig(self, ref: ClaimRef, dev: DeviceRef, h: Any) -> MigInstance:
+        """Admin access to a MIG device: the instance that exists at its placement now, never a new one; else an
+        error naming the device."""
+        found = self._found_mig(dev, h)
+        if found is not None:
+            return found
+        assert dev.profile is not None and dev.placement_start is not None
         raise PrepareError(f"claim {ref}: admin access to MIG device {dev.name} needs that MIG device to exist, and "
-                           f"GPU {dev.gpu.uuid} has no {dev.profile.name} instance at placement {placement.start}:"
-                           f"{placement.size}; admin access never changes a device (no MIG mode change or instance "
-                           "creation) — prepare it for a workload claim first, or create it with nvidia-smi, then the "
-                           "kubelet retries")
+                           f"GPU {dev.gpu.uuid} has no {dev.profile.name} instance at placement {dev.placement_start}:"
+                           f"{dev.profile.memory_slices}; admin access never changes a device (no MIG mode change or "
+                           "instance creation) — prepare it for a workload claim first, or create it with nvidia-smi, "
+                           "then the kubelet retries")
 
     def _prepare_mig(self, cp: Checkpoint, entry: PreparedClaim, ref: ClaimRef, dev: DeviceRef, h: Any) -> MigInstance:
+        found = self._found_mig(dev, h)
+        if found is not None:      # an instance exists already (static MIG, created outside Partita): used as it is
+            return found
         assert dev.profile is not None and dev.placement_start is not None
         placement = Placement(dev.placement_start, dev.profile.memory_slices)
-        for d in self.backend.mig_devices(h) if self.backend.mig_mode(h).current else []:
-            if d.profile_id == dev.profile.profile_id and d.placement == placement:
-                # An instance exists already (static MIG, created outside Partita): use it as it is.
-                return MigInstance(gpuUUID=dev.gpu.uuid, profileID=d.profile_id, placementStart=placement.start,
-                                   placementSize=placement.size, gpuInstanceID=d.gpu_instance_id,
-                                   computeInstanceID=d.compute_instance_id, uuid=d.uuid, created=False)
         mig = MigInstance(gpuUUID=dev.gpu.uuid, profileID=dev.profile.profile_id, placementStart=placement.start,
                           placementSize=placement.size)
         # Record the intent before creating anything, so a crash leaves a trace to undo.
