@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="HTTP /healthz and /readyz port, -1 = off (env HEALTH_PORT)")
     p.add_argument("--kube-api", default=os.environ.get("KUBE_API_URL"),
                    help="plain-HTTP API server URL (sandbox, tests); default in-cluster, then kubeconfig (env KUBE_API_URL)")
+    p.add_argument("--extended-resource-names", default=_env("EXTENDED_RESOURCE_NAMES", "nvidia.com/gpu"),
+                   help="comma-separated extended resources (the NVIDIA device plugin's) whose pending pods get an "
+                        "Event saying to use a ResourceClaim instead, see docs/migration.md (env EXTENDED_RESOURCE_NAMES)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="log level (env LOG_LEVEL)")
 
 
@@ -169,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
     quiet_kopf(level)
     cfg = ControllerConfig(driver_name=args.driver_name, allocation_mode=args.allocation_mode, strategy=args.strategy,
                            resync_seconds=args.resync_seconds, lease_duration=args.leader_lease_duration,
-                           renew_deadline=args.leader_renew_deadline, retry_period=args.leader_retry_period)
+                           renew_deadline=args.leader_renew_deadline, retry_period=args.leader_retry_period,
+                           extended_resource_names=tuple(n.strip() for n in args.extended_resource_names.split(",")
+                                                         if n.strip()))
 
     if args.leader_elect and not 0 < args.leader_retry_period < args.leader_renew_deadline < args.leader_lease_duration:
         log.error("leader election: need 0 < --leader-retry-period (%s) < --leader-renew-deadline (%s) < "

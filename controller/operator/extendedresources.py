@@ -1,0 +1,116 @@
+"""Pods that ask for GPUs the device-plugin way, on a cluster where Partita serves GPUs through DRA.
+
+A pod with ``resources.limits: {nvidia.com/gpu: 1}`` (the NVIDIA device plugin's extended resource) gets
+nothing from Partita: Partita's GPUs are DRA devices, reached through ResourceClaims. Where no node
+advertises that resource (no device plugin runs) and no DeviceClass maps it (KEP-5004
+``spec.extendedResourceName``, honoured by kube-scheduler in scheduler mode only), such a pod stays Pending
+forever with nothing but kube-scheduler's "Insufficient nvidia.com/gpu". The controller says once per pod
+what to do instead (docs/migration.md).
+
+Watched names: the configured ones (``nvidia.com/gpu`` by default), the device plugin's MIG resources
+(``nvidia.com/mig-<profile>``) and, in controller mode, the implicit name every Partita DeviceClass has
+(``deviceclass.resource.kubernetes.io/<class>``): kube-scheduler cannot allocate Partita's tainted devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from driver.api import constants as C
+from driver.api.deviceclasses import IMPLICIT_EXTENDED_RESOURCE_PREFIX, class_name
+from driver.api.quantity import Quantity, QuantityError
+
+DEFAULT_NAMES = ("nvidia.com/gpu",)
+MIG_PREFIX = "nvidia.com/mig-"
+REASON = "PartitaExtendedResource"
+DOC = "docs/migration.md"
+
+
+def _nonzero(value: object) -> bool:
+    try:
+        return Quantity.parse(value).as_int() != 0
+    except (QuantityError, TypeError, ValueError):
+        return True     # the API server would have refused it; treat it as asked for
+
+
+def requested_resources(pod: Mapping) -> list[str]:
+    """Resource names the pod asks for (limits or requests of any container, init container, or the pod)."""
+    spec = pod.get("spec") or {}
+    out: dict[str, None] = {}
+    blocks = [c.get("resources") or {} for c in (spec.get("containers") or []) + (spec.get("initContainers") or [])]
+    blocks.append(spec.get("resources") or {})
+    for res in blocks:
+        for part in ("limits", "requests"):
+            for name, value in (res.get(part) or {}).items():
+                if _nonzero(value):
+                    out[name] = None
+    return list(out)
+
+
+def _advertised(name: str, nodes: Iterable[Mapping]) -> bool:
+    return any(_nonzero(((n.get("status") or {}).get("allocatable") or {}).get(name, 0)) for n in nodes)
+
+
+@dataclass(frozen=True)
+class Advice:
+    resources: tuple[str, ...]
+    reason: str          # short: the sandbox's report and the controller's why_pending
+    message: str         # the Event: what to do
+    first: bool          # the first time for this pod (post the Event)
+
+
+class ExtendedResourceAdvisor:
+    def __init__(self, driver_name: str, allocation_mode: str, names: Iterable[str] = DEFAULT_NAMES):
+        self.driver = driver_name
+        self.mode = allocation_mode
+        self.names = tuple(names)
+        self._advised: set[str] = set()       # pod uids that got the Event
+
+    def _watched(self, name: str, partita: set[str]) -> bool:
+        if name in self.names or name.startswith(MIG_PREFIX):
+            return True
+        return (self.mode == C.ALLOCATION_MODE_CONTROLLER and name.startswith(IMPLICIT_EXTENDED_RESOURCE_PREFIX)
+                and name[len(IMPLICIT_EXTENDED_RESOURCE_PREFIX):] in partita)
+
+    def _mapped(self, name: str, classes: Mapping[str, Mapping], partita: set[str]) -> bool:
+        """A DeviceClass kube-scheduler serves this name from: another driver's in any mode, Partita's only
+        in scheduler mode (in controller mode Partita's devices are tainted against kube-scheduler)."""
+        for cname, cls in classes.items():
+            if cname in partita and self.mode == C.ALLOCATION_MODE_CONTROLLER:
+                continue
+            if (cls.get("spec") or {}).get("extendedResourceName") == name:
+                return True
+            if cname not in partita and name == IMPLICIT_EXTENDED_RESOURCE_PREFIX + cname:
+                return True
+        return self.mode != C.ALLOCATION_MODE_CONTROLLER and name.startswith(IMPLICIT_EXTENDED_RESOURCE_PREFIX)
+
+    def unserved(self, pod: Mapping, nodes: Iterable[Mapping], classes: Mapping[str, Mapping],
+                 partita: set[str]) -> list[str]:
+        nodes = list(nodes)
+        return [n for n in requested_resources(pod) if self._watched(n, partita)
+                and not _advertised(n, nodes) and not self._mapped(n, classes, partita)]
+
+    def check(self, pod: Mapping, nodes: Iterable[Mapping], classes: Mapping[str, Mapping], partita: set[str],
+              serves_gpus: bool) -> Advice | None:
+        """What to tell about this pending pod, or None. ``serves_gpus``: Partita has published devices."""
+        uid = (pod.get("metadata") or {}).get("uid") or ""
+        names = self.unserved(pod, nodes, classes, partita) if serves_gpus else []
+        if not names:
+            return None
+        first = uid not in self._advised
+        self._advised.add(uid)
+        listed = ", ".join(names)
+        gpu, mig = class_name(C.DEVICE_CLASS_GPU, self.driver), class_name(C.DEVICE_CLASS_MIG, self.driver)
+        cls = mig if all(n.startswith(MIG_PREFIX) for n in names) else gpu
+        message = (f"this pod requests {listed} (resources.limits/requests), the NVIDIA device plugin's extended "
+                   f"resource, but no node advertises it and Partita serves GPUs only through DRA "
+                   f"ResourceClaims: remove {listed} from the containers' resources and add a ResourceClaim "
+                   f"(or ResourceClaimTemplate) with deviceClassName {cls} to spec.resourceClaims and the "
+                   f"container's resources.claims, or run the NVIDIA device plugin on other nodes than "
+                   f"Partita's — see {DOC}")
+        return Advice(tuple(names), f"requests {listed}, which Partita does not serve — see {DOC}", message, first)
+
+    def forget(self, pod: Mapping) -> None:
+        """A pod that is gone or bound no longer needs the advice (bounded memory)."""
+        self._advised.discard((pod.get("metadata") or {}).get("uid") or "")
