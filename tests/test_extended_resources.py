@@ -94,6 +94,13 @@ def test_configured_name_and_nodes_that_serve_it() -> None:
         await asyncio.sleep(0.6)
         assert [e[0] for e in cl.events(REASON)] == ["Pod/default/custom"]
         assert "default/served" not in cl.controller.why_pending
+        assert cl.controller.why_pending["default/custom"].startswith("requests example.com/gpu")
+        # a node that serves it joins: the reason is withdrawn (kube-scheduler can place the pod now)
+        other = node("dp-node-2")
+        other["status"]["allocatable"]["example.com/gpu"] = "1"
+        cl.server.create(other)
+        await cl.server.wait_for(lambda _: "default/custom" not in cl.controller.why_pending or None, 10)
+        assert len(cl.events(REASON)) == 1
     run(scenario, extended_resource_names=("nvidia.com/gpu", "example.com/gpu"))
 
 

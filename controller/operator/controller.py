@@ -258,11 +258,15 @@ class Controller:
 
     async def _advise_extended_resources(self, pod: dict, pod_key: str) -> None:
         """A pod asking for nvidia.com/gpu (the device plugin's) that nothing serves: say once what to do."""
+        before = self.extended.given(pod)
         advice = self.extended.check(pod, self.cache.nodes.values(), self.cache.classes, self.cache.partita_classes(),
                                      serves_gpus=len(self.cache.slices) > 0 or bool(self.cache.scheduler_mode_pools))
         if advice is None:
+            if before is not None and self.why_pending.get(pod_key) == before:
+                del self.why_pending[pod_key]        # served now (a device-plugin node joined)
             return
-        self.why_pending.setdefault(pod_key, advice.reason)
+        if self.why_pending.get(pod_key, before) == before:     # never over another reason (a failed allocation)
+            self.why_pending[pod_key] = advice.reason
         if advice.first:
             await self.events.post(pod, "Warning", EXTENDED_RESOURCE_REASON, advice.message)
 

@@ -66,6 +66,7 @@ class ExtendedResourceAdvisor:
         self.mode = allocation_mode
         self.names = tuple(names)
         self._advised: set[str] = set()       # pod uids that got the Event
+        self._given: dict[str, str] = {}      # pod uid -> the reason last given, while it holds
 
     def _watched(self, name: str, partita: set[str]) -> bool:
         if name in self.names or name.startswith(MIG_PREFIX):
@@ -97,6 +98,7 @@ class ExtendedResourceAdvisor:
         uid = (pod.get("metadata") or {}).get("uid") or ""
         names = self.unserved(pod, nodes, classes, partita) if serves_gpus else []
         if not names:
+            self._given.pop(uid, None)
             return None
         first = uid not in self._advised
         self._advised.add(uid)
@@ -109,8 +111,16 @@ class ExtendedResourceAdvisor:
                    f"(or ResourceClaimTemplate) with deviceClassName {cls} to spec.resourceClaims and the "
                    f"container's resources.claims, or run the NVIDIA device plugin on other nodes than "
                    f"Partita's — see {DOC}")
-        return Advice(tuple(names), f"requests {listed}, which Partita does not serve — see {DOC}", message, first)
+        reason = f"requests {listed}, which Partita does not serve — see {DOC}"
+        self._given[uid] = reason
+        return Advice(tuple(names), reason, message, first)
+
+    def given(self, pod: Mapping) -> str | None:
+        """The reason last given for this pod while it still holds (None once the resource is served)."""
+        return self._given.get((pod.get("metadata") or {}).get("uid") or "")
 
     def forget(self, pod: Mapping) -> None:
         """A pod that is gone or bound no longer needs the advice (bounded memory)."""
-        self._advised.discard((pod.get("metadata") or {}).get("uid") or "")
+        uid = (pod.get("metadata") or {}).get("uid") or ""
+        self._advised.discard(uid)
+        self._given.pop(uid, None)
