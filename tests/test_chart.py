@@ -1068,3 +1068,26 @@ def test_real_pynvml_finds_nvml_under_the_driver_root(tmp_path: Path) -> None:
                               timeout=60, check=True).stdout.strip()
     assert run(str(tmp_path / "root")) == "580.105.08-from-driver-root"
     assert run("").startswith("ERROR cannot load libnvidia-ml.so.1")      # without it: not found, as before
+
+
+def test_partita_device_classes_may_not_map_an_extended_resource_in_controller_mode() -> None:
+    """docs/architecture.md §4: no extendedResourceName on Partita DeviceClasses in controller mode, also for
+    classes edited or created by hand (the chart itself never renders one there)."""
+    [policy] = [p for p in objects("defaults", "ValidatingAdmissionPolicy") if "no-extended-resource-name" in p["metadata"]["name"]]
+    assert policy["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["deviceclasses"]
+    assert policy["spec"]["matchConstraints"]["resourceRules"][0]["apiVersions"] == ["*"]
+    ours = device_classes(gpu_extended_resource_name="nvidia.com/gpu")
+    assert [len(_validate(policy, {"object": c})) for c in ours] == [1, 0, 0]
+    [message] = _validate(policy, {"object": ours[0]})
+    assert "spec.extendedResourceName" in message and "allocationMode=scheduler" in message
+    assert [_validate(policy, {"object": c}) for c in device_classes()] == [[], [], []]
+    other = {"spec": {"selectors": [{"cel": {"expression": 'device.driver == "gpu.nvidia.com"'}}],
+                      "extendedResourceName": "nvidia.com/gpu"}}
+    double_quoted = {"spec": {"selectors": [{"cel": {"expression": 'device.driver == "gpu.partita.dev"'}}],
+                              "extendedResourceName": "example.com/gpu"}}
+    assert _validate(policy, {"object": other}) == [] and len(_validate(policy, {"object": double_quoted})) == 1
+    for empty in ({"spec": {}}, {"spec": {"selectors": []}}, {"spec": {"selectors": [{}]}}, {}):
+        assert _validate(policy, {"object": empty}) == [], empty
+    # scheduler mode: kube-scheduler allocates anyway, and the chart sets the field itself
+    assert not [p for p in objects("scheduler-extended", "ValidatingAdmissionPolicy")
+                if "extended-resource" in p["metadata"]["name"]]
