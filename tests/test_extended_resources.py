@@ -57,6 +57,12 @@ def test_advice_is_given_once_per_pod_and_again_for_a_new_pod() -> None:
     # a MIG resource of the device plugin points at the MIG class
     mig = adv.check(legacy_pod("m", "nvidia.com/mig-1g.10gb"), [], {}, set(), serves_gpus=True)
     assert mig and "deviceClassName mig.partita.dev" in mig.message
+    # right after start the watches bring nodes and pods in any order: advice waits for the delay
+    late = legacy_pod("late")
+    late["metadata"]["uid"] = "u2"
+    assert not adv.check(late, [], {}, set(), serves_gpus=True, now=10.0, delay=2.0).due
+    assert not adv.check(late, [], {}, set(), serves_gpus=True, now=11.0, delay=2.0).due
+    assert adv.check(late, [], {}, set(), serves_gpus=True, now=12.0, delay=2.0).due
     # no Partita devices published: not our business
     assert adv.check(legacy_pod("q"), [], {}, set(), serves_gpus=False) is None
 
@@ -148,3 +154,23 @@ def test_sandbox_reports_such_pods_as_pending_with_the_reason(tmp_path) -> None:
     assert row.split()[1] == "Pending"
     pending = r.stdout.split("Pending:")[1]
     assert "default/legacy: requests nvidia.com/gpu, which Partita does not serve — see docs/migration.md" in pending
+
+
+def test_controller_flag_names_are_checked(monkeypatch) -> None:
+    import argparse
+
+    from controller.operator import main as controller_main
+    from controller.operator.extendedresources import parse_names
+
+    assert parse_names(" nvidia.com/gpu, example.com/gpu ,") == ("nvidia.com/gpu", "example.com/gpu")
+    with pytest.raises(ValueError, match=r"--extended-resource-names: 'gpu' is not an extended resource name"):
+        parse_names("nvidia.com/gpu,gpu")
+    # the controller refuses a malformed flag at start (exit 2) instead of watching a name that cannot exist
+    p = argparse.ArgumentParser()
+    controller_main.add_arguments(p)
+    args = p.parse_args(["--extended-resource-names", "kubernetes.io/gpu", "--kube-api", "http://127.0.0.1:9"])
+    assert controller_main.run(args) == 2
+    monkeypatch.setenv("EXTENDED_RESOURCE_NAMES", "example.com/gpu")
+    p = argparse.ArgumentParser()
+    controller_main.add_arguments(p)
+    assert p.parse_args([]).extended_resource_names == "example.com/gpu"

@@ -212,10 +212,13 @@ class Controller:
             self._done(k)
             return
         ns = pod["metadata"].get("namespace", "")
-        await self._advise_extended_resources(pod, pod_key)
+        advice_pending = await self._advise_extended_resources(pod, pod_key)
         refs = pod_claims(pod)
         if not refs:
-            self._done(k)
+            if advice_pending:
+                self._backoff(k)
+            else:
+                self._done(k)
             return
         if any(r.claim_name is None for r in refs):
             self._backoff(k)      # the resourceclaim controller has not created a template's claim yet
@@ -256,19 +259,24 @@ class Controller:
             return
         await self._allocate(pod, pod_key, todo, [c for c in claims if (c.get("status") or {}).get("allocation")])
 
-    async def _advise_extended_resources(self, pod: dict, pod_key: str) -> None:
-        """A pod asking for nvidia.com/gpu (the device plugin's) that nothing serves: say once what to do."""
+    async def _advise_extended_resources(self, pod: dict, pod_key: str) -> bool:
+        """A pod asking for nvidia.com/gpu (the device plugin's) that nothing serves: say once what to do.
+        True while that is not yet due (the pod must be looked at again)."""
         before = self.extended.given(pod)
         advice = self.extended.check(pod, self.cache.nodes.values(), self.cache.classes, self.cache.partita_classes(),
-                                     serves_gpus=len(self.cache.slices) > 0 or bool(self.cache.scheduler_mode_pools))
+                                     serves_gpus=len(self.cache.slices) > 0 or bool(self.cache.scheduler_mode_pools),
+                                     now=time.monotonic(), delay=self.cfg.report_after)
         if advice is None:
             if before is not None and self.why_pending.get(pod_key) == before:
                 del self.why_pending[pod_key]        # served now (a device-plugin node joined)
-            return
+            return False
+        if not advice.due:
+            return True
         if self.why_pending.get(pod_key, before) == before:     # never over another reason (a failed allocation)
             self.why_pending[pod_key] = advice.reason
         if advice.first:
             await self.events.post(pod, "Warning", EXTENDED_RESOURCE_REASON, advice.message)
+        return False
 
     def _candidates(self, pod: Mapping, pod_key: str, allocated_claims: list[dict]) -> tuple[list[NodeInfo], dict[str, str]]:
         reasons: dict[str, str] = {}

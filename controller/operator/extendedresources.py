@@ -18,13 +18,23 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from driver.api import constants as C
-from driver.api.deviceclasses import IMPLICIT_EXTENDED_RESOURCE_PREFIX, class_name
+from driver.api.deviceclasses import IMPLICIT_EXTENDED_RESOURCE_PREFIX, class_name, extended_resource_name_error
 from driver.api.quantity import Quantity, QuantityError
 
 DEFAULT_NAMES = ("nvidia.com/gpu",)
 MIG_PREFIX = "nvidia.com/mig-"
 REASON = "PartitaExtendedResource"
 DOC = "docs/migration.md"
+
+
+def parse_names(text: str, flag: str = "--extended-resource-names") -> tuple[str, ...]:
+    """The comma-separated names of ``--extended-resource-names``; a malformed one raises ValueError naming it."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    for n in names:
+        why = extended_resource_name_error(n)
+        if why:
+            raise ValueError(f"{flag}: {n!r} is not an extended resource name: {why}")
+    return names
 
 
 def _nonzero(value: object) -> bool:
@@ -58,6 +68,8 @@ class Advice:
     reason: str          # short: the sandbox's report and the controller's why_pending
     message: str         # the Event: what to do
     first: bool          # the first time for this pod (post the Event)
+    due: bool = True     # False: unserved for less than the delay yet (the watches may still bring the node
+                         # or class that serves it); tell nothing, look again
 
 
 class ExtendedResourceAdvisor:
@@ -67,6 +79,7 @@ class ExtendedResourceAdvisor:
         self.names = tuple(names)
         self._advised: set[str] = set()       # pod uids that got the Event
         self._given: dict[str, str] = {}      # pod uid -> the reason last given, while it holds
+        self._since: dict[str, float] = {}    # pod uid -> first seen unserved (monotonic)
 
     def _watched(self, name: str, partita: set[str]) -> bool:
         if name in self.names or name.startswith(MIG_PREFIX):
@@ -93,16 +106,20 @@ class ExtendedResourceAdvisor:
                 and not _advertised(n, nodes) and not self._mapped(n, classes, partita)]
 
     def check(self, pod: Mapping, nodes: Iterable[Mapping], classes: Mapping[str, Mapping], partita: set[str],
-              serves_gpus: bool) -> Advice | None:
-        """What to tell about this pending pod, or None. ``serves_gpus``: Partita has published devices."""
+              serves_gpus: bool, now: float = 0.0, delay: float = 0.0) -> Advice | None:
+        """What to tell about this pending pod, or None. ``serves_gpus``: Partita has published devices.
+        Advice is due once the pod has been unserved for ``delay`` seconds (``now``: monotonic)."""
         uid = (pod.get("metadata") or {}).get("uid") or ""
         names = self.unserved(pod, nodes, classes, partita) if serves_gpus else []
         if not names:
             self._given.pop(uid, None)
+            self._since.pop(uid, None)
             return None
+        listed = ", ".join(names)
+        if now - self._since.setdefault(uid, now) < delay:
+            return Advice(tuple(names), "", "", False, due=False)
         first = uid not in self._advised
         self._advised.add(uid)
-        listed = ", ".join(names)
         gpu, mig = class_name(C.DEVICE_CLASS_GPU, self.driver), class_name(C.DEVICE_CLASS_MIG, self.driver)
         cls = mig if all(n.startswith(MIG_PREFIX) for n in names) else gpu
         message = (f"this pod requests {listed} (resources.limits/requests), the NVIDIA device plugin's extended "
@@ -124,3 +141,4 @@ class ExtendedResourceAdvisor:
         uid = (pod.get("metadata") or {}).get("uid") or ""
         self._advised.discard(uid)
         self._given.pop(uid, None)
+        self._since.pop(uid, None)

@@ -21,6 +21,7 @@ from driver.api.kube import Kube
 
 from . import metrics
 from .controller import Controller, ControllerConfig
+from .extendedresources import parse_names
 from .handlers import build_informers
 from .informer import Watched
 from .leader import LeaderElector
@@ -172,9 +173,12 @@ def run(args: argparse.Namespace) -> int:
     quiet_kopf(level)
     cfg = ControllerConfig(driver_name=args.driver_name, allocation_mode=args.allocation_mode, strategy=args.strategy,
                            resync_seconds=args.resync_seconds, lease_duration=args.leader_lease_duration,
-                           renew_deadline=args.leader_renew_deadline, retry_period=args.leader_retry_period,
-                           extended_resource_names=tuple(n.strip() for n in args.extended_resource_names.split(",")
-                                                         if n.strip()))
+                           renew_deadline=args.leader_renew_deadline, retry_period=args.leader_retry_period)
+    try:
+        cfg.extended_resource_names = parse_names(args.extended_resource_names)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
 
     if args.leader_elect and not 0 < args.leader_retry_period < args.leader_renew_deadline < args.leader_lease_duration:
         log.error("leader election: need 0 < --leader-retry-period (%s) < --leader-renew-deadline (%s) < "
