@@ -65,6 +65,9 @@ def test_advice_is_given_once_per_pod_and_again_for_a_new_pod() -> None:
     assert adv.check(late, [], {}, set(), serves_gpus=True, now=12.0, delay=2.0).due
     # no Partita devices published: not our business
     assert adv.check(legacy_pod("q"), [], {}, set(), serves_gpus=False) is None
+    # scheduler mode without the mapping: the message names the chart value that would serve it
+    sched = ExtendedResourceAdvisor(C.DEFAULT_DRIVER_NAME, C.ALLOCATION_MODE_SCHEDULER)
+    assert "deviceClasses.gpu.extendedResourceName" in sched.check(legacy_pod("s"), [], {}, set(), serves_gpus=True).message
 
 
 def test_controller_tells_a_pod_asking_for_nvidia_gpu_what_to_do() -> None:
@@ -127,7 +130,8 @@ def test_scheduler_mode_class_with_extended_resource_name_serves_it() -> None:
         cl.add_node("node-a", "H100-SXM5-80GB:1", features=SliceFeatures(taints=False))
         cl.server.create(legacy_pod("mapped"))                       # kube-scheduler serves it (KEP-5004)
         cl.server.create(legacy_pod("unmapped", "nvidia.com/mig-1g.10gb"))
-        await cl.event(REASON)
+        _, _, message = await cl.event(REASON)
+        assert "deviceClassName mig.partita.dev" in message and "whole GPUs only" in message
         await asyncio.sleep(0.6)
         assert [e[0] for e in cl.events(REASON)] == ["Pod/default/unmapped"]
     run(scenario, allocation_mode=C.ALLOCATION_MODE_SCHEDULER)

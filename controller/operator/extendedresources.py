@@ -122,12 +122,18 @@ class ExtendedResourceAdvisor:
         self._advised.add(uid)
         gpu, mig = class_name(C.DEVICE_CLASS_GPU, self.driver), class_name(C.DEVICE_CLASS_MIG, self.driver)
         cls = mig if all(n.startswith(MIG_PREFIX) for n in names) else gpu
-        message = (f"this pod requests {listed} (resources.limits/requests), the NVIDIA device plugin's extended "
-                   f"resource, but no node advertises it and Partita serves GPUs only through DRA "
-                   f"ResourceClaims: remove {listed} from the containers' resources and add a ResourceClaim "
-                   f"(or ResourceClaimTemplate) with deviceClassName {cls} to spec.resourceClaims and the "
-                   f"container's resources.claims, or run the NVIDIA device plugin on other nodes than "
-                   f"Partita's — see {DOC}")
+        if self.mode == C.ALLOCATION_MODE_CONTROLLER:
+            mapping = "in controller mode no DeviceClass may map an extended resource onto Partita's devices"
+        elif cls == mig:
+            mapping = "no DeviceClass maps it (extendedResourceName serves whole GPUs only)"
+        else:
+            mapping = (f"no DeviceClass maps it (scheduler mode: the chart's deviceClasses.gpu.extendedResourceName "
+                       f"puts it on {gpu}, KEP-5004)")
+        message = (f"this pod requests {listed} (resources.limits/requests), but no node advertises it (the NVIDIA "
+                   f"device plugin would) and Partita serves GPUs through DRA ResourceClaims; {mapping}. Remove "
+                   f"{listed} from the containers' resources and add a ResourceClaim (or ResourceClaimTemplate) "
+                   f"with deviceClassName {cls} to spec.resourceClaims and the container's resources.claims, or "
+                   f"run the NVIDIA device plugin on other nodes than Partita's — see {DOC}")
         reason = f"requests {listed}, which Partita does not serve — see {DOC}"
         self._given[uid] = reason
         return Advice(tuple(names), reason, message, first)
