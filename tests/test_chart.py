@@ -81,6 +81,9 @@ VALUE_SETS = {
     "defaults": [],
     "fake-gpus": ["--set", "fakeGpu.enabled=true"],
     "scheduler-mode": ["--set", "allocationMode=scheduler", "--set", "strategy=first-fit"],
+    # KEP-5004: kube-scheduler serves nvidia.com/gpu limits from the whole-GPU class (docs/migration.md)
+    "scheduler-extended": ["--set", "allocationMode=scheduler", "--set", "driverName=gpu.example.com",
+                           "--set", "deviceClasses.gpu.extendedResourceName=nvidia.com/gpu"],
     "webhook": ["--set", "webhook.enabled=true"],
     "webhook-cert-manager": ["--set", "webhook.enabled=true", "--set", "webhook.certManager.enabled=true"],
     "service-monitor": ["--set", "serviceMonitor.enabled=true", "--set", "fakeGpu.enabled=true"],
@@ -192,6 +195,35 @@ def test_device_classes_are_the_drivers_own(name: str) -> None:
                         "spec": o["spec"]} for o in objects(name, "DeviceClass")), key=lambda o: o["metadata"]["name"])
     assert rendered == sorted(device_classes(DRIVER_OF[name]), key=lambda o: o["metadata"]["name"])
     assert not any("extendedResourceName" in o["spec"] for o in rendered)   # controller mode forbids it
+
+
+def test_scheduler_mode_maps_the_extended_resource_onto_the_whole_gpu_class_only() -> None:
+    rendered = sorted(({"apiVersion": o["apiVersion"], "kind": o["kind"], "metadata": {"name": o["metadata"]["name"]},
+                        "spec": o["spec"]} for o in objects("scheduler-extended", "DeviceClass")),
+                      key=lambda o: o["metadata"]["name"])
+    expected = device_classes("gpu.example.com", gpu_extended_resource_name="nvidia.com/gpu")
+    assert rendered == sorted(expected, key=lambda o: o["metadata"]["name"])
+    assert {o["metadata"]["name"]: o["spec"].get("extendedResourceName") for o in rendered} == {
+        "gpu.example.com": "nvidia.com/gpu", "mig.example.com": None, "shared.example.com": None}
+    # the default stays without it, in either mode
+    assert not any("extendedResourceName" in o["spec"] for o in objects("scheduler-mode", "DeviceClass"))
+
+
+@pytest.mark.parametrize("name", ["nvidia.com/gpu", "example.com/gpu-80gb", "a.b/c_d.e", "gpu", "kubernetes.io/gpu",
+                                  "node.kubernetes.io/gpu", "Nvidia.com/gpu", "nvidia.com/", "nvidia.com/-gpu",
+                                  "requests.nvidia.com/gpu", "nvidia.com/g pu", "nvidia.com/" + "g" * 64])
+def test_chart_and_driver_agree_on_extended_resource_names(name: str) -> None:
+    r = helm("template", "partita", str(CHART), "--set", "allocationMode=scheduler",
+             "--set", f"deviceClasses.gpu.extendedResourceName={name}", check=False)
+    try:
+        device_classes(gpu_extended_resource_name=name)
+        driver_ok = True
+    except ValueError as e:
+        assert "DeviceClass gpu.partita.dev spec.extendedResourceName" in str(e)
+        driver_ok = False
+    assert (r.returncode == 0) == driver_ok, r.stderr
+    if not driver_ok:
+        assert "extendedResourceName" in r.stderr, r.stderr
 
 
 def test_plugin_daemonset_mounts_and_update_strategy() -> None:
@@ -575,6 +607,9 @@ def test_webhook_is_wired_to_its_service_and_certificate() -> None:
      "webhook.tls: cert, key and caCert go together"),
     (["--set", "webhook.enabled=true", "--set", "webhook.certManager.enabled=true",
       "--set", "webhook.certManager.issuerRef.kind=ClusterIssuer"], "ClusterIssuer needs issuerRef.name"),
+    (["--set", "deviceClasses.gpu.extendedResourceName=nvidia.com/gpu"],
+     'deviceClasses.gpu.extendedResourceName "nvidia.com/gpu" needs allocationMode=scheduler'),
+    (["--set", "deviceClasses.cpu.extendedResourceName=nvidia.com/gpu"], "/deviceClasses"),
     (["--set", "webhook.certManager.issuer=a", "--set", "webhook.certManager.issuerRef.name=b"],
      'webhook.certManager.issuer "a" and webhook.certManager.issuerRef.name "b" disagree'),
 ])
@@ -1033,3 +1068,26 @@ def test_real_pynvml_finds_nvml_under_the_driver_root(tmp_path: Path) -> None:
                               timeout=60, check=True).stdout.strip()
     assert run(str(tmp_path / "root")) == "580.105.08-from-driver-root"
     assert run("").startswith("ERROR cannot load libnvidia-ml.so.1")      # without it: not found, as before
+
+
+def test_partita_device_classes_may_not_map_an_extended_resource_in_controller_mode() -> None:
+    """docs/architecture.md §4: no extendedResourceName on Partita DeviceClasses in controller mode, also for
+    classes edited or created by hand (the chart itself never renders one there)."""
+    [policy] = [p for p in objects("defaults", "ValidatingAdmissionPolicy") if "no-extended-resource-name" in p["metadata"]["name"]]
+    assert policy["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["deviceclasses"]
+    assert policy["spec"]["matchConstraints"]["resourceRules"][0]["apiVersions"] == ["*"]
+    ours = device_classes(gpu_extended_resource_name="nvidia.com/gpu")
+    assert [len(_validate(policy, {"object": c})) for c in ours] == [1, 0, 0]
+    [message] = _validate(policy, {"object": ours[0]})
+    assert "spec.extendedResourceName" in message and "allocationMode=scheduler" in message
+    assert [_validate(policy, {"object": c}) for c in device_classes()] == [[], [], []]
+    other = {"spec": {"selectors": [{"cel": {"expression": 'device.driver == "gpu.nvidia.com"'}}],
+                      "extendedResourceName": "nvidia.com/gpu"}}
+    double_quoted = {"spec": {"selectors": [{"cel": {"expression": 'device.driver == "gpu.partita.dev"'}}],
+                              "extendedResourceName": "example.com/gpu"}}
+    assert _validate(policy, {"object": other}) == [] and len(_validate(policy, {"object": double_quoted})) == 1
+    for empty in ({"spec": {}}, {"spec": {"selectors": []}}, {"spec": {"selectors": [{}]}}, {}):
+        assert _validate(policy, {"object": empty}) == [], empty
+    # scheduler mode: kube-scheduler allocates anyway, and the chart sets the field itself
+    assert not [p for p in objects("scheduler-extended", "ValidatingAdmissionPolicy")
+                if "extended-resource" in p["metadata"]["name"]]

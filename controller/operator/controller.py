@@ -28,6 +28,7 @@ from . import metrics
 from .cache import Cache
 from .claims import allocated_node, is_done, is_pending, key, ownership, pod_claims
 from .events import EventRecorder
+from .extendedresources import DEFAULT_NAMES, REASON as EXTENDED_RESOURCE_REASON, ExtendedResourceAdvisor
 from .leader import NO_FENCE, Fence, NotLeader
 from .nodefit import NodeInfo, Topology, fit
 from .taintrules import noexecute_hits
@@ -57,6 +58,8 @@ class ControllerConfig:
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
     retry_period: float = 2.0
+    #: extended resources (the NVIDIA device plugin's) whose pending pods are told to use a ResourceClaim
+    extended_resource_names: tuple[str, ...] = DEFAULT_NAMES
 
 
 class Controller:
@@ -66,6 +69,7 @@ class Controller:
         self.cache = Cache(cfg.driver_name)
         self.allocator = Allocator(cfg.features, cfg.strategy, max_steps=cfg.max_search_steps)
         self.events = EventRecorder(kube)
+        self.extended = ExtendedResourceAdvisor(cfg.driver_name, cfg.allocation_mode, cfg.extended_resource_names)
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._retry: dict[str, tuple[float, float]] = {}     # key -> (next attempt, current backoff)
@@ -89,6 +93,7 @@ class Controller:
             else:
                 self._nominated.pop(k, None)
                 self._rejected.pop(k, None)
+                self.extended.forget(obj)
                 for pc in pod_claims(obj):
                     if pc.claim_name:
                         self.enqueue(f"claim:{obj['metadata'].get('namespace', '')}/{pc.claim_name}")
@@ -207,9 +212,13 @@ class Controller:
             self._done(k)
             return
         ns = pod["metadata"].get("namespace", "")
+        advice_pending = await self._advise_extended_resources(pod, pod_key)
         refs = pod_claims(pod)
         if not refs:
-            self._done(k)
+            if advice_pending:
+                self._backoff(k)
+            else:
+                self._done(k)
             return
         if any(r.claim_name is None for r in refs):
             self._backoff(k)      # the resourceclaim controller has not created a template's claim yet
@@ -249,6 +258,25 @@ class Controller:
             self._done(k)   # scheduler mode: kube-scheduler allocates; we only validate
             return
         await self._allocate(pod, pod_key, todo, [c for c in claims if (c.get("status") or {}).get("allocation")])
+
+    async def _advise_extended_resources(self, pod: dict, pod_key: str) -> bool:
+        """A pod asking for nvidia.com/gpu (the device plugin's) that nothing serves: say once what to do.
+        True while that is not yet due (the pod must be looked at again)."""
+        before = self.extended.given(pod)
+        advice = self.extended.check(pod, self.cache.nodes.values(), self.cache.classes, self.cache.partita_classes(),
+                                     serves_gpus=len(self.cache.slices) > 0 or bool(self.cache.scheduler_mode_pools),
+                                     now=time.monotonic(), delay=self.cfg.report_after)
+        if advice is None:
+            if before is not None and self.why_pending.get(pod_key) == before:
+                del self.why_pending[pod_key]        # served now (a device-plugin node joined)
+            return False
+        if not advice.due:
+            return True
+        if self.why_pending.get(pod_key, before) == before:     # never over another reason (a failed allocation)
+            self.why_pending[pod_key] = advice.reason
+        if advice.first:
+            await self.events.post(pod, "Warning", EXTENDED_RESOURCE_REASON, advice.message)
+        return False
 
     def _candidates(self, pod: Mapping, pod_key: str, allocated_claims: list[dict]) -> tuple[list[NodeInfo], dict[str, str]]:
         reasons: dict[str, str] = {}

@@ -22,6 +22,7 @@ from driver.cliopts import add_cluster, add_log_level
 
 from . import metrics
 from .controller import Controller, ControllerConfig
+from .extendedresources import parse_names
 from .handlers import build_informers
 from .informer import Watched
 from .leader import LeaderElector
@@ -68,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_cluster(p, kube_api_default=os.environ.get("KUBE_API_URL"), namespace=False,
                 kube_api_help="plain-HTTP API server URL (sandbox, tests); default in-cluster, then kubeconfig "
                               "(env KUBE_API_URL)")
+    p.add_argument("--extended-resource-names", default=_env("EXTENDED_RESOURCE_NAMES", "nvidia.com/gpu"),
+                   help="comma-separated extended resources (the NVIDIA device plugin's) whose pending pods get an "
+                        "Event saying to use a ResourceClaim instead, see docs/migration.md (env EXTENDED_RESOURCE_NAMES)")
     add_log_level(p, _env("LOG_LEVEL", "INFO"), "log level (env LOG_LEVEL)")
 
 
@@ -176,6 +180,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = ControllerConfig(driver_name=args.driver_name, allocation_mode=args.allocation_mode, strategy=args.strategy,
                            resync_seconds=args.resync_seconds, lease_duration=args.leader_lease_duration,
                            renew_deadline=args.leader_renew_deadline, retry_period=args.leader_retry_period)
+    try:
+        cfg.extended_resource_names = parse_names(args.extended_resource_names)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
 
     if args.leader_elect and not 0 < args.leader_retry_period < args.leader_renew_deadline < args.leader_lease_duration:
         log.error("leader election: need 0 < --leader-retry-period (%s) < --leader-renew-deadline (%s) < "

@@ -165,6 +165,16 @@ Checks across values that values.schema.json cannot express with a clear message
 {{- fail (printf "driverName %q: names under %s belong to that vendor's own DRA drivers (e.g. gpu.nvidia.com, compute-domain.nvidia.com); Partita's DeviceClasses and ResourceSlices would collide with theirs. Use gpu.partita.dev (the default) or a name under a domain you own" $driver $vendor) -}}
 {{- end -}}
 {{- end -}}
+{{- $ext := ((.Values.deviceClasses | default dict).gpu | default dict).extendedResourceName | default "" -}}
+{{- if and $ext (ne .Values.allocationMode "scheduler") -}}
+{{- fail (printf "deviceClasses.gpu.extendedResourceName %q needs allocationMode=scheduler: in controller mode kube-scheduler would allocate Partita's GPUs for pods asking for %s, beside Partita's controller (two allocators for one device). Leave it empty in controller mode (rewrite such pods to a ResourceClaim with deviceClassName %s, see docs/migration.md), or set allocationMode=scheduler" $ext $ext (include "partita.className" (dict "root" . "base" "gpu"))) -}}
+{{- end -}}
+{{- if and $ext (hasPrefix "requests." $ext) -}}
+{{- fail (printf "deviceClasses.gpu.extendedResourceName %q must not start with requests. (the ResourceQuota prefix); use e.g. nvidia.com/gpu" $ext) -}}
+{{- end -}}
+{{- if and $ext (contains "kubernetes.io/" $ext) -}}
+{{- fail (printf "deviceClasses.gpu.extendedResourceName %q: names under kubernetes.io are Kubernetes' native resources; use your vendor's domain, e.g. nvidia.com/gpu" $ext) -}}
+{{- end -}}
 {{- $tls := .Values.webhook.tls | default dict -}}
 {{- if or $tls.cert $tls.key $tls.caCert -}}
 {{- if not (and $tls.cert $tls.key $tls.caCert) -}}
