@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from driver.api.naming import is_dns_label, is_dns_subdomain
+
 MAX_DEVICES = 128
 MAX_DEVICES_WITH_ADVANCED_FEATURES = 64      # any device with taints, consumesCounters or list attributes
 MAX_COUNTER_SETS = 8
@@ -25,17 +27,11 @@ MAX_POOL_NAME = 253
 MAX_TAINTS = 16
 MAX_SLICE_NAME = 253
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _C_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _is_label(s: str) -> bool:
-    return len(s) <= 63 and bool(_DNS_LABEL.match(s))
-
-
-def _is_subdomain(s: str, max_len: int = 253) -> bool:
-    return len(s) <= max_len and bool(_DNS_SUBDOMAIN.match(s))
+_is_label = is_dns_label
+_is_subdomain = is_dns_subdomain
 
 
 def _is_qualified_name(name: str) -> bool:

@@ -30,9 +30,9 @@ from driver.api import constants as C
 from driver.api import naming
 from driver.api.quantity import format_bytes
 from driver.inventory import Gpu, Inventory, MigDevice, MigProfile
+from driver.nvml.interface import MIG_MODE_WITHOUT_RESET
 from driver.limits import MAX_COUNTER_SETS, MAX_DEVICES, MAX_DEVICES_WITH_ADVANCED_FEATURES
 
-_RESETLESS_MIG = {"Hopper", "Blackwell"}
 _GIB = 1024**3
 
 
@@ -178,12 +178,12 @@ def dynamic_mig_available(gpu: Gpu) -> bool:
     """MIG partitions can be created on demand: Hopper and newer always; Ampere only when MIG is on."""
     if not gpu.mig_capable or not gpu.mig_profiles:
         return False
-    return gpu.architecture in _RESETLESS_MIG or gpu.mig_enabled
+    return gpu.architecture in MIG_MODE_WITHOUT_RESET or gpu.mig_enabled
 
 
 def whole_gpu_usable(gpu: Gpu) -> bool:
     """The GPU can serve as a whole (or shared) GPU: not stuck in MIG mode."""
-    return not gpu.mig_enabled or gpu.architecture in _RESETLESS_MIG
+    return not gpu.mig_enabled or gpu.architecture in MIG_MODE_WITHOUT_RESET
 
 
 def gpu_devices(inv: Inventory, gpu: Gpu, features: SliceFeatures) -> GpuDevices:

@@ -291,14 +291,18 @@ def test_errors_are_shortened_until_the_whole_response_fits(tmp_path) -> None:
 
 
 def test_explain_refuses_a_hostile_claim_name_without_a_request() -> None:
+    import argparse
+
     from controller.allocator.explain import ExplainInputError, _from_cluster
 
     async def scenario():
         async with RecordingApi() as api:
+            args = argparse.Namespace(kube_api=api.url, kubeconfig=None, context=None, namespace=None)
             for claim in ("default/x?watch=true", "../../api/v1/nodes/node-a", "a/b/c"):
                 with pytest.raises(ExplainInputError, match=r"^--claim .*: ResourceClaim (name|namespace) .* is not a valid "
-                                                            r"Kubernetes name.*; give it as NAMESPACE/NAME"):
-                    await asyncio.wait_for(_from_cluster(api.url, claim), timeout=10)
+                                                            r"Kubernetes name.*; give it as NAME \(with -n NAMESPACE\) or "
+                                                            r"NAMESPACE/NAME"):
+                    await asyncio.wait_for(_from_cluster(args, claim), timeout=10)
         return api.requests
 
     assert asyncio.run(scenario()) == []

@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 import cel as _cel
 
+from driver.api import naming
+
 _URL, _IP, _CIDR = "__url__", "__ip__", "__cidr__"
 
 
@@ -408,8 +410,8 @@ def merge_entries(entries: list) -> dict:
 
 # -- library.Format -----------------------------------------------------------------------------------
 _F = "__format__"
-_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL = re.compile(f"^{naming.DNS_LABEL.pattern}$")
+_SUBDOMAIN = re.compile(f"^{naming.DNS_SUBDOMAIN.pattern}$")
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _QNAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")

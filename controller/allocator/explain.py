@@ -604,9 +604,19 @@ def _nodes(docs: Sequence[Mapping]) -> list[Node]:
 
 
 async def _from_cluster(args: argparse.Namespace, claim_name: str | None) -> dict:
-    from driver.api.kube import CLAIMS, DEVICE_CLASSES, NODES, SLICES, InvalidName, KubeError, claim_path
+    from driver.api.kube import (CLAIMS, DEVICE_CLASSES, NODES, SLICES, InvalidName, KubeError, check_name,
+                                 check_namespace, claim_path)
     from driver.cliopts import connect, where as where_of
 
+    if claim_name:      # a hostile or malformed name is refused before anything is sent, or even connected
+        given_ns, _, given_name = claim_name.rpartition("/")
+        try:
+            check_name(given_name, "ResourceClaim name")
+            if given_ns:
+                check_namespace(given_ns, "ResourceClaim namespace")
+        except InvalidName as e:
+            raise ExplainInputError(f"--claim {claim_name}: {e}; give it as NAME (with -n NAMESPACE) or "
+                                    "NAMESPACE/NAME") from None
     where = where_of(args)
     try:
         kube = await connect(args)

@@ -31,6 +31,7 @@ from typing import Any
 import kubernetes.client as k8s
 
 from controller.allocator.cel import CelCompileError, CelCostError, validate_selector
+from driver.api import naming
 
 #: (apiVersion, kind) -> the official client's model
 MODELS: dict[tuple[str, str], type] = {
@@ -46,8 +47,8 @@ MODELS: dict[tuple[str, str], type] = {
     ("apps/v1", "Deployment"): k8s.V1Deployment, ("apps/v1", "StatefulSet"): k8s.V1StatefulSet,
     ("batch/v1", "Job"): k8s.V1Job,
 }
-DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+DNS1123_LABEL = re.compile(f"^{naming.DNS_LABEL.pattern}$")
+DNS1123_SUBDOMAIN = re.compile(f"^{naming.DNS_SUBDOMAIN.pattern}$")
 C_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 REQUESTS_MAX = 32            # DeviceRequestsMaxSize

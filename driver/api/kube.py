@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping
 from urllib.parse import quote
 
 from driver.api.messages import bound, brief
+from driver.api.naming import MAX_DNS_LABEL, MAX_DNS_SUBDOMAIN, is_dns_label, is_dns_subdomain
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,8 @@ CLAIMS = "/apis/resource.k8s.io/v1/resourceclaims"
 # object's metadata) and percent-quotes it as one path segment, so a name such as
 # ``../../api/v1/nodes/x`` or ``x?watch=true`` can never address another object or open a watch.
 
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-MAX_LABEL = 63
-MAX_SUBDOMAIN = 253
+MAX_LABEL = MAX_DNS_LABEL
+MAX_SUBDOMAIN = MAX_DNS_SUBDOMAIN
 
 
 class InvalidName(ValueError):
@@ -54,7 +52,7 @@ class InvalidName(ValueError):
 
 def check_namespace(value: object, field: str = "namespace") -> str:
     """A namespace is a DNS-1123 label: at most 63 lowercase alphanumerics or '-', alphanumeric at both ends."""
-    if not isinstance(value, str) or len(value) > MAX_LABEL or not _DNS_LABEL.fullmatch(value):
+    if not is_dns_label(value):
         raise InvalidName(field, value, f"a namespace must be a DNS-1123 label (at most {MAX_LABEL} lowercase "
                                         "letters, digits or '-', starting and ending with a letter or digit)")
     return value
@@ -63,7 +61,7 @@ def check_namespace(value: object, field: str = "namespace") -> str:
 def check_name(value: object, field: str = "name") -> str:
     """An object name (claim, node, slice, lease) is a DNS-1123 subdomain: at most 253 characters of
     DNS labels joined by '.'."""
-    if not isinstance(value, str) or len(value) > MAX_SUBDOMAIN or not _DNS_SUBDOMAIN.fullmatch(value):
+    if not is_dns_subdomain(value):
         raise InvalidName(field, value, f"an object name must be a DNS-1123 subdomain (at most {MAX_SUBDOMAIN} "
                                         "lowercase letters, digits, '-' or '.', starting and ending with a letter "
                                         "or digit)")

@@ -17,12 +17,20 @@ from __future__ import annotations
 
 import re
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+#: Kubernetes' DNS-1123 label and subdomain (k8s.io/apimachinery pkg/util/validation), matched whole
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+MAX_DNS_LABEL = 63
+MAX_DNS_SUBDOMAIN = 253
 _UUID_HEX = re.compile(r"[0-9a-fA-F]")
 
 
-def is_dns_label(name: str) -> bool:
-    return len(name) <= 63 and bool(_DNS_LABEL.match(name))
+def is_dns_label(name: object) -> bool:
+    return isinstance(name, str) and len(name) <= MAX_DNS_LABEL and DNS_LABEL.fullmatch(name) is not None
+
+
+def is_dns_subdomain(name: object, max_len: int = MAX_DNS_SUBDOMAIN) -> bool:
+    return isinstance(name, str) and len(name) <= max_len and DNS_SUBDOMAIN.fullmatch(name) is not None
 
 
 def gpu_device_name(uuid: str) -> str:

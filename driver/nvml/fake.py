@@ -39,6 +39,7 @@ from typing import Any, Iterator
 
 from . import errors
 from .interface import (
+    MIG_MODE_WITHOUT_RESET,
     CI_PROFILE_FOR_SLICES,
     COMPUTE_MODES,
     FABRIC_STATE_COMPLETED,
@@ -61,8 +62,6 @@ from .profile import FakeGpuProfile, NodeProfile
 
 _UUID_NAMESPACE = uuidlib.UUID("6f1d4b2e-9a57-4c1e-8f0a-5a17c0de9a11")
 _STATE_VERSION = 1
-#: architectures that change MIG mode without a GPU reset
-_RESETLESS_MIG = {"Hopper", "Blackwell"}
 #: architectures whose GPUs register with an NVLink fabric and answer nvmlDeviceGetGpuFabricInfoV
 _FABRIC_ARCHITECTURES = {"Hopper", "Blackwell"}
 
@@ -340,7 +339,7 @@ class FakeNvml(NvmlBackend):
                 raise errors.InUseError(f"cannot disable MIG on GPU {g.uuid}: GPU instances "
                                         f"{[gi['id'] for gi in st['gpuInstances']]} exist; destroy them first")
             st["migPending"] = enabled
-            if g.model.architecture in _RESETLESS_MIG:
+            if g.model.architecture in MIG_MODE_WITHOUT_RESET:
                 st["migCurrent"] = enabled
                 if not enabled:
                     st["timeSlice"] = st.get("timeSlice", "Default")

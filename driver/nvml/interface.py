@@ -31,6 +31,9 @@ GI_PROFILE_COUNT = 18
 CI_PROFILE_FOR_SLICES = {1: 0, 2: 1, 3: 2, 4: 3, 7: 4, 8: 5, 6: 6}
 
 # nvmlComputeMode_t
+#: GPU architectures whose MIG mode changes take effect without a GPU reset (NVIDIA MIG user guide: Hopper and
+#: later); on older ones (Ampere) MIG mode is set by an administrator with a reset and Partita never changes it
+MIG_MODE_WITHOUT_RESET = frozenset({"Hopper", "Blackwell"})
 COMPUTE_MODE_DEFAULT = "Default"
 COMPUTE_MODE_EXCLUSIVE_PROCESS = "ExclusiveProcess"
 COMPUTE_MODE_PROHIBITED = "Prohibited"

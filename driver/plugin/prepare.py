@@ -39,7 +39,7 @@ from driver.api import constants as C
 from driver.api.nodeselector import NodeFacts
 from driver.inventory import Inventory, discover
 from driver.nvml import NvmlBackend, NvmlError
-from driver.nvml.interface import CI_PROFILE_FOR_SLICES, COMPUTE_MODE_EXCLUSIVE_PROCESS, Placement
+from driver.nvml.interface import CI_PROFILE_FOR_SLICES, COMPUTE_MODE_EXCLUSIVE_PROCESS, MIG_MODE_WITHOUT_RESET, Placement
 from driver.plugin import boot, cdi, durable
 from driver.plugin.admission import AdmissionError, admit, check_allocated_here, is_admin
 from driver.plugin.checkpoint import (
@@ -57,8 +57,6 @@ from driver.plugin.mps import MpsDaemons, MpsError
 from driver.plugin.sharing import Sharing, SharingError, holds_share, strategy_of, uses_sharing
 
 log = logging.getLogger(__name__)
-
-_RESETLESS_MIG = {"Hopper", "Blackwell"}
 
 
 class PrepareError(Exception):
@@ -497,7 +495,7 @@ class DeviceState:
 
     def _leave_mig_mode(self, dev: DeviceRef, h: Any) -> None:
         """A Hopper GPU left in MIG mode by earlier MIG claims returns to whole use."""
-        if not dev.gpu.mig_capable or dev.gpu.architecture not in _RESETLESS_MIG:
+        if not dev.gpu.mig_capable or dev.gpu.architecture not in MIG_MODE_WITHOUT_RESET:
             return
         if self.backend.mig_mode(h).current:
             if self.backend.gpu_instances(h):
@@ -714,7 +712,7 @@ class DeviceState:
             if d.mig is None or not d.mig.created:
                 continue
             gpu = next((g for g in self.inventory.gpus if g.uuid == d.gpu_uuid), None)
-            if gpu is None or gpu.architecture not in _RESETLESS_MIG:
+            if gpu is None or gpu.architecture not in MIG_MODE_WITHOUT_RESET:
                 continue
             h = self.backend.device_by_uuid(d.gpu_uuid)
             if self.backend.mig_mode(h).current and not self.backend.gpu_instances(h):
