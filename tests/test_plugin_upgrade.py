@@ -21,6 +21,8 @@ from driver.kubeletapi.dra.v1 import api_pb2 as v1
 from driver.kubeletapi.dra.v1 import api_pb2_grpc as v1_grpc
 from driver.nvml import open_backend, profile_from_spec
 from driver.plugin import main as plugin_main
+from driver.plugin.health import check_sockets
+from driver.plugin.server import DraService, PluginServers
 from driver.plugin.sockets import (InstanceUidError, kubelet_supports_instances, registration_sockets,
                                    socket_paths)
 from tests.support.claims import allocated_claim
@@ -94,6 +96,33 @@ def test_rolling_update_on_without_a_uid_is_a_clear_usage_error(capsys) -> None:
     plugin_main.add_arguments(p)
     assert plugin_main.run(p.parse_args(["--node-name", NODE, "--rolling-update", "on", "--instance-uid", ""])) == 2
     assert "--rolling-update on needs --instance-uid (env POD_UID" in capsys.readouterr().err
+
+
+def test_an_instance_that_stops_leaves_the_sockets_a_newer_one_replaced(tmp_path) -> None:
+    """Fixed names (a kubelet older than 1.33, or --rolling-update off) with two pods on a node: the old
+    instance's stop used to unlink the sockets the new instance had bound in their place, so the kubelet
+    deregistered the new, only remaining plugin."""
+    paths = socket_paths(DRIVER, tmp_path / "reg", tmp_path / "plugins" / DRIVER)
+
+    class NoClaims:          # the health check's empty prepare is all these servers answer
+        prepared_count = 0
+
+        async def prepare(self, items: list) -> dict:
+            return {}
+
+    async def scenario() -> None:
+        old = PluginServers(DraService(NoClaims(), None), driver_name=DRIVER, dra_socket=paths.dra, registration_socket=paths.registration)
+        new = PluginServers(DraService(NoClaims(), None), driver_name=DRIVER, dra_socket=paths.dra, registration_socket=paths.registration)
+        await old.start()
+        await new.start()           # replaces both files, as a surge pod with fixed names does
+        try:
+            await old.stop(0)
+            assert paths.dra.exists() and paths.registration.exists()
+            assert await check_sockets(paths.dra, paths.registration) == ""      # still the new instance's
+        finally:
+            await new.stop(0)
+        assert not paths.dra.exists() and not paths.registration.exists()    # its own: removed
+    asyncio.run(scenario())
 
 
 # -- two real instances on one node -------------------------------------------------------------------
