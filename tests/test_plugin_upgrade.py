@@ -187,7 +187,7 @@ def _scenario(body) -> None:  # noqa: ANN001
 def test_two_instances_on_one_node_serve_side_by_side_without_corrupting_each_other() -> None:
     """A surge rollout: the new pod starts while the old one serves. Both instances prepare through their
     own sockets at the same time on the same checkpoint, GPUs and CDI directory; the node stays consistent,
-    overlapping MIG placements are refused across instances, the kubelet (stand-in) moves to the newest
+    a MIG device prepared twice is refused across instances, the kubelet (stand-in) moves to the newest
     instance, and the old one's exit removes only its own sockets."""
     async def body(node: Node) -> None:
         old = await node.start(UID_OLD)
@@ -202,14 +202,14 @@ def test_two_instances_on_one_node_serve_side_by_side_without_corrupting_each_ot
 
         a = node.mig_claim("mig-a", "3g.40gb", 4)          # through the old instance
         b = node.mig_claim("mig-b", "3g.40gb", 0)          # through the new one, at the same time
-        big = node.mig_claim("mig-big", "7g.80gb", 0)      # overlaps both: whichever comes last refuses it
-        ra, rb, rbig = await asyncio.gather(node.call(UID_OLD, "NodePrepareResources", a),
-                                            node.call(UID_NEW, "NodePrepareResources", b),
-                                            node.call(UID_OLD, "NodePrepareResources", big))
+        twin = node.mig_claim("mig-twin", "3g.40gb", 0)    # b's device again, through the old one: one must lose
+        ra, rb, rtwin = await asyncio.gather(node.call(UID_OLD, "NodePrepareResources", a),
+                                             node.call(UID_NEW, "NodePrepareResources", b),
+                                             node.call(UID_OLD, "NodePrepareResources", twin))
         assert ra.error == ""
-        prepared = [a, b] if rb.error == "" else [a, big]
-        assert (rb.error == "") != (rbig.error == ""), (rb.error, rbig.error)
-        assert "overlap" in (rbig.error or rb.error)
+        assert (rb.error == "") != (rtwin.error == ""), (rb.error, rtwin.error)
+        assert "already prepared" in (rb.error or rtwin.error)
+        prepared = [a, b] if rb.error == "" else [a, twin]
         assert node.violations(*prepared) == []
         # each instance sees what the other prepared: a repeat is idempotent on the other socket
         again = await node.call(UID_NEW, "NodePrepareResources", a)
