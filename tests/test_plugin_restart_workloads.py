@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import tempfile
 import uuid as uuidlib
 from pathlib import Path
@@ -46,8 +47,9 @@ class Node:
         self.root, self.server, self.url = root, server, url
         self.plugin: PluginProcess | None = None
 
-    async def start(self, uid: str = "") -> PluginProcess:
-        self.plugin = PluginProcess(PROFILE, PROFILE.nodes[0], self.root, self.url, DRIVER, "DEBUG", instance_uid=uid)
+    async def start(self, uid: str = "", env: dict[str, str] | None = None) -> PluginProcess:
+        self.plugin = PluginProcess(PROFILE, PROFILE.nodes[0], self.root, self.url, DRIVER, "DEBUG", instance_uid=uid,
+                                    env=env)
         self.plugin.start()
         await self.plugin.wait_ready()
         return self.plugin
@@ -148,6 +150,36 @@ def test_workloads_keep_their_devices_and_mps_daemon_across_a_plugin_restart(how
         assert after["mps_pid"] is None and not after["mps_answers"] and after["mig"] == [] and after["cdi"] == {}
         assert node.violations() == []
 
+    _scenario(body)
+
+
+def test_an_mps_daemon_that_died_with_a_plugin_container_is_started_again_without_a_prepare() -> None:
+    """On a real node the daemon runs in the container of the instance that started it and dies when that
+    container stops (a restart, or the old pod of a rollout after the new one adopted the daemon). The
+    kubelet prepares nothing again when the clients' containers restart, so the plugin's own check must
+    bring the daemon back, with the shares' settings."""
+    async def body(node: Node) -> None:
+        await node.start(env={"MPS_CHECK_INTERVAL": "0.2"})
+        claims = node.claims()
+        for name in ("mps-a", "mps-b"):
+            assert (await node.call("NodePrepareResources", claims[name])).error == "", name
+        pid = node.workload_view()["mps_pid"]
+        os.kill(pid, signal.SIGKILL)                      # what stopping its container does to it
+        view = node.workload_view()
+        for _ in range(300):
+            if view["mps_answers"] and view["mps_pid"] not in (None, pid):
+                break
+            await asyncio.sleep(0.1)
+            view = node.workload_view()
+        assert view["mps_answers"] and view["mps_pid"] not in (None, pid), view   # 40 %, as the shares ask
+        assert node.violations(claims["mps-a"], claims["mps-b"]) == []
+        for name in ("mps-a", "mps-b"):
+            assert (await node.call("NodeUnprepareResources", claims[name])).error == "", name
+        assert node.workload_view()["mps_pid"] is None
+    _scenario(body)
+
+
+def _scenario(body) -> None:  # noqa: ANN001
     async def main() -> None:
         root = Path(tempfile.mkdtemp(prefix="rst-", dir="/tmp"))     # short: unix socket paths
         server = ApiServer()
@@ -156,8 +188,8 @@ def test_workloads_keep_their_devices_and_mps_daemon_across_a_plugin_restart(how
         plugins: list[PluginProcess] = []
         orig_start = node.start
 
-        async def tracked(uid: str = "") -> PluginProcess:
-            p = await orig_start(uid)
+        async def tracked(uid: str = "", env: dict[str, str] | None = None) -> PluginProcess:
+            p = await orig_start(uid, env)
             plugins.append(p)
             return p
         node.start = tracked

@@ -22,6 +22,7 @@ from driver.api.kube import InvalidName, Kube, KubeError, check_name, node_path
 from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
 from driver.plugin.claims import KubeClaimSource
+from driver.plugin.mps_watch import watch_mps_daemons
 from driver.plugin.nodelabels import follow_node_labels
 from driver.plugin.prepare import ClaimRef, DeviceState, PrepareError
 from driver.plugin.server import DraService, PluginServers
@@ -78,6 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="IP address to serve metrics on (env METRICS_ADDRESS; default %(default)s; the chart "
                         "sets the pod IP; 0.0.0.0 serves every interface)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"), help="log level (env LOG_LEVEL)")
+    p.add_argument("--mps-check-interval", type=float, default=float(_env("MPS_CHECK_INTERVAL", "10") or 10),
+                   help="seconds between checks that the MPS control daemons prepared MPS shares use are running "
+                        "(one that died with a stopped plugin container is started again); 0 = off (env "
+                        "MPS_CHECK_INTERVAL; default %(default)s)")
     p.add_argument("--instance-uid", default=_env("POD_UID") or "",
                    help="this instance's uid, the pod's UID (env POD_UID, from the downward API metadata.uid); "
                         "with --rolling-update it becomes part of both socket names")
@@ -193,6 +198,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(publisher.run(stop), name="publisher"),
              asyncio.create_task(follow_node_labels(state, kube, args.node_name, stop), name="node-labels")]
+    if getattr(args, "mps_check_interval", 0) > 0:
+        tasks.append(asyncio.create_task(watch_mps_daemons(state, stop, args.mps_check_interval), name="mps-watch"))
     health = None
     try:
         await servers.start()
