@@ -125,6 +125,69 @@ def test_an_instance_that_stops_leaves_the_sockets_a_newer_one_replaced(tmp_path
     asyncio.run(scenario())
 
 
+class _Recorder:
+    """A DeviceState stand-in that records which instance answered."""
+    prepared_count = 0
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def prepare(self, items: list) -> dict:
+        self.calls += 1
+        return {}
+
+
+def test_the_kubelet_stand_in_calls_the_newest_connected_instance() -> None:
+    """As pkg/kubelet/cm/dra/plugin DRAPluginManager: instances kept in registration order, the newest
+    one that accepts connections is called, one whose registration socket is gone is deregistered (by
+    endpoint), and an endpoint that is already registered is refused."""
+    tmp_path = Path(tempfile.mkdtemp(prefix="kst-", dir="/tmp"))     # short: unix socket paths
+    reg, pdir = tmp_path / "reg", tmp_path / "plugins" / DRIVER
+
+    def instance(uid: str) -> tuple[PluginServers, _Recorder]:
+        rec = _Recorder()
+        paths = socket_paths(DRIVER, reg, pdir, uid)
+        return PluginServers(DraService(rec, None), driver_name=DRIVER, dra_socket=paths.dra,
+                             registration_socket=paths.registration), rec
+
+    async def scenario() -> None:
+        (old, old_rec), (new, new_rec) = instance(UID_OLD), instance(UID_NEW)
+        kubelet = Kubelet(None, NODE, reg, DRIVER)
+        await old.start()
+        try:
+            await kubelet.register()
+            await kubelet._call("NodePrepareResources", v1.NodePrepareResourcesRequest())
+            assert (old_rec.calls, new_rec.calls) == (1, 0)
+            await new.start()
+            await kubelet._call("NodePrepareResources", v1.NodePrepareResourcesRequest())   # finds and registers it
+            assert (old_rec.calls, new_rec.calls) == (1, 1)
+            assert [i.endpoint for i in kubelet.instances] == [str(old.dra_socket), str(new.dra_socket)]
+            # the new one is not reachable (killed: its files stay): the old one, still connected, answers
+            await new._dra.stop(0)
+            new.dra_socket.touch()
+            await kubelet._call("NodePrepareResources", v1.NodePrepareResourcesRequest())
+            assert (old_rec.calls, new_rec.calls) == (2, 1)
+            # a third registration socket naming an endpoint already registered is refused
+            impostor = PluginServers(DraService(_Recorder(), None), driver_name=DRIVER, dra_socket=tmp_path / "x.sock",
+                                     registration_socket=reg / f"{DRIVER}-impostor-reg.sock")
+            impostor.registration.endpoint = str(old.dra_socket)
+            await impostor.start()
+            with pytest.raises(RuntimeError, match="already registered"):
+                await kubelet.register()
+            await impostor.stop(0)
+            # the old one stops: deregistered by its endpoint only
+            await old.stop(0)
+            await kubelet.register()
+            assert [i.endpoint for i in kubelet.instances] == [str(new.dra_socket)]
+        finally:
+            await old.stop(0)
+            await new.stop(0)
+    try:
+        asyncio.run(scenario())
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 # -- two real instances on one node -------------------------------------------------------------------
 class Node:
     def __init__(self, root: Path, server: ApiServer, url: str):

@@ -112,8 +112,13 @@ class Kubelet:
                 problem = f"plugin supports {list(info.supported_versions)}, not v1.DRAPlugin"
             elif any(i.endpoint == info.endpoint for i in self.instances):
                 problem = f"endpoint {info.endpoint} already registered for DRA driver plugin {self.driver}"
-            await stub.NotifyRegistrationStatus(reg.RegistrationStatus(plugin_registered=not problem, error=problem),
-                                                timeout=RPC_TIMEOUT)
+            try:
+                await stub.NotifyRegistrationStatus(reg.RegistrationStatus(plugin_registered=not problem,
+                                                                           error=problem), timeout=RPC_TIMEOUT)
+            except grpc.aio.AioRpcError:
+                if not problem:
+                    raise
+                # a refused plugin may answer the notification with an error (ours does): refused either way
             if problem:
                 raise RuntimeError(f"node {self.node}: registration refused: {problem}")
             self.instances.append(Instance(sock, info.endpoint))
