@@ -56,7 +56,7 @@ CONVENTIONS: dict = {
     "plugin.serviceAccount.annotations": {"iam.example.com/role": "partita-plugin"},
     "plugin.extraArgs": ["--log-level=DEBUG"],
     "plugin.env": [{"name": "HTTPS_PROXY", "value": "http://proxy.example.com:3128"},
-                   {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}],
+                   {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}],
     "controller.extraArgs": ["--log-level=WARNING"],
     "controller.env": [{"name": "TZ", "value": "UTC"}],
     "webhook.env": [{"name": "TZ", "value": "UTC"}],
@@ -260,8 +260,14 @@ def test_plugin_daemonset_mounts_and_update_strategy() -> None:
         assert addr == {"name": "METRICS_ADDRESS", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
         assert {e["name"]: e.get("value") for e in c["env"]}["KUBELET_PLUGINS_DIRECTORY_PATH"] == \
             "/var/lib/kubelet/plugins"      # the plugin derives <this>/<driver>, the directory mounted
+        # unique socket names (Kubernetes 1.34 here): the new pod starts next to the old one, none goes first
         assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate",
-                                                "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}
+                                                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+        assert env["ROLLING_UPDATE"] == "auto"
+        assert next(e for e in c["env"] if e["name"] == "POD_UID") == \
+            {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}}
+        # two pods on a node: no host network, no host ports (each pod's health and metrics ports are its own)
+        assert not pod.get("hostNetwork") and not any("hostPort" in port for port in c["ports"])
         for probe in ("startupProbe", "livenessProbe"):
             assert c[probe]["grpc"] == {"port": 51515, "service": "liveness"}
         assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 300
@@ -580,7 +586,14 @@ def test_webhook_is_wired_to_its_service_and_certificate() -> None:
     (["--set", "image.digest=latest"], "/image/digest"),
     (["--set", "plugin.image.digest=sha256:xyz"], "/plugin/image/digest"),
     (["--set", "controller.image.pullPolicy=Sometimes"], "/controller/image/pullPolicy"),
-    (["--set", "plugin.updateStrategy.rollingUpdate.maxSurge=1"], "/plugin/updateStrategy/rollingUpdate/maxSurge"),
+    (["--set", "plugin.updateStrategy.rollingUpdate.maxSurge=-1"], "/plugin/updateStrategy/rollingUpdate/maxSurge"),
+    (["--set", "plugin.updateStrategy.rollingUpdate.maxSurge=one"], "/plugin/updateStrategy/rollingUpdate/maxSurge"),
+    (["--set", "plugin.uniqueSockets=yes"], "/plugin/uniqueSockets"),
+    # a second pod on a node needs unique socket names; a rollout needs to be able to replace a pod
+    (["--set", "plugin.uniqueSockets=false", "--set", "plugin.updateStrategy.rollingUpdate.maxSurge=1"],
+     "plugin.updateStrategy.rollingUpdate.maxSurge 1: a second plugin pod on a node needs unique socket names"),
+    (["--set", "plugin.updateStrategy.rollingUpdate.maxSurge=0"],
+     "maxUnavailable and maxSurge cannot both be 0"),
     (["--set", "plugin.updateStrategy.type=Recreate"], "/plugin/updateStrategy/type"),
     (["--set", "controller.updateStrategy.type=OnDelete"], "/controller/updateStrategy/type"),
     (["--set", "plugin.extraArgs[0]=debug"], "/plugin/extraArgs/0"),
@@ -701,10 +714,10 @@ def test_conventional_knobs_reach_the_objects() -> None:
     env = _container(plugin)["env"]
     assert env[-2:] == CONVENTIONS["plugin.env"]
     defaults_env = _container(_pods("defaults")["kubelet-plugin"])["env"]
-    assert {e["name"] for e in defaults_env} | {"NVIDIA_DRIVER_ROOT", "HTTPS_PROXY", "POD_UID"} == {e["name"] for e in env}
+    assert {e["name"] for e in defaults_env} | {"NVIDIA_DRIVER_ROOT", "HTTPS_PROXY", "POD_NAMESPACE"} == {e["name"] for e in env}
     assert _container(controller)["env"][-1] == {"name": "TZ", "value": "UTC"}
     assert _container(webhook)["env"][-1] == {"name": "TZ", "value": "UTC"}
-    # update strategies: the plugin still never surges (two plugins on a node would fight over its sockets)
+    # update strategies: the plugin's own maxSurge 0 and maxUnavailable 10% are kept as given
     ds, deploys = one("conventions", "DaemonSet"), {d["metadata"]["labels"]["app.kubernetes.io/component"]: d
                                                      for d in objects("conventions", "Deployment")}
     assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%", "maxSurge": 0}}
@@ -798,6 +811,28 @@ def test_plugin_node_selection_can_be_replaced_keeping_the_nfd_default() -> None
                'plugin.affinity={"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}').stdout
     [ds] = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet"]
     assert ds["spec"]["template"]["spec"]["nodeSelector"] == nfd
+
+
+@pytest.mark.parametrize(("args", "rolling_update", "pod_uid", "strategy"), [
+    ([], "auto", True, {"maxUnavailable": 0, "maxSurge": 1}),
+    (["--set", "plugin.uniqueSockets=true"], "on", True, {"maxUnavailable": 0, "maxSurge": 1}),
+    (["--set", "plugin.uniqueSockets=false"], "off", False, {"maxUnavailable": 1, "maxSurge": 0}),
+    (["--set", "plugin.updateStrategy.rollingUpdate.maxSurge=25%"], "auto", True, {"maxUnavailable": 0, "maxSurge": "25%"}),
+    (["--set", "plugin.updateStrategy.rollingUpdate.maxUnavailable=2"], "auto", True, {"maxUnavailable": 2, "maxSurge": 1}),
+    (["--set", "plugin.uniqueSockets=false", "--set", "plugin.updateStrategy.rollingUpdate.maxUnavailable=10%"],
+     "off", False, {"maxUnavailable": "10%", "maxSurge": 0}),
+])
+def test_plugin_surges_only_with_unique_socket_names(args, rolling_update, pod_uid, strategy) -> None:
+    """Issue: Day-2 operations. Unique socket names per pod (kubelet 1.33+) let the DaemonSet start the new
+    plugin pod next to the old one (maxSurge 1, maxUnavailable 0 by default); with fixed names it keeps
+    one pod per node. The plugin gets the pod's UID and the mode (ROLLING_UPDATE) to name its sockets."""
+    out = helm("template", "partita", str(CHART), "--kube-version", "1.34.0", *args).stdout
+    [ds] = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "DaemonSet"]
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": strategy}
+    env = {e["name"]: e for e in ds["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["ROLLING_UPDATE"]["value"] == rolling_update
+    assert ("POD_UID" in env) is pod_uid
+    kubernetes_validate.validate(ds, VERSIONS[-1], strict=True)
 
 
 def test_plugin_update_strategy_on_delete() -> None:

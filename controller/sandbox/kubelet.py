@@ -1,7 +1,12 @@
 """A kubelet stand-in for one node: it speaks to the node's plugin exactly as the kubelet does.
 
-* registration: finds ``<driver>-reg.sock`` in the registry directory, calls GetInfo, checks the plugin
-  type and versions, then NotifyRegistrationStatus;
+* registration: finds the driver's registration sockets in the registry directory, ``<driver>-reg.sock``
+  or per instance ``<driver>-<uid>-reg.sock`` (driver/plugin/sockets.py), calls GetInfo, checks the plugin
+  type, name and versions and that no registered instance has its endpoint, then NotifyRegistrationStatus;
+  like the kubelet's DRAPluginManager (1.33+) it keeps every instance in registration order, calls the
+  most recently registered one that accepts connections, and deregisters an instance (by its endpoint
+  only) when its registration socket is gone, so an old instance serves until a new one registers and the
+  old one's exit does not drop the new one;
 * pods bound to the node: NodePrepareResources for their claims (v1 service), then the pod is Running;
   the CDI device IDs the plugin returned are kept for the report;
 * pods being deleted (the stand-in keeps a finalizer on the pods it runs, as graceful deletion would):
@@ -23,12 +28,20 @@ from driver.kubeletapi.dra.v1 import api_pb2 as dra
 from driver.kubeletapi.dra.v1 import api_pb2_grpc as dra_grpc
 from driver.kubeletapi.pluginregistration.v1 import api_pb2 as reg
 from driver.kubeletapi.pluginregistration.v1 import api_pb2_grpc as reg_grpc
+from driver.plugin.sockets import registration_sockets
 
 from .apiserver import ApiServer
 
 log = logging.getLogger(__name__)
 FINALIZER = "sandbox.partita.dev/kubelet"
 RPC_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One registered plugin instance."""
+    socket: Path          # its registration socket
+    endpoint: str         # its DRA socket, from GetInfo
 
 
 @dataclass
@@ -53,7 +66,7 @@ class Kubelet:
         self.node = node
         self.registry = registry
         self.driver = driver
-        self.endpoint: str | None = None
+        self.instances: list[Instance] = []          # registration order, newest last
         self.prepared: dict[str, PreparedPod] = {}    # pod key -> what prepare returned
         self.failures: dict[str, str] = {}            # pod key -> last prepare error
         self._busy: set[str] = set()
@@ -61,8 +74,32 @@ class Kubelet:
         self.rpcs = 0
 
     # -- registration ---------------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str | None:
+        """The newest registered instance's DRA socket."""
+        return self.instances[-1].endpoint if self.instances else None
+
     async def register(self) -> None:
-        sock = self.registry / f"{self.driver}-reg.sock"
+        """One pass of the kubelet's plugin watcher: deregister instances whose registration socket is gone,
+        register the sockets not registered yet. Refusals raise; a socket that does not answer is skipped
+        (the kubelet retries it) unless no instance is registered at all."""
+        present = registration_sockets(self.registry, self.driver)
+        for gone in [i for i in self.instances if i.socket not in present or not i.socket.exists()]:
+            self.instances.remove(gone)
+            log.info("node %s: deregistered plugin %s at %s", self.node, self.driver, gone.endpoint)
+        unreachable: Exception | None = None
+        for sock in present:
+            if any(i.socket == sock for i in self.instances):
+                continue
+            try:
+                await self._register_one(sock)
+            except grpc.aio.AioRpcError as e:
+                unreachable = e
+        if not self.instances:
+            raise RuntimeError(f"node {self.node}: no plugin of {self.driver} registered in {self.registry}"
+                               + (f": {unreachable.code().name}: {unreachable.details()}" if unreachable else ""))
+
+    async def _register_one(self, sock: Path) -> None:
         async with grpc.aio.insecure_channel(f"unix://{sock}") as ch:
             stub = reg_grpc.RegistrationStub(ch)
             info = await stub.GetInfo(reg.InfoRequest(), timeout=RPC_TIMEOUT)
@@ -73,12 +110,20 @@ class Kubelet:
                 problem = f"plugin name {info.name!r} is not {self.driver!r}"
             elif "v1.DRAPlugin" not in info.supported_versions:
                 problem = f"plugin supports {list(info.supported_versions)}, not v1.DRAPlugin"
-            await stub.NotifyRegistrationStatus(reg.RegistrationStatus(plugin_registered=not problem, error=problem),
-                                                timeout=RPC_TIMEOUT)
+            elif any(i.endpoint == info.endpoint for i in self.instances):
+                problem = f"endpoint {info.endpoint} already registered for DRA driver plugin {self.driver}"
+            try:
+                await stub.NotifyRegistrationStatus(reg.RegistrationStatus(plugin_registered=not problem,
+                                                                           error=problem), timeout=RPC_TIMEOUT)
+            except grpc.aio.AioRpcError:
+                if not problem:
+                    raise
+                # a refused plugin may answer the notification with an error (ours does): refused either way
             if problem:
                 raise RuntimeError(f"node {self.node}: registration refused: {problem}")
-            self.endpoint = info.endpoint
-        log.info("node %s: registered plugin %s at %s", self.node, self.driver, self.endpoint)
+            self.instances.append(Instance(sock, info.endpoint))
+        log.info("node %s: registered plugin %s at %s (%d instance(s))", self.node, self.driver, info.endpoint,
+                 len(self.instances))
 
     # -- pods -------------------------------------------------------------------------------------
     def sync(self) -> None:
@@ -206,11 +251,27 @@ class Kubelet:
         return any(r.get("driver") == self.driver for r in results)
 
     async def _call(self, method: str, request):  # noqa: ANN001, ANN202
-        if self.endpoint is None:
+        """The newest registered instance that accepts a connection answers; an older one only while the
+        newer ones do not (as the kubelet prefers connected plugins, newest first)."""
+        if self.registry.exists():
+            try:
+                await self.register()
+            except RuntimeError:
+                pass
+        if not self.instances:
             raise RuntimeError(f"node {self.node}: the plugin is not registered")
         self.rpcs += 1
-        async with grpc.aio.insecure_channel(f"unix://{self.endpoint}") as ch:
-            return await getattr(dra_grpc.DRAPluginStub(ch), method)(request, timeout=RPC_TIMEOUT)
+        last: grpc.aio.AioRpcError | None = None
+        for inst in reversed(list(self.instances)):
+            async with grpc.aio.insecure_channel(f"unix://{inst.endpoint}") as ch:
+                try:
+                    return await getattr(dra_grpc.DRAPluginStub(ch), method)(request, timeout=RPC_TIMEOUT)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    last = e
+        assert last is not None
+        raise last
 
     async def drain(self) -> None:
         while self._tasks:

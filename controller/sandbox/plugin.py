@@ -15,6 +15,7 @@ import yaml
 
 from driver.api import constants as C
 from driver.nvml.profile import FakeGpuProfile, NodeProfile
+from driver.plugin.sockets import socket_paths
 
 
 @dataclass
@@ -45,15 +46,16 @@ class NodePaths:
     def log(self) -> Path:
         return self.root / "plugin.log"
 
-    def registration_socket(self, driver: str) -> Path:
-        return self.registry / f"{driver}-reg.sock"
+    def registration_socket(self, driver: str, instance_uid: str = "") -> Path:
+        return socket_paths(driver, self.registry, self.plugin_dir(driver), instance_uid).registration
 
 
 class PluginProcess:
     """Start, wait for, and stop one node's plugin."""
 
     def __init__(self, profile: FakeGpuProfile, node: NodeProfile, workdir: Path, api_url: str,
-                 driver: str = C.DEFAULT_DRIVER_NAME, log_level: str = "INFO", env: dict[str, str] | None = None):
+                 driver: str = C.DEFAULT_DRIVER_NAME, log_level: str = "INFO", env: dict[str, str] | None = None,
+                 instance_uid: str = ""):
         self.profile = profile
         self.node = node
         self.driver = driver
@@ -61,6 +63,7 @@ class PluginProcess:
         self.api_url = api_url
         self.log_level = log_level
         self.env = env or {}
+        self.instance_uid = instance_uid     # set: per-instance socket names (--rolling-update on), as in a surge rollout
         self.proc: subprocess.Popen | None = None
         self._stale: tuple[int, int] | None = None
 
@@ -80,7 +83,9 @@ class PluginProcess:
                "--kubelet-plugins-directory-path", str(self.paths.plugins),
                "--kube-api", self.api_url, "--health-port", "-1", "--metrics-port", "-1",
                "--log-level", self.log_level]
-        sock = self.paths.registration_socket(self.driver)
+        if self.instance_uid:
+            cmd += ["--instance-uid", self.instance_uid, "--rolling-update", "on"]
+        sock = self.paths.registration_socket(self.driver, self.instance_uid)
         self._stale = _identity(sock)     # a socket left by a killed predecessor is not readiness
         log = open(self.paths.log, "ab")   # noqa: SIM115 - owned by the child for its lifetime
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
@@ -95,7 +100,7 @@ class PluginProcess:
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         """Until the registration socket exists (the DRA socket is served before it)."""
-        sock = self.paths.registration_socket(self.driver)
+        sock = self.paths.registration_socket(self.driver, self.instance_uid)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while _identity(sock) in (None, self._stale):

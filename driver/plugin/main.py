@@ -1,6 +1,7 @@
 """The kubelet plugin process (``partita plugin``): flags, start-up order, signals, shutdown.
 
-Start-up: NVML backend -> inventory -> undo interrupted prepares -> ResourceSlice publisher -> DRA gRPC
+Start-up: socket names (fixed, or per instance for rolling updates with surge: driver/plugin/sockets.py)
+-> NVML backend -> inventory -> undo interrupted prepares -> ResourceSlice publisher -> DRA gRPC
 socket -> registration socket (the kubelet registers the plugin as soon as that one appears) -> health
 and metrics. SIGTERM/SIGINT stop the servers and remove both sockets; ResourceSlices stay (the kubelet
 wipes them if the plugin does not come back).
@@ -17,18 +18,24 @@ import sys
 from pathlib import Path
 
 from driver.api import constants as C
-from driver.api.kube import InvalidName, KubeError, check_name
+from driver.api.kube import InvalidName, Kube, KubeError, check_name, node_path
 from driver.cliopts import add_cluster, add_log_level, connect
 from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
 from driver.plugin.claims import KubeClaimSource
+from driver.plugin.mps_watch import watch_mps_daemons
 from driver.plugin.nodelabels import follow_node_labels
 from driver.plugin.prepare import ClaimRef, DeviceState, PrepareError
 from driver.plugin.server import DraService, PluginServers
+from driver.plugin.sockets import (MIN_KUBELET, InstanceUidError, SocketPaths, check_instance_uid,
+                                   kubelet_supports_instances, socket_paths)
 from driver.publisher import SlicePublisher
 from driver.slices import SliceFeatures
 
 log = logging.getLogger("driver.plugin")
+ROLLING_UPDATE_MODES = ("auto", "on", "off")
+#: how long start-up waits for the Node (its kubelet version) under --rolling-update auto/on
+NODE_READ_TIMEOUT = 10.0
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -73,6 +80,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="IP address to serve metrics on (env METRICS_ADDRESS; default %(default)s; the chart "
                         "sets the pod IP; 0.0.0.0 serves every interface)")
     add_log_level(p, _env("LOG_LEVEL", "INFO"), "log level (env LOG_LEVEL)")
+    p.add_argument("--mps-check-interval", type=float, default=float(_env("MPS_CHECK_INTERVAL", "10") or 10),
+                   help="seconds between checks that the MPS control daemons prepared MPS shares use are running "
+                        "(one that died with a stopped plugin container is started again); 0 = off (env "
+                        "MPS_CHECK_INTERVAL; default %(default)s)")
+    p.add_argument("--instance-uid", default=_env("POD_UID") or "",
+                   help="this instance's uid, the pod's UID (env POD_UID, from the downward API metadata.uid); "
+                        "with --rolling-update it becomes part of both socket names")
+    p.add_argument("--rolling-update", choices=ROLLING_UPDATE_MODES, default=_env("ROLLING_UPDATE", "auto"),
+                   help="per-instance socket names <driver>-<uid>-reg.sock and dra-<uid>.sock, so an old and a "
+                        "new instance serve side by side during a DaemonSet rollout with surge (needs kubelet "
+                        "1.33+). auto: on when --instance-uid is set and this Node's kubelet is 1.33 or newer; "
+                        "on: always (refused when the Node's kubelet is known to be older); off: fixed names, "
+                        "one instance per node (env ROLLING_UPDATE; default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,7 +104,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_name(args.node_name, "--node-name (NODE_NAME)")
         check_name(args.driver_name, "--driver-name (DRIVER_NAME)")
-    except InvalidName as e:
+        if getattr(args, "instance_uid", ""):
+            check_instance_uid(args.instance_uid)
+        if getattr(args, "rolling_update", "off") == "on" and not args.instance_uid:
+            raise InstanceUidError("--rolling-update on needs --instance-uid (env POD_UID; the chart sets it from "
+                                   "the pod's metadata.uid)")
+    except (InvalidName, InstanceUidError) as e:
         print(f"partita plugin: {e}", file=sys.stderr)
         return 2
     try:
@@ -150,11 +175,16 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     plugin_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
     cdi_root = Path(args.cdi_root)
     cdi_root.mkdir(parents=True, exist_ok=True)
-    backend = _open_backend(args, plugin_dir)
+    kube = await connect(args)
+    try:
+        sockets = await choose_sockets(args, kube, plugin_dir)     # before NVML: a refusal changes nothing
+        backend = _open_backend(args, plugin_dir)
+    except BaseException:
+        await kube.close()
+        raise
     inventory = discover(backend, args.node_name)
     log.info("node %s: %d GPU(s) (%s NVML, driver %s)", args.node_name, len(inventory.gpus), backend.kind,
              inventory.driver_version)
-    kube = await connect(args)
     publisher = SlicePublisher(kube, driver_name=args.driver_name, node_name=args.node_name, inventory=inventory,
                                features=SliceFeatures(taints=args.allocation_mode == C.ALLOCATION_MODE_CONTROLLER))
     state = DeviceState(driver_name=args.driver_name, node_name=args.node_name, backend=backend,
@@ -163,13 +193,14 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     await state.recover()
     claims = KubeClaimSource(kube)
     servers = PluginServers(DraService(state, claims), driver_name=args.driver_name,
-                            dra_socket=plugin_dir / "dra.sock",
-                            registration_socket=Path(args.kubelet_registrar_directory_path) / f"{args.driver_name}-reg.sock")
+                            dra_socket=sockets.dra, registration_socket=sockets.registration)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(publisher.run(stop), name="publisher"),
              asyncio.create_task(follow_node_labels(state, kube, args.node_name, stop), name="node-labels")]
+    if getattr(args, "mps_check_interval", 0) > 0:
+        tasks.append(asyncio.create_task(watch_mps_daemons(state, stop, args.mps_check_interval), name="mps-watch"))
     health = None
     try:
         await servers.start()
@@ -200,6 +231,49 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
         await kube.close()
         backend.shutdown()
     return 0
+
+
+async def choose_sockets(args: argparse.Namespace, kube: Kube, plugin_dir: Path) -> SocketPaths:
+    """Fixed or per-instance socket names (driver/plugin/sockets.py), by --rolling-update and this Node's
+    kubelet version."""
+    mode = getattr(args, "rolling_update", "off")
+    uid = getattr(args, "instance_uid", "") or ""
+    registry = Path(args.kubelet_registrar_directory_path)
+    fixed = socket_paths(args.driver_name, registry, plugin_dir)
+    if mode == "off" or (mode == "auto" and not uid):
+        return fixed
+    version = await _kubelet_version(kube, args.node_name)
+    supported = kubelet_supports_instances(version) if version else None
+    need = ".".join(map(str, MIN_KUBELET))
+    if supported is False:
+        if mode == "on":
+            raise StartupError(f"--rolling-update on (env ROLLING_UPDATE): Node {args.node_name} runs kubelet "
+                               f"{version}, which keeps one plugin per driver and would drop this instance when "
+                               f"the old one stops; per-instance sockets need kubelet {need}+. Upgrade the kubelet, "
+                               f"or roll out without surge (chart: plugin.uniqueSockets=false, which sets "
+                               f"ROLLING_UPDATE=off and maxSurge 0)")
+        log.info("Node %s runs kubelet %s (older than %s): fixed socket names, one instance per node",
+                 args.node_name, version, need)
+        return fixed
+    if supported is None and mode == "auto":
+        log.warning("cannot read the kubelet version of Node %s; fixed socket names (set --rolling-update on to "
+                    "use per-instance names regardless)", args.node_name)
+        return fixed
+    if supported is None:
+        log.warning("cannot read the kubelet version of Node %s; per-instance socket names as --rolling-update on "
+                    "asks (they need kubelet %s+)", args.node_name, need)
+    paths = socket_paths(args.driver_name, registry, plugin_dir, uid)
+    log.info("per-instance socket names (instance %s): %s, %s", uid, paths.registration, paths.dra)
+    return paths
+
+
+async def _kubelet_version(kube: Kube, node_name: str) -> str:
+    try:
+        node = await asyncio.wait_for(kube.get(node_path(node_name)), NODE_READ_TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - API errors, an unreachable server, a timeout: decided by the caller
+        log.warning("cannot read Node %s: %s", node_name, e)
+        return ""
+    return str(((node.get("status") or {}).get("nodeInfo") or {}).get("kubeletVersion") or "")
 
 
 async def _cleanup_later(state: DeviceState, claims: KubeClaimSource) -> None:

@@ -2,7 +2,12 @@
 
 The DRA socket is served first, then the registration socket, so the kubelet never sees a
 registration whose endpoint is not served yet. Stale sockets are removed before binding and both are
-removed on stop (removing the registration socket is how the kubelet learns the plugin is gone).
+removed on stop (removing the registration socket is how the kubelet learns the plugin is gone) -- but
+only while they are still the files this instance bound: with fixed names a newer instance on the node
+may have replaced them, and removing its sockets would deregister it (driver/plugin/sockets.py). gRPC
+itself unlinks a unix socket's path when its server stops, so a replaced path is kept under a hidden
+hard link (the kubelet's plugin watcher ignores names starting with '.') while the server stops, and put
+back: the newer instance's sockets are missing for that moment only, instead of for good.
 """
 
 from __future__ import annotations
@@ -160,6 +165,39 @@ def _remove_socket(path: Path) -> None:
         pass
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _keep_if_replaced(path: Path, identity: tuple[int, int] | None) -> Path | None:
+    """When ``path`` is no longer the socket this instance bound, hard-link it under a hidden name (the
+    caller puts it back once gRPC has unlinked ``path``); returns that name."""
+    now = _identity(path)
+    if now is None or now == identity:
+        return None
+    keep = path.with_name(f".{path.name}.keep-{os.getpid()}")
+    try:
+        _remove_socket(keep)
+        os.link(path, keep)
+    except OSError as e:
+        log.warning("%s belongs to another instance now, and stopping will remove it (cannot keep it: %s)", path, e)
+        return None
+    log.info("%s belongs to another instance now (it replaced ours); keeping it", path)
+    return keep
+
+
+def _restore(keep: Path | None, path: Path) -> None:
+    if keep is not None:
+        try:
+            os.replace(keep, path)
+        except OSError as e:
+            log.error("could not put the other instance's socket back at %s: %s", path, e)
+
+
 class PluginServers:
     """Owns the two unix-socket servers."""
 
@@ -170,6 +208,7 @@ class PluginServers:
         self.registration = Registration(driver_name, str(dra_socket))
         self._dra: grpc.aio.Server | None = None
         self._reg: grpc.aio.Server | None = None
+        self._bound: dict[Path, tuple[int, int] | None] = {}    # socket -> (device, inode) this instance bound
 
     async def start(self) -> None:
         for p in (self.dra_socket, self.registration_socket):
@@ -180,17 +219,22 @@ class PluginServers:
         v1beta1_grpc.add_DRAPluginServicer_to_server(DraV1beta1(self.svc), self._dra)
         self._dra.add_insecure_port(f"unix://{self.dra_socket}")
         await self._dra.start()
+        self._bound[self.dra_socket] = _identity(self.dra_socket)
         log.info("serving DRA v1 and v1beta1 on %s", self.dra_socket)
         self._reg = grpc.aio.server()
         reg_grpc.add_RegistrationServicer_to_server(self.registration, self._reg)
         self._reg.add_insecure_port(f"unix://{self.registration_socket}")
         await self._reg.start()
+        self._bound[self.registration_socket] = _identity(self.registration_socket)
         log.info("serving plugin registration on %s", self.registration_socket)
 
     async def stop(self, grace: float = 2.0) -> None:
         # Registration first: the kubelet deregisters as soon as that socket is gone.
-        for server in (self._reg, self._dra):
+        for server, path in ((self._reg, self.registration_socket), (self._dra, self.dra_socket)):
+            keep = _keep_if_replaced(path, self._bound.get(path))
             if server is not None:
                 await server.stop(grace)
-        for p in (self.registration_socket, self.dra_socket):
-            _remove_socket(p)
+            if keep is not None:
+                _restore(keep, path)
+            else:
+                _remove_socket(path)

@@ -197,3 +197,14 @@ Checks across values that values.schema.json cannot express with a clear message
 {{- define "partita.taintKey" -}}partita.dev/managed{{- end -}}
 {{- define "partita.taintValue" -}}controller{{- end -}}
 {{- define "partita.taintEffect" -}}NoSchedule{{- end -}}
+
+{{/* "true" when the plugin names its sockets per pod (plugin.uniqueSockets; auto: Kubernetes 1.33+, whose
+kubelet keeps several instances of one DRA driver and calls the newest). */}}
+{{- define "partita.uniqueSockets" -}}
+{{- $u := .Values.plugin.uniqueSockets -}}
+{{- if kindIs "bool" $u -}}
+{{- $u -}}
+{{- else -}}
+{{- semverCompare ">=1.33.0-0" .Capabilities.KubeVersion.Version -}}
+{{- end -}}
+{{- end -}}
