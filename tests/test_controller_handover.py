@@ -75,6 +75,26 @@ def test_two_shares_with_one_share_id_are_counted_per_holder() -> None:
     assert (dev, "s-1") not in cache.allocated.shares and dev not in cache.allocated.capacity
 
 
+def test_a_write_whose_watch_events_came_first_is_not_kept_in_flight() -> None:
+    """The watch can deliver our allocation write, and kube-scheduler clearing it, before the worker handles the
+    write's own response. Recording the write then must not put the claim back in flight: no later event would
+    end the entry, and the worker would skip the pod (its claim "in flight") for a minute, where it should move
+    it to another node at once (this made test_allocation_cleared_by_kube_scheduler_moves_to_another_node fail
+    about one run in six)."""
+    cache = Cache(DRIVER)
+    cache.apply("claim", "ADDED", claim_obj("c", "uid-c", 1, None))
+    written = claim_obj("c", "uid-c", 2, whole("gpu-0"))
+    cache.apply("claim", "MODIFIED", written)                  # the watch shows our write ...
+    cache.apply("claim", "MODIFIED", claim_obj("c", "uid-c", 3, None))    # ... and its clearing
+    cache.record_write(written, whole("gpu-0"), 2, "node-a", "default/p")  # then the write's response
+    assert "uid-c" not in cache.inflight
+    assert not cache.allocated.is_allocated(DeviceID(DRIVER, "node-a", "gpu-0"))
+    # the usual order still keeps the write in flight until the watch shows it
+    cache.apply("claim", "ADDED", claim_obj("d", "uid-d", 4, None))
+    cache.record_write(claim_obj("d", "uid-d", 5, whole("gpu-1")), whole("gpu-1"), 5, "node-a", "default/q")
+    assert "uid-d" in cache.inflight and cache.allocated.is_allocated(DeviceID(DRIVER, "node-a", "gpu-1"))
+
+
 # -- informer: a list replaces the cache -------------------------------------------------------------------
 def test_a_relist_reports_objects_missing_from_it_as_deleted_and_recreated_ones_as_new() -> None:
     seen: list[tuple[str, str, str]] = []

@@ -145,6 +145,13 @@ class Cache:
 
     def record_write(self, claim: dict, allocation: dict, write_rv: int, node: str, pod: str) -> None:
         uid = claim["metadata"]["uid"]
+        cached = self.claims.get(key(claim))
+        if cached is not None and cached["metadata"].get("uid") == uid and _rv(cached) >= write_rv:
+            # The watch delivered our write, and maybe what followed it (kube-scheduler clearing it, reported
+            # then as vanished), before the write's own response was handled: the cache is current already.
+            # Kept in flight now, no later event would end the entry, and the claim would look allocated to
+            # the worker until the entry expired a minute later.
+            return
         self.inflight[uid] = InFlight(allocation, write_rv, node, pod, time.monotonic())
         self._account(uid, allocation, key(claim))
 

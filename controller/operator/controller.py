@@ -106,6 +106,10 @@ class Controller:
             if kind == "devicetaintrule" and etype != "DELETED":
                 self.enqueue(f"taint:{obj['metadata']['name']}")
             self.enqueue_pending()
+        self._drain_vanished()
+
+    def _drain_vanished(self) -> None:
+        """Allocations of ours the cache saw cleared (kube-scheduler's PostFilter): avoid that node, decide again."""
         for claim_key, pod_key, node in self.cache.vanished:
             self._reject(pod_key, node)
             self.enqueue(f"pod:{pod_key}")
