@@ -354,6 +354,8 @@ def test_rbac_is_least_privilege() -> None:
     assert _grants(_rules("defaults", "-plugin")) == (
         _expand("resource.k8s.io", "resourceslices", "get list watch create update delete")
         | _expand("resource.k8s.io", "resourceclaims", "get")
+        | _expand("resource.k8s.io", "resourceclaims/status", "update")         # status.devices (KEP-4817)
+        | _expand("", "events", "create")                                       # idle claims, on their pods
         | _expand("", "nodes", "get"))
     assert _grants(_rules("defaults", "-controller")) == (
         _expand("", "pods nodes", "get list watch")

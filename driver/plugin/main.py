@@ -24,6 +24,7 @@ from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
 from driver.plugin.claims import KubeClaimSource
 from driver.plugin.mps_watch import watch_mps_daemons
+from driver.plugin.telemetry import add_observer_arguments, start_observers
 from driver.plugin.nodelabels import follow_node_labels
 from driver.plugin.prepare import ClaimRef, DeviceState, PrepareError
 from driver.plugin.server import DraService, PluginServers
@@ -84,6 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between checks that the MPS control daemons prepared MPS shares use are running "
                         "(one that died with a stopped plugin container is started again); 0 = off (env "
                         "MPS_CHECK_INTERVAL; default %(default)s)")
+    add_observer_arguments(p, _env)
     p.add_argument("--instance-uid", default=_env("POD_UID") or "",
                    help="this instance's uid, the pod's UID (env POD_UID, from the downward API metadata.uid); "
                         "with --rolling-update it becomes part of both socket names")
@@ -192,13 +194,15 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
                         on_inventory_change=publisher.update_inventory)
     await state.recover()
     claims = KubeClaimSource(kube)
-    servers = PluginServers(DraService(state, claims), driver_name=args.driver_name,
+    observers, observer_tasks = start_observers(args, kube, backend, state, claims, stop)
+    servers = PluginServers(DraService(state, claims, observers), driver_name=args.driver_name,
                             dra_socket=sockets.dra, registration_socket=sockets.registration)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(publisher.run(stop), name="publisher"),
              asyncio.create_task(follow_node_labels(state, kube, args.node_name, stop), name="node-labels")]
+    tasks += observer_tasks
     if getattr(args, "mps_check_interval", 0) > 0:
         tasks.append(asyncio.create_task(watch_mps_daemons(state, stop, args.mps_check_interval), name="mps-watch"))
     health = None
