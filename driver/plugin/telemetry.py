@@ -16,10 +16,32 @@ from typing import Callable
 from driver.api.kube import Kube
 from driver.nvml import NvmlBackend
 from driver.plugin.devicestatus import DeviceStatusWriter
+from driver.plugin.idle import IdleDetector, PodEvents
 from driver.plugin.observers import Observers, claim_view
 from driver.plugin.prepare import ClaimRef, DeviceState, PrepareError
+from driver.plugin.usage import ProcessOwners, UsageSampler
 
 log = logging.getLogger(__name__)
+
+
+def _seconds(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {value!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{value}: seconds must not be negative")
+    return v
+
+
+def _ratio(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid utilization ratio {value!r} (0.05 = 5 %)") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{value}: a utilization ratio above 0 and at most 1 (0.05 = 5 %)")
+    return v
 
 
 def _on_off(value: str) -> bool:
@@ -34,6 +56,20 @@ def add_observer_arguments(p: argparse.ArgumentParser, env: Callable[[str, str],
                    help="write prepared claims' status.devices (KEP-4817: the GPU and MIG UUIDs a pod got, "
                         "Ready/Healthy/Idle conditions); off where the plugin may not write claim status "
                         "(env DEVICE_STATUS; default %(default)s)")
+    p.add_argument("--usage-interval", type=_seconds, default=env("USAGE_INTERVAL", "15"), metavar="SECONDS",
+                   help="seconds between samples of prepared claims' GPU utilization and memory (metrics "
+                        "partita_gpu_*); 0 = off, which also turns idle detection off (env USAGE_INTERVAL; "
+                        "default %(default)s)")
+    p.add_argument("--idle-threshold", type=_ratio, default=env("IDLE_THRESHOLD", "0.05"), metavar="RATIO",
+                   help="a claim whose devices stay below this utilization (0..1) for --idle-period is reported "
+                        "idle: metric partita_claim_idle, condition Idle in its status.devices, an Event on its "
+                        "pods; never evicted (env IDLE_THRESHOLD; default %(default)s)")
+    p.add_argument("--idle-period", type=_seconds, default=env("IDLE_PERIOD", "1800"), metavar="SECONDS",
+                   help="how long a claim must stay below --idle-threshold to be reported idle (env IDLE_PERIOD; "
+                        "default %(default)s)")
+    p.add_argument("--proc-root", default=env("PROC_ROOT", "/proc"), metavar="DIR",
+                   help="where the node's processes are seen, to map a shared GPU's processes to claims through "
+                        "their environment or cgroup (needs hostPID; env PROC_ROOT; default %(default)s)")
 
 
 def start_observers(args: argparse.Namespace, kube: Kube, backend: NvmlBackend, state: DeviceState, claims,  # noqa: ANN001
@@ -45,6 +81,15 @@ def start_observers(args: argparse.Namespace, kube: Kube, backend: NvmlBackend, 
     if getattr(args, "device_status", True):
         writer = DeviceStatusWriter(kube, args.driver_name, args.node_name)
         observers.add(writer)
+    interval = float(getattr(args, "usage_interval", 0) or 0)
+    if interval > 0:
+        idle = IdleDetector(args.node_name, threshold=float(getattr(args, "idle_threshold", 0.05)),
+                            period=float(getattr(args, "idle_period", 1800)), writer=writer,
+                            events=PodEvents(kube, args.node_name))
+        sampler = UsageSampler(backend, args.node_name, owners=ProcessOwners(getattr(args, "proc_root", "/proc")),
+                               idle=idle)
+        observers.add(sampler)
+        tasks.append(asyncio.create_task(sampler.run(stop, interval), name="usage"))
     if observers:
         tasks.append(asyncio.create_task(restore_prepared(state, claims, observers), name="observe-prepared"))
     return observers, tasks
