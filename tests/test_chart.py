@@ -309,7 +309,8 @@ def test_plugin_env_names_are_flags_of_partita_plugin() -> None:
     import argparse
 
     from driver.plugin.main import add_arguments
-    source = (REPO / "driver" / "plugin" / "main.py").read_text()
+    # the plugin's flags: main.py, and the modules whose flags it adds (telemetry, log format)
+    source = "".join((REPO / "driver" / f).read_text() for f in ("plugin/main.py", "plugin/telemetry.py", "logfmt.py"))
     for name in ("defaults", "fake-gpus", "conventions"):      # conventions: NVIDIA_DRIVER_ROOT too
         env = {e["name"] for e in one(name, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
         env -= {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}      # for the NVIDIA runtime
@@ -317,7 +318,7 @@ def test_plugin_env_names_are_flags_of_partita_plugin() -> None:
         missing = {e for e in env if f'"{e}"' not in source}
         assert not missing, f"the chart sets {missing}, which partita plugin does not read"
     add_arguments(argparse.ArgumentParser())     # the module still defines them
-    controller_source = (REPO / "controller" / "operator" / "main.py").read_text()
+    controller_source = (REPO / "controller" / "operator" / "main.py").read_text() + (REPO / "driver" / "logfmt.py").read_text()
     env = {e["name"] for e in one("defaults", "Deployment", "controller")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert not {e for e in env if f'"{e}"' not in controller_source}
 

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -38,6 +39,7 @@ from controller.operator.main import Running, quiet_kopf
 from driver.api import constants as C
 from driver.api.deviceclasses import device_classes
 from driver.cliopts import add_log_level, add_output
+from driver.logfmt import add_log_format
 from driver.nvml.profile import FakeGpuProfile, ProfileError, load_profile, parse_profile, profile_from_spec
 
 from . import manifests as mf
@@ -80,6 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "json (stdout holds the report only)")
     add_log_level(p, "WARNING", "log level of the sandbox and controller (plugin logs always go to "
                                 "<workdir>/<node>/plugin.log)")
+    add_log_format(p)
 
 
 def _seconds(value: str) -> float:
@@ -427,6 +430,8 @@ def run(args: argparse.Namespace) -> int:
     level = str(args.log_level).upper()
     logging.getLogger().setLevel(level)
     quiet_kopf(level)
+    if getattr(args, "log_format", "text") != "text":
+        os.environ["LOG_FORMAT"] = args.log_format      # the plugin processes inherit it
     try:
         return asyncio.run(run_sandbox(args))
     except (ProfileError, mf.ManifestError) as e:

@@ -17,9 +17,11 @@ import signal
 import sys
 from pathlib import Path
 
+from driver import logfmt
 from driver.api import constants as C
 from driver.api.kube import InvalidName, Kube, KubeError, check_name, node_path
 from driver.cliopts import add_cluster, add_log_level, connect
+from driver.logfmt import add_log_format
 from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
 from driver.plugin.claims import KubeClaimSource
@@ -81,6 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="IP address to serve metrics on (env METRICS_ADDRESS; default %(default)s; the chart "
                         "sets the pod IP; 0.0.0.0 serves every interface)")
     add_log_level(p, _env("LOG_LEVEL", "INFO"), "log level (env LOG_LEVEL)")
+    add_log_format(p)
     p.add_argument("--mps-check-interval", type=float, default=float(_env("MPS_CHECK_INTERVAL", "10") or 10),
                    help="seconds between checks that the MPS control daemons prepared MPS shares use are running "
                         "(one that died with a stopped plugin container is started again); 0 = off (env "
@@ -98,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.getLogger().setLevel(str(args.log_level).upper())
+    logfmt.configure(getattr(args, "log_format", "text"), args.log_level, node=args.node_name or "")
     if not args.node_name:
         print("partita plugin: --node-name (or NODE_NAME) is required; in the DaemonSet it comes from "
               "spec.nodeName through the downward API", file=sys.stderr)
