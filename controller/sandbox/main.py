@@ -129,8 +129,10 @@ class Outcome:
 
 class Sandbox:
     def __init__(self, profile: FakeGpuProfile, workdir: Path, *, strategy: str = "pack",
-                 driver: str = C.DEFAULT_DRIVER_NAME, plugin_log_level: str = "INFO", job_run_time: float = 2.0):
+                 driver: str = C.DEFAULT_DRIVER_NAME, plugin_log_level: str = "INFO", job_run_time: float = 2.0,
+                 plugin_env: dict[str, str] | None = None):
         self.profile = profile
+        self.plugin_env = plugin_env or {}      # extra environment of every plugin (usage sampling settings)
         self.workdir = workdir
         self.driver = driver
         self.server = ApiServer(bookmark_interval=2.0)
@@ -154,8 +156,8 @@ class Sandbox:
             self.server.create(c)
         for n in self.profile.nodes:
             self.server.create(_node_object(n.name))
-        self.plugins = [PluginProcess(self.profile, n, self.workdir, url, self.driver, self.plugin_log_level)
-                        for n in self.profile.nodes]
+        self.plugins = [PluginProcess(self.profile, n, self.workdir, url, self.driver, self.plugin_log_level,
+                                      env=self.plugin_env) for n in self.profile.nodes]
         for p in self.plugins:
             p.start()
         await asyncio.gather(*(p.wait_ready() for p in self.plugins))
