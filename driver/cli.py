@@ -147,5 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     add_subcommands(parser.add_subparsers(dest="command", required=True),
                     next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
-    logfmt.configure(getattr(args, "log_format", "text"), logging.INFO)
+    if not logging.getLogger().handlers or getattr(args, "log_format", "text") != "text":
+        logfmt.configure(getattr(args, "log_format", "text"), logging.INFO)
     return int(args._run(args))

@@ -277,3 +277,47 @@ def test_idle_claims_get_the_idle_condition_and_an_event_on_their_pod(tmp_path) 
             await kube.close()
             await server.stop()
     asyncio.run(main())
+
+
+def test_a_claim_prepared_again_for_another_pod_keeps_one_idle_series(tmp_path) -> None:
+    n = Node()
+    idle = IdleDetector(NODE, threshold=0.05, period=60)
+    s = UsageSampler(n.b, NODE, owners=ProcessOwners(tmp_path), idle=idle)
+    s.prepared(_view(n, "shared-claim", "u-again", [n.whole(0)], pod="first"))
+    s.prepared(_view(n, "shared-claim", "u-again", [n.whole(0)], pod="second"))
+    for name in ("partita_claim_idle", "partita_gpu_memory_allocated_bytes", "partita_gpu_device_info"):
+        assert [x.labels["pod_name"] for x in _samples(name, claim_name="shared-claim")] == ["second"], name
+    s.unprepared("u-again")
+    assert not _samples("partita_claim_idle", claim_name="shared-claim")
+
+
+def test_claims_prepared_before_a_restart_are_observed_again(tmp_path) -> None:
+    from driver.plugin.observers import Observers
+    from driver.plugin.prepare import DeviceState
+    from driver.plugin.telemetry import restore_prepared
+    from tests.support.claims import FakeClaims, allocated_claim
+
+    n = Node()
+    state = DeviceState(driver_name=DRIVER, node_name=NODE, backend=n.b, inventory=n.inv, cdi_root=tmp_path / "cdi",
+                        plugin_dir=tmp_path / "plugin", cdi_search_dirs=[])
+    claim = allocated_claim("kept", [naming.gpu_device_name(n.uuid(0))], node=NODE)
+    claim["status"]["reservedFor"] = [{"resource": "pods", "name": "kept-pod", "uid": "pod-1"}]
+    gone = allocated_claim("gone", [naming.gpu_device_name(n.uuid(1))], node=NODE)
+    from driver.plugin.prepare import ClaimRef
+
+    async def main():
+        await state.prepare([(ClaimRef("default", "kept", claim["metadata"]["uid"]), claim),
+                             (ClaimRef("default", "gone", gone["metadata"]["uid"]), gone)])
+        seen = []
+
+        class Recorder:
+            def prepared(self, view):
+                seen.append(view)
+
+            def unprepared(self, uid):
+                pass
+        assert await restore_prepared(state, FakeClaims(claim), Observers([Recorder()])) == 1
+        [view] = seen
+        assert view.name == "kept" and view.pods == (("default", "kept-pod"),)
+        assert view.devices[0].gpu_uuid == n.uuid(0) and view.devices[0].mode == "whole"
+    asyncio.run(main())

@@ -117,8 +117,14 @@ class IdleDetector:
 
     def prepared(self, claim: ClaimView) -> None:
         old = self._claims.get(claim.uid)
-        if old is not None:
+        if old is not None:                     # prepared again (another pod): same state, maybe new labels
+            if self._labels(old.claim) != self._labels(claim):
+                try:
+                    metrics.CLAIM_IDLE.remove(*self._labels(old.claim))
+                except KeyError:
+                    pass
             old.claim = claim
+            metrics.CLAIM_IDLE.labels(*self._labels(claim)).set(1 if old.idle else 0)
             return
         self._claims[claim.uid] = _State(claim)
         metrics.CLAIM_IDLE.labels(*self._labels(claim)).set(0)
