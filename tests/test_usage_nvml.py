@@ -134,3 +134,26 @@ def test_real_backend_maps_pynvml_usage_calls() -> None:
     n.nvmlGpmQueryDeviceSupport = lambda h: types.SimpleNamespace(isSupportedDevice=0)
     with pytest.raises(errors.NotSupportedError, match="Performance Monitoring"):
         b.mig_utilization("h", 1)
+
+
+def test_the_profile_gives_gpus_a_background_load() -> None:
+    from driver.nvml.profile import ProfileError, parse_profile
+    from driver.nvml.fake import PROFILE_LOAD_PID
+
+    prof = {"apiVersion": "gpu.partita.dev/v1alpha1", "kind": "FakeGpuProfile", "nodes": [{"name": "n", "gpus": [
+        {"model": "L4", "count": 2, "load": {"smUtil": 30, "memoryUsedMiB": 1024}}, {"model": "T4"}]}]}
+    b = open_backend("fake", profile=parse_profile(prof), node_name="n")
+    b.init()
+    for slot in (0, 1):
+        h = b.device_by_index(slot)
+        assert b.utilization_rates(h).gpu == 30 and b.memory_info(h).used == 1024 * 1024 * 1024
+        assert [p.pid for p in b.compute_processes(h)] == [PROFILE_LOAD_PID + slot]
+    assert b.utilization_rates(b.device_by_index(2)).gpu == 0
+    b.set_process_load(b.device_info(b.device_by_index(0)).uuid, PROFILE_LOAD_PID, sm_util=0)   # stop it
+    assert b.utilization_rates(b.device_by_index(0)).gpu == 0
+    prof["nodes"][0]["gpus"][0]["load"] = {"smUtil": 30, "memoryUsedMiB": 999999}
+    with pytest.raises(ProfileError, match="load.memoryUsedMiB 999999 is more than a L4 has"):
+        parse_profile(prof)
+    prof["nodes"][0]["gpus"][0]["load"] = {"smUtil": 130}
+    with pytest.raises(ProfileError, match="smUtil"):
+        parse_profile(prof)

@@ -19,6 +19,9 @@ NVIDIA/go-nvml pkg/nvml/nvml.h):
 * Compute instances: INSUFFICIENT_RESOURCES beyond the GPU instance's compute slices;
   nvmlComputeInstanceDestroy: IN_USE while processes run on the MIG device.
 * Profile info carries the real profile IDs (19, 20, 15, 14, 9, 5, 0), never the constant index.
+* Usage (utilization, memory, processes): per-process load from the profile (``load`` of a GPU group: one
+  background process per GPU) and from the usage file ``usage.json`` in the state directory, which the
+  sandbox and tests write to inject low or high load; refusals as NVML's on MIG (see the usage block).
 
 Hardware state outlives processes: with a state directory the mutable state (MIG mode, instances,
 processes, compute mode, time-slice, health) lives in ``state.json`` there, written atomically under
@@ -71,6 +74,8 @@ _FABRIC_ARCHITECTURES = {"Hopper", "Blackwell"}
 
 #: the usage file in the state directory: per-process load the sandbox and tests inject (FakeNvml usage block)
 USAGE_FILE = "usage.json"
+#: pid of a GPU's background process from the profile's ``load``: this plus the GPU's slot
+PROFILE_LOAD_PID = 900000
 
 
 @dataclass(frozen=True)
@@ -543,6 +548,15 @@ class FakeNvml(NvmlBackend):
     # they do not block MIG changes (processes added with add_process do).
 
     def _usage(self) -> dict[str, dict[str, Any]]:
+        """Profile loads (pid PROFILE_LOAD_PID + slot), then the usage file's processes (which override them)."""
+        base: dict[str, dict[str, Any]] = {}
+        for g, load in zip(self._gpus, self._profile.node(self._node_name).loads()):
+            if load is not None:
+                base[str(PROFILE_LOAD_PID + g.slot)] = {"device": g.uuid, "smUtil": load.sm_util,
+                                                        "memoryUsedBytes": load.memory_used_mib * 1024 * 1024}
+        return {**base, **self._usage_file()}
+
+    def _usage_file(self) -> dict[str, dict[str, Any]]:
         if self._state_dir is None:
             return self.__dict__.setdefault("_usage_mem", {})
         path = self._state_dir / USAGE_FILE
@@ -706,8 +720,9 @@ class FakeNvml(NvmlBackend):
                                               if x["id"] == gi))
             assert spec is not None
             total = spec.memory_mib * 1024 * 1024
-        procs = dict(self._usage())
-        others = sum(p["memoryUsedBytes"] for q, p in procs.items() if p["device"] == device_uuid and q != str(pid))
+        others = sum(p["memoryUsedBytes"] for q, p in self._usage().items() if p["device"] == device_uuid
+                     and q != str(pid))
+        procs = dict(self._usage_file())
         if others + memory_used_bytes > total:
             raise errors.InsufficientResourcesError(f"process {pid}: {memory_used_bytes} bytes do not fit device "
                                                     f"{device_uuid} ({total - others} of {total} bytes free)")
@@ -715,7 +730,8 @@ class FakeNvml(NvmlBackend):
         self._write_usage(procs)
 
     def clear_process_load(self, pid: int) -> None:
-        procs = dict(self._usage())
+        """Stop an injected process (a profile load stays: set its load to 0 instead)."""
+        procs = dict(self._usage_file())
         if procs.pop(str(pid), None) is not None:
             self._write_usage(procs)
 

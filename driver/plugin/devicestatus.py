@@ -13,6 +13,9 @@ conflict re-reads and retries), in the background, one writer per claim, coalesc
 state is what is written. A failure is logged and never fails a prepare. Conditions keep their
 ``lastTransitionTime`` while their status does not change.
 
+The health monitor finds the writer with ``observers.of_type(DeviceStatusWriter)`` (driver/plugin/
+telemetry.py builds it) and calls :meth:`DeviceStatusWriter.set_device_health`.
+
 Feature detection: an API server with DRAResourceClaimDeviceStatus off (or older) accepts the write and
 drops the field. Seen in the answer, that is logged once and the writer stops trying.
 """

@@ -127,6 +127,11 @@ class Observers:
     def __bool__(self) -> bool:
         return bool(self._observers)
 
+    def of_type(self, cls: type) -> object | None:
+        """The observer of that class (e.g. the DeviceStatusWriter, whose set_device_health the health monitor
+        calls), or None when it is off."""
+        return next((o for o in self._observers if isinstance(o, cls)), None)
+
     def prepared(self, claim: ClaimView) -> None:
         for o in self._observers:
             try:
