@@ -34,7 +34,7 @@ def _seconds(value: str) -> float:
     return v
 
 
-def _ratio(value: str) -> float:
+def ratio(value: str) -> float:
     try:
         v = float(value)
     except ValueError:
@@ -60,7 +60,7 @@ def add_observer_arguments(p: argparse.ArgumentParser, env: Callable[[str, str],
                    help="seconds between samples of prepared claims' GPU utilization and memory (metrics "
                         "partita_gpu_*); 0 = off, which also turns idle detection off (env USAGE_INTERVAL; "
                         "default %(default)s)")
-    p.add_argument("--idle-threshold", type=_ratio, default=env("IDLE_THRESHOLD", "0.05"), metavar="RATIO",
+    p.add_argument("--idle-threshold", type=ratio, default=env("IDLE_THRESHOLD", "0.05"), metavar="RATIO",
                    help="a claim whose devices stay below this utilization (0..1) for --idle-period is reported "
                         "idle: metric partita_claim_idle, condition Idle in its status.devices, an Event on its "
                         "pods; never evicted (env IDLE_THRESHOLD; default %(default)s)")
