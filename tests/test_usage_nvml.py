@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import types
 
+import pynvml
+
 import pytest
 
 from driver.nvml import errors, open_backend, profile_from_spec
@@ -157,3 +159,30 @@ def test_the_profile_gives_gpus_a_background_load() -> None:
     prof["nodes"][0]["gpus"][0]["load"] = {"smUtil": 130}
     with pytest.raises(ProfileError, match="smUtil"):
         parse_profile(prof)
+
+
+def test_real_backend_mig_utilization_takes_two_gpm_samples_and_frees_them() -> None:
+    freed, taken = [], []
+
+    def alloc():
+        s = pynvml.c_nvmlGpmSample_t()
+        taken.append(s)
+        return s
+
+    def metrics_get(get):
+        assert get.numMetrics == 1 and get.metrics[0].metricId == pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL
+        get.metrics[0].nvmlReturn = 0
+        get.metrics[0].value = 42.5
+        return get
+
+    n = _pynvml(nvmlGpmQueryDeviceSupport=lambda h: types.SimpleNamespace(isSupportedDevice=1),
+                nvmlGpmSampleAlloc=alloc, nvmlGpmSampleFree=freed.append,
+                nvmlGpmMigSampleGet=lambda h, gi, s: s, nvmlGpmMetricsGet=metrics_get,
+                c_nvmlGpmMetricsGet_t=pynvml.c_nvmlGpmMetricsGet_t,
+                NVML_GPM_METRICS_GET_VERSION=pynvml.NVML_GPM_METRICS_GET_VERSION,
+                NVML_GPM_METRIC_GRAPHICS_UTIL=pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL)
+    b = RealNvml(n)
+    assert b.mig_utilization("h", 3) is None          # one sample: no rate yet
+    assert b.mig_utilization("h", 3) == 42.5
+    assert freed == [taken[0]]                          # the older sample is freed, the newer kept for next time
+    assert b.mig_utilization("h", 5) is None            # per GPU instance

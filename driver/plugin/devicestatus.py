@@ -43,6 +43,8 @@ REASON_HEALTHY = "DeviceHealthy"
 #: upstream limits (pkg/apis/resource/types.go)
 MAX_CONDITIONS = 8
 MAX_DATA_BYTES = 10 * 1024
+#: metav1.Condition allows 32768; Partita's messages are a sentence
+MAX_MESSAGE_BYTES = 1024
 #: conflicts re-read and retry this often; other failures are retried with these delays (seconds)
 MAX_CONFLICTS = 8
 RETRY_DELAYS = (0.2, 1.0, 3.0)
@@ -174,7 +176,7 @@ class DeviceStatusWriter:
             h = self._health_of(d)
             conds = [Condition(CONDITION_READY, "True", REASON_PREPARED, f"prepared on node {self.node_name}"),
                      Condition(CONDITION_HEALTHY, "True" if h is None or h.healthy else "False",
-                               h.reason if h else REASON_HEALTHY, bound(h.message if h else "", 1024))]
+                               h.reason if h else REASON_HEALTHY, h.message if h else "")]
             conds += list(self._extra.get(uid, {}).values())
             out.append((d, conds[:MAX_CONDITIONS]))
         return out
@@ -185,7 +187,8 @@ class DeviceStatusWriter:
         for c in conds:
             prev = before.get(c.type)
             since = prev.get("lastTransitionTime") if prev and prev.get("status") == c.status else None
-            cond: dict[str, Any] = {"type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
+            cond: dict[str, Any] = {"type": c.type, "status": c.status, "reason": c.reason,
+                                    "message": bound(c.message, MAX_MESSAGE_BYTES),
                                     "lastTransitionTime": since or self._now()}
             if generation:
                 cond["observedGeneration"] = generation

@@ -66,7 +66,8 @@ class PodEvents:
                                    "uid": uid},
                 "reason": reason, "message": bound(message), "type": etype,
                 "source": {"component": COMPONENT, "host": self.node_name}, "reportingComponent": COMPONENT,
-                "reportingInstance": f"{COMPONENT}-{self.node_name}", "firstTimestamp": stamp,
+                # core/v1 Event validation: reportingInstance at most 128 characters
+                "reportingInstance": f"{COMPONENT}-{self.node_name}"[:128], "firstTimestamp": stamp,
                 "lastTimestamp": stamp, "count": 1}
         self.posted.append((f"{namespace}/{pod}", reason, message))
         try:
