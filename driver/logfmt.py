@@ -109,13 +109,20 @@ def add_log_format(p: argparse.ArgumentParser, env: str = "LOG_FORMAT") -> None:
 
 
 def configure(fmt: str = "text", level: str | int | None = None, stream: TextIO | None = None,
-              **static: str) -> logging.Handler:
-    """One handler on the root logger with the format; replaces the handler a previous call (or
-    ``logging.basicConfig``) installed. ``static``: fields of every record (``node=...``)."""
+              **static: str) -> logging.Handler | None:
+    """One handler on the root logger with the format, replacing the one a previous call installed.
+    ``static``: fields of every record (``node=...``). Where someone else configured logging (an embedding
+    process, a test runner) and the format is text, their handlers stay and only the level is set (returns
+    None); json replaces plain stream handlers to stdout/stderr."""
     fmt = _format_type(fmt)
     root = logging.getLogger()
+    if level is not None:
+        root.setLevel(str(level).upper() if isinstance(level, str) else level)
+    foreign = [h for h in root.handlers if not getattr(h, _HANDLER_MARK, False)]
+    if foreign and fmt == "text" and stream is None:
+        return None
     for h in list(root.handlers):
-        if getattr(h, _HANDLER_MARK, False) or (isinstance(h, logging.StreamHandler) and
+        if getattr(h, _HANDLER_MARK, False) or (type(h) is logging.StreamHandler and
                                                 getattr(h, "stream", None) in (sys.stderr, sys.stdout)):
             root.removeHandler(h)
     handler = logging.StreamHandler(stream or sys.stderr)
@@ -123,6 +130,4 @@ def configure(fmt: str = "text", level: str | int | None = None, stream: TextIO 
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(StructuredFields(**static))
     root.addHandler(handler)
-    if level is not None:
-        root.setLevel(str(level).upper() if isinstance(level, str) else level)
     return handler
