@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from driver.api.kube import Kube, KubeError, claim_path
 from driver.api.messages import bound
+from driver.logfmt import fields
 from driver.plugin.observers import ClaimView, DeviceView
 
 log = logging.getLogger(__name__)
@@ -237,11 +238,13 @@ class DeviceStatusWriter:
                     if not self._forbidden_logged:
                         log.error("claim %s/%s: not allowed to write its status.devices (%s); the plugin's "
                                   "ClusterRole needs resourceclaims/status get, update (chart: "
-                                  "templates/plugin-rbac.yaml)", ns, name, e.message)
+                                  "templates/plugin-rbac.yaml)", ns, name, e.message,
+                                  extra=fields(claim=f"{ns}/{name}", claim_uid=uid))
                         self._forbidden_logged = True
                     return
                 if e.invalid or e.status == 400:
-                    log.error("claim %s/%s: the API server refused its status.devices: %s", ns, name, e.message)
+                    log.error("claim %s/%s: the API server refused its status.devices: %s", ns, name, e.message,
+                              extra=fields(claim=f"{ns}/{name}", claim_uid=uid))
                     return
                 problem = str(e)
             except OSError as e:
@@ -249,9 +252,9 @@ class DeviceStatusWriter:
             if uid in self._dirty:       # a newer state is wanted: written by the next round
                 return
             log.warning("claim %s/%s: writing status.devices failed (attempt %d): %s", ns, name, attempt + 1,
-                        problem)
+                        problem, extra=fields(claim=f"{ns}/{name}", claim_uid=uid))
         log.warning("claim %s/%s: gave up writing status.devices; the next change of the claim writes it again",
-                    ns, name)
+                    ns, name, extra=fields(claim=f"{ns}/{name}", claim_uid=uid))
 
     async def _write(self, uid: str, ns: str, name: str) -> None:
         for _ in range(MAX_CONFLICTS):

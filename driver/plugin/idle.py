@@ -29,6 +29,7 @@ from typing import Callable
 
 from driver.api.kube import InvalidName, Kube, KubeError, namespaced_path
 from driver.api.messages import bound
+from driver.logfmt import fields
 from driver.plugin import metrics
 from driver.plugin.devicestatus import CONDITION_IDLE, Condition
 from driver.plugin.observers import ClaimView
@@ -170,7 +171,8 @@ class IdleDetector:
             message = (f"GPU utilization of claim {c} is {utilization:.1%}, at or above the idle threshold "
                        f"{self.threshold:.0%}, on node {self.node_name}")
             cond = Condition(CONDITION_IDLE, "False", REASON_ACTIVE, message)
-        log.info("claim %s (uid %s): %s", c, c.uid, message, extra={"claim": str(c), "node": self.node_name})
+        log.info("claim %s (uid %s): %s", c, c.uid, message,
+                 extra=fields(claim=str(c), claim_uid=c.uid, pod="/".join(c.pods[0]) if c.pods else None))
         metrics.CLAIM_IDLE.labels(*self._labels(c)).set(1 if idle else 0)
         if self.writer is not None:
             self.writer.set_claim_condition(c.uid, cond)
