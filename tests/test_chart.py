@@ -356,8 +356,11 @@ def test_rbac_is_least_privilege() -> None:
         _expand("resource.k8s.io", "resourceslices", "get list watch create update delete")
         | _expand("resource.k8s.io", "resourceclaims", "get")
         | _expand("resource.k8s.io", "resourceclaims/status", "update")         # status.devices (KEP-4817)
+        | {("resource.k8s.io", "resourceclaims/driver", "associated-node:update")}    # the same, 1.36+
         | _expand("", "events", "create")                                       # idle claims, on their pods
         | _expand("", "nodes", "get"))
+    [driver_rule] = [r for r in _rules("defaults", "-plugin") if r["resources"] == ["resourceclaims/driver"]]
+    assert driver_rule["resourceNames"] == ["gpu.partita.dev"]          # its own driver's entries only
     assert _grants(_rules("defaults", "-controller")) == (
         _expand("", "pods nodes", "get list watch")
         | _expand("", "namespaces", "list watch")                                              # nodefit

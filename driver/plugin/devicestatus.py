@@ -237,7 +237,8 @@ class DeviceStatusWriter:
                 if e.status == 403:
                     if not self._forbidden_logged:
                         log.error("claim %s/%s: not allowed to write its status.devices (%s); the plugin's "
-                                  "ClusterRole needs resourceclaims/status get, update (chart: "
+                                  "ClusterRole needs update on resourceclaims/status and, on Kubernetes 1.36+, "
+                                  "associated-node:update on resourceclaims/driver for its driver name (chart: "
                                   "templates/plugin-rbac.yaml)", ns, name, e.message,
                                   extra=fields(claim=f"{ns}/{name}", claim_uid=uid))
                         self._forbidden_logged = True
