@@ -249,3 +249,18 @@ def test_the_emulator_refuses_invalid_device_status_like_upstream(entry, field, 
         finally:
             await server.stop()
     asyncio.run(main())
+
+
+def test_a_forbidden_status_write_names_the_rbac_fix_once_and_the_prepare_succeeds(tmp_path, caplog) -> None:
+    async def scenario(h: Harness):
+        a = h.create(allocated_claim("a", [h.gpu(0)]))
+        b = h.create(allocated_claim("b", [h.gpu(1)]))
+        h.server.inject_fault("resourceclaims", "update", 403, count=2)
+        for c in (a, b):
+            resp = await h.prepare(c)
+            assert not resp.claims[c["metadata"]["uid"]].error
+        assert "devices" not in h.stored(a)["status"]
+        assert h.writer.enabled                  # RBAC can be fixed without a restart: later writes try again
+    _run(tmp_path, scenario)
+    msgs = [r.getMessage() for r in caplog.records if "not allowed to write its status.devices" in r.getMessage()]
+    assert len(msgs) == 1 and "associated-node:update on resourceclaims/driver" in msgs[0]
