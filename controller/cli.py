@@ -13,6 +13,7 @@ import logging
 import sys
 
 from driver import cli as driver_cli
+from driver import logfmt
 
 #: name -> (module with add_arguments(parser) and run(args) -> int, help)
 COMMANDS = {
@@ -47,8 +48,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger().handlers or getattr(args, "log_format", "text") != "text":
+        logfmt.configure(getattr(args, "log_format", "text"), logging.INFO)
     try:
         return int(args._run(args))
     except BrokenPipeError:         # `partita ... | head`: the reader left; no traceback

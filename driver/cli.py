@@ -12,6 +12,7 @@ from typing import Callable
 
 import yaml
 
+from driver import logfmt
 from driver.api import constants as C
 from driver.cliopts import add_output
 from driver.inventory import Inventory, discover
@@ -146,5 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     add_subcommands(parser.add_subparsers(dest="command", required=True),
                     next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger().handlers or getattr(args, "log_format", "text") != "text":
+        logfmt.configure(getattr(args, "log_format", "text"), logging.INFO)
     return int(args._run(args))

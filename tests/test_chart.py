@@ -309,7 +309,8 @@ def test_plugin_env_names_are_flags_of_partita_plugin() -> None:
     import argparse
 
     from driver.plugin.main import add_arguments
-    source = (REPO / "driver" / "plugin" / "main.py").read_text()
+    # the plugin's flags: main.py, and the modules whose flags it adds (telemetry, log format)
+    source = "".join((REPO / "driver" / f).read_text() for f in ("plugin/main.py", "plugin/telemetry.py", "logfmt.py"))
     for name in ("defaults", "fake-gpus", "conventions"):      # conventions: NVIDIA_DRIVER_ROOT too
         env = {e["name"] for e in one(name, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
         env -= {"NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"}      # for the NVIDIA runtime
@@ -317,7 +318,7 @@ def test_plugin_env_names_are_flags_of_partita_plugin() -> None:
         missing = {e for e in env if f'"{e}"' not in source}
         assert not missing, f"the chart sets {missing}, which partita plugin does not read"
     add_arguments(argparse.ArgumentParser())     # the module still defines them
-    controller_source = (REPO / "controller" / "operator" / "main.py").read_text()
+    controller_source = (REPO / "controller" / "operator" / "main.py").read_text() + (REPO / "driver" / "logfmt.py").read_text()
     env = {e["name"] for e in one("defaults", "Deployment", "controller")["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert not {e for e in env if f'"{e}"' not in controller_source}
 
@@ -354,7 +355,12 @@ def test_rbac_is_least_privilege() -> None:
     assert _grants(_rules("defaults", "-plugin")) == (
         _expand("resource.k8s.io", "resourceslices", "get list watch create update delete")
         | _expand("resource.k8s.io", "resourceclaims", "get")
+        | _expand("resource.k8s.io", "resourceclaims/status", "update")         # status.devices (KEP-4817)
+        | {("resource.k8s.io", "resourceclaims/driver", "associated-node:update")}    # the same, 1.36+
+        | _expand("", "events", "create")                                       # idle claims, on their pods
         | _expand("", "nodes", "get"))
+    [driver_rule] = [r for r in _rules("defaults", "-plugin") if r["resources"] == ["resourceclaims/driver"]]
+    assert driver_rule["resourceNames"] == ["gpu.partita.dev"]          # its own driver's entries only
     assert _grants(_rules("defaults", "-controller")) == (
         _expand("", "pods nodes", "get list watch")
         | _expand("", "namespaces", "list watch")                                              # nodefit
@@ -646,6 +652,9 @@ def test_values_schema_knows_the_drivers_gpu_models() -> None:
     [{"name": "*", "gpus": [{"model": "H100-SXM5-80GB", "count": 8}]}],
     [{"name": "a", "gpus": [{"model": "A100-SXM4-80GB", "migEnabled": True}]}, {"name": "*"}],
     [{"name": "*", "gpus": [{"model": "L4", "count": 2, "unhealthy": [1]}, {"model": "T4"}]}],
+    [{"name": "*", "gpus": [{"model": "L4", "load": {"smUtil": 30, "memoryUsedMiB": 1024}}]}],
+    [{"name": "*", "gpus": [{"model": "L4", "load": {"smUtil": 101}}]}],
+    [{"name": "*", "gpus": [{"model": "L4", "load": {"busy": True}}]}],
     [{"name": "*", "gpus": []}], [], [{"gpus": []}], [{"name": ""}], [{"name": "*", "cpus": 4}],
     [{"name": "*", "gpus": [{"model": "L4", "count": 0}]}], [{"name": "*", "gpus": [{"model": "L4", "count": 65}]}],
     [{"name": "*", "gpus": [{"model": "T4", "migEnabled": True}]}],

@@ -19,6 +19,7 @@ from controller.allocator import STRATEGIES
 from driver.api import constants as C
 from driver.api.kube import Kube
 from driver.cliopts import add_cluster, add_log_level
+from driver.logfmt import add_log_format
 
 from . import metrics
 from .controller import Controller, ControllerConfig
@@ -73,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated extended resources (the NVIDIA device plugin's) whose pending pods get an "
                         "Event saying to use a ResourceClaim instead, see docs/migration.md (env EXTENDED_RESOURCE_NAMES)")
     add_log_level(p, _env("LOG_LEVEL", "INFO"), "log level (env LOG_LEVEL)")
+    add_log_format(p)
 
 
 def quiet_kopf(level: str) -> None:

@@ -19,9 +19,11 @@ resources Partita touches, with the semantics its clients rely on (docs/architec
   enters or leaves them, ``sendInitialEvents`` with the ``k8s.io/initial-events-end`` bookmark;
 * garbage collection of objects owned by a deleted Node or Pod (background);
 * ResourceClaim status rules the product depends on: ``status.allocation`` is immutable once set,
-  ``reservedFor`` needs an allocation, no new consumers while the claim is being deleted;
+  ``reservedFor`` needs an allocation, no new consumers while the claim is being deleted; ``status.devices``
+  (KEP-4817) validated as upstream does (validation.claim_device_status: allocated devices only, conditions,
+  ``data`` a JSON object of at most 10 KiB) and its entries for deallocated devices dropped;
 * feature gates off: fields a real API server drops (device taints, partitionable devices, consumable
-  capacity) can be dropped the same way (``drop_features``).
+  capacity, claim device status) can be dropped the same way (``drop_features``).
 
 Python API (for tests and the sandbox)::
 
@@ -102,7 +104,7 @@ _STATUS_RESOURCES = {"pods", "nodes", "resourceclaims", "namespaces"}
 _STATUS_KEPT_ON_CREATE = {"nodes"}
 
 #: feature gate -> what a real API server drops from ResourceSlices/claim status when it is off
-FEATURES = ("DRADeviceTaints", "DRAPartitionableDevices", "DRAConsumableCapacity")
+FEATURES = ("DRADeviceTaints", "DRAPartitionableDevices", "DRAConsumableCapacity", "DRAResourceClaimDeviceStatus")
 
 
 class ApiError(Exception):
@@ -459,6 +461,11 @@ class ApiServer:
                 if res.plural == "resourceclaims":
                     self._drop_claim_status_fields(old, merged)
                     self._validate_claim_status(old, merged)
+                    validation.drop_deallocated_status_devices(merged, old)
+                    try:
+                        validation.validate_claim_status(merged)
+                    except validation.Rejected as e:
+                        raise ApiError(e.code, e.reason, e.message, e.details(name, res.group, res.kind)) from None
             else:
                 merged = new
                 md = merged.setdefault("metadata", {})
@@ -550,7 +557,11 @@ class ApiServer:
                                                "`deallocationRequested` or `deletionTimestamp` are set")
 
     def _drop_claim_status_fields(self, old: dict, new: dict) -> None:
-        """With DRAConsumableCapacity off the API server drops shareID/consumedCapacity from results."""
+        """With DRAConsumableCapacity off the API server drops shareID/consumedCapacity from results; with
+        DRAResourceClaimDeviceStatus off, ``status.devices`` (dropDisabledDRAResourceClaimDeviceStatusFields),
+        each unless the stored claim already uses it."""
+        if "DRAResourceClaimDeviceStatus" in self._dropped and not (old.get("status") or {}).get("devices"):
+            (new.get("status") or {}).pop("devices", None)
         if "DRAConsumableCapacity" not in self._dropped:
             return
         old_results = (((old.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results") or []

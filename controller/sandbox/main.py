@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -38,7 +39,9 @@ from controller.operator.main import Running, quiet_kopf
 from driver.api import constants as C
 from driver.api.deviceclasses import device_classes
 from driver.cliopts import add_log_level, add_output
+from driver.logfmt import add_log_format
 from driver.nvml.profile import FakeGpuProfile, ProfileError, load_profile, parse_profile, profile_from_spec
+from driver.plugin.telemetry import ratio
 
 from . import manifests as mf
 from .apiserver import ApiServer
@@ -50,6 +53,7 @@ from .reaper import reap
 from .report import jobs_table, render
 from .standins import Binder, ClaimController
 from .threads import ControllerThread
+from .usagefeed import UsageFeed, proc_root
 
 log = logging.getLogger("partita.sandbox")
 DEFAULT_PROFILE = Path(__file__).with_name("default-cluster.yaml")
@@ -80,6 +84,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "json (stdout holds the report only)")
     add_log_level(p, "WARNING", "log level of the sandbox and controller (plugin logs always go to "
                                 "<workdir>/<node>/plugin.log)")
+    add_log_format(p)
+    p.add_argument("--usage-interval", type=_seconds, default=2.0, metavar="SECONDS",
+                   help="the plugins sample GPU usage this often (default %(default)s); pods annotated "
+                        "sandbox.partita.dev/gpu-utilization: \"<percent>\" (and sandbox.partita.dev/gpu-memory: "
+                        "\"2Gi\") run a fake process with that load on their devices")
+    p.add_argument("--idle-period", type=_seconds, default=1800.0, metavar="SECONDS",
+                   help="a claim below --idle-threshold for this long is reported idle (default %(default)s)")
+    p.add_argument("--idle-threshold", type=ratio, default=0.05, metavar="RATIO",
+                   help="utilization ratio below which a claim counts as idle (default %(default)s)")
 
 
 def _seconds(value: str) -> float:
@@ -126,8 +139,11 @@ class Outcome:
 
 class Sandbox:
     def __init__(self, profile: FakeGpuProfile, workdir: Path, *, strategy: str = "pack",
-                 driver: str = C.DEFAULT_DRIVER_NAME, plugin_log_level: str = "INFO", job_run_time: float = 2.0):
+                 driver: str = C.DEFAULT_DRIVER_NAME, plugin_log_level: str = "INFO", job_run_time: float = 2.0,
+                 plugin_env: dict[str, str] | None = None):
         self.profile = profile
+        self.plugin_env = plugin_env or {}      # extra environment of every plugin (usage sampling settings)
+        self.usage_feed: UsageFeed | None = None   # pods' injected GPU load (controller/sandbox/usagefeed.py)
         self.workdir = workdir
         self.driver = driver
         self.server = ApiServer(bookmark_interval=2.0)
@@ -151,8 +167,11 @@ class Sandbox:
             self.server.create(c)
         for n in self.profile.nodes:
             self.server.create(_node_object(n.name))
-        self.plugins = [PluginProcess(self.profile, n, self.workdir, url, self.driver, self.plugin_log_level)
+        self.plugins = [PluginProcess(self.profile, n, self.workdir, url, self.driver, self.plugin_log_level,
+                                      env={"PROC_ROOT": str(proc_root(self.workdir, n.name)), **self.plugin_env})
                         for n in self.profile.nodes]
+        self.usage_feed = UsageFeed(self.server, self.profile, self.workdir, self.driver,
+                                    {p.name: p.paths.plugin_dir(self.driver) / "fake-nvml" for p in self.plugins})
         for p in self.plugins:
             p.start()
         await asyncio.gather(*(p.wait_ready() for p in self.plugins))
@@ -177,6 +196,11 @@ class Sandbox:
             self.binder.sync()
             for k in self.kubelets:
                 k.sync()
+            if self.usage_feed is not None:
+                try:
+                    self.usage_feed.sync()
+                except Exception:  # noqa: BLE001 - injected load is a sandbox extra; never stops the stand-ins
+                    log.exception("injecting GPU load failed")
             rv = await self.server.changed(rv if rv >= 0 else self.server.resource_version, 0.25)
 
     async def stop(self) -> list[str]:
@@ -319,7 +343,11 @@ async def run_sandbox(args: argparse.Namespace, out=sys.stdout) -> int:  # noqa:
     temp = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="partita-sandbox-")) if temp else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    sandbox = Sandbox(profile, workdir, strategy=args.strategy, job_run_time=getattr(args, "job_run_time", 2.0))
+    usage_env = {"USAGE_INTERVAL": str(getattr(args, "usage_interval", 2.0)),
+                 "IDLE_PERIOD": str(getattr(args, "idle_period", 1800.0)),
+                 "IDLE_THRESHOLD": str(getattr(args, "idle_threshold", 0.05))}
+    sandbox = Sandbox(profile, workdir, strategy=args.strategy, job_run_time=getattr(args, "job_run_time", 2.0),
+                      plugin_env=usage_env)
     output = getattr(args, "output", "table")
     gpus = sum(g.count for n in profile.nodes for g in n.gpus)
     say = (lambda *a: print(*a, file=out, flush=True)) if output in ("table", "wide") else (lambda *a: None)
@@ -427,6 +455,8 @@ def run(args: argparse.Namespace) -> int:
     level = str(args.log_level).upper()
     logging.getLogger().setLevel(level)
     quiet_kopf(level)
+    if getattr(args, "log_format", "text") != "text":
+        os.environ["LOG_FORMAT"] = args.log_format      # the plugin processes inherit it
     try:
         return asyncio.run(run_sandbox(args))
     except (ProfileError, mf.ManifestError) as e:

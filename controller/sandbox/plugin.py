@@ -81,7 +81,8 @@ class PluginProcess:
                "--cdi-root", str(self.paths.cdi),
                "--kubelet-registrar-directory-path", str(self.paths.registry),
                "--kubelet-plugins-directory-path", str(self.paths.plugins),
-               "--kube-api", self.api_url, "--health-port", "-1", "--metrics-port", "-1",
+               "--kube-api", self.api_url, "--health-port", "-1",
+               "--metrics-port", self.env.get("METRICS_PORT", "-1"),   # env METRICS_PORT: scraped by a test
                "--log-level", self.log_level]
         if self.instance_uid:
             cmd += ["--instance-uid", self.instance_uid, "--rolling-update", "on"]

@@ -24,6 +24,7 @@ Spec immutability (``spec`` of claims and templates, ``spec`` of slices is mutab
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -498,4 +499,151 @@ def admit(obj: dict, old: dict | None = None, field_validation: str = "Warn") ->
     return stored, warnings
 
 
-__all__ = ["MODELS", "FieldError", "Rejected", "admit", "decode", "default", "validate"]
+# -- claim status.devices (KEP-4817), validated on status writes ------------------------------------
+#: upstream pkg/apis/resource/types.go
+DEVICE_STATUS_MAX_CONDITIONS = 8          # AllocatedDeviceStatusMaxConditions
+DEVICE_STATUS_DATA_MAX = 10 * 1024        # AllocatedDeviceStatusDataMaxLength
+NETWORK_INTERFACE_NAME_MAX = 256          # NetworkDeviceDataInterfaceNameMaxLength
+NETWORK_HARDWARE_ADDRESS_MAX = 128        # NetworkDeviceDataHardwareAddressMaxLength
+NETWORK_IPS_MAX = 16                      # NetworkDeviceDataMaxIPs
+CONDITION_REASON = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+CONDITION_STATUSES = ("True", "False", "Unknown")
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def _shared_id(driver: Any, pool: Any, device: Any, share: Any) -> str:
+    """upstream's SharedDeviceID as it prints: driver/pool/device, and /shareID when set"""
+    base = f"{driver}/{pool}/{device}"
+    return f"{base}/{share}" if share else base
+
+
+def _conditions(errs: _Errors, path: str, conditions: Any) -> None:
+    """metav1validation.ValidateConditions"""
+    seen: set[str] = set()
+    for i, c in enumerate(conditions if isinstance(conditions, list) else []):
+        p = f"{path}[{i}]"
+        if not isinstance(c, dict):
+            errs.invalid(p, c, "must be an object")
+            continue
+        ctype = c.get("type")
+        if not ctype:
+            errs.required(f"{p}.type")
+        elif not isinstance(ctype, str) or not _qualified_name(ctype):
+            errs.invalid(f"{p}.type", ctype, "name part must consist of alphanumeric characters, '-', '_' or '.', "
+                         "and must start and end with an alphanumeric character")
+        elif ctype in seen:
+            errs.duplicate(f"{p}.type", ctype)
+        else:
+            seen.add(ctype)
+        if c.get("status") not in CONDITION_STATUSES:
+            errs.unsupported(f"{p}.status", c.get("status"), list(CONDITION_STATUSES))
+        gen = c.get("observedGeneration")
+        if isinstance(gen, int) and gen < 0:
+            errs.invalid(f"{p}.observedGeneration", gen, "must be greater than or equal to zero")
+        if not c.get("lastTransitionTime"):
+            errs.required(f"{p}.lastTransitionTime", "Required value: must be set")
+        reason = c.get("reason")
+        if not reason:
+            errs.required(f"{p}.reason")
+        elif not isinstance(reason, str) or not CONDITION_REASON.match(reason):
+            errs.invalid(f"{p}.reason", reason, "a condition reason must start with alphabetic character, optionally "
+                         "followed by a string of alphanumeric characters or '_,:', and must end with an alphanumeric "
+                         f"character or '_' (regex used for validation is '{CONDITION_REASON.pattern[1:-1]}')")
+        elif len(reason) > 1024:
+            errs.append(FieldError(f"{p}.reason", "FieldValueTooLong", "Too long: may not be more than 1024 bytes"))
+        message = c.get("message")
+        if isinstance(message, str) and len(message) > 32768:
+            errs.append(FieldError(f"{p}.message", "FieldValueTooLong", "Too long: may not be more than 32768 bytes"))
+
+
+def claim_device_status(errs: _Errors, claim: dict) -> None:
+    """``status.devices`` as upstream validates a claim status update (validateDeviceStatus): names, a share
+    id that is a UUID, each entry an allocated device of the claim and listed once, at most 8 conditions, valid
+    conditions, ``data`` a JSON object of at most 10 KiB, networkData within its limits."""
+    status = claim.get("status") or {}
+    entries = status.get("devices")
+    if not entries:
+        return
+    results = (((status.get("allocation") or {}).get("devices") or {}).get("results")) or []
+    allocated = {_shared_id(r.get("driver"), r.get("pool"), r.get("device"), r.get("shareID"))
+                 for r in results if isinstance(r, dict)}
+    seen: set[str] = set()
+    for i, d in enumerate(entries if isinstance(entries, list) else []):
+        p = f"status.devices[{i}]"
+        if not isinstance(d, dict):
+            errs.invalid(p, d, "must be an object")
+            continue
+        _dns(errs, f"{p}.driver", d.get("driver"))
+        pool = d.get("pool")
+        if not isinstance(pool, str) or not pool:
+            errs.required(f"{p}.pool")
+        else:
+            for part in pool.split("/"):
+                _dns(errs, f"{p}.pool", part)
+        _dns(errs, f"{p}.device", d.get("device"), label=True)
+        share = d.get("shareID")
+        if share is not None and (not isinstance(share, str) or not UUID_RE.match(share)):
+            errs.invalid(f"{p}.shareID", share, "must be a lowercase UUID in 8-4-4-4-12 format")
+        key = _shared_id(d.get("driver"), d.get("pool"), d.get("device"), share)
+        if key in seen:
+            errs.duplicate(p, key)
+        seen.add(key)
+        if key not in allocated:
+            errs.invalid(p, key, "must be an allocated device in the claim")
+        conditions = d.get("conditions") or []
+        if isinstance(conditions, list) and len(conditions) > DEVICE_STATUS_MAX_CONDITIONS:
+            errs.too_many(f"{p}.conditions", len(conditions), DEVICE_STATUS_MAX_CONDITIONS)
+        _conditions(errs, f"{p}.conditions", conditions)
+        if "data" in d and d["data"] is not None:
+            raw = json.dumps(d["data"], separators=(",", ":"))
+            if len(raw) > DEVICE_STATUS_DATA_MAX:
+                errs.append(FieldError(f"{p}.data", "FieldValueTooLong",
+                                       f"Too long: may not be more than {DEVICE_STATUS_DATA_MAX} bytes"))
+            elif not isinstance(d["data"], dict):
+                errs.invalid(f"{p}.data", "<value omitted>", "must be a valid JSON object")
+        net = d.get("networkData")
+        if isinstance(net, dict):
+            if len(str(net.get("interfaceName") or "")) > NETWORK_INTERFACE_NAME_MAX:
+                errs.append(FieldError(f"{p}.networkData.interfaceName", "FieldValueTooLong",
+                                       f"Too long: may not be more than {NETWORK_INTERFACE_NAME_MAX} bytes"))
+            if len(str(net.get("hardwareAddress") or "")) > NETWORK_HARDWARE_ADDRESS_MAX:
+                errs.append(FieldError(f"{p}.networkData.hardwareAddress", "FieldValueTooLong",
+                                       f"Too long: may not be more than {NETWORK_HARDWARE_ADDRESS_MAX} bytes"))
+            if len(net.get("ips") or []) > NETWORK_IPS_MAX:
+                errs.too_many(f"{p}.networkData.ips", len(net.get("ips") or []), NETWORK_IPS_MAX)
+
+
+def drop_deallocated_status_devices(new: dict, old: dict) -> None:
+    """upstream's dropDeallocatedStatusDevices (resourceclaim strategy): entries of devices the old claim had
+    allocated and the new one no longer has are removed, so clearing an allocation needs no status.devices
+    edit."""
+    def ids(claim: dict) -> set[str]:
+        results = ((((claim.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results")) or []
+        return {_shared_id(r.get("driver"), r.get("pool"), r.get("device"), r.get("shareID"))
+                for r in results if isinstance(r, dict)}
+    gone = ids(old) - ids(new)
+    status = new.get("status") or {}
+    entries = status.get("devices")
+    if not gone or not isinstance(entries, list):
+        return
+    kept = [d for d in entries if not (isinstance(d, dict) and _shared_id(d.get("driver"), d.get("pool"),
+                                                                            d.get("device"), d.get("shareID")) in gone)]
+    if kept:
+        status["devices"] = kept
+    else:
+        status.pop("devices", None)
+
+
+def validate_claim_status(claim: dict) -> None:
+    """Raises :class:`Rejected` (422) for an invalid ``status.devices``."""
+    errs = _Errors()
+    claim_device_status(errs, claim)
+    if errs:
+        md = claim.get("metadata") or {}
+        body = errs[0].text() if len(errs) == 1 else "[" + ", ".join(e.text() for e in errs) + "]"
+        raise Rejected(422, "Invalid", f'ResourceClaim.resource.k8s.io "{md.get("name", "")}" is invalid: {body}',
+                       list(errs))
+
+
+__all__ = ["MODELS", "FieldError", "Rejected", "admit", "decode", "default", "drop_deallocated_status_devices",
+           "validate", "validate_claim_status"]

@@ -19,6 +19,9 @@ NVIDIA/go-nvml pkg/nvml/nvml.h):
 * Compute instances: INSUFFICIENT_RESOURCES beyond the GPU instance's compute slices;
   nvmlComputeInstanceDestroy: IN_USE while processes run on the MIG device.
 * Profile info carries the real profile IDs (19, 20, 15, 14, 9, 5, 0), never the constant index.
+* Usage (utilization, memory, processes): per-process load from the profile (``load`` of a GPU group: one
+  background process per GPU) and from the usage file ``usage.json`` in the state directory, which the
+  sandbox and tests write to inject low or high load; refusals as NVML's on MIG (see the usage block).
 
 Hardware state outlives processes: with a state directory the mutable state (MIG mode, instances,
 processes, compute mode, time-slice, health) lives in ``state.json`` there, written atomically under
@@ -33,7 +36,9 @@ import copy
 import fcntl
 import json
 import os
+import time
 import uuid as uuidlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,6 +62,7 @@ from .interface import (
     NvmlBackend,
     Placement,
 )
+from .interface import MemoryInfo, ProcessInfo, ProcessUtilization, Utilization
 from .models import GpuModel, get_model, interconnect, slot_layout
 from .profile import FakeGpuProfile, NodeProfile
 
@@ -64,6 +70,40 @@ _UUID_NAMESPACE = uuidlib.UUID("6f1d4b2e-9a57-4c1e-8f0a-5a17c0de9a11")
 _STATE_VERSION = 1
 #: architectures whose GPUs register with an NVLink fabric and answer nvmlDeviceGetGpuFabricInfoV
 _FABRIC_ARCHITECTURES = {"Hopper", "Blackwell"}
+
+
+#: the usage file in the state directory: per-process load the sandbox and tests inject (FakeNvml usage block)
+USAGE_FILE = "usage.json"
+#: pid of a GPU's background process from the profile's ``load``: this plus the GPU's slot
+PROFILE_LOAD_PID = 900000
+
+
+@dataclass(frozen=True)
+class _MigHandle:
+    """A MIG device handle (nvmlDeviceGetHandleByUUID of a MIG UUID)."""
+
+    slot: int
+    uuid: str
+
+
+def _mem_util(p: dict[str, Any]) -> int:
+    return int(p.get("memUtil", p["smUtil"] // 2))
+
+
+def _load_problem(pid: str, p: Any) -> str:
+    """What is wrong with one process's load, or ""."""
+    if not str(pid).isdigit() or int(pid) <= 0:
+        return "the pid must be a positive integer"
+    if not isinstance(p, dict) or not isinstance(p.get("device"), str):
+        return "needs \"device\": the UUID of a GPU (GPU-...) or MIG device (MIG-...)"
+    for key, hi in (("smUtil", 100), ("memUtil", 100), ("memoryUsedBytes", None)):
+        v = p.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (hi is not None and v > hi):
+            return f"{key} must be an integer from 0 to {hi}" if hi else f"{key} must be a non-negative integer"
+    unknown = set(p) - {"device", "smUtil", "memUtil", "memoryUsedBytes"}
+    if unknown:
+        return f"unknown fields {sorted(unknown)} (fields: device, smUtil, memUtil, memoryUsedBytes)"
+    return ""
 
 
 def fake_gpu_uuid(node_name: str, slot: int) -> str:
@@ -494,6 +534,206 @@ class FakeNvml(NvmlBackend):
                     placement=Placement(gi["start"], gi["size"]), memory_mib=spec.memory_mib,
                     multiprocessors=spec.multiprocessors * ci["slices"] // spec.compute_slices))
         return out
+
+    # -- usage (issue 14) ---------------------------------------------------------------------------
+    # Load per process comes from the usage file (:data:`USAGE_FILE` in the state directory, or memory without
+    # one), which the sandbox and tests write (:meth:`set_process_load`) to inject low or high load:
+    #   {"processes": {"<pid>": {"device": "<GPU-... or MIG-... UUID>", "smUtil": 0..100,
+    #                            "memUtil": 0..100 (default smUtil/2), "memoryUsedBytes": N}}}
+    # The model: a GPU's utilization is the sum of its processes' smUtil (at most 100), its used memory the
+    # sum of its and its MIG devices' processes' memory. Refusals as NVML's: utilization and per-process
+    # utilization are NOT_SUPPORTED on MIG device handles and on GPUs in MIG mode; a MIG instance's utilization
+    # comes only from GPM (Hopper and newer; NOT_SUPPORTED on Ampere), None on its first sample. Processes of a
+    # MIG device that no longer exists are not reported. Loaded processes are reported by the usage calls only:
+    # they do not block MIG changes (processes added with add_process do).
+
+    def _usage(self) -> dict[str, dict[str, Any]]:
+        """Profile loads (pid PROFILE_LOAD_PID + slot), then the usage file's processes (which override them)."""
+        base: dict[str, dict[str, Any]] = {}
+        for g, load in zip(self._gpus, self._profile.node(self._node_name).loads()):
+            if load is not None:
+                base[str(PROFILE_LOAD_PID + g.slot)] = {"device": g.uuid, "smUtil": load.sm_util,
+                                                        "memoryUsedBytes": load.memory_used_mib * 1024 * 1024}
+        return {**base, **self._usage_file()}
+
+    def _usage_file(self) -> dict[str, dict[str, Any]]:
+        if self._state_dir is None:
+            return self.__dict__.setdefault("_usage_mem", {})
+        path = self._state_dir / USAGE_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise errors.NvmlError(f"fake NVML usage file {path} is unreadable ({e}); fix or delete it") from None
+        procs = raw.get("processes") if isinstance(raw, dict) else None
+        if not isinstance(procs, dict):
+            raise errors.NvmlError(f"fake NVML usage file {path}: expected {{\"processes\": {{\"<pid>\": {{...}}}}}}")
+        for pid, p in procs.items():
+            problem = _load_problem(pid, p)
+            if problem:
+                raise errors.NvmlError(f"fake NVML usage file {path}: processes[{pid!r}]: {problem}")
+            p.setdefault("smUtil", 0)
+            p.setdefault("memoryUsedBytes", 0)
+        return procs
+
+    def _write_usage(self, procs: dict[str, dict[str, Any]]) -> None:
+        if self._state_dir is None:
+            self.__dict__["_usage_mem"] = procs
+            return
+        path = self._state_dir / USAGE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"processes": procs}, sort_keys=True))
+        os.replace(tmp, path)
+
+    def _mig_of(self, st: dict[str, Any], g: _Gpu) -> dict[str, tuple[int, int]]:
+        """MIG UUID -> (GPU instance, compute instance) of the MIG devices that exist now"""
+        if not st["migCurrent"]:
+            return {}
+        return {fake_mig_uuid(g.uuid, gi["id"], ci["id"], gi["start"]): (gi["id"], ci["id"])
+                for gi in st["gpuInstances"] for ci in gi["computeInstances"]}
+
+    def _loads_on(self, g: _Gpu, only: str | None = None) -> list[tuple[int, dict[str, Any], int | None, int | None]]:
+        """(pid, load, GPU instance, compute instance) of the processes on a GPU (and its MIG devices), or
+        on the one device ``only`` (a GPU or MIG UUID)"""
+        st = self._read()["gpus"][g.uuid]
+        migs = self._mig_of(st, g)
+        out = []
+        for pid, p in sorted(self._usage().items(), key=lambda kv: int(kv[0])):
+            dev = p["device"]
+            if only is not None and dev != only:
+                continue
+            if dev == g.uuid and not st["migCurrent"]:
+                out.append((int(pid), p, None, None))
+            elif dev in migs:
+                out.append((int(pid), p, *migs[dev]))
+        return out
+
+    def _mig_handle_of(self, h: Any) -> tuple[_Gpu, str, int, int] | None:
+        if not isinstance(h, _MigHandle):
+            return None
+        self._check_init()
+        g = self._gpus[h.slot]
+        migs = self._mig_of(self._read()["gpus"][g.uuid], g)
+        if h.uuid not in migs:
+            raise errors.NotFoundError(f"MIG device {h.uuid} no longer exists on GPU {g.uuid}")
+        return g, h.uuid, *migs[h.uuid]
+
+    def utilization_rates(self, h: Any) -> Utilization:
+        if self._mig_handle_of(h) is not None:
+            raise errors.NotSupportedError(f"nvmlDeviceGetUtilizationRates is not supported on MIG device {h.uuid}")
+        g = self._gpu(h)
+        if self._read()["gpus"][g.uuid]["migCurrent"]:
+            raise errors.NotSupportedError(f"GPU {g.uuid} is in MIG mode: nvmlDeviceGetUtilizationRates is not "
+                                           "supported")
+        loads = self._loads_on(g)
+        return Utilization(gpu=min(100, sum(p["smUtil"] for _, p, _, _ in loads)),
+                           memory=min(100, sum(_mem_util(p) for _, p, _, _ in loads)))
+
+    def memory_info(self, h: Any) -> MemoryInfo:
+        mig = self._mig_handle_of(h)
+        if mig is not None:
+            g, uuid, gi, _ = mig
+            spec = g.model.profile_by_id(next(x["profileId"] for x in self._read()["gpus"][g.uuid]["gpuInstances"]
+                                              if x["id"] == gi))
+            assert spec is not None
+            total = spec.memory_mib * 1024 * 1024
+            used = sum(p["memoryUsedBytes"] for _, p, _, _ in self._loads_on(g, uuid))
+        else:
+            g = self._gpu(h)
+            total = g.info.memory_total_bytes
+            used = sum(p["memoryUsedBytes"] for _, p, _, _ in self._loads_on(g))
+        return MemoryInfo(total=total, used=used, free=max(0, total - used))
+
+    def compute_processes(self, h: Any) -> list[ProcessInfo]:
+        mig = self._mig_handle_of(h)
+        if mig is not None:
+            g, uuid, gi, ci = mig
+            loads = self._loads_on(g, uuid)
+            st = self._read()["gpus"][g.uuid]
+            plain = [pid for x in st["gpuInstances"] if x["id"] == gi for c in x["computeInstances"]
+                     if c["id"] == ci for pid in c["processes"]]
+            extra = [(pid, gi, ci) for pid in plain]
+        else:
+            g = self._gpu(h)
+            loads = self._loads_on(g)
+            st = self._read()["gpus"][g.uuid]
+            extra = [(pid, None, None) for pid in st["processes"]] + [
+                (pid, x["id"], c["id"]) for x in st["gpuInstances"] for c in x["computeInstances"]
+                for pid in c["processes"]]
+        out = {pid: ProcessInfo(pid, p["memoryUsedBytes"], gi, ci) for pid, p, gi, ci in loads}
+        for pid, gi, ci in extra:
+            out.setdefault(pid, ProcessInfo(pid, 0, gi, ci))
+        return [out[pid] for pid in sorted(out)]
+
+    def process_utilization(self, h: Any, since_us: int = 0) -> list[ProcessUtilization]:
+        if self._mig_handle_of(h) is not None:
+            raise errors.NotSupportedError(f"nvmlDeviceGetProcessUtilization is not supported on MIG device {h.uuid}")
+        g = self._gpu(h)
+        if self._read()["gpus"][g.uuid]["migCurrent"]:
+            raise errors.NotSupportedError(f"GPU {g.uuid} is in MIG mode: nvmlDeviceGetProcessUtilization is not "
+                                           "supported")
+        now = int(time.time() * 1_000_000)
+        if since_us >= now:
+            return []
+        return [ProcessUtilization(pid, now, p["smUtil"], _mem_util(p)) for pid, p, _, _ in self._loads_on(g)]
+
+    def mig_device_handle(self, mig_uuid: str) -> Any:
+        self._check_init()
+        for g in self._gpus:
+            if g.model.mig is not None and mig_uuid in self._mig_of(self._read()["gpus"][g.uuid], g):
+                return _MigHandle(g.slot, mig_uuid)
+        raise errors.NotFoundError(f"no MIG device with UUID {mig_uuid} on node {self._node_name}")
+
+    def mig_utilization(self, h: Any, gpu_instance_id: int) -> float | None:
+        g = self._mig_gpu(h)
+        if g.model.architecture not in MIG_MODE_WITHOUT_RESET:      # GPM: Hopper and newer
+            raise errors.NotSupportedError(f"GPU {g.uuid} ({g.model.product_name}) does not support GPU "
+                                           "Performance Monitoring, which is how NVML reports a MIG instance's "
+                                           "utilization")
+        st = self._read()["gpus"][g.uuid]
+        if not st["migCurrent"]:
+            raise errors.NotSupportedError(f"GPU {g.uuid} is not in MIG mode")
+        self._gi(st, g, gpu_instance_id)
+        seen = self.__dict__.setdefault("_gpm_seen", set())
+        if (g.slot, gpu_instance_id) not in seen:
+            seen.add((g.slot, gpu_instance_id))
+            return None
+        return float(min(100, sum(p["smUtil"] for _, p, gi, _ in self._loads_on(g) if gi == gpu_instance_id)))
+
+    def set_process_load(self, device_uuid: str, pid: int, sm_util: int, memory_used_bytes: int = 0,
+                         mem_util: int | None = None) -> None:
+        """Run (or change) a process with this load on a GPU or MIG device (test and sandbox hook)."""
+        self._check_init()
+        load = {"device": device_uuid, "smUtil": sm_util, "memoryUsedBytes": memory_used_bytes}
+        if mem_util is not None:
+            load["memUtil"] = mem_util
+        problem = _load_problem(str(pid), load)
+        if problem:
+            raise errors.InvalidArgumentError(f"process {pid}: {problem}")
+        if device_uuid in self._by_uuid:
+            g = self._by_uuid[device_uuid]
+            total = g.info.memory_total_bytes
+        else:
+            g, uuid, gi, _ = self._mig_handle_of(self.mig_device_handle(device_uuid))  # type: ignore[misc]
+            spec = g.model.profile_by_id(next(x["profileId"] for x in self._read()["gpus"][g.uuid]["gpuInstances"]
+                                              if x["id"] == gi))
+            assert spec is not None
+            total = spec.memory_mib * 1024 * 1024
+        others = sum(p["memoryUsedBytes"] for q, p in self._usage().items() if p["device"] == device_uuid
+                     and q != str(pid))
+        procs = dict(self._usage_file())
+        if others + memory_used_bytes > total:
+            raise errors.InsufficientResourcesError(f"process {pid}: {memory_used_bytes} bytes do not fit device "
+                                                    f"{device_uuid} ({total - others} of {total} bytes free)")
+        procs[str(pid)] = load
+        self._write_usage(procs)
+
+    def clear_process_load(self, pid: int) -> None:
+        """Stop an injected process (a profile load stays: set its load to 0 instead)."""
+        procs = dict(self._usage_file())
+        if procs.pop(str(pid), None) is not None:
+            self._write_usage(procs)
 
     # -- test hooks (not part of the NVML interface) ---------------------------------------------
     def add_process(self, device_uuid: str, pid: int) -> None:

@@ -299,3 +299,76 @@ class NvmlBackend(ABC):
         for ci in self.compute_instances(h, gpu_instance_id):
             self.destroy_compute_instance(h, gpu_instance_id, ci.id)
         self.destroy_gpu_instance(h, gpu_instance_id)
+
+    # -- usage (issue 14): utilization, memory, processes; what NVML refuses on MIG is noted per call ---------
+    @abstractmethod
+    def utilization_rates(self, h: Handle) -> Utilization:
+        """``nvmlDeviceGetUtilizationRates``: percent of the last sample period (1/6 s to 1 s by product) in
+        which a kernel ran, and the memory controller was busy. NotSupportedError on a MIG device handle and
+        on a GPU in MIG mode (nvidia-smi prints N/A there)."""
+
+    @abstractmethod
+    def memory_info(self, h: Handle) -> MemoryInfo:
+        """``nvmlDeviceGetMemoryInfo``: of the GPU, or of the MIG instance for a MIG device handle."""
+
+    @abstractmethod
+    def compute_processes(self, h: Handle) -> list[ProcessInfo]:
+        """``nvmlDeviceGetComputeRunningProcesses``: on a GPU all its compute processes (in MIG mode with the
+        GPU and compute instance each runs on), on a MIG device handle that instance's."""
+
+    @abstractmethod
+    def process_utilization(self, h: Handle, since_us: int = 0) -> list[ProcessUtilization]:
+        """``nvmlDeviceGetProcessUtilization``: per process, its SM and memory utilization over the samples
+        newer than ``since_us`` (microseconds since the epoch; 0: every buffered sample); ``[]`` when there
+        is none (NVML answers NOT_FOUND). NotSupportedError on MIG device handles and GPUs in MIG mode, and on
+        GPUs before Maxwell."""
+
+    @abstractmethod
+    def mig_device_handle(self, mig_uuid: str) -> Handle:
+        """``nvmlDeviceGetHandleByUUID`` of a MIG device (``MIG-...``)."""
+
+    @abstractmethod
+    def mig_utilization(self, h: Handle, gpu_instance_id: int) -> float | None:
+        """Utilization (percent, 0..100: time a kernel ran) of a GPU instance since the previous call for it,
+        from GPU Performance Monitoring (``nvmlGpmMigSampleGet`` and ``nvmlGpmMetricsGet`` with
+        NVML_GPM_METRIC_GRAPHICS_UTIL): None on the first call (one sample only). NotSupportedError where GPM
+        is not supported (GPUs before Hopper), the only way NVML reports a MIG instance's utilization."""
+
+
+# -- usage (issue 14) -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Utilization:
+    """``nvmlUtilization_t``, percent."""
+
+    gpu: int
+    memory: int
+
+
+@dataclass(frozen=True)
+class MemoryInfo:
+    """``nvmlMemory_t``, bytes."""
+
+    total: int
+    used: int
+    free: int
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """``nvmlProcessInfo_t``: ``used_gpu_memory`` None where NVML does not say (NVML_VALUE_NOT_AVAILABLE, e.g.
+    Windows WDDM or without permission); the instance ids None outside MIG mode."""
+
+    pid: int
+    used_gpu_memory: int | None
+    gpu_instance_id: int | None = None
+    compute_instance_id: int | None = None
+
+
+@dataclass(frozen=True)
+class ProcessUtilization:
+    """``nvmlProcessUtilizationSample_t``: percent; ``timestamp_us`` of the newest sample."""
+
+    pid: int
+    timestamp_us: int
+    sm_util: int
+    mem_util: int

@@ -9,6 +9,7 @@
       gpus:
       - {model: H100-SXM5-80GB, count: 8, migEnabled: false}
       - {model: L4, count: 2, unhealthy: [1]}
+      - {model: A100-SXM4-80GB, count: 1, load: {smUtil: 30, memoryUsedMiB: 4096}}   # a background process
 
 Used by ``partita plugin --nvml fake --fake-profile FILE``, the sandbox and the chart's kind mode.
 """
@@ -38,12 +39,21 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class GpuLoad(_Model):
+    """A background compute process on each GPU of a group (the fake's usage figures)."""
+
+    sm_util: int = Field(default=0, ge=0, le=100, alias="smUtil")
+    memory_used_mib: int = Field(default=0, ge=0, alias="memoryUsedMiB")
+
+
 class GpuGroup(_Model):
     model: str
     count: int = Field(default=1, ge=1, le=64)
     mig_enabled: bool = Field(default=False, alias="migEnabled")
     #: indexes (within this group) of GPUs the fake reports unhealthy
     unhealthy: tuple[int, ...] = ()
+    #: a background process on each GPU of the group (usage: utilization and memory used)
+    load: GpuLoad | None = None
 
     @field_validator("model")
     @classmethod
@@ -61,6 +71,9 @@ class GpuGroup(_Model):
         bad = [i for i in self.unhealthy if not 0 <= i < self.count]
         if bad:
             raise ValueError(f"unhealthy lists GPU indexes {bad} outside 0..{self.count - 1}")
+        if self.load is not None and self.load.memory_used_mib > get_model(self.model).memory_mib:
+            raise ValueError(f"load.memoryUsedMiB {self.load.memory_used_mib} is more than a {self.model} has "
+                             f"({get_model(self.model).memory_mib} MiB)")
         return self
 
 
@@ -75,6 +88,10 @@ class NodeProfile(_Model):
             for i in range(g.count):
                 out.append((g.model, g.mig_enabled, i not in g.unhealthy))
         return out
+
+    def loads(self) -> list["GpuLoad | None"]:
+        """The background load per slot, in slot order (None: no background process)."""
+        return [g.load for g in self.gpus for _ in range(g.count)]
 
 
 class FakeGpuProfile(_Model):
@@ -120,7 +137,7 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field; remove it (fields: apiVersion, kind, driverVersion, cudaDriverVersion, " \
-                  "nodes[].name, nodes[].gpus[].model/count/migEnabled/unhealthy)"
+                  "nodes[].name, nodes[].gpus[].model/count/migEnabled/unhealthy/load)"
         elif e["type"] == "literal_error" and path == "apiVersion":
             msg = f"must be {API_VERSION!r}"
         elif e["type"] == "literal_error" and path == "kind":

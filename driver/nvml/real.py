@@ -43,6 +43,7 @@ from .interface import (
     NvmlBackend,
     Placement,
 )
+from .interface import MemoryInfo, ProcessInfo, ProcessUtilization, Utilization
 from .models import model_for_product_name
 
 _ARCH = {2: "Kepler", 3: "Maxwell", 4: "Pascal", 5: "Volta", 6: "Turing", 7: "Ampere", 8: "Ada Lovelace",
@@ -412,6 +413,97 @@ class RealNvml(NvmlBackend):
                 placement=gi.placement if gi else Placement(0, 0), memory_mib=int(attrs.memorySizeMB),
                 multiprocessors=int(attrs.multiprocessorCount)))
         return out
+
+    # -- usage (issue 14) ---------------------------------------------------------------------------
+    def utilization_rates(self, h: Any) -> Utilization:
+        u = self._call(f"nvmlDeviceGetUtilizationRates on {self._dev(h)}", self._n.nvmlDeviceGetUtilizationRates, h)
+        return Utilization(gpu=int(u.gpu), memory=int(u.memory))
+
+    def memory_info(self, h: Any) -> MemoryInfo:
+        m = self._call(f"nvmlDeviceGetMemoryInfo on {self._dev(h)}", self._n.nvmlDeviceGetMemoryInfo, h)
+        return MemoryInfo(total=int(m.total), used=int(m.used), free=int(m.free))
+
+    def compute_processes(self, h: Any) -> list[ProcessInfo]:
+        procs = self._call(f"nvmlDeviceGetComputeRunningProcesses on {self._dev(h)}",
+                           self._n.nvmlDeviceGetComputeRunningProcesses, h)
+        return [ProcessInfo(pid=int(p.pid), used_gpu_memory=_available(getattr(p, "usedGpuMemory", None)),
+                            gpu_instance_id=_available(getattr(p, "gpuInstanceId", None), _NA_UINT),
+                            compute_instance_id=_available(getattr(p, "computeInstanceId", None), _NA_UINT))
+                for p in procs]
+
+    def process_utilization(self, h: Any, since_us: int = 0) -> list[ProcessUtilization]:
+        try:
+            samples = self._call(f"nvmlDeviceGetProcessUtilization on {self._dev(h)}",
+                                 self._n.nvmlDeviceGetProcessUtilization, h, int(since_us))
+        except errors.NotFoundError:       # no sample newer than since_us
+            return []
+        except errors.NvmlError as e:
+            if e.code == 0:                # pynvml raises NVMLError(SUCCESS) when NVML has no sample at all
+                return []
+            raise
+        by_pid: dict[int, ProcessUtilization] = {}
+        for smp in samples:               # the newest sample of each process
+            pu = ProcessUtilization(pid=int(smp.pid), timestamp_us=int(smp.timeStamp), sm_util=int(smp.smUtil),
+                                    mem_util=int(smp.memUtil))
+            if pu.pid not in by_pid or pu.timestamp_us > by_pid[pu.pid].timestamp_us:
+                by_pid[pu.pid] = pu
+        return sorted(by_pid.values(), key=lambda p: p.pid)
+
+    def mig_device_handle(self, mig_uuid: str) -> Any:
+        return self._call(f"nvmlDeviceGetHandleByUUID({mig_uuid})", self._n.nvmlDeviceGetHandleByUUID, mig_uuid)
+
+    def mig_utilization(self, h: Any, gpu_instance_id: int) -> float | None:
+        n = self._n
+        uuid = self._dev(h)
+        # kept on the instance without touching __init__ (this block stays separate from the health block)
+        gpm = self.__dict__.setdefault("_gpm", {})            # (GPU UUID, GPU instance) -> previous sample
+        support = self.__dict__.setdefault("_gpm_support", {})  # GPU UUID -> GPM supported
+        if uuid not in support:
+            try:
+                support[uuid] = bool(self._call(f"nvmlGpmQueryDeviceSupport on {uuid}", n.nvmlGpmQueryDeviceSupport,
+                                                h).isSupportedDevice)
+            except (errors.NotSupportedError, AttributeError):   # AttributeError: nvidia-ml-py without GPM
+                support[uuid] = False
+        if not support[uuid]:
+            raise errors.NotSupportedError(f"GPU {uuid} does not support GPU Performance Monitoring (Hopper and "
+                                           "newer), which is how NVML reports a MIG instance's utilization")
+        sample = self._call("nvmlGpmSampleAlloc", n.nvmlGpmSampleAlloc)
+        try:
+            self._call(f"nvmlGpmMigSampleGet on {uuid} GPU instance {gpu_instance_id}", n.nvmlGpmMigSampleGet, h,
+                       gpu_instance_id, sample)
+        except BaseException:
+            n.nvmlGpmSampleFree(sample)
+            raise
+        prev = gpm.pop((uuid, gpu_instance_id), None)
+        gpm[(uuid, gpu_instance_id)] = sample
+        if prev is None:
+            return None
+        try:
+            get = n.c_nvmlGpmMetricsGet_t()
+            get.version = n.NVML_GPM_METRICS_GET_VERSION
+            get.numMetrics = 1
+            get.sample1, get.sample2 = prev, sample
+            get.metrics[0].metricId = n.NVML_GPM_METRIC_GRAPHICS_UTIL
+            self._call(f"nvmlGpmMetricsGet on {uuid} GPU instance {gpu_instance_id}", n.nvmlGpmMetricsGet, get)
+            metric = get.metrics[0]
+            if int(metric.nvmlReturn) != 0:
+                raise errors.error_for_code(int(metric.nvmlReturn), f"GPM utilization of {uuid} GPU instance "
+                                                                    f"{gpu_instance_id}")
+            return float(metric.value)
+        finally:
+            n.nvmlGpmSampleFree(prev)
+
+
+#: NVML_VALUE_NOT_AVAILABLE for unsigned int fields (gpuInstanceId, computeInstanceId outside MIG mode)
+_NA_UINT = 0xFFFFFFFF
+_NA_ULONGLONG = 0xFFFFFFFFFFFFFFFF
+
+
+def _available(v: Any, na: int = _NA_ULONGLONG) -> int | None:
+    if v is None:
+        return None
+    v = int(v)
+    return None if v == na else v
 
 
 def _profile_name(info: Any, constant: int) -> str:

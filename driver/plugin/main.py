@@ -17,13 +17,16 @@ import signal
 import sys
 from pathlib import Path
 
+from driver import logfmt
 from driver.api import constants as C
 from driver.api.kube import InvalidName, Kube, KubeError, check_name, node_path
 from driver.cliopts import add_cluster, add_log_level, connect
+from driver.logfmt import add_log_format
 from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
 from driver.plugin.claims import KubeClaimSource
 from driver.plugin.mps_watch import watch_mps_daemons
+from driver.plugin.telemetry import add_observer_arguments, start_observers
 from driver.plugin.nodelabels import follow_node_labels
 from driver.plugin.prepare import ClaimRef, DeviceState, PrepareError
 from driver.plugin.server import DraService, PluginServers
@@ -80,10 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="IP address to serve metrics on (env METRICS_ADDRESS; default %(default)s; the chart "
                         "sets the pod IP; 0.0.0.0 serves every interface)")
     add_log_level(p, _env("LOG_LEVEL", "INFO"), "log level (env LOG_LEVEL)")
+    add_log_format(p)
     p.add_argument("--mps-check-interval", type=float, default=float(_env("MPS_CHECK_INTERVAL", "10") or 10),
                    help="seconds between checks that the MPS control daemons prepared MPS shares use are running "
                         "(one that died with a stopped plugin container is started again); 0 = off (env "
                         "MPS_CHECK_INTERVAL; default %(default)s)")
+    add_observer_arguments(p, _env)
     p.add_argument("--instance-uid", default=_env("POD_UID") or "",
                    help="this instance's uid, the pod's UID (env POD_UID, from the downward API metadata.uid); "
                         "with --rolling-update it becomes part of both socket names")
@@ -96,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.getLogger().setLevel(str(args.log_level).upper())
+    logfmt.configure(getattr(args, "log_format", "text"), args.log_level, node=args.node_name or "")
     if not args.node_name:
         print("partita plugin: --node-name (or NODE_NAME) is required; in the DaemonSet it comes from "
               "spec.nodeName through the downward API", file=sys.stderr)
@@ -192,13 +197,15 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
                         on_inventory_change=publisher.update_inventory)
     await state.recover()
     claims = KubeClaimSource(kube)
-    servers = PluginServers(DraService(state, claims), driver_name=args.driver_name,
+    observers, observer_tasks = start_observers(args, kube, backend, state, claims, stop)
+    servers = PluginServers(DraService(state, claims, observers), driver_name=args.driver_name,
                             dra_socket=sockets.dra, registration_socket=sockets.registration)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(publisher.run(stop), name="publisher"),
              asyncio.create_task(follow_node_labels(state, kube, args.node_name, stop), name="node-labels")]
+    tasks += observer_tasks
     if getattr(args, "mps_check_interval", 0) > 0:
         tasks.append(asyncio.create_task(watch_mps_daemons(state, stop, args.mps_check_interval), name="mps-watch"))
     health = None

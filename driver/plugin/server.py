@@ -29,6 +29,7 @@ from driver.kubeletapi.pluginregistration.v1 import api_pb2 as reg
 from driver.kubeletapi.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from driver.plugin import metrics
 from driver.plugin.claims import ClaimSource, check_claim_ref, check_claim_shape
+from driver.plugin.observers import Observers, notify_prepared, notify_unprepared
 from driver.plugin.prepare import ClaimRef, DeviceState
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,11 @@ def bound_errors(resp, errors: dict[str, str]) -> None:  # noqa: ANN001 - a v1 o
 class DraService:
     """NodePrepareResources / NodeUnprepareResources, shared by the v1 and v1beta1 servicers."""
 
-    def __init__(self, state: DeviceState, claims: ClaimSource):
+    def __init__(self, state: DeviceState, claims: ClaimSource, observers: Observers | None = None):
         self.state = state
         self.claims = claims
+        #: claim status, usage metrics, idle detection (driver/plugin/observers.py); never fail a call
+        self.observers = observers or Observers()
 
     async def _fetch(self, ref: ClaimRef) -> dict | Exception:
         """The claim the kubelet names, read only when its names are valid, and checked for the fields
@@ -82,6 +85,7 @@ class DraService:
         refs = [ClaimRef(c.namespace, c.name, c.uid) for c in request.claims]
         fetched = await asyncio.gather(*(self._fetch(r) for r in refs))
         results = await self.state.prepare(list(zip(refs, fetched)))
+        notify_prepared(self.observers, self.state, refs, fetched, results)
         resp = pb.NodePrepareResourcesResponse()
         errors: dict[str, str] = {}
         for ref in refs:
@@ -105,6 +109,7 @@ class DraService:
         start = time.perf_counter()
         refs = [ClaimRef(c.namespace, c.name, c.uid) for c in request.claims]
         errors = await self.state.unprepare(refs)
+        notify_unprepared(self.observers, refs, errors)
         resp = pb.NodeUnprepareResourcesResponse()
         for ref in refs:
             resp.claims[ref.uid].error = ""
