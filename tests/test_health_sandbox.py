@@ -64,6 +64,11 @@ def test_a_gpu_fails_under_a_running_pod_and_recovers(monkeypatch) -> None:
                         return next((t for t in d.get("taints") or [] if t["key"] == C.HEALTH_TAINT_KEY), None)
             return None
 
+        def resource_health(pod: str) -> list[tuple[str, str]]:
+            st = (server.get("pods", pod, "default") or {}).get("status") or {}
+            return [(a["name"], r["health"]) for c in st.get("containerStatuses") or []
+                    for a in c.get("allocatedResourcesStatus") or [] for r in a["resources"]]
+
         def pod_events(pod: str) -> list[dict]:
             return [e for e in server.list("events", "default") if e["involvedObject"].get("name") == pod]
 
@@ -84,6 +89,8 @@ def test_a_gpu_fails_under_a_running_pod_and_recovers(monkeypatch) -> None:
             [ev] = [e for e in pod_events("training") if e["reason"] == "PartitaDeviceUnhealthy"]
             assert ev["type"] == "Warning" and failing in ev["message"] and "is fatal" in ev["message"]
             assert "device taint eviction" in ev["message"]
+            # the kubelet (stand-in) writes what the plugin's health stream says into the pod's status
+            await server.wait_for(lambda s: resource_health("training") == [("claim:gpu", "Unhealthy")], 15)
 
             # new pods avoid it: one gets the other GPU, the next one waits
             server.create(_pod("next-0"))
@@ -108,6 +115,7 @@ def test_a_gpu_fails_under_a_running_pod_and_recovers(monkeypatch) -> None:
             await server.wait_for(lambda s: taint(failing) is None, 20)
             await server.wait_for(lambda s: phase("next-1") == "Running", 30)
             assert devices("next-1") == [failing]
+            await server.wait_for(lambda s: resource_health("next-1") == [("claim:gpu", "Healthy")], 15)
             assert sb.plugins[0].alive()
             assert await sb.delete_workload() == []
         finally:
