@@ -146,3 +146,19 @@ def test_fake_inject_refuses_bad_events_and_writes_nothing(tmp_path, capsys) -> 
     assert not events.exists()
     assert _inject(events, "--kind", "xid", "--gpu", "1", "--xid", "48") == 0
     assert json.loads(events.read_text()) == {"gpu": 1, "kind": "xid", "xid": 48}
+
+
+@pytest.mark.parametrize("argv, error", [
+    (["--health-taint-effects", "degraded=Evict"], "STATE=EFFECT"),
+    (["--health-ignore-xids", "13,x"], "'x' is not an XID number"),
+    (["--health-quiet-period", "-1"], "negative"),
+])
+def test_bad_health_flags_are_refused_with_the_flag_named(argv, error, capsys) -> None:
+    import argparse
+
+    from driver.plugin.main import add_arguments, run
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run(p.parse_args(["--node-name", NODE, *argv])) == 2
+    assert error in capsys.readouterr().err
