@@ -111,6 +111,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "inventory": ("driver.cli", "add_inventory_arguments", "run_inventory",
                   "print this node's GPUs and the ResourceSlices the driver would publish"),
     "plugin": ("driver.plugin.main", "add_arguments", "run", "run the kubelet plugin (DaemonSet container)"),
+    "fake-inject": ("driver.fakeinject", "add_arguments", "run",
+                    "inject a health event (XID, ECC, fallen off the bus, reset...) into fake GPUs"),
 }
 
 

@@ -104,7 +104,7 @@ class Inventory(_Model):
 
 def discover(backend: "NvmlBackend", node_name: str) -> Inventory:
     """Read the inventory of this node from an initialized NVML backend (real or fake)."""
-    from driver.nvml.errors import NotSupportedError
+    from driver.nvml.errors import GpuLostError, NotSupportedError
 
     gpus = []
     handles = [backend.device_by_index(i) for i in range(backend.device_count())]
@@ -113,7 +113,7 @@ def discover(backend: "NvmlBackend", node_name: str) -> Inventory:
     for index, (h, info) in enumerate(zip(handles, infos)):
         try:
             mode = backend.mig_mode(h)
-        except NotSupportedError:
+        except (NotSupportedError, GpuLostError):     # a lost GPU is inventoried unhealthy, without MIG
             mode = None
         profiles: list[MigProfile] = []
         devices: list[MigDevice] = []

@@ -22,10 +22,11 @@ import logging
 import random
 from typing import Any
 
+from driver.api import constants as C
 from driver.api.kube import SLICES, Kube, KubeError, node_path, slice_path
 from driver.api.quantity import Quantity, QuantityError
 from driver.inventory import Inventory
-from driver.slices import SliceFeatures, build_slices
+from driver.slices import NO_HEALTH_TAINTS, HealthTaints, SliceFeatures, build_slices
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _content(s: dict) -> dict:
 
 def dropped_features(sent: dict, stored: dict) -> dict[str, bool]:
     """Which features the API server dropped from a slice we wrote (keys of SliceFeatures)."""
-    out = {"taints": False, "partitionable": False, "consumable_capacity": False}
+    out = {"taints": False, "partitionable": False, "consumable_capacity": False, "health_taints": False}
     s_spec, r_spec = sent.get("spec") or {}, stored.get("spec") or {}
     if s_spec.get("sharedCounters") and not r_spec.get("sharedCounters"):
         out["partitionable"] = True
@@ -69,6 +70,7 @@ def dropped_features(sent: dict, stored: dict) -> dict[str, bool]:
         r = stored_devices.get(d["name"], {})
         if d.get("taints") and not r.get("taints"):
             out["taints"] = True
+            out["health_taints"] = out["health_taints"] or any(t.get("key") == C.HEALTH_TAINT_KEY for t in d["taints"])
         if d.get("consumesCounters") and not r.get("consumesCounters"):
             out["partitionable"] = True
         if d.get("allowMultipleAllocations") and not r.get("allowMultipleAllocations"):
@@ -82,13 +84,16 @@ def dropped_features(sent: dict, stored: dict) -> dict[str, bool]:
 _FALLBACK_MESSAGES = {
     "taints": "the API server dropped device taints (feature gate DRADeviceTaints off): publishing in "
               "scheduler mode (no taint, label partita.dev/allocation-mode=scheduler); kube-scheduler allocates "
-              "these devices and the Partita controller will not",
+              "these devices and the Partita controller will not; unhealthy devices are left out instead of "
+              "tainted",
     "partitionable": "the API server dropped sharedCounters/consumesCounters (feature gate DRAPartitionableDevices "
                      "off): publishing static MIG (existing MIG devices only, MIG-enabled GPUs not offered whole) "
                      "and no shared devices",
     "consumable_capacity": "the API server dropped allowMultipleAllocations/requestPolicy (feature gate "
                            "DRAConsumableCapacity off): not publishing shared GPU devices; share a GPU by "
                            "referencing one ResourceClaim from several pods instead",
+    "health_taints": "the API server dropped device taints (feature gate DRADeviceTaints off): unhealthy devices "
+                     "are left out of the ResourceSlices instead of being tainted (docs/health.md)",
 }
 
 
@@ -109,6 +114,7 @@ class SlicePublisher:
         self._written: set[str] = set()      # resourceVersions we wrote ourselves
         self.reconciles = 0                  # completed reconcile passes (for tests and metrics)
         self.in_sync = False
+        self._health = NO_HEALTH_TAINTS
 
     @property
     def selector(self) -> str:
@@ -119,9 +125,16 @@ class SlicePublisher:
         self._inventory = inventory
         self._wake.set()
 
+    def update_health(self, health: HealthTaints) -> None:
+        """Publish new device health taints (driver/plugin/healthmon.py); reconciled promptly by :meth:`run`,
+        at most once per ``react_seconds`` however often health changes."""
+        if health != self._health:
+            self._health = health
+            self._wake.set()
+
     def desired(self, generation: int = 1) -> list[dict]:
         return build_slices(self._inventory, driver_name=self.driver_name, node_uid=self._node_uid or "",
-                            features=self.features, generation=generation)
+                            features=self.features, generation=generation, health=self._health)
 
     # -- one reconcile pass ---------------------------------------------------------------------
     async def _ensure_node_uid(self) -> None:
@@ -156,7 +169,7 @@ class SlicePublisher:
                     except KubeError as e:
                         if not e.not_found:
                             raise
-            drops = {"taints": False, "partitionable": False, "consumable_capacity": False}
+            drops = {"taints": False, "partitionable": False, "consumable_capacity": False, "health_taints": False}
             for d in desired:
                 name = d["metadata"]["name"]
                 if name in by_name:
@@ -177,7 +190,11 @@ class SlicePublisher:
                 self.in_sync = True
                 self.reconciles += 1
                 return
+            if "taints" in degraded and self.features.health_taints:
+                degraded.add("health_taints")        # no device taints at all: health taints neither
             for k in sorted(degraded):
+                if k == "health_taints" and "taints" in degraded:
+                    continue                         # said with the taints message
                 log.warning("%s", _FALLBACK_MESSAGES[k])
             self.features = self.features.without(**{k: True for k in degraded})
         raise RuntimeError("ResourceSlices kept changing while being published")

@@ -12,7 +12,11 @@ supports (:class:`SliceFeatures`):
   device's counters on its first share);
 * partitionable off: static MIG — existing MIG devices of MIG-enabled GPUs, which are then not offered
   whole; no shared device (nothing would keep it apart from the whole GPU);
-* taints on (controller mode): every device carries Partita's NoSchedule taint.
+* taints on (controller mode): every device carries Partita's NoSchedule taint;
+* health (docs/health.md): a device of an unhealthy GPU or MIG instance carries the health taint
+  ``gpu.partita.dev/unhealthy=<state>`` (MIG and shared devices of an unhealthy GPU too); where the API
+  server drops device taints (``health_taints`` off), devices whose health taint keeps allocations away are
+  left out instead.
 
 Ampere GPUs cannot change MIG mode without a reset, so a MIG-enabled A100 offers only its MIG devices
 and a MIG-disabled one only whole/shared use; Hopper and newer offer everything.
@@ -23,8 +27,8 @@ Every output slice is valid for resource.k8s.io/v1 and within every upstream lim
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
-from typing import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping
 
 from driver.api import constants as C
 from driver.api import naming
@@ -43,6 +47,7 @@ class SliceFeatures:
     taints: bool = True                 # controller mode: devices carry the managed taint
     partitionable: bool = True          # sharedCounters / consumesCounters survive
     consumable_capacity: bool = True    # allowMultipleAllocations / requestPolicy survive
+    health_taints: bool = True          # device taints survive (else unhealthy devices are left out)
 
     @property
     def allocation_mode(self) -> str:
@@ -166,6 +171,48 @@ def _mig_capacity(memory_mib: int, profile: MigProfile | None, multiprocessors: 
     return cap
 
 
+# -- health ----------------------------------------------------------------------------------------
+_EFFECT_RANK = {"None": 0, "NoSchedule": 1, "NoExecute": 2}
+
+
+@dataclass(frozen=True)
+class HealthTaint:
+    state: str                          # degraded | fatal | lost
+    effect: str                         # NoSchedule | NoExecute | None
+    time_added: str                     # RFC 3339: when the device entered the state
+
+
+@dataclass(frozen=True)
+class HealthTaints:
+    """Unhealthy GPUs (by UUID: every device of the GPU) and MIG devices (by device name)."""
+
+    gpus: Mapping[str, HealthTaint] = field(default_factory=dict)
+    devices: Mapping[str, HealthTaint] = field(default_factory=dict)
+
+    def for_device(self, gpu_uuid: str, name: str) -> HealthTaint | None:
+        g, d = self.gpus.get(gpu_uuid), self.devices.get(name)
+        if g is None or d is None:
+            return g or d
+        return d if _EFFECT_RANK.get(d.effect, 0) > _EFFECT_RANK.get(g.effect, 0) else g
+
+
+NO_HEALTH_TAINTS = HealthTaints()
+
+
+def _apply_health(gpu: Gpu, devices: list[dict], health: HealthTaints, features: SliceFeatures) -> list[dict]:
+    out = []
+    for d in devices:
+        t = health.for_device(gpu.uuid, d["name"])
+        if t is None:
+            out.append(d)
+        elif features.health_taints:
+            d["taints"] = list(d.get("taints") or []) + [C.health_taint(t.state, t.effect, t.time_added)]
+            out.append(d)
+        elif t.effect not in ("NoSchedule", "NoExecute"):
+            out.append(d)                     # informational only: nothing to keep away
+    return out
+
+
 # -- devices per GPU -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GpuDevices:
@@ -186,7 +233,8 @@ def whole_gpu_usable(gpu: Gpu) -> bool:
     return not gpu.mig_enabled or gpu.architecture in MIG_MODE_WITHOUT_RESET
 
 
-def gpu_devices(inv: Inventory, gpu: Gpu, features: SliceFeatures) -> GpuDevices:
+def gpu_devices(inv: Inventory, gpu: Gpu, features: SliceFeatures,
+                health: HealthTaints = NO_HEALTH_TAINTS) -> GpuDevices:
     name = naming.gpu_device_name(gpu.uuid)
     parent = _parent_attributes(inv, gpu)
     devices: list[dict] = []
@@ -227,6 +275,7 @@ def gpu_devices(inv: Inventory, gpu: Gpu, features: SliceFeatures) -> GpuDevices
     if features.taints:
         for d in devices:
             d["taints"] = [C.managed_taint()]
+    devices = _apply_health(gpu, devices, health, features)
     return GpuDevices(gpu, counter_set, tuple(devices))
 
 
@@ -282,12 +331,13 @@ def _chunks(groups: Iterable[tuple[dict, ...]], limit: int) -> list[list[dict]]:
 
 
 def build_slices(inv: Inventory, *, driver_name: str = C.DEFAULT_DRIVER_NAME, node_uid: str = "",
-                 features: SliceFeatures = SliceFeatures(), generation: int = 1) -> list[dict]:
+                 features: SliceFeatures = SliceFeatures(), generation: int = 1,
+                 health: HealthTaints = NO_HEALTH_TAINTS) -> list[dict]:
     """The complete pool for a node: counter-set slices first, then device slices."""
-    per_gpu = [gpu_devices(inv, g, features) for g in inv.gpus]
+    per_gpu = [gpu_devices(inv, g, features, health) for g in inv.gpus]
     counter_sets = [g.counter_set for g in per_gpu if g.counter_set is not None]
     groups = [g.devices for g in per_gpu if g.devices]
-    advanced = features.taints or any("consumesCounters" in d for grp in groups for d in grp)
+    advanced = features.taints or any("consumesCounters" in d or "taints" in d for grp in groups for d in grp)
     limit = MAX_DEVICES_WITH_ADVANCED_FEATURES if advanced else MAX_DEVICES
     specs: list[dict] = []
     for i in range(0, len(counter_sets), MAX_COUNTER_SETS):

@@ -129,6 +129,7 @@ class _Findings:
     """Per request, what the fixes need beyond the report."""
 
     taints: dict[tuple, dict] = field(default_factory=dict)          # (key, value, effect) -> taint
+    health: Counter = field(default_factory=Counter)                  # health taint -> devices excluded by it
     blockers: Counter = field(default_factory=Counter)                # DeviceID held by others that excluded a device
 
 
@@ -193,6 +194,11 @@ class Explainer:
             out.notes.append(f"devices carry Partita's taint {C.MANAGED_TAINT_KEY}: kube-scheduler leaves them to "
                              "Partita's controller, which allocates such claims itself (--allocation-mode controller "
                              "shows how it sees this claim)")
+        for key in sorted({k for f in findings.values() for k in f.taints if k[0] == C.HEALTH_TAINT_KEY}, key=str):
+            n = sum(f.health.get(key, 0) for f in findings.values())
+            out.notes.append(f"{n} device(s) carry the health taint {key[0]}={key[1]}:{key[2]}: their GPU or MIG "
+                             f"instance is {key[1]} (the node's driver watches GPU health, docs/health.md); the taint "
+                             "goes when the GPU has recovered")
         for key, rule in sorted({(k, t[RULE_FIELD]) for f in findings.values() for k, t in f.taints.items()
                                  if t.get(RULE_FIELD)}, key=str):
             value = f"={key[1]}" if key[1] else ""
@@ -270,6 +276,8 @@ class Explainer:
             for t in dev.taints:
                 if t.get("effect") in ("NoSchedule", "NoExecute") and not any(tolerates(x, t) for x in rd.tolerations):
                     found.taints.setdefault((t.get("key"), t.get("value"), t.get("effect")), dict(t))
+                    if t.get("key") == C.HEALTH_TAINT_KEY:
+                        found.health[(t.get("key"), t.get("value"), t.get("effect"))] += 1
         elif reason in ("allocated", "capacity"):
             found.blockers[dev.id] += 1
         elif reason == "counters":
@@ -346,8 +354,8 @@ class Explainer:
                 yield ("count", f"lower {where}.count from {count} to {n}",
                        edit(lambda e, n=n: e.__setitem__("count", n)), None)
         for taint in found.taints.values():
-            if taint.get("key") == C.MANAGED_TAINT_KEY:
-                continue       # Partita's own taint: the controller tolerates it; never advise users to
+            if taint.get("key") in (C.MANAGED_TAINT_KEY, C.HEALTH_TAINT_KEY):
+                continue       # Partita's own taints (the health taint: a failing GPU, see the note); never advise users to
             tol = {"key": taint["key"], "operator": "Exists", "effect": taint["effect"]}
             origin = f" of DeviceTaintRule {taint[RULE_FIELD]}" if taint.get(RULE_FIELD) else ""
             yield ("toleration", f"add the toleration {json.dumps(tol)} to {where}.tolerations (devices carry "

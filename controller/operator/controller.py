@@ -28,6 +28,7 @@ from . import metrics
 from .cache import Cache
 from .claims import allocated_node, is_done, is_pending, key, ownership, pod_claims
 from .events import EventRecorder
+from .healthevents import HealthReporter
 from .extendedresources import DEFAULT_NAMES, REASON as EXTENDED_RESOURCE_REASON, ExtendedResourceAdvisor
 from .leader import NO_FENCE, Fence, NotLeader
 from .nodefit import NodeInfo, Topology, fit
@@ -69,6 +70,7 @@ class Controller:
         self.cache = Cache(cfg.driver_name)
         self.allocator = Allocator(cfg.features, cfg.strategy, max_steps=cfg.max_search_steps)
         self.events = EventRecorder(kube)
+        self.health = HealthReporter(cfg.driver_name)      # events on pods whose devices turned unhealthy
         self.extended = ExtendedResourceAdvisor(cfg.driver_name, cfg.allocation_mode, cfg.extended_resource_names)
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
@@ -103,6 +105,8 @@ class Controller:
             for pod in self.cache.claim_users.get(k, ()):
                 self.enqueue(f"pod:{pod}")
         else:   # slices, nodes, classes, taint rules: anything pending may fit now
+            if kind == "slice" and self.health.on_slice(etype, obj):
+                self.enqueue("health:")
             if kind == "devicetaintrule" and etype != "DELETED":
                 self.enqueue(f"taint:{obj['metadata']['name']}")
             self.enqueue_pending()
@@ -167,6 +171,8 @@ class Controller:
                         await self.reconcile_pod(k[4:])
                     elif k.startswith("taint:"):
                         await self.report_noexecute(k[6:])
+                    elif k == "health:":
+                        await self.health.report(self.cache, self.events)
                     else:
                         await self.reconcile_claim(k[6:])
                 except NotLeader as e:

@@ -45,6 +45,7 @@ from driver.plugin.telemetry import ratio
 
 from . import manifests as mf
 from .apiserver import ApiServer
+from .healthstream import HealthStream
 from .jobs import JobController
 from .kubelet import Kubelet
 from .plugin import PluginProcess
@@ -183,6 +184,8 @@ class Sandbox:
         self.controller_thread = ControllerThread(self.cfg, url, self.running)
         await asyncio.get_running_loop().run_in_executor(None, self.controller_thread.start)
         self._loop_task = asyncio.create_task(self._standins())
+        self.health_streams = [HealthStream(k) for k in self.kubelets]       # KEP-4680, as the kubelet does
+        self._health_tasks = [asyncio.create_task(h.run(self._stopping)) for h in self.health_streams]
 
     def _published(self, node: str) -> bool:
         return any((s.get("spec") or {}).get("nodeName") == node and (s.get("spec") or {}).get("driver") == self.driver
@@ -208,6 +211,9 @@ class Sandbox:
         self._stopping.set()
         if self._loop_task is not None:
             await asyncio.gather(self._loop_task, return_exceptions=True)
+        for t in getattr(self, "_health_tasks", []):
+            t.cancel()
+        await asyncio.gather(*getattr(self, "_health_tasks", []), return_exceptions=True)
         for k in self.kubelets:
             await k.drain()
         if self.controller_thread is not None:

@@ -15,6 +15,11 @@ MANAGED_TAINT_KEY = "partita.dev/managed"
 MANAGED_TAINT_VALUE = "controller"
 MANAGED_TAINT_EFFECT = "NoSchedule"
 
+#: Device taint the driver puts on a device whose GPU or MIG instance is unhealthy (docs/health.md): the value
+#: is the health state (degraded | fatal | lost); the effect is configurable per state (defaults: NoSchedule
+#: for degraded, NoExecute for fatal and lost). Removed when the device has recovered.
+HEALTH_TAINT_KEY = "gpu.partita.dev/unhealthy"
+
 #: Finalizer the controller puts on every claim it allocates; removed once it has released the claim.
 CLAIM_FINALIZER = "partita.dev/allocation"
 
@@ -91,3 +96,9 @@ def managed_toleration() -> dict:
     ``NoExecute`` health taint (controller-mode notes §5).
     """
     return {"key": MANAGED_TAINT_KEY, "operator": "Exists", "effect": MANAGED_TAINT_EFFECT}
+
+
+def health_taint(state: str, effect: str, time_added: str) -> dict:
+    """The device taint of an unhealthy device (API JSON form); ``time_added`` is when it entered the state,
+    so a republished slice keeps the taint's time (tolerationSeconds count from it)."""
+    return {"key": HEALTH_TAINT_KEY, "value": state, "effect": effect, "timeAdded": time_added}

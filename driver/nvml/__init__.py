@@ -19,9 +19,10 @@ BACKENDS = ("real", "fake")
 
 
 def open_backend(kind: str, *, profile: FakeGpuProfile | None = None, node_name: str = "",
-                 state_dir: str | Path | None = None) -> NvmlBackend:
+                 state_dir: str | Path | None = None, events_file: str | Path | None = None) -> NvmlBackend:
     """Construct a backend. ``fake`` needs a profile and the node name; ``state_dir`` keeps the fake
-    GPUs' mutable state (MIG instances, ...) across process restarts, as hardware would."""
+    GPUs' mutable state (MIG instances, ...) across process restarts, as hardware would; ``events_file``
+    is the JSON-lines file of injected health events the fake follows."""
     if kind == "real":
         from .real import RealNvml
 
@@ -31,7 +32,10 @@ def open_backend(kind: str, *, profile: FakeGpuProfile | None = None, node_name:
             raise ValueError("the fake NVML backend needs a GPU profile (--fake-profile FILE)")
         from .fake import FakeNvml
 
-        return FakeNvml(profile, node_name, state_dir)
+        backend = FakeNvml(profile, node_name, state_dir)
+        if events_file is not None:
+            backend.set_events_file(events_file)   # injected health events (docs/health.md)
+        return backend
     raise ValueError(f"unknown NVML backend {kind!r}; use one of {BACKENDS}")
 
 

@@ -31,10 +31,12 @@ backends on one directory see each other's changes.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import fcntl
 import json
+import logging
 import os
 import time
 import uuid as uuidlib
@@ -62,14 +64,35 @@ from .interface import (
     NvmlBackend,
     Placement,
 )
+from .events import (
+    EVENT_ECC_DBE,
+    EVENT_TYPE_CLOCK,
+    EVENT_TYPE_DOUBLE_BIT_ECC,
+    EVENT_TYPE_PSTATE,
+    EVENT_TYPE_SINGLE_BIT_ECC,
+    EVENT_TYPE_XID_CRITICAL,
+    EVENT_XID,
+    RECOVERY_ACTION_NONE,
+    XID_DBE,
+    XID_FALLEN_OFF_BUS,
+    HealthCheck,
+    HealthEvent,
+)
 from .interface import MemoryInfo, ProcessInfo, ProcessUtilization, Utilization
 from .models import GpuModel, get_model, interconnect, slot_layout
-from .profile import FakeGpuProfile, NodeProfile
+from .profile import RECOVERY_ACTION_NAMES, FakeGpuProfile, HealthInjection, InjectionError, NodeProfile, parse_injection
 
 _UUID_NAMESPACE = uuidlib.UUID("6f1d4b2e-9a57-4c1e-8f0a-5a17c0de9a11")
 _STATE_VERSION = 1
 #: architectures whose GPUs register with an NVLink fabric and answer nvmlDeviceGetGpuFabricInfoV
 _FABRIC_ARCHITECTURES = {"Hopper", "Blackwell"}
+#: architectures that retire pages after a DBE (later ones remap rows)
+_RETIRED_PAGES_ARCHITECTURES = {"Kepler", "Maxwell", "Pascal", "Volta", "Turing"}
+#: how often a waiting event set looks at the events file; events queued per set (NVML's buffer is bounded)
+_EVENTS_POLL_SECONDS = 0.02
+_MAX_QUEUED_EVENTS = 10000
+_MAX_EVENTS_READ = 4 * 1024 * 1024
+_log = logging.getLogger(__name__)
 
 
 #: the usage file in the state directory: per-process load the sandbox and tests inject (FakeNvml usage block)
@@ -242,11 +265,19 @@ class FakeNvml(NvmlBackend):
         if not self._initialized:
             raise errors.UninitializedError("NVML is not initialized; call init() first")
 
-    def _gpu(self, h: int) -> _Gpu:
+    def _handle(self, h: int) -> _Gpu:
         self._check_init()
         if not isinstance(h, int) or not 0 <= h < len(self._gpus):
             raise errors.InvalidArgumentError(f"invalid device handle {h!r}")
         return self._gpus[h]
+
+    def _gpu(self, h: int) -> _Gpu:
+        """A GPU that answers: one that fell off the bus answers GPU_IS_LOST to every call until a reset."""
+        g = self._handle(h)
+        if not self._read()["gpus"][g.uuid]["healthy"]:
+            raise errors.GpuLostError(f"GPU {g.uuid} has fallen off the bus; reset it (fake: inject "
+                                      "{\"kind\": \"reset\"}) or reboot the node")
+        return g
 
     def _mig_gpu(self, h: int) -> _Gpu:
         g = self._gpu(h)
@@ -302,7 +333,7 @@ class FakeNvml(NvmlBackend):
         return g.slot
 
     def device_info(self, h: int) -> DeviceInfo:
-        return self._gpu(h).info
+        return self._handle(h).info    # identity read at init: answered even for a lost GPU
 
     def gpu_fabric_info(self, h: int) -> GpuFabricInfo:
         g = self._gpu(h)
@@ -322,14 +353,14 @@ class FakeNvml(NvmlBackend):
         return P2P_STATUS_NOT_SUPPORTED
 
     def model_of(self, h: int) -> GpuModel:
-        return self._gpu(h).model
+        return self._handle(h).model
 
     def running_processes(self, h: int) -> list[int]:
         g = self._gpu(h)
         return self._all_processes(self._read()["gpus"][g.uuid])
 
     def is_healthy(self, h: int) -> bool:
-        g = self._gpu(h)
+        g = self._handle(h)
         return bool(self._read()["gpus"][g.uuid]["healthy"])
 
     def compute_mode(self, h: int) -> str:
@@ -773,3 +804,218 @@ class FakeNvml(NvmlBackend):
             raise errors.NotFoundError(f"no GPU with UUID {gpu_uuid}")
         with self._mutate() as state:
             state["gpus"][gpu_uuid]["healthy"] = healthy
+
+    # -- health events and checks (issue 13; docs/health.md "Fake GPUs") ---------------------------
+    # Injected events change the GPU's state as the hardware event would (persisted like the rest of the
+    # state) and are delivered to every event set registered for the GPU and the event type, as NVML
+    # delivers them. Injections come from the profile (nodes[].healthEvents, once the first event set is
+    # registered in this process), from inject() and from the events file (JSON lines), which
+    # event_set_wait follows; its read position is kept in the state, so a restarted plugin goes on
+    # where it stopped. A line that cannot be applied is logged with its line number and skipped.
+    def _health_init(self) -> None:
+        if getattr(self, "_event_sets", None) is None:
+            self._event_sets: dict[int, dict[str, Any]] = {}
+            self._next_event_set = 1
+            self._profile_events_sent = False
+            self.injection_errors: list[str] = []
+
+    def set_events_file(self, path: str | Path | None) -> None:
+        self._health_init()
+        self._events_file = Path(path) if path is not None else None
+
+    def event_set_create(self) -> int:
+        self._check_init()
+        self._health_init()
+        es = self._next_event_set
+        self._next_event_set += 1
+        self._event_sets[es] = {"types": {}, "queue": collections.deque()}
+        return es
+
+    def _event_set(self, es: Any) -> dict[str, Any]:
+        self._health_init()
+        if es not in self._event_sets:
+            raise errors.InvalidArgumentError(f"invalid or freed event set {es!r}")
+        return self._event_sets[es]
+
+    def register_events(self, event_set: Any, h: int, event_types: int) -> None:
+        g = self._gpu(h)
+        s = self._event_set(event_set)
+        supported = EVENT_TYPE_XID_CRITICAL | EVENT_TYPE_DOUBLE_BIT_ECC | EVENT_TYPE_SINGLE_BIT_ECC | \
+            EVENT_TYPE_PSTATE | EVENT_TYPE_CLOCK
+        if event_types & ~supported:
+            raise errors.NotSupportedError(f"GPU {g.uuid} does not support event types 0x{event_types & ~supported:x}")
+        s["types"][g.uuid] = s["types"].get(g.uuid, 0) | event_types
+
+    def _send_profile_events(self) -> None:
+        if self._profile_events_sent:
+            return
+        self._profile_events_sent = True
+        for i, inj in enumerate(self._profile.node(self._node_name).health_events):
+            try:
+                self.inject(inj)
+            except InjectionError as e:
+                self._injection_failed(f"fake GPU profile, node {self._node_name}, healthEvents[{i}]: {e}")
+
+    def event_set_free(self, event_set: Any) -> None:
+        self._event_set(event_set)
+        del self._event_sets[event_set]
+
+    def event_set_wait(self, event_set: Any, timeout_ms: int) -> HealthEvent | None:
+        self._check_init()
+        s = self._event_set(event_set)
+        deadline = time.monotonic() + max(0, timeout_ms) / 1000
+        if s["types"]:
+            self._send_profile_events()        # once something is registered, as at the start of a node
+        while True:
+            self._follow_events_file()
+            if s["queue"]:
+                return s["queue"].popleft()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(left, _EVENTS_POLL_SECONDS))
+
+    def health_check(self, h: int) -> HealthCheck:
+        g = self._gpu(h)       # GpuLostError for a GPU that fell off the bus
+        h_st = self._read()["gpus"][g.uuid].get("health") or {}
+        return HealthCheck(retired_pages_pending=bool(h_st.get("retiredPagesPending")),
+                           remapped_rows_pending=bool(h_st.get("remappedRowsPending")),
+                           remapped_rows_failure=bool(h_st.get("remappedRowsFailure")),
+                           recovery_action=int(h_st.get("recoveryAction") or RECOVERY_ACTION_NONE))
+
+    # injection (test hooks and the events file; not part of the NVML interface)
+    def inject(self, event: HealthInjection | dict | str) -> HealthEvent | None:
+        """Apply one health event as the hardware would; the NVML event it raises (None for conditions
+        only the periodic check sees). InjectionError for an unknown kind or device; nothing changes then."""
+        self._check_init()
+        self._health_init()
+        inj = event if isinstance(event, HealthInjection) else parse_injection(event)
+        g, gi, ci = self._injection_target(inj)
+        nvml_event: HealthEvent | None = None
+        if inj.kind == "xid" and inj.xid != XID_FALLEN_OFF_BUS:
+            # an XID changes nothing the driver keeps: no state write, so a flood costs reads only
+            if not self._read()["gpus"][g.uuid]["healthy"]:
+                raise InjectionError(f"GPU {g.uuid} has fallen off the bus; it reports nothing until a reset "
+                                     '(inject {"kind": "reset"})')
+            self._deliver(g, HealthEvent(g.uuid, EVENT_XID, int(inj.xid or 0), gi, ci))
+            return HealthEvent(g.uuid, EVENT_XID, int(inj.xid or 0), gi, ci)
+        with self._mutate() as state:
+            st = state["gpus"][g.uuid]
+            health = st.setdefault("health", {})
+            if inj.kind == "reset":
+                if st["healthy"] and self._all_processes(st):
+                    raise InjectionError(f"reset of GPU {g.uuid} refused (NVML: In use): processes "
+                                         f"{sorted(self._all_processes(st))} run on it; stop them first")
+                st["healthy"] = True
+                for k in ("retiredPagesPending", "remappedRowsPending", "recoveryAction"):
+                    health.pop(k, None)
+            elif not st["healthy"]:
+                raise InjectionError(f"GPU {g.uuid} has fallen off the bus; it reports nothing until a reset "
+                                     '(inject {"kind": "reset"})')
+            elif inj.kind == "fallen_off_bus" or (inj.kind == "xid" and inj.xid == XID_FALLEN_OFF_BUS):
+                st["healthy"] = False
+                nvml_event = HealthEvent(g.uuid, EVENT_XID, XID_FALLEN_OFF_BUS)
+            elif inj.kind == "ecc_dbe":
+                # the DBE's page is retired (before Ampere) or its row remapped (Ampere and later) at the next reset
+                key = "remappedRowsPending" if g.model.architecture not in _RETIRED_PAGES_ARCHITECTURES \
+                    else "retiredPagesPending"
+                health[key] = True
+                nvml_event = HealthEvent(g.uuid, EVENT_ECC_DBE, XID_DBE, gi, ci)
+            elif inj.kind == "recovery_action":
+                health["recoveryAction"] = RECOVERY_ACTION_NAMES.index(inj.action)
+            else:
+                key = {"retired_pages_pending": "retiredPagesPending", "remapped_rows_pending": "remappedRowsPending",
+                       "remapped_rows_failure": "remappedRowsFailure"}[inj.kind]
+                health[key] = inj.value
+        if nvml_event is not None:
+            self._deliver(g, nvml_event)
+        return nvml_event
+
+    def _deliver(self, g: _Gpu, event: HealthEvent) -> None:
+        bit = EVENT_TYPE_XID_CRITICAL if event.kind == EVENT_XID else EVENT_TYPE_DOUBLE_BIT_ECC
+        for s in self._event_sets.values():
+            if s["types"].get(g.uuid, 0) & bit:
+                if len(s["queue"]) >= _MAX_QUEUED_EVENTS:
+                    s["queue"].popleft()           # NVML's event buffer is bounded too: the oldest is dropped
+                s["queue"].append(event)
+
+    def _injection_target(self, inj: HealthInjection) -> tuple[_Gpu, int | None, int | None]:
+        if inj.mig is not None:
+            for g in self._gpus:
+                st = self._read()["gpus"][g.uuid]
+                for gi in st["gpuInstances"]:
+                    for ci in gi["computeInstances"]:
+                        if fake_mig_uuid(g.uuid, gi["id"], ci["id"], gi["start"]) == inj.mig:
+                            if inj.gpu is not None and self._gpu_of(inj.gpu, inj) is not g:
+                                raise InjectionError(f"{inj.kind} event: MIG device {inj.mig} is not on GPU {inj.gpu}")
+                            return g, gi["id"], ci["id"]
+            raise InjectionError(f"{inj.kind} event: no MIG device {inj.mig} on node {self._node_name}; "
+                                 "list them with `partita inventory`")
+        g = self._gpu_of(inj.gpu, inj)
+        if inj.gpu_instance is None:
+            return g, None, None
+        st = self._read()["gpus"][g.uuid]
+        gi = next((x for x in st["gpuInstances"] if x["id"] == inj.gpu_instance), None)
+        if gi is None:
+            raise InjectionError(f"{inj.kind} event: GPU {g.uuid} has no GPU instance {inj.gpu_instance} "
+                                 f"(it has {sorted(x['id'] for x in st['gpuInstances']) or 'none'})")
+        ci = inj.compute_instance
+        if ci is None:
+            ci = gi["computeInstances"][0]["id"] if gi["computeInstances"] else None
+        elif not any(c["id"] == ci for c in gi["computeInstances"]):
+            raise InjectionError(f"{inj.kind} event: GPU instance {gi['id']} on GPU {g.uuid} has no compute "
+                                 f"instance {ci}")
+        return g, gi["id"], ci
+
+    def _gpu_of(self, ref: int | str | None, inj: HealthInjection) -> _Gpu:
+        if isinstance(ref, int) and not isinstance(ref, bool):
+            if 0 <= ref < len(self._gpus):
+                return self._gpus[ref]
+            raise InjectionError(f"{inj.kind} event: node {self._node_name} has no GPU {ref} (GPUs 0.."
+                                 f"{len(self._gpus) - 1})")
+        if isinstance(ref, str) and ref in self._by_uuid:
+            return self._by_uuid[ref]
+        if isinstance(ref, str) and ref.isdigit():
+            return self._gpu_of(int(ref), inj)
+        raise InjectionError(f"{inj.kind} event: node {self._node_name} has no GPU {ref!r}; give its index "
+                             f"(0..{len(self._gpus) - 1}) or UUID")
+
+    def _injection_failed(self, message: str) -> None:
+        self.injection_errors.append(message)
+        del self.injection_errors[:-100]
+        _log.warning("fake NVML: %s", message)
+
+    def _follow_events_file(self) -> None:
+        path = getattr(self, "_events_file", None)
+        if path is None:
+            return
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        key = str(path)
+        state = self._read()
+        offset = int((state.get("eventsRead") or {}).get(key, 0))
+        lines_before = int((state.get("eventsLines") or {}).get(key, 0))
+        if size == offset:
+            return
+        if size < offset:
+            offset, lines_before = 0, 0         # the file was truncated or replaced: read it from the start
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(_MAX_EVENTS_READ)
+        end = data.rfind(b"\n")
+        if end < 0:
+            return                              # a line still being written
+        lines = data[:end + 1].split(b"\n")[:-1]
+        for i, raw in enumerate(lines):
+            if not raw.strip():
+                continue
+            where = f"{path} line {lines_before + i + 1}"
+            try:
+                self.inject(parse_injection(raw.decode("utf-8", "replace"), where))
+            except InjectionError as e:
+                self._injection_failed(str(e) if str(e).startswith(where) else f"{where}: {e}")
+        with self._mutate() as st:
+            st.setdefault("eventsRead", {})[key] = offset + end + 1
+            st.setdefault("eventsLines", {})[key] = lines_before + len(lines)

@@ -300,6 +300,37 @@ class NvmlBackend(ABC):
             self.destroy_compute_instance(h, gpu_instance_id, ci.id)
         self.destroy_gpu_instance(h, gpu_instance_id)
 
+    # -- health events and checks (issue 13; types in driver/nvml/events.py) ------------------------
+    # Not abstract: a backend without them answers NotSupportedError and the health monitor reports the
+    # GPU as unmonitored instead of failing.
+    def event_set_create(self) -> Any:
+        """``nvmlEventSetCreate``."""
+        from .errors import NotSupportedError
+
+        raise NotSupportedError(f"NVML events are not supported by the {self.kind} backend")
+
+    def register_events(self, event_set: Any, h: Handle, event_types: int) -> None:
+        """``nvmlDeviceRegisterEvents``; NotSupportedError when the GPU cannot report these event types."""
+        from .errors import NotSupportedError
+
+        raise NotSupportedError(f"NVML events are not supported by the {self.kind} backend")
+
+    def event_set_wait(self, event_set: Any, timeout_ms: int) -> "HealthEvent | None":
+        """``nvmlEventSetWait_v2``: the next registered event, or None when none came within ``timeout_ms``."""
+        from .errors import NotSupportedError
+
+        raise NotSupportedError(f"NVML events are not supported by the {self.kind} backend")
+
+    def event_set_free(self, event_set: Any) -> None:
+        """``nvmlEventSetFree``."""
+
+    def health_check(self, h: Handle) -> "HealthCheck":
+        """Pending repairs of one GPU (retired pages, remapped rows, the driver's recovery action);
+        GpuLostError when the GPU does not answer."""
+        from .errors import NotSupportedError
+
+        raise NotSupportedError(f"GPU health checks are not supported by the {self.kind} backend")
+
     # -- usage (issue 14): utilization, memory, processes; what NVML refuses on MIG is noted per call ---------
     @abstractmethod
     def utilization_rates(self, h: Handle) -> Utilization:
@@ -372,3 +403,9 @@ class ProcessUtilization:
     timestamp_us: int
     sm_util: int
     mem_util: int
+
+
+from typing import TYPE_CHECKING  # noqa: E402 - with the health block above, kept apart from the original imports
+
+if TYPE_CHECKING:
+    from .events import HealthCheck, HealthEvent

@@ -10,6 +10,11 @@
       - {model: H100-SXM5-80GB, count: 8, migEnabled: false}
       - {model: L4, count: 2, unhealthy: [1]}
       - {model: A100-SXM4-80GB, count: 1, load: {smUtil: 30, memoryUsedMiB: 4096}}   # a background process
+      healthEvents:                     # optional: injected once the health monitor registers (docs/health.md)
+      - {kind: xid, gpu: 0, xid: 79}
+
+Health events are also injected at runtime, one JSON object a line, into the file ``partita plugin
+--fake-events FILE`` watches (``partita fake-inject`` appends to it); :func:`parse_injection` checks each.
 
 Used by ``partita plugin --nvml fake --fake-profile FILE``, the sandbox and the chart's kind mode.
 """
@@ -17,7 +22,8 @@ Used by ``partita plugin --nvml fake --fake-profile FILE``, the sandbox and the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+import json
+from typing import Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -77,9 +83,83 @@ class GpuGroup(_Model):
         return self
 
 
+#: kinds of injectable health events (docs/health.md "Fake GPUs"): NVML events (xid, ecc_dbe,
+#: fallen_off_bus), conditions the periodic check reads (retired pages / remapped rows pending, a failed
+#: row remapping, the driver's recovery action) and an operator's GPU reset
+INJECTION_KINDS = ("xid", "ecc_dbe", "fallen_off_bus", "retired_pages_pending", "remapped_rows_pending",
+                   "remapped_rows_failure", "recovery_action", "reset")
+RECOVERY_ACTION_NAMES = ("none", "gpu_reset", "node_reboot", "drain_p2p", "drain_and_reset")
+
+
+class InjectionError(ValueError):
+    """An injected health event that cannot be applied; the message names the event, the field and the fix."""
+
+
+class HealthInjection(_Model):
+    """One injected health event. ``gpu``: index on the node or GPU UUID; a MIG instance by ``mig`` (its
+    UUID) or ``gpuInstance`` (and ``computeInstance``)."""
+
+    kind: str
+    gpu: Union[int, str, None] = None
+    mig: str | None = None
+    xid: int | None = Field(default=None, ge=1, le=65535)
+    gpu_instance: int | None = Field(default=None, ge=0, alias="gpuInstance")
+    compute_instance: int | None = Field(default=None, ge=0, alias="computeInstance")
+    #: retired_pages_pending / remapped_rows_pending / remapped_rows_failure: set (true) or clear (false)
+    value: bool = True
+    #: recovery_action: what the driver asks for
+    action: str = "gpu_reset"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "HealthInjection":
+        if self.kind not in INJECTION_KINDS:
+            raise ValueError(f"unknown health event kind {self.kind!r}; use one of {', '.join(INJECTION_KINDS)}")
+        if self.gpu is None and self.mig is None:
+            raise ValueError(f"{self.kind} event names no device; give gpu (index or GPU UUID) or mig (MIG UUID)")
+        if self.kind == "xid" and self.xid is None:
+            raise ValueError("xid event without an xid number; give xid, e.g. 79 (fallen off the bus) or 48 (DBE)")
+        if self.kind != "xid" and self.xid is not None:
+            raise ValueError(f"xid is only for kind xid (this is {self.kind}); remove it")
+        on_instance = self.mig is not None or self.gpu_instance is not None
+        if on_instance and self.kind not in ("xid", "ecc_dbe"):
+            raise ValueError(f"{self.kind} is a condition of the whole GPU; remove mig/gpuInstance")
+        if self.compute_instance is not None and self.gpu_instance is None:
+            raise ValueError("computeInstance needs gpuInstance")
+        if self.kind == "recovery_action" and self.action not in RECOVERY_ACTION_NAMES:
+            raise ValueError(f"unknown recovery action {self.action!r}; use one of {', '.join(RECOVERY_ACTION_NAMES)}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(by_alias=True, exclude_defaults=True) | {"kind": self.kind},
+                          sort_keys=True)
+
+
+def parse_injection(data: object, source: str = "health event") -> HealthInjection:
+    """An injected event from a decoded JSON object (or a JSON text); InjectionError naming what is wrong."""
+    if isinstance(data, (str, bytes)):
+        try:
+            data = json.loads(data)
+        except ValueError as e:
+            raise InjectionError(f"{source}: not JSON ({e}); write one object a line, e.g. "
+                                 '{"kind": "xid", "gpu": 0, "xid": 79}') from None
+    if not isinstance(data, dict):
+        raise InjectionError(f"{source}: expected a JSON object with kind and gpu, got {type(data).__name__}")
+    try:
+        return HealthInjection.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            msg = "unknown field; fields: kind, gpu, mig, xid, gpuInstance, computeInstance, value, action"
+        raise InjectionError(f"{source}: {where + ': ' if where else ''}{msg}") from None
+
+
 class NodeProfile(_Model):
     name: str = Field(min_length=1)
     gpus: tuple[GpuGroup, ...] = ()
+    #: health events injected once the health monitor has registered for events (docs/health.md)
+    health_events: tuple[HealthInjection, ...] = Field(default=(), alias="healthEvents")
 
     def gpu_list(self) -> list[tuple[str, bool, bool]]:
         """(model key, MIG enabled at boot, healthy) per slot, in slot order."""
@@ -137,7 +217,7 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field; remove it (fields: apiVersion, kind, driverVersion, cudaDriverVersion, " \
-                  "nodes[].name, nodes[].gpus[].model/count/migEnabled/unhealthy/load)"
+                  "nodes[].name, nodes[].gpus[].model/count/migEnabled/unhealthy/load, nodes[].healthEvents)"
         elif e["type"] == "literal_error" and path == "apiVersion":
             msg = f"must be {API_VERSION!r}"
         elif e["type"] == "literal_error" and path == "kind":

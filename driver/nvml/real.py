@@ -43,6 +43,17 @@ from .interface import (
     NvmlBackend,
     Placement,
 )
+from .events import (
+    EVENT_ECC_DBE,
+    EVENT_TYPE_DOUBLE_BIT_ECC,
+    EVENT_TYPE_XID_CRITICAL,
+    EVENT_XID,
+    FIELD_GPU_RECOVERY_ACTION,
+    NO_INSTANCE,
+    RECOVERY_ACTION_NONE,
+    HealthCheck,
+    HealthEvent,
+)
 from .interface import MemoryInfo, ProcessInfo, ProcessUtilization, Utilization
 from .models import model_for_product_name
 
@@ -492,6 +503,79 @@ class RealNvml(NvmlBackend):
             return float(metric.value)
         finally:
             n.nvmlGpmSampleFree(prev)
+
+    # -- health events and checks (issue 13; driver/nvml/events.py) --------------------------------
+    def event_set_create(self) -> Any:
+        return self._call("nvmlEventSetCreate", self._n.nvmlEventSetCreate)
+
+    def register_events(self, event_set: Any, h: Any, event_types: int) -> None:
+        """Registers only the types the GPU supports (nvmlDeviceGetSupportedEventTypes); none of them:
+        NotSupportedError (the monitor then checks the GPU periodically only)."""
+        uuid = self._dev(h)
+        supported = int(self._call(f"nvmlDeviceGetSupportedEventTypes on {uuid}",
+                                   self._n.nvmlDeviceGetSupportedEventTypes, h))
+        wanted = event_types & supported
+        if not wanted:
+            raise errors.NotSupportedError(f"GPU {uuid} reports none of the event types 0x{event_types:x} "
+                                           f"(supported: 0x{supported:x})")
+        self._call(f"nvmlDeviceRegisterEvents(0x{wanted:x}) on {uuid}", self._n.nvmlDeviceRegisterEvents, h,
+                   wanted, event_set)
+
+    def event_set_wait(self, event_set: Any, timeout_ms: int) -> HealthEvent | None:
+        try:
+            data = self._call("nvmlEventSetWait_v2", self._n.nvmlEventSetWait_v2, event_set, int(timeout_ms))
+        except errors.NvmlError as e:
+            if e.code == errors.TIMEOUT:
+                return None
+            raise
+        etype = int(data.eventType)
+        if etype & EVENT_TYPE_XID_CRITICAL:
+            kind = EVENT_XID
+        elif etype & EVENT_TYPE_DOUBLE_BIT_ECC:
+            kind = EVENT_ECC_DBE
+        else:
+            return None          # not a health event type (never registered; ignore defensively)
+        gi, ci = int(data.gpuInstanceId), int(data.computeInstanceId)
+        return HealthEvent(gpu_uuid=self._dev(data.device), kind=kind, xid=int(data.eventData),
+                           gpu_instance_id=None if gi == NO_INSTANCE else gi,
+                           compute_instance_id=None if ci == NO_INSTANCE else ci)
+
+    def event_set_free(self, event_set: Any) -> None:
+        self._call("nvmlEventSetFree", self._n.nvmlEventSetFree, event_set)
+
+    def health_check(self, h: Any) -> HealthCheck:
+        """Read-only. GpuLostError when the GPU does not answer; each repair query the GPU or driver does
+        not support (NOT_SUPPORTED, FUNCTION_NOT_FOUND) counts as nothing pending."""
+        n = self._n
+        uuid = self._dev(h)
+        self._call(f"nvmlDeviceGetMemoryInfo on {uuid}", n.nvmlDeviceGetMemoryInfo, h)   # reachable at all?
+        unsupported = (errors.NOT_SUPPORTED, errors.FUNCTION_NOT_FOUND)
+        retired = False
+        try:
+            retired = int(self._call(f"nvmlDeviceGetRetiredPagesPendingStatus on {uuid}",
+                                     n.nvmlDeviceGetRetiredPagesPendingStatus, h)) == 1
+        except errors.NvmlError as e:
+            if e.code not in unsupported:
+                raise
+        pending = failure = False
+        try:
+            _, _, p, f = self._call(f"nvmlDeviceGetRemappedRows on {uuid}", n.nvmlDeviceGetRemappedRows, h)
+            pending, failure = bool(p), bool(f)
+        except errors.NvmlError as e:
+            if e.code not in unsupported:
+                raise
+        action = RECOVERY_ACTION_NONE
+        try:
+            values = self._call(f"nvmlDeviceGetFieldValues(GPU_RECOVERY_ACTION) on {uuid}",
+                                n.nvmlDeviceGetFieldValues, h, [FIELD_GPU_RECOVERY_ACTION])
+            v = values[0]
+            if int(getattr(v, "nvmlReturn", 0)) == 0:
+                action = int(v.value.uiVal)
+        except errors.NvmlError as e:
+            if e.code not in unsupported:
+                raise
+        return HealthCheck(retired_pages_pending=retired, remapped_rows_pending=pending,
+                           remapped_rows_failure=failure, recovery_action=action)
 
 
 #: NVML_VALUE_NOT_AVAILABLE for unsigned int fields (gpuInstanceId, computeInstanceId outside MIG mode)

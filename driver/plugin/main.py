@@ -3,7 +3,8 @@
 Start-up: socket names (fixed, or per instance for rolling updates with surge: driver/plugin/sockets.py)
 -> NVML backend -> inventory -> undo interrupted prepares -> ResourceSlice publisher -> DRA gRPC
 socket -> registration socket (the kubelet registers the plugin as soon as that one appears) -> health
-and metrics. SIGTERM/SIGINT stop the servers and remove both sockets; ResourceSlices stay (the kubelet
+and metrics. The GPU health monitor (docs/health.md) starts with the publisher: it taints failing devices,
+feeds the kubelet's health stream on the DRA socket and sets the health metrics. SIGTERM/SIGINT stop the servers and remove both sockets; ResourceSlices stay (the kubelet
 wipes them if the plugin does not come back).
 """
 
@@ -25,6 +26,7 @@ from driver.logfmt import add_log_format
 from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
 from driver.plugin.claims import KubeClaimSource
+from driver.plugin.healthsetup import HealthFlagError, add_health_arguments, events_file, health_config, wire_health
 from driver.plugin.mps_watch import watch_mps_daemons
 from driver.plugin.telemetry import add_observer_arguments, start_observers
 from driver.plugin.nodelabels import follow_node_labels
@@ -98,6 +100,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "1.33+). auto: on when --instance-uid is set and this Node's kubelet is 1.33 or newer; "
                         "on: always (refused when the Node's kubelet is known to be older); off: fixed names, "
                         "one instance per node (env ROLLING_UPDATE; default %(default)s)")
+    add_health_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
             raise InstanceUidError("--rolling-update on needs --instance-uid (env POD_UID; the chart sets it from "
                                    "the pod's metadata.uid)")
     except (InvalidName, InstanceUidError) as e:
+        print(f"partita plugin: {e}", file=sys.stderr)
+        return 2
+    try:
+        health_config(args)
+    except HealthFlagError as e:
         print(f"partita plugin: {e}", file=sys.stderr)
         return 2
     try:
@@ -138,7 +146,8 @@ def _open_backend(args: argparse.Namespace, plugin_dir: Path):
         except ProfileError as e:
             raise StartupError(str(e)) from None
         state_dir = Path(args.fake_state_dir) if args.fake_state_dir else plugin_dir / "fake-nvml"
-        backend = open_backend("fake", profile=profile, node_name=args.node_name, state_dir=state_dir)
+        backend = open_backend("fake", profile=profile, node_name=args.node_name, state_dir=state_dir,
+                               events_file=events_file(args, state_dir))
     elif getattr(args, "nvidia_driver_root", ""):
         from driver.nvml.real import RealNvml
 
@@ -198,13 +207,17 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     await state.recover()
     claims = KubeClaimSource(kube)
     observers, observer_tasks = start_observers(args, kube, backend, state, claims, stop)
-    servers = PluginServers(DraService(state, claims, observers), driver_name=args.driver_name,
-                            dra_socket=sockets.dra, registration_socket=sockets.registration)
+    health = wire_health(health_config(args), backend, inventory, args.node_name, publisher, state)
+    svc = DraService(state, claims, observers)
+    svc.on_change = health.stream.notify
+    servers = PluginServers(svc, driver_name=args.driver_name, dra_socket=sockets.dra,
+                            registration_socket=sockets.registration, health=health.stream)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     tasks = [asyncio.create_task(publisher.run(stop), name="publisher"),
-             asyncio.create_task(follow_node_labels(state, kube, args.node_name, stop), name="node-labels")]
+             asyncio.create_task(follow_node_labels(state, kube, args.node_name, stop), name="node-labels"),
+             asyncio.create_task(health.monitor.run(stop), name="health-monitor")]
     tasks += observer_tasks
     if getattr(args, "mps_check_interval", 0) > 0:
         tasks.append(asyncio.create_task(watch_mps_daemons(state, stop, args.mps_check_interval), name="mps-watch"))

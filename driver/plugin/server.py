@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import grpc
 
@@ -68,6 +69,7 @@ class DraService:
         self.claims = claims
         #: claim status, usage metrics, idle detection (driver/plugin/observers.py); never fail a call
         self.observers = observers or Observers()
+        self.on_change: Callable[[], None] | None = None    # after every prepare/unprepare (health stream)
 
     async def _fetch(self, ref: ClaimRef) -> dict | Exception:
         """The claim the kubelet names, read only when its names are valid, and checked for the fields
@@ -103,6 +105,8 @@ class DraService:
         bound_errors(resp, errors)
         metrics.PREPARE_SECONDS.observe(time.perf_counter() - start)
         metrics.PREPARED_CLAIMS.set(self.state.prepared_count)
+        if self.on_change is not None:
+            self.on_change()
         return resp
 
     async def unprepare(self, request, pb):  # noqa: ANN001
@@ -118,6 +122,8 @@ class DraService:
         bound_errors(resp, errors)
         metrics.UNPREPARE_SECONDS.observe(time.perf_counter() - start)
         metrics.PREPARED_CLAIMS.set(self.state.prepared_count)
+        if self.on_change is not None:
+            self.on_change()
         return resp
 
 
@@ -144,14 +150,15 @@ class DraV1beta1(v1beta1_grpc.DRAPluginServicer):
 
 
 class Registration(reg_grpc.RegistrationServicer):
-    def __init__(self, driver_name: str, endpoint: str):
+    def __init__(self, driver_name: str, endpoint: str, extra_versions: list[str] | None = None):
         self.driver_name = driver_name
         self.endpoint = endpoint
+        self.versions = SUPPORTED_VERSIONS + list(extra_versions or [])
         self.status: reg.RegistrationStatus | None = None
 
     async def GetInfo(self, request, context):  # noqa: N802,ANN001
         return reg.PluginInfo(type=PLUGIN_TYPE, name=self.driver_name, endpoint=self.endpoint,
-                              supported_versions=SUPPORTED_VERSIONS)
+                              supported_versions=self.versions)
 
     async def NotifyRegistrationStatus(self, request, context):  # noqa: N802,ANN001
         self.status = request
@@ -160,6 +167,12 @@ class Registration(reg_grpc.RegistrationServicer):
             return reg.RegistrationStatusResponse()
         log.error("the kubelet refused to register the DRA plugin %s: %s", self.driver_name, request.error)
         await context.abort(grpc.StatusCode.UNKNOWN, f"failed registration process: {request.error}")
+
+
+def _health_versions() -> list[str]:
+    from driver.plugin.drahealth import VERSIONS
+
+    return VERSIONS
 
 
 def _remove_socket(path: Path) -> None:
@@ -206,11 +219,13 @@ def _restore(keep: Path | None, path: Path) -> None:
 class PluginServers:
     """Owns the two unix-socket servers."""
 
-    def __init__(self, svc: DraService, *, driver_name: str, dra_socket: Path, registration_socket: Path):
+    def __init__(self, svc: DraService, *, driver_name: str, dra_socket: Path, registration_socket: Path,
+                 health: Any = None):
         self.svc = svc
         self.dra_socket = dra_socket
         self.registration_socket = registration_socket
-        self.registration = Registration(driver_name, str(dra_socket))
+        self.health = health       # a driver.plugin.drahealth.ResourceHealth: the kubelet's health stream (KEP-4680)
+        self.registration = Registration(driver_name, str(dra_socket), _health_versions() if health else None)
         self._dra: grpc.aio.Server | None = None
         self._reg: grpc.aio.Server | None = None
         self._bound: dict[Path, tuple[int, int] | None] = {}    # socket -> (device, inode) this instance bound
@@ -222,6 +237,10 @@ class PluginServers:
         self._dra = grpc.aio.server()
         v1_grpc.add_DRAPluginServicer_to_server(DraV1(self.svc), self._dra)
         v1beta1_grpc.add_DRAPluginServicer_to_server(DraV1beta1(self.svc), self._dra)
+        if self.health is not None:
+            from driver.plugin.drahealth import add_to_server
+
+            add_to_server(self.health, self._dra)
         self._dra.add_insecure_port(f"unix://{self.dra_socket}")
         await self._dra.start()
         self._bound[self.dra_socket] = _identity(self.dra_socket)
