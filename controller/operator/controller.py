@@ -26,6 +26,7 @@ from driver.api.messages import bound_list
 
 from . import metrics
 from .cache import Cache
+from .capacity import CapacityGauges
 from .claims import allocated_node, is_done, is_pending, key, ownership, pod_claims
 from .events import EventRecorder
 from .extendedresources import DEFAULT_NAMES, REASON as EXTENDED_RESOURCE_REASON, ExtendedResourceAdvisor
@@ -60,6 +61,8 @@ class ControllerConfig:
     retry_period: float = 2.0
     #: extended resources (the NVIDIA device plugin's) whose pending pods are told to use a ResourceClaim
     extended_resource_names: tuple[str, ...] = DEFAULT_NAMES
+    #: the capacity gauges (capacity.py) are recomputed at most this often, seconds
+    capacity_refresh_seconds: float = 15.0
 
 
 class Controller:
@@ -184,6 +187,7 @@ class Controller:
             await asyncio.gather(ticker, return_exceptions=True)
 
     async def _tick(self, stop: asyncio.Event) -> None:
+        gauges = CapacityGauges(self.cfg.driver_name, self.cfg.capacity_refresh_seconds)
         while not stop.is_set():
             await asyncio.sleep(0.5)
             now = time.monotonic()
@@ -193,6 +197,7 @@ class Controller:
                     self.enqueue(k)
             self.cache.expire_inflight()
             metrics.POOLS_MISSING_TAINT.set(len(self.cache.tainted_pools_missing))
+            gauges.refresh_controller(self)
 
     def _backoff(self, k: str, at_least: float = 0.0) -> None:
         _, cur = self._retry.get(k, (0.0, 0.0))
