@@ -185,3 +185,17 @@ def test_the_controller_publishes_capacity_from_its_cache() -> None:
                         and _sample("partita_pending_claims_by_reason", reason="InsufficientCapacity") == 1)
             await cl.server.wait_for(lambda s: seen(s) or None, 15)
     asyncio.run(main())
+
+
+def test_selectors_reading_per_device_attributes_match_only_that_device() -> None:
+    # devices alike in what a selector reads are matched once; a selector on the UUID tells every GPU apart
+    slices = node_slices("node-a", "A100-SXM4-80GB:2")
+    whole = [d for s in slices for d in s["spec"].get("devices") or [] if d["attributes"]["type"]["string"] == "gpu"]
+    busy = next(d["name"] for s in slices for d in s["spec"].get("devices") or []
+                if d["attributes"].get("parentUUID", {}).get("string") == whole[0]["attributes"]["uuid"]["string"])
+    claims = [allocated_claim("s", [busy], share_ids={busy: "7f0c4bc8-8d0c-4a53-9d55-0e1e6b0d0d0d"})]
+    by_uuid = "device.attributes['gpu.partita.dev'].uuid == '{}'"
+    on_busy = pending_claim("on-busy", request(selectors=[by_uuid.format(whole[0]["attributes"]["uuid"]["string"])]))
+    on_free = pending_claim("on-free", request(selectors=[by_uuid.format(whole[1]["attributes"]["uuid"]["string"])]))
+    got = compute(slices, claims + [on_busy, on_free], [pod("a", ["on-busy"]), pod("b", ["on-free"])])
+    assert {c.name: c.reason for c in got.pending_claims} == {"on-busy": "Fragmented", "on-free": "Unschedulable"}

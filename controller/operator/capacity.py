@@ -34,13 +34,15 @@ Definitions (also in docs/monitoring-cluster.md):
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from prometheus_client import Gauge
 
-from controller.allocator.cel import CelError, Evaluator, device_input
+from controller.allocator.cel import CelError, Evaluator
+from controller.allocator.pools import Interner
 from driver.api import constants as C
 from driver.api.config import validate_claim_configs
 from driver.api.quantity import Quantity, QuantityError
@@ -74,10 +76,11 @@ class Device:
     mode: str
     gpu_uuid: str
     memory: int                                   # bytes of its memory capacity
-    counters: tuple[tuple[str, str, int], ...]    # (counter set, counter, nano-units) it consumes
     allow_multiple: bool
     share_default: int                            # the shared device's requestPolicy default (bytes), or 0
-    raw: Mapping                                  # the published device, for selectors
+    raw: Mapping                                  # the published device (counters and selector inputs, parsed lazily)
+    _counters: tuple[tuple[str, str, int], ...] | None = None   # (counter set, counter, nano-units) it consumes
+    _cel: tuple[tuple, tuple] | None = None                     # (attributes, capacities) for selectors
     held: bool = False                            # a dedicated device allocated to a claim
     consumed: int = 0                             # a shared device's memory consumed by its shares
     shares: int = 0
@@ -170,20 +173,32 @@ def _attr(device: Mapping, name: str) -> object:
     return next(iter(v.values()), None) if v else None
 
 
-def _bytes(text: object) -> int:
+_QUANTITIES = (QuantityError, ValueError, TypeError)
+
+
+def _bytes(intern: Interner, text: object) -> int:
     if text in (None, ""):
         return 0
     try:
-        return Quantity.parse(text).as_int()
-    except (QuantityError, ValueError, TypeError):
+        return intern.quantity(text).as_int()
+    except _QUANTITIES:
         return 0
 
 
-def _nano(text: object) -> int:
-    try:
-        return int(Quantity.parse(text).value * 1_000_000_000)
-    except (QuantityError, ValueError, TypeError):
-        return 0
+def _cel_inputs(intern: Interner, d: Mapping) -> tuple[tuple, tuple]:
+    """A device's attributes as ``(name, kind, value)`` and capacities as ``(name, Quantity)``, the shape the
+    allocator's CEL evaluator memoizes on."""
+    attrs = []
+    for name, val in (d.get("attributes") or {}).items():
+        kind = next((k for k in ("int", "bool", "string", "version") if k in (val or {})), "")
+        attrs.append((name, kind, (val or {}).get(kind)))
+    caps = []
+    for name, c in (d.get("capacity") or {}).items():
+        try:
+            caps.append((name, intern.quantity((c or {}).get("value"))))
+        except _QUANTITIES:
+            continue
+    return tuple(attrs), tuple(caps)
 
 
 def _results(claim: Mapping, driver: str) -> list[Mapping]:
@@ -197,6 +212,8 @@ class _Inventory:
 
     def __init__(self, slices: Iterable[Mapping], claims: Iterable[Mapping], driver: str):
         self.driver = driver
+        intern = self.intern = Interner()
+        self._nanos: dict[object, int] = {}
         self.gpus: dict[tuple[str, str], Gpu] = {}               # (pool, uuid) -> GPU
         self.devices: dict[tuple[str, str], Device] = {}         # (pool, device name) -> device
         self.counter_caps: dict[tuple[str, str, str], int] = {}  # (pool, set, counter) -> nano-units
@@ -210,11 +227,11 @@ class _Inventory:
             node = spec.get("nodeName") or pool
             for cs in spec.get("sharedCounters") or []:
                 for cname, v in (cs.get("counters") or {}).items():
-                    self.counter_caps[(pool, cs.get("name", ""), cname)] = _nano((v or {}).get("value"))
+                    self.counter_caps[(pool, cs.get("name", ""), cname)] = self._nano((v or {}).get("value"))
             for d in spec.get("devices") or []:
                 if _attr(d, C.ATTR_TYPE) == C.DEVICE_TYPE_GPU:
                     uuid = str(_attr(d, C.ATTR_UUID))
-                    mem = _bytes(((d.get("capacity") or {}).get(C.CAP_MEMORY) or {}).get("value"))
+                    mem = _bytes(intern, ((d.get("capacity") or {}).get(C.CAP_MEMORY) or {}).get("value"))
                     self.gpus[(pool, uuid)] = Gpu(node, pool, uuid, d.get("name", ""),
                                                   str(_attr(d, C.ATTR_PRODUCT_NAME) or ""), mem)
                 pending_devices.append((d, pool, node))
@@ -227,16 +244,37 @@ class _Inventory:
             if gpu is None:
                 continue           # a MIG or shared device whose GPU is not published (static MIG): not counted
             mem_cap = (d.get("capacity") or {}).get(C.CAP_MEMORY) or {}
-            counters = tuple((c.get("counterSet", ""), name, _nano((v or {}).get("value")))
-                             for c in d.get("consumesCounters") or [] for name, v in (c.get("counters") or {}).items())
-            dev = Device(pool, d.get("name", ""), mode, uuid, _bytes(mem_cap.get("value")), counters,
+            dev = Device(pool, d.get("name", ""), mode, uuid, _bytes(intern, mem_cap.get("value")),
                          bool(d.get("allowMultipleAllocations")),
-                         _bytes((mem_cap.get("requestPolicy") or {}).get("default")), d)
+                         _bytes(intern, (mem_cap.get("requestPolicy") or {}).get("default")), d)
             gpu.devices.append(dev)
             self.devices[(pool, dev.name)] = dev
         for c in claims:
             for r in _results(c, driver):
                 self._hold(r)
+
+    def counters(self, dev: Device) -> tuple[tuple[str, str, int], ...]:
+        if dev._counters is None:
+            dev._counters = tuple((c.get("counterSet", ""), name, self._nano((v or {}).get("value")))
+                                  for c in dev.raw.get("consumesCounters") or []
+                                  for name, v in (c.get("counters") or {}).items())
+        return dev._counters
+
+    def cel_inputs(self, dev: Device) -> tuple[tuple, tuple]:
+        if dev._cel is None:
+            dev._cel = _cel_inputs(self.intern, dev.raw)
+        return dev._cel
+
+    def _nano(self, text: object) -> int:
+        """A counter value in nano-units, as the allocator counts them (cached per text: slices repeat them)."""
+        got = self._nanos.get(text)
+        if got is None:
+            try:
+                got = self.intern.fraction(text)
+            except _QUANTITIES:
+                got = 0
+            self._nanos[text] = got
+        return got
 
     def _hold(self, result: Mapping) -> None:
         dev = self.devices.get((result.get("pool", ""), result.get("device", "")))
@@ -245,7 +283,7 @@ class _Inventory:
         gpu = self.gpus[(dev.pool, dev.gpu_uuid)]
         first = not dev.held and dev.shares == 0
         if dev.allow_multiple:
-            used = _bytes(((result.get("consumedCapacity") or {}).get(C.CAP_MEMORY))) or dev.share_default
+            used = _bytes(self.intern, ((result.get("consumedCapacity") or {}).get(C.CAP_MEMORY))) or dev.share_default
             dev.shares += 1
             dev.consumed += used
             gpu.allocated += used
@@ -255,7 +293,7 @@ class _Inventory:
             dev.held = True
             gpu.allocated += gpu.memory if dev.mode == MODE_WHOLE else dev.memory
         if first:
-            for cs, name, v in dev.counters:
+            for cs, name, v in self.counters(dev):
                 k = (dev.pool, cs, name)
                 self.counter_used[k] = self.counter_used.get(k, 0) + v
         gpu.mode = gpu.mode or dev.mode
@@ -273,7 +311,7 @@ class _Inventory:
         elif dev.held:
             return False
         return all(self.counter_used.get((dev.pool, cs, name), 0) + v <= self.counter_caps.get((dev.pool, cs, name), v)
-                   for cs, name, v in dev.counters)
+                   for cs, name, v in self.counters(dev))
 
     def usable_memory(self, dev: Device) -> int:
         """Memory one more allocation of ``dev`` could use (0 when it is not placeable)."""
@@ -312,40 +350,66 @@ class _Matcher:
         self.inv = inv
         self.classes = classes
         self.cel = Evaluator()
-        self._inputs: dict[tuple[str, str], dict | None] = {}
         self._memo: dict[tuple, _Request] = {}
+        self._matching: dict[tuple[str, ...], list[Device]] = {}
+        self.verdicts: dict[int, str | None] = {}            # id(request) -> _verdict
 
-    def _input(self, dev: Device) -> dict | None:
-        k = (dev.pool, dev.name)
-        if k not in self._inputs:
-            try:
-                self._inputs[k] = device_input(self.inv.driver, dev.raw.get("attributes") or {},
-                                               dev.raw.get("capacity") or {}, dev.allow_multiple)
-            except CelError:
-                self._inputs[k] = None
-        return self._inputs[k]
+    def _matches(self, compiled: list, dev: Device) -> bool:
+        try:
+            attrs, caps = self.inv.cel_inputs(dev)
+            return all(self.cel.evaluate(s, self.inv.driver, attrs, caps, dev.allow_multiple) for s in compiled)
+        except CelError:
+            return False          # a runtime error: the device does not match (upstream fails the claim)
+
+    def _signature(self, needs: list[tuple[str, str, str]], dev: Device) -> tuple:
+        """The published values of what the selectors read: devices alike in these match alike (most devices
+        of a cluster differ only in names and UUIDs, which shipped selectors never read)."""
+        raw, driver = dev.raw, self.inv.driver
+        out: list[object] = [dev.allow_multiple]
+        for which, domain, name in needs:
+            src = raw.get(which) or {}
+            v = src.get(name) if domain == driver else None
+            if v is None:
+                v = src.get(f"{domain}/{name}")
+            out.append(repr(v))      # a different key order only costs one more evaluation
+        return tuple(out)
+
+    def matching(self, exprs: list[str]) -> list[Device]:
+        k = tuple(exprs)
+        got = self._matching.get(k)
+        if got is not None:
+            return got
+        try:
+            compiled = [self.cel.compile(e) for e in exprs]
+        except CelError:
+            got = self._matching[k] = []
+            return got
+        needs = None if any(s.needs is None or any(not n for _, _, n in s.needs) for s in compiled) else \
+            sorted({n for s in compiled for n in s.needs})
+        if needs is None:
+            got = [dev for dev in self.inv.devices.values() if self._matches(compiled, dev)]
+        else:
+            seen: dict[tuple, bool] = {}
+            got = []
+            for dev in self.inv.devices.values():
+                sig = self._signature(needs, dev)
+                hit = seen.get(sig)
+                if hit is None:
+                    hit = seen[sig] = self._matches(compiled, dev)
+                if hit:
+                    got.append(dev)
+        self._matching[k] = got
+        return got
 
     def request(self, spec: Mapping) -> _Request:
         exprs = _selectors(spec, self.classes)
-        mem_req = _bytes(((spec.get("capacity") or {}).get("requests") or {}).get(C.CAP_MEMORY))
+        mem_req = _bytes(self.inv.intern, ((spec.get("capacity") or {}).get("requests") or {}).get(C.CAP_MEMORY))
         count = int(spec.get("count") or 1) if spec.get("allocationMode", "ExactCount") == "ExactCount" else 1
         memo_key = (tuple(exprs) if exprs is not None else None, mem_req, count)
         got = self._memo.get(memo_key)
         if got is not None:
             return got
-        matching: list[Device] = []
-        if exprs is not None:
-            try:
-                compiled = [self.cel.compile(e) for e in exprs]
-            except CelError:
-                compiled = None
-            for dev in self.inv.devices.values() if compiled is not None else ():
-                inp = self._input(dev)
-                try:
-                    if inp is not None and all(self.cel.matches(s, inp) for s in compiled):
-                        matching.append(dev)
-                except CelError:
-                    continue
+        matching = self.matching(exprs) if exprs is not None else []
         modes = {d.mode for d in matching}
         mode = next(iter(modes)) if len(modes) == 1 else None
         if mode == MODE_SHARED:
@@ -371,6 +435,12 @@ class _Matcher:
 
 def _verdict(matcher: _Matcher, req: _Request, by_node: Mapping[str, list[Gpu]]) -> str | None:
     """None when some node can take the request now, else why not."""
+    if id(req) not in matcher.verdicts:
+        matcher.verdicts[id(req)] = _decide(matcher, req, by_node)
+    return matcher.verdicts[id(req)]
+
+
+def _decide(matcher: _Matcher, req: _Request, by_node: Mapping[str, list[Gpu]]) -> str | None:
     if not req.matching:
         return REASON_NO_MATCH
     fragmented = False
@@ -447,7 +517,9 @@ def compute(slices: Iterable[Mapping], claims: Iterable[Mapping], pods: Iterable
                 mc = per[m]
                 mc.gpus_total += 1
                 mc.memory_total += g.memory
-                usable = max((inv.usable_memory(d) for d in g.devices if d.mode == m), default=0)
+                # every placeable device of a mode could use the same memory (the GPU's, its unallocated
+                # memory, or the one shared device's): the first placeable one tells
+                usable = next((u for d in g.devices if d.mode == m for u in [inv.usable_memory(d)] if u > 0), 0)
                 if usable > 0:
                     mc.gpus_free += 1
                     mc.memory_free += usable
@@ -482,6 +554,7 @@ class CapacityGauges:
         self.min_interval = min_interval
         self._last = float("-inf")
         self._nodes: set[str] = set()
+        self._running = False            # a background computation is under way
 
     def publish(self, cap: Capacity) -> None:
         from . import metrics
@@ -515,19 +588,34 @@ class CapacityGauges:
         self.publish(cap)
         return cap
 
-    def refresh_controller(self, controller) -> Capacity | None:  # noqa: ANN001 - controller.Controller
-        """The controller's hook: its informers' objects (every slice of our driver, in either allocation
-        mode) and its cache. Never raises: a failure is logged and the gauges keep their last values."""
+    def refresh_controller(self, controller) -> bool:  # noqa: ANN001 - controller.Controller
+        """The controller's hook, called from its ticker: when due and no computation is running, take the
+        informers' objects (every slice of our driver, in either allocation mode) and the cache's claims, pods
+        and classes, and compute and publish in a background thread, so the worker is never held up by it.
+        True when a computation was started. Never raises; a failure is logged and the gauges keep their values."""
         informers = getattr(controller, "informers", None)
-        if informers is None:
-            return None
+        now = time.monotonic()
+        if informers is None or self._running or now - self._last < self.min_interval:
+            return False
         try:
             cache = controller.cache
-            return self.refresh(informers.by_kind("slice").known.values(), cache.claims.values(),
-                                cache.pods.values(), cache.classes)
+            snapshot = (list(informers.by_kind("slice").known.values()), list(cache.claims.values()),
+                        list(cache.pods.values()), dict(cache.classes))
+        except Exception:  # noqa: BLE001 - metrics must never stop the controller
+            log.exception("reading the cache for the capacity gauges failed")
+            return False
+        self._last = now
+        self._running = True
+        threading.Thread(target=self._background, args=snapshot, name="partita-capacity", daemon=True).start()
+        return True
+
+    def _background(self, slices: list, claims: list, pods: list, classes: dict) -> None:
+        try:
+            self.publish(compute(slices, claims, pods, classes, self.driver))
         except Exception:  # noqa: BLE001 - metrics must never stop the controller
             log.exception("computing the capacity gauges failed")
-            return None
+        finally:
+            self._running = False
 
 
 def _remove(gauge: Gauge, *labels: str) -> None:
