@@ -337,3 +337,11 @@ def test_the_metric_checks_catch_a_wrong_name_and_bad_promql() -> None:
     with pytest.raises(ValueError):
         metric_names("sum(rate(partita_capacity_gpus[5m])")
 
+
+
+def test_the_monitoring_notes_list_every_metric_we_export() -> None:
+    notes = "\n".join(p.read_text() for p in sorted((REPO / "docs").glob("monitoring*.md")))
+    families = {fam.name for module in (plugin_metrics, controller_metrics) for obj in vars(module).values()
+                if isinstance(obj, MetricWrapperBase) for fam in obj.describe()}
+    listed = {f for f in families if re.search(rf"`{re.escape(f)}(_total)?`", notes)}
+    assert families - listed == set(), "add these metrics to docs/monitoring-cluster.md (or the node-side note)"
