@@ -293,10 +293,16 @@ def test_the_sandbox_view_shows_idle_notebooks_and_a_busy_pod() -> None:
             busy = claims["busy-pod"]
             text = metrics_text("node-a", res["device"]).replace('claim_name="busy"',
                                                                  f'claim_name="{busy["metadata"]["name"]}"')
+            # the sandbox's plugins serve their metrics on 127.0.0.1 (with the node side's usage series, where
+            # the fake NVML's injected load shows); the busy pod's series are given here as the node side
+            # exports them, from a second URL
+            [plugin_url] = [p.metrics_url for p in sb.plugins]
             async with metrics_server(text) as url:
                 loop = asyncio.get_running_loop()
-                doc = await loop.run_in_executor(None, _status_json, sb.server.url, "--metrics-url", url)
-                table = await loop.run_in_executor(None, _run_table, sb.server.url, "--metrics-url", url, "-o", "wide")
+                flags = ("--metrics-url", plugin_url, "--metrics-url", url)
+                doc = await loop.run_in_executor(None, _status_json, sb.server.url, *flags)
+                table = await loop.run_in_executor(None, _run_table, sb.server.url, *flags, "-o", "wide")
+            assert doc["metrics"] == {"sources": [plugin_url, url], "errors": []}
             assert doc["nodes"]["node-a"]["inUse"]["shared"] == 1
             assert doc["nodes"]["node-a"]["memoryBytes"]["allocated"] == 20 * GI
             [idle] = [i for i in doc["idleClaims"] if i["claim"] == f"default/{nb['metadata']['name']}"]
