@@ -197,10 +197,20 @@ def _messages(events: Iterable[Mapping]) -> dict[str, str]:
     return {k: v[1] for k, v in latest.items()}
 
 
+def _scheduler_messages(pods: Iterable[Mapping]) -> dict[str, str]:
+    """Pod key -> kube-scheduler's ``PodScheduled=False`` message (scheduler mode; the controller's Events win)."""
+    out = {}
+    for p in pods:
+        for cond in (p.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("message"):
+                out[key(p)] = str(cond["message"])
+    return out
+
+
 def build(snap: Snapshot, usage: Usage, driver: str = C.DEFAULT_DRIVER_NAME) -> dict:
     """The status as one JSON-able document (``-o json``; the tables render it)."""
     c = cap.compute(snap.slices, snap.claims, snap.pods, snap.classes, driver)
-    msgs = _messages(snap.events)
+    msgs = {**_scheduler_messages(snap.pods), **_messages(snap.events)}
     nodes: dict[str, dict] = {}
 
     def mode_doc(mc: cap.ModeCapacity) -> dict:
@@ -273,6 +283,9 @@ def render(doc: Mapping, wide: bool = False) -> str:
                              for m in cap.MODES)]
         rows.append(row)
     out = [_table(rows)]
+    if not doc["total"]["gpus"]:
+        out.append(f"No GPUs published by driver {doc['driver']}: is the Partita plugin running on the GPU nodes "
+                   "(and --driver-name the chart's driverName)?")
     if wide and doc["usage"]:
         out += ["", "Usage:", _table([["CLAIM", "POD", "NODE", "DEVICE", "MODE", "UTILIZATION", "MEMORY USED",
                                        "MEMORY ALLOCATED"]] +

@@ -314,3 +314,16 @@ def test_the_sandbox_view_shows_idle_notebooks_and_a_busy_pod() -> None:
         finally:
             assert await sb.stop() == []
     asyncio.run(main())
+
+
+def test_pending_pods_take_kube_schedulers_message_and_an_empty_cluster_says_what_to_check() -> None:
+    slices = node_slices("node-a", "L4:1")
+    waiting = dict(pod("p", ["c"]), status={"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/1 nodes are available: 1 cannot allocate all claims."}]})
+    c = claim("c", [request(count=2)])
+    doc = status.build(status.Snapshot(slices, [c], [waiting], CLASSES), status.Usage())
+    assert doc["pendingPods"] == [{"pod": "default/p", "reason": "InsufficientCapacity", "claims": ["default/c"],
+                                   "message": "0/1 nodes are available: 1 cannot allocate all claims."}]
+    empty = status.render(status.build(status.Snapshot([], [], [], CLASSES), status.Usage()))
+    assert "No GPUs published by driver gpu.partita.dev" in empty
