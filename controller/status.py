@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, TextIO
@@ -25,8 +24,6 @@ from controller.operator import capacity as cap
 from controller.operator.claims import allocated_node, key
 from driver.api import constants as C
 from driver.cliopts import add_cluster, add_output, connect, where
-
-log = logging.getLogger(__name__)
 
 OUTPUTS = ("table", "wide", "json")
 IDLE_CONDITION = "Idle"

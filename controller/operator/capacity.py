@@ -45,7 +45,7 @@ from controller.allocator.cel import CelError, Evaluator
 from controller.allocator.pools import Interner
 from driver.api import constants as C
 from driver.api.config import validate_claim_configs
-from driver.api.quantity import Quantity, QuantityError
+from driver.api.quantity import QuantityError
 
 from .claims import is_partita_class, is_pending, key, ownership, pod_claims
 
