@@ -27,7 +27,6 @@ from driver.cliopts import add_cluster, add_output, connect, where
 
 OUTPUTS = ("table", "wide", "json")
 IDLE_CONDITION = "Idle"
-USAGE_METRICS = ("partita_gpu_utilization_ratio", "partita_gpu_memory_used_bytes", "partita_gpu_memory_allocated_bytes")
 IDLE_METRIC = "partita_claim_idle"
 HEALTH_METRIC = "partita_device_health"
 
@@ -239,7 +238,10 @@ def build(snap: Snapshot, usage: Usage, driver: str = C.DEFAULT_DRIVER_NAME) -> 
         "pendingPods": [{"pod": f"{p.namespace}/{p.name}", "reason": p.reason, "claims": p.claims,
                          "message": msgs.get(f"{p.namespace}/{p.name}", "")} for p in c.pending_pods],
         "idleClaims": idle_claims(snap.claims, usage, driver),
-        "usage": [vars(d) for d in sorted(usage.devices.values(), key=lambda d: (d.node, d.device, d.claim))],
+        "usage": [{"node": d.node, "device": d.device, "mode": d.mode, "claim": d.claim, "pod": d.pod,
+                   "utilization": d.utilization, "memoryUsedBytes": d.memory_used,
+                   "memoryAllocatedBytes": d.memory_allocated}
+                  for d in sorted(usage.devices.values(), key=lambda d: (d.node, d.device, d.claim))],
         "unhealthyDevices": usage.unhealthy,
         "metrics": {"sources": usage.sources, "errors": usage.errors},
     }
@@ -287,7 +289,7 @@ def render(doc: Mapping, wide: bool = False) -> str:
         out += ["", "Usage:", _table([["CLAIM", "POD", "NODE", "DEVICE", "MODE", "UTILIZATION", "MEMORY USED",
                                        "MEMORY ALLOCATED"]] +
                                      [[u["claim"], u["pod"], u["node"], u["device"], u["mode"], _pct(u["utilization"]),
-                                       _gib(u["memory_used"]), _gib(u["memory_allocated"])] for u in doc["usage"]])]
+                                       _gib(u["memoryUsedBytes"]), _gib(u["memoryAllocatedBytes"])] for u in doc["usage"]])]
     out += ["", f"Idle claims ({len(doc['idleClaims'])}):"]
     if doc["idleClaims"]:
         cols = ["CLAIM", "POD", "NODE", "DEVICES", "SINCE"] + (["MESSAGE"] if wide else [])

@@ -309,6 +309,7 @@ def test_the_sandbox_view_shows_idle_notebooks_and_a_busy_pod() -> None:
             assert idle["pod"] == "default/notebook" and idle["node"] == "node-a" and idle["devices"] == [res["device"]]
             [u] = [u for u in doc["usage"] if u["claim"] == f"default/{busy['metadata']['name']}"]
             assert u["utilization"] == 0.9 and u["pod"] == "default/busy-pod"
+            assert (u["memoryUsedBytes"], u["memoryAllocatedBytes"], u["mode"]) == (20 * GI, 30 * GI, "shared")
             assert "below 5% for 30m" in table and "90%" in table
             assert await sb.delete_workload() == []
         finally:
