@@ -95,11 +95,14 @@ class PluginProcess:
         log.close()
 
     def _metrics_port(self) -> int:
-        """A free port on 127.0.0.1 for the plugin's metrics (what `partita status --metrics-url` reads)."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        """The plugin's metrics port on 127.0.0.1 (what `partita status --metrics-url` reads): env METRICS_PORT
+        when given (-1: off), else a free one."""
+        port = int(self.env.get("METRICS_PORT", "0") or 0)
+        if port == 0:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics" if port > 0 else ""
         return port
 
     def log_tail(self, lines: int = 20) -> str:
