@@ -328,3 +328,83 @@ def test_pending_pods_take_kube_schedulers_message_and_an_empty_cluster_says_wha
                                    "message": "0/1 nodes are available: 1 cannot allocate all claims."}]
     empty = status.render(status.build(status.Snapshot([], [], [], CLASSES), status.Usage()))
     assert "No GPUs published by driver gpu.partita.dev" in empty
+
+
+def _node_side_usage() -> bool:
+    """The node side's usage sampling and the sandbox's plugin settings (issue 14 items 1 and 4, another branch)."""
+    import importlib.util
+    import inspect
+
+    from controller.sandbox.main import Sandbox
+    return importlib.util.find_spec("driver.plugin.usage") is not None and \
+        "plugin_env" in inspect.signature(Sandbox).parameters
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not _node_side_usage(), reason="needs the node side's usage sampling (driver/plugin/usage.py)")
+def test_the_sandbox_status_shows_an_idle_notebook_and_a_busy_trainer_end_to_end() -> None:
+    """Issue 14, done when: notebooks with injected low utilization show as idle in `partita status`, a busy pod
+    shows its utilization; here from the real plugin's sampling of the fake NVML's injected load."""
+    from controller.sandbox.main import Sandbox
+    from driver.api import naming
+    from driver.nvml import open_backend, profile_from_spec
+
+    workdir = Path(tempfile.mkdtemp(prefix="sbx-status-e2e-", dir="/tmp"))
+
+    async def main() -> None:
+        sb = Sandbox(profile_from_spec("H100-SXM5-80GB:2", "node-a"), workdir,
+                     plugin_env={"USAGE_INTERVAL": "0.3", "IDLE_THRESHOLD": "0.1", "IDLE_PERIOD": "1.5"})
+        await sb.start()
+        try:
+            server = sb.server
+            server.create({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaimTemplate",
+                           "metadata": {"name": "whole", "namespace": "default"},
+                           "spec": {"spec": {"devices": {"requests": [
+                               {"name": "gpu", "exactly": {"deviceClassName": C.DEVICE_CLASS_GPU}}]}}}})
+            for name in ("notebook", "trainer"):
+                server.create({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+                               "spec": {"containers": [{"name": "app", "image": "busybox",
+                                                        "resources": {"claims": [{"name": "gpu"}]}}],
+                                        "resourceClaims": [{"name": "gpu", "resourceClaimTemplateName": "whole"}]}})
+            assert await sb.wait_settled(60), sb.report()[0]
+            nvml = open_backend("fake", profile=sb.profile, node_name="node-a",
+                                state_dir=sb.plugins[0].paths.plugin_dir(sb.driver) / "fake-nvml")
+            nvml.init()
+            uuid_of = {naming.gpu_device_name(i.uuid): i.uuid
+                       for i in (nvml.device_info(nvml.device_by_index(n)) for n in range(2))}
+
+            def claim_of(pod: str) -> dict:
+                return next(c for c in server.list("resourceclaims", "default", group="resource.k8s.io")
+                            if any(r.get("name") == pod for r in (c.get("status") or {}).get("reservedFor") or []))
+
+            device = {p: claim_of(p)["status"]["allocation"]["devices"]["results"][0]["device"]
+                      for p in ("notebook", "trainer")}
+            nvml.set_process_load(uuid_of[device["notebook"]], 4001, sm_util=2, memory_used_bytes=2 << 30)
+            nvml.set_process_load(uuid_of[device["trainer"]], 4002, sm_util=90, memory_used_bytes=60 << 30)
+            url = sb.plugins[0].metrics_url
+            loop = asyncio.get_running_loop()
+
+            async def status_now() -> dict:
+                return await loop.run_in_executor(None, _status_json, server.url, "--metrics-url", url)
+
+            doc: dict = {}
+            for _ in range(100):                     # until the plugin has judged the notebook idle
+                doc = await status_now()
+                if doc["idleClaims"] and any(u["utilization"] for u in doc["usage"] if u["pod"] == "default/trainer"):
+                    break
+                await asyncio.sleep(0.3)
+            nb, tr = claim_of("notebook")["metadata"]["name"], claim_of("trainer")["metadata"]["name"]
+            assert [(i["claim"], i["pod"], i["node"]) for i in doc["idleClaims"]] == \
+                [(f"default/{nb}", "default/notebook", "node-a")]
+            usage = {u["pod"]: u for u in doc["usage"]}
+            assert usage["default/trainer"]["utilization"] == pytest.approx(0.9)
+            assert usage["default/trainer"]["memoryUsedBytes"] == 60 << 30
+            assert usage["default/notebook"]["utilization"] == pytest.approx(0.02)
+            assert doc["nodes"]["node-a"]["inUse"]["whole"] == 2 and doc["metrics"]["errors"] == []
+            table = await loop.run_in_executor(None, _run_table, server.url, "--metrics-url", url, "-o", "wide")
+            assert "Idle claims (1):" in table and "90%" in table and f"default/{tr}" in table
+            assert await sb.delete_workload() == []
+        finally:
+            assert await sb.stop() == []
+    asyncio.run(main())
