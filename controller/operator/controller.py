@@ -55,14 +55,14 @@ class ControllerConfig:
     report_after: float = 2.0
     #: every informer lists again this often (the list replaces its cache: converges whatever was missed)
     resync_seconds: float = 300.0
+    #: the capacity gauges (capacity.py) are recomputed at most this often, seconds
+    capacity_refresh_seconds: float = 15.0
     #: leader election (client-go's defaults): lease duration > renew deadline > retry period, seconds
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
     retry_period: float = 2.0
     #: extended resources (the NVIDIA device plugin's) whose pending pods are told to use a ResourceClaim
     extended_resource_names: tuple[str, ...] = DEFAULT_NAMES
-    #: the capacity gauges (capacity.py) are recomputed at most this often, seconds
-    capacity_refresh_seconds: float = 15.0
 
 
 class Controller:
