@@ -25,7 +25,7 @@ from controller.operator.claims import allocated_node, key
 from driver.api import constants as C
 from driver.cliopts import add_cluster, add_output, connect, where
 
-OUTPUTS = ("table", "wide", "json")
+OUTPUTS = ("table", "wide", "yaml", "json")
 IDLE_CONDITION = "Idle"
 IDLE_METRIC = "partita_claim_idle"
 HEALTH_METRIC = "partita_device_health"
@@ -316,7 +316,7 @@ def render(doc: Mapping, wide: bool = False) -> str:
 # -- the command -----------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output(p, OUTPUTS, help_="table (default), wide (also free and fragmented capacity per mode, per claim "
-                                 "usage, messages), or json")
+                                 "usage, messages), or the same as one yaml or json document")
     p.add_argument("--driver-name", default=C.DEFAULT_DRIVER_NAME, help="the DRA driver whose GPUs are shown")
     p.add_argument("--metrics-url", action="append", default=[], metavar="URL",
                    help="where to read usage (repeat): a plugin's http://NODE:PORT/metrics, or Prometheus's "
@@ -345,6 +345,10 @@ async def status_once(args: argparse.Namespace) -> dict:
 def _show(doc: dict, output: str, out: TextIO, *, clear: bool = False, one_line: bool = False) -> None:
     if output == "json":
         out.write(json.dumps(doc, indent=None if one_line else 2, sort_keys=True) + "\n")
+    elif output == "yaml":
+        import yaml
+
+        out.write(("---\n" if one_line else "") + yaml.safe_dump(doc, sort_keys=True))
     else:
         if clear:
             out.write("\x1b[H\x1b[2J")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
+import yaml
 from aiohttp import web
 from prometheus_client import REGISTRY
 
@@ -156,6 +157,8 @@ def test_status_shows_the_numbers_the_controller_exports() -> None:
             assert big["pod"] == "default/big" and big["claims"] == ["default/b"]
             assert "cannot allocate" in big["message"]                 # the controller's Event
             await cl.server.wait_for(lambda _: _matches_gauges(doc) or None, 10)
+            as_yaml = yaml.safe_load(await loop.run_in_executor(None, _run_table, cl.server.url, "-o", "yaml"))
+            assert as_yaml["pendingClaimsByReason"] == doc["pendingClaimsByReason"] and as_yaml["total"] == doc["total"]
             text = await loop.run_in_executor(None, lambda: _run_table(cl.server.url))
             assert "default/big" in text and "InsufficientCapacity" in text and "Pending pods (1):" in text
     asyncio.run(main())
