@@ -201,3 +201,11 @@ def test_selectors_reading_per_device_attributes_match_only_that_device() -> Non
     # the busy GPU has 70Gi free: not enough for a whole GPU (80Gi), so not fragmentation either
     assert {c.name: c.reason for c in got.pending_claims} == {"on-busy": "InsufficientCapacity",
                                                               "on-free": "Unschedulable"}
+
+
+def test_a_tainted_device_is_published_but_not_free() -> None:
+    slices = node_slices("node-a", "L4:2")
+    gpu = next(d for s in slices for d in s["spec"].get("devices") or [] if d["attributes"]["type"]["string"] == "gpu")
+    gpu.setdefault("taints", []).append({"key": "partita.dev/unhealthy", "value": "xid-79", "effect": "NoExecute"})
+    got = compute(slices, []).nodes["node-a"]["whole"]
+    assert (got.gpus_total, got.gpus_free, got.memory_free) == (2, 1, 23034 * 2**20)

@@ -12,8 +12,9 @@ Definitions (also in docs/monitoring-cluster.md):
   ``shared``, or none (free).
 * A device is **placeable** when one more allocation of it is possible now: not held (a dedicated device), its
   counters fit beside what the GPU's allocated devices consume (a multi-allocatable device is charged once,
-  on its first share, as the allocator does), its GPU is free or in the device's mode, and for a shared device
-  some memory is left.
+  on its first share, as the allocator does), its GPU is free or in the device's mode, it carries no taint but
+  Partita's managed one (an unhealthy device's taint, as published), and for a shared device some memory is
+  left.
 * Per node and mode: ``total`` GPUs publishing a device of that mode and their memory; ``allocated`` GPUs in
   that mode and the memory allocated to such devices (a whole GPU's memory, a MIG device's memory, a share's
   consumed memory); ``free`` GPUs with a placeable device of that mode and the memory such a device could still
@@ -79,6 +80,7 @@ class Device:
     allow_multiple: bool
     share_default: int                            # the shared device's requestPolicy default (bytes), or 0
     raw: Mapping                                  # the published device (counters and selector inputs, parsed lazily)
+    tainted: bool = False                         # a taint other than Partita's managed one keeps it from claims
     _counters: tuple[tuple[str, str, int], ...] | None = None   # (counter set, counter, nano-units) it consumes
     _cel: tuple[tuple, tuple] | None = None                     # (attributes, capacities) for selectors
     held: bool = False                            # a dedicated device allocated to a claim
@@ -246,7 +248,9 @@ class _Inventory:
             mem_cap = (d.get("capacity") or {}).get(C.CAP_MEMORY) or {}
             dev = Device(pool, d.get("name", ""), mode, uuid, _bytes(intern, mem_cap.get("value")),
                          bool(d.get("allowMultipleAllocations")),
-                         _bytes(intern, (mem_cap.get("requestPolicy") or {}).get("default")), d)
+                         _bytes(intern, (mem_cap.get("requestPolicy") or {}).get("default")), d,
+                         any(t.get("key") != C.MANAGED_TAINT_KEY and t.get("effect") in ("NoSchedule", "NoExecute")
+                             for t in d.get("taints") or []))
             gpu.devices.append(dev)
             self.devices[(pool, dev.name)] = dev
         for c in claims:
@@ -301,7 +305,7 @@ class _Inventory:
     def placeable(self, dev: Device, memory: int = 1) -> bool:
         """One more allocation of ``dev`` (a share of ``memory`` bytes) fits now."""
         gpu = self.gpus[(dev.pool, dev.gpu_uuid)]
-        if gpu.mode not in (None, dev.mode):
+        if gpu.mode not in (None, dev.mode) or dev.tainted:
             return False
         if dev.allow_multiple:
             if dev.memory - dev.consumed < max(memory, 1):
