@@ -209,3 +209,7 @@ def test_a_tainted_device_is_published_but_not_free() -> None:
     gpu.setdefault("taints", []).append({"key": "partita.dev/unhealthy", "value": "xid-79", "effect": "NoExecute"})
     got = compute(slices, []).nodes["node-a"]["whole"]
     assert (got.gpus_total, got.gpus_free, got.memory_free) == (2, 1, 23034 * 2**20)
+    # two whole GPUs wanted: one is free, the other's memory is no use while it is tainted (not fragmentation)
+    got = compute(slices, [pending_claim("two", request(count=2))], [pod("p", ["two"])])
+    assert [c.reason for c in got.pending_claims] == ["InsufficientCapacity"]
+    assert got.nodes["node-a"]["whole"].fragmented_gpus == 0

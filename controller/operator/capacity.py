@@ -448,7 +448,7 @@ def _decide(matcher: _Matcher, req: _Request, by_node: Mapping[str, list[Gpu]]) 
     if not req.matching:
         return REASON_NO_MATCH
     fragmented = False
-    matched = {(d.pool, d.gpu_uuid) for d in req.matching}
+    matched = {(d.pool, d.gpu_uuid) for d in req.matching if not d.tainted}    # a tainted GPU's memory is no use
     for gpus in by_node.values():
         mine = [g for g in gpus if (g.pool, g.uuid) in matched]
         if sum(matcher.hosts(g, req) for g in mine) >= req.count:
@@ -529,7 +529,7 @@ def compute(slices: Iterable[Mapping], claims: Iterable[Mapping], pods: Iterable
                     mc.memory_free += usable
                 req = smallest.get(m)
                 if req is not None and g.free_memory > 0 and matcher.hosts(g, req) == 0 and \
-                        any(id(d) in req.ids for d in g.devices):
+                        any(id(d) in req.ids and not d.tainted for d in g.devices):
                     mc.fragmented_gpus += 1
                     mc.fragmented_memory += g.free_memory
             if g.mode is not None:
