@@ -13,6 +13,7 @@ from controller.operator import capacity as cap
 from controller.operator.controller import ControllerConfig
 from driver.api import constants as C
 from driver.api.deviceclasses import device_classes
+from driver.api.quantity import Quantity
 from tests.support.claims import allocated_claim
 from tests.support.cluster import claim, cluster, node_slices, pod, request
 
@@ -213,3 +214,26 @@ def test_a_tainted_device_is_published_but_not_free() -> None:
     got = compute(slices, [pending_claim("two", request(count=2))], [pod("p", ["two"])])
     assert [c.reason for c in got.pending_claims] == ["InsufficientCapacity"]
     assert got.nodes["node-a"]["whole"].fragmented_gpus == 0
+
+
+def test_static_mig_gpus_are_known_by_their_mig_devices() -> None:
+    from driver.inventory import discover
+    from driver.nvml import open_backend
+    from driver.nvml.interface import Placement
+    from driver.nvml.profile import parse_profile
+    from driver.slices import SliceFeatures, build_slices
+
+    profile = parse_profile({"apiVersion": "gpu.partita.dev/v1alpha1", "kind": "FakeGpuProfile", "nodes": [
+        {"name": "node-a", "gpus": [{"model": "A100-SXM4-40GB", "count": 1, "migEnabled": True}]}]})
+    backend = open_backend("fake", profile=profile, node_name="node-a")
+    backend.init()
+    backend.create_mig_device(0, 9, Placement(0, 4))                  # one 3g.20gb instance
+    backend.create_mig_device(0, 14, Placement(4, 2))                 # one 2g.10gb instance
+    slices = build_slices(discover(backend, "node-a"), features=SliceFeatures(True, False, True))
+    migs = devices(slices, "mig")
+    assert len(migs) == 2 and devices(slices, "gpu") == []
+    got = compute(slices, [allocated_claim("m", migs[:1])]).nodes["node-a"]
+    assert (got["mig"].gpus_total, got["mig"].gpus_allocated, got["mig"].gpus_free) == (1, 1, 1)
+    assert got["mig"].memory_total == sum(
+        Quantity.parse(d["capacity"]["memory"]["value"]).as_int() for s in slices for d in s["spec"]["devices"])
+    assert got["whole"].gpus_total == 0

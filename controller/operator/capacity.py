@@ -8,7 +8,8 @@ the API server sends them), feeds both the controller's gauges (:class:`Capacity
 Definitions (also in docs/monitoring-cluster.md):
 
 * A **GPU** is a whole-GPU device (``type: gpu``) of our driver; MIG and shared devices belong to the GPU whose
-  ``uuid`` their ``parentUUID`` names. Its **mode** is what its allocated devices are: ``whole``, ``mig``,
+  ``uuid`` their ``parentUUID`` names. Without partitionable devices (static MIG) a MIG-enabled GPU is published
+  only as its existing MIG devices: it is then known by their ``parentUUID``, with their memory. Its **mode** is what its allocated devices are: ``whole``, ``mig``,
   ``shared``, or none (free).
 * A device is **placeable** when one more allocation of it is possible now: not held (a dedicated device), its
   counters fit beside what the GPU's allocated devices consume (a multi-allocatable device is charged once,
@@ -93,7 +94,7 @@ class Gpu:
     node: str
     pool: str
     uuid: str
-    device: str                                   # the whole-GPU device's name
+    device: str                                   # the whole-GPU device's name ("" for a static MIG GPU)
     model: str
     memory: int
     devices: list[Device] = field(default_factory=list)
@@ -242,10 +243,16 @@ class _Inventory:
             if mode is None:
                 continue
             uuid = str(_attr(d, C.ATTR_UUID) if mode == MODE_WHOLE else _attr(d, C.ATTR_PARENT_UUID))
+            mem_cap = (d.get("capacity") or {}).get(C.CAP_MEMORY) or {}
             gpu = self.gpus.get((pool, uuid))
             if gpu is None:
-                continue           # a MIG or shared device whose GPU is not published (static MIG): not counted
-            mem_cap = (d.get("capacity") or {}).get(C.CAP_MEMORY) or {}
+                if mode != MODE_MIG:
+                    continue
+                # static MIG (partitionable devices off): a MIG-enabled GPU is not offered whole, only its
+                # existing MIG devices; the GPU is known by their parentUUID, its memory is theirs
+                gpu = self.gpus[(pool, uuid)] = Gpu(_node, pool, uuid, "", str(_attr(d, C.ATTR_PRODUCT_NAME) or ""), 0)
+            if not gpu.device:
+                gpu.memory += _bytes(intern, mem_cap.get("value"))
             dev = Device(pool, d.get("name", ""), mode, uuid, _bytes(intern, mem_cap.get("value")),
                          bool(d.get("allowMultipleAllocations")),
                          _bytes(intern, (mem_cap.get("requestPolicy") or {}).get("default")), d,
