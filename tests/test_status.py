@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -317,7 +318,10 @@ def test_the_sandbox_view_shows_idle_notebooks_and_a_busy_pod() -> None:
             assert await sb.delete_workload() == []
         finally:
             assert await sb.stop() == []
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_pending_pods_take_kube_schedulers_message_and_an_empty_cluster_says_what_to_check() -> None:
@@ -410,4 +414,7 @@ def test_the_sandbox_status_shows_an_idle_notebook_and_a_busy_trainer_end_to_end
             assert await sb.delete_workload() == []
         finally:
             assert await sb.stop() == []
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
