@@ -26,6 +26,7 @@ from driver.api.messages import bound_list
 
 from . import metrics
 from .cache import Cache
+from .capacity import CapacityGauges
 from .claims import allocated_node, is_done, is_pending, key, ownership, pod_claims
 from .events import EventRecorder
 from .healthevents import HealthReporter
@@ -55,6 +56,8 @@ class ControllerConfig:
     report_after: float = 2.0
     #: every informer lists again this often (the list replaces its cache: converges whatever was missed)
     resync_seconds: float = 300.0
+    #: the capacity gauges (capacity.py) are recomputed at most this often, seconds
+    capacity_refresh_seconds: float = 15.0
     #: leader election (client-go's defaults): lease duration > renew deadline > retry period, seconds
     lease_duration: float = 15.0
     renew_deadline: float = 10.0
@@ -190,6 +193,7 @@ class Controller:
             await asyncio.gather(ticker, return_exceptions=True)
 
     async def _tick(self, stop: asyncio.Event) -> None:
+        gauges = CapacityGauges(self.cfg.driver_name, self.cfg.capacity_refresh_seconds)
         while not stop.is_set():
             await asyncio.sleep(0.5)
             now = time.monotonic()
@@ -199,6 +203,7 @@ class Controller:
                     self.enqueue(k)
             self.cache.expire_inflight()
             metrics.POOLS_MISSING_TAINT.set(len(self.cache.tainted_pools_missing))
+            gauges.refresh_controller(self)
 
     def _backoff(self, k: str, at_least: float = 0.0) -> None:
         _, cur = self._retry.get(k, (0.0, 0.0))

@@ -18,3 +18,19 @@ VANISHED = Counter("partita_controller_vanished_allocations_total",
 IS_LEADER = Gauge("partita_controller_leader", "1 while this instance is the active controller")
 DOUBLE_ALLOCATIONS = Counter("partita_controller_double_allocations_total",
                              "Devices seen allocated to two claims at once (kept unavailable until all release)")
+
+# --- Cluster capacity (controller/operator/capacity.py; docs/monitoring-cluster.md defines each state). -------
+CAPACITY_GPUS = Gauge("partita_capacity_gpus",
+                      "GPUs per node and mode: total (publishing that mode), allocated (in that mode), "
+                      "free (able to take one more device of that mode)", ["node", "mode", "state"])
+CAPACITY_MEMORY = Gauge("partita_capacity_memory_bytes",
+                        "GPU memory per node and mode: total, allocated to devices of that mode, free for that mode",
+                        ["node", "mode", "state"])
+PENDING_BY_REASON = Gauge("partita_pending_claims_by_reason",
+                          "Unallocated Partita claims of pending pods, by why they wait", ["reason"])
+FRAGMENTED_GPUS = Gauge("partita_capacity_fragmented_gpus",
+                        "GPUs with free memory that cannot take the smallest pending request of this mode",
+                        ["node", "mode"])
+FRAGMENTED_MEMORY = Gauge("partita_capacity_fragmented_memory_bytes",
+                          "Free GPU memory that the smallest pending request of this mode cannot use",
+                          ["node", "mode"])

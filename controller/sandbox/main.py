@@ -413,6 +413,8 @@ async def run_sandbox(args: argparse.Namespace, out=sys.stdout) -> int:  # noqa:
                 say("")
             if args.keep_running:
                 say(f"The cluster keeps running at {sandbox.server.url}; press Ctrl-C (or send SIGTERM) to stop.")
+                say("Its GPUs, usage and idle claims: partita status --kube-api " + sandbox.server.url +
+                    "".join(f" --metrics-url {p.metrics_url}" for p in sandbox.plugins if p.metrics_url))
                 await asyncio.Event().wait()
         except asyncio.CancelledError:
             if not received:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class PluginProcess:
         self.log_level = log_level
         self.env = env or {}
         self.instance_uid = instance_uid     # set: per-instance socket names (--rolling-update on), as in a surge rollout
+        self.metrics_url = ""                # the plugin's /metrics on 127.0.0.1 (partita status --metrics-url)
         self.proc: subprocess.Popen | None = None
         self._stale: tuple[int, int] | None = None
 
@@ -81,8 +83,7 @@ class PluginProcess:
                "--cdi-root", str(self.paths.cdi),
                "--kubelet-registrar-directory-path", str(self.paths.registry),
                "--kubelet-plugins-directory-path", str(self.paths.plugins),
-               "--kube-api", self.api_url, "--health-port", "-1",
-               "--metrics-port", self.env.get("METRICS_PORT", "-1"),   # env METRICS_PORT: scraped by a test
+               "--kube-api", self.api_url, "--health-port", "-1", "--metrics-port", str(self._metrics_port()),
                "--log-level", self.log_level]
         if self.instance_uid:
             cmd += ["--instance-uid", self.instance_uid, "--rolling-update", "on"]
@@ -92,6 +93,17 @@ class PluginProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
+
+    def _metrics_port(self) -> int:
+        """The plugin's metrics port on 127.0.0.1 (what `partita status --metrics-url` reads): env METRICS_PORT
+        when given (-1: off), else a free one."""
+        port = int(self.env.get("METRICS_PORT", "0") or 0)
+        if port == 0:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics" if port > 0 else ""
+        return port
 
     def log_tail(self, lines: int = 20) -> str:
         try:
