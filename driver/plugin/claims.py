@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from driver.api.kube import InvalidName, Kube, KubeError, check_name, check_namespace, claim_path
 from driver.api.messages import brief
-from driver.plugin.prepare import ClaimRef, PrepareError
+from driver.plugin.claimref import ClaimRef, PrepareError
 
 
 class ClaimSource(Protocol):
