@@ -153,7 +153,7 @@ class DeviceState:
                 payloads = [p for _, p in group]
                 if kind == "recover":
                     if not isinstance(cp, CheckpointError):
-                        self.sharing.reconcile(cp)
+                        self._remove_orphans(cp)
                     answers += [sorted(self.sessions.finished)] * len(payloads)
                 elif kind == "prepare":
                     claims = [c for p in payloads for c in p]
@@ -503,6 +503,19 @@ class DeviceState:
         if changed or finished or rebooted_from is not None:
             self.checkpoint.write(cp)
         return finished
+
+    def _remove_orphans(self, cp: Checkpoint) -> None:
+        """What a crash before a batch's record left of claims never recorded: their CDI specs, MPS daemons and
+        GPU sharing settings (every write is under the session's lock, so nothing else is in flight)."""
+        recorded = {self._spec_path(uid, e) for uid, e in cp.claims.items()}
+        for path in sorted(self.cdi_root.glob(cdi.spec_path(self.cdi_root, self.driver_name, "*").name)):
+            if path not in recorded:
+                log.warning("removing CDI spec %s: no claim in the checkpoint has it (an interrupted prepare)", path)
+                for e in self._try(cdi.remove_spec, path):
+                    log.error("%s", e)
+        self.sharing.reconcile(cp)
+        for e in self._try(self.sharing.restore_unshared, cp, [g.uuid for g in self.inventory.gpus]):
+            log.error("%s", e)
 
     def _restore_after_reboot(self, cp: Checkpoint, old: str, current: str | None) -> None:
         """Re-create what prepared claims had before the node rebooted. The new boot id is recorded only
