@@ -37,7 +37,6 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -46,16 +45,19 @@ from driver.api.nodeselector import NodeFacts
 from driver.inventory import Inventory, discover
 from driver.nvml import NvmlBackend, NvmlError
 from driver.nvml.interface import COMPUTE_MODE_EXCLUSIVE_PROCESS
-from driver.plugin import boot, cdi, durable
-from driver.plugin.admission import AdmissionError, admit, check_allocated_here, is_admin
+from driver.plugin import boot, cdi
+from driver.plugin.admission import AdmissionError, admit, is_admin
 from driver.plugin.checkpoint import Checkpoint, CheckpointError, CheckpointStore, MigInstance, PreparedClaim, PreparedDevice
 from driver.plugin.claimref import ClaimRef, PreparedResult, PrepareError, base_request, check_request
+from driver.plugin.claims import our_results
 from driver.plugin.config import ConfigError, effective_configs
 from driver.plugin.devices import DeviceRef, device_index
 from driver.plugin.faults import crash_point
 from driver.plugin.groupcommit import GroupCommit
 from driver.plugin.mig import MigDevices
-from driver.plugin.mps import MpsDaemons, MpsError
+from driver.plugin.mps import MpsDaemons
+from driver.plugin.recovery import Recovery
+from driver.plugin.release import ClaimSpecs, Release, Staged
 from driver.plugin.session import Sessions
 from driver.plugin.sharing import Sharing, SharingError, holds_share, strategy_of, uses_sharing
 
@@ -64,15 +66,6 @@ __all__ = ["ClaimRef", "DeviceState", "PrepareError", "PreparedResult", "base_re
 log = logging.getLogger(__name__)
 
 _CLAIM_ERRORS = (PrepareError, AdmissionError, ConfigError, SharingError)
-_STEP_ERRORS = (NvmlError, CheckpointError, SharingError, MpsError, PrepareError, OSError)
-
-
-@dataclass
-class _Staged:
-    """A claim of the batch, prepared on the node and held ``Preparing`` until the batch's write."""
-    ref: ClaimRef
-    entry: PreparedClaim
-    shared_gpus: list[str]
 
 
 class DeviceState:
@@ -98,7 +91,13 @@ class DeviceState:
         self.prepared_count = 0
         self.sharing = Sharing(backend, MpsDaemons(plugin_dir / "mps", backend.kind))
         self.mig = MigDevices(backend, self.checkpoint, node_name, lambda point: self._crash(point))
-        self.sessions = Sessions(self.checkpoint, plugin_dir, cdi_root, self._finish_interrupted)
+        self.specs = ClaimSpecs(cdi_root, driver_name, node_name)
+        self.release = Release(mig=self.mig, sharing=self.sharing, specs=self.specs, checkpoint=self.checkpoint,
+                               gpus=lambda: self.inventory.gpus, crash=lambda point: self._crash(point))
+        self.recovery = Recovery(release=self.release, specs=self.specs, sharing=self.sharing,
+                                 checkpoint=self.checkpoint, plugin_dir=plugin_dir, boot_id_file=self.boot_id_file,
+                                 gpus=lambda: self.inventory.gpus, verify=self._verify_prepared)
+        self.sessions = Sessions(self.checkpoint, plugin_dir, cdi_root, self.recovery.finish_interrupted)
         self.commits: GroupCommit[tuple[str, Any], Any] = GroupCommit(self._run_batch)
         #: called with (claim, its devices) / (claim) after a claim is prepared / unprepared (see the module doc)
         self.on_prepared: list[Callable[[ClaimRef, list[PreparedDevice]], None]] = []
@@ -153,7 +152,7 @@ class DeviceState:
                 payloads = [p for _, p in group]
                 if kind == "recover":
                     if not isinstance(cp, CheckpointError):
-                        self._remove_orphans(cp)
+                        self.recovery.remove_orphans(cp)
                     answers += [sorted(self.sessions.finished)] * len(payloads)
                 elif kind == "prepare":
                     claims = [c for p in payloads for c in p]
@@ -172,7 +171,7 @@ class DeviceState:
     # -- prepare --------------------------------------------------------------------------------
     def _prepare_batch(self, cp: Checkpoint, claims: list[tuple[ClaimRef, dict | Exception]]) -> dict[str, PreparedResult]:
         out: dict[str, PreparedResult] = {}
-        staged: dict[str, _Staged] = {}
+        staged: dict[str, Staged] = {}
         writes = self.checkpoint.writes
         for ref, claim in claims:
             if ref.uid in out:              # the same claim twice in the batch: one prepare, one answer
@@ -194,7 +193,7 @@ class DeviceState:
             self._commit(cp, staged, out, persisted=self.checkpoint.writes > writes)
         return out
 
-    def _commit(self, cp: Checkpoint, staged: dict[str, _Staged], out: dict[str, PreparedResult], *,
+    def _commit(self, cp: Checkpoint, staged: dict[str, Staged], out: dict[str, PreparedResult], *,
                 persisted: bool) -> None:
         """The batch's one write; on failure every staged claim is undone and answered the error."""
         for s in staged.values():
@@ -202,7 +201,7 @@ class DeviceState:
         try:
             self.checkpoint.write(cp)
         except CheckpointError as e:
-            undo = self._rollback(cp, list(staged.values()), persisted=persisted)
+            undo = self.release.rollback(cp, list(staged.values()), persisted=persisted)
             for uid, s in staged.items():
                 also = f"; undoing it also failed (retried by the next call): {'; '.join(undo[uid])}" if undo[uid] else ""
                 out[uid] = PreparedResult(error=f"claim {s.ref}: nothing was prepared: {e}{also}; the kubelet retries")
@@ -213,28 +212,8 @@ class DeviceState:
             log.info("prepared claim %s (uid %s): %s", s.ref, s.ref.uid,
                      ", ".join(d.device for d in s.entry.devices) or "no devices")
 
-    def _check_claim(self, ref: ClaimRef, claim: dict) -> list[dict]:
-        check_request(ref)
-        md = claim.get("metadata") or {}
-        if md.get("uid") != ref.uid:
-            raise PrepareError(f"claim {ref} has uid {md.get('uid')} but the kubelet asked for uid {ref.uid}: the "
-                               "claim was deleted and re-created; the kubelet retries with the new claim")
-        allocation = (claim.get("status") or {}).get("allocation")
-        if not allocation:
-            raise PrepareError(f"claim {ref} (uid {ref.uid}) has no status.allocation: it is not allocated; "
-                               "the kubelet retries once the scheduler or the Partita controller allocates it")
-        check_allocated_here(str(ref), allocation, NodeFacts(self.node_name, self.node_labels))
-        results = [r for r in (allocation.get("devices") or {}).get("results") or []
-                   if r.get("driver") == self.driver_name]
-        for r in results:
-            if r.get("pool") != self.node_name:
-                raise PrepareError(f"claim {ref}: status.allocation.devices.results device {r.get('device')} is in "
-                                   f"pool {r.get('pool')}, which is another node's; only pool {self.node_name} "
-                                   "is prepared here")
-        return results
-
-    def _prepare_one(self, cp: Checkpoint, ref: ClaimRef, claim: dict, staged: dict[str, _Staged]) -> list[PreparedDevice]:
-        results = self._check_claim(ref, claim)
+    def _prepare_one(self, cp: Checkpoint, ref: ClaimRef, claim: dict, staged: dict[str, Staged]) -> list[PreparedDevice]:
+        results = our_results(ref, claim, self.driver_name, NodeFacts(self.node_name, self.node_labels))
         existing = cp.claims.get(ref.uid)
         if existing is not None and existing.state == "Prepared":
             # Idempotent: the kubelet asks again after its own restart. What the claim had must still be
@@ -244,7 +223,7 @@ class DeviceState:
         refs = [(r, self._devices.get(r.get("device", ""))) for r in results]
         admit(_on_gpus(cp.claims, {d.gpu.uuid for _, d in refs if d is not None}), ref, results, self._devices)
         if existing is not None:      # an interrupted prepare or unprepare the session could not finish
-            errors = self._release(cp, existing)
+            errors = self.release.release(cp, existing)
             if errors:
                 raise PrepareError(f"claim {ref}: its interrupted {existing.state.lower()} cannot be finished: "
                                    f"{'; '.join(errors)}")
@@ -258,7 +237,7 @@ class DeviceState:
                                    "delete the claim so it is allocated again")
         configs = effective_configs(claim, self.driver_name, results)
         entry = PreparedClaim(uid=ref.uid, namespace=ref.namespace, name=ref.name, state="Preparing",
-                              cdiSpec=str(self._spec_path(ref.uid)))
+                              cdiSpec=str(self.specs.path(ref.uid)))
         shared = [dev.gpu.uuid for (r, dev), config in zip(refs, configs)
                   if uses_sharing(dev.type, config) and not is_admin(r)]
         devices: list[PreparedDevice] = []
@@ -267,17 +246,17 @@ class DeviceState:
                 devices.append(self._prepare_device(cp, entry, ref, r, dev, config))
                 # entry.devices may hold a placeholder for a MIG device being created: now it is done
                 entry.devices = list(devices)
-            self._write_spec(ref, entry)
+            self.specs.write(ref, entry)
             self._crash("cdi-spec-written")
         except BaseException as e:
-            errors = self._rollback(cp, [_Staged(ref, entry, shared)], persisted=ref.uid in cp.claims)[ref.uid]
+            errors = self.release.rollback(cp, [Staged(ref, entry, shared)], persisted=ref.uid in cp.claims)[ref.uid]
             if not errors or not isinstance(e, Exception):
                 raise
             first = str(e) if isinstance(e, _CLAIM_ERRORS) else f"claim {ref}: {e}"
             raise PrepareError(f"{first}; undoing the prepare also failed (retried by the next call): "
                                f"{'; '.join(errors)}") from None
         cp.claims[ref.uid] = entry          # Preparing until the batch's write (_commit)
-        staged[ref.uid] = _Staged(ref, entry, shared)
+        staged[ref.uid] = Staged(ref, entry, shared)
         return devices
 
     def _prepare_device(self, cp: Checkpoint, entry: PreparedClaim, ref: ClaimRef, result: dict, dev: DeviceRef,
@@ -332,90 +311,11 @@ class DeviceState:
                         raise PrepareError(f"claim {ref}: the MPS control daemon of GPU {d.gpu_uuid} that its share "
                                            f"{d.device} uses is not running and cannot be restarted (see the plugin "
                                            "log); unprepare and prepare the claim again, or use TimeSlicing")
-        if rewrite or not cdi.spec_is_current(self._spec_path(ref.uid, entry), self._spec(ref, entry.devices)):
+        if rewrite or not self.specs.is_current(ref, entry):
             if not rewrite:
                 log.warning("claim %s (uid %s): its CDI spec was missing or changed: written again", ref, ref.uid)
-            self._write_spec(ref, entry)
+            self.specs.write(ref, entry)
         return entry.devices
-
-    # -- CDI specs ------------------------------------------------------------------------------
-    def _spec_path(self, uid: str, entry: PreparedClaim | None = None) -> Path:
-        return Path(entry.cdi_spec) if entry is not None and entry.cdi_spec else \
-            cdi.spec_path(self.cdi_root, self.driver_name, uid)
-
-    def _spec(self, ref: ClaimRef, devices: list[PreparedDevice]) -> cdi.CdiSpec:
-        return cdi.claim_spec(self.driver_name, self.node_name, ref.namespace, ref.name, ref.uid, devices)
-
-    def _write_spec(self, ref: ClaimRef, entry: PreparedClaim) -> None:
-        try:
-            cdi.write_spec(self._spec_path(ref.uid, entry), self._spec(ref, entry.devices))
-        except durable.DurableError as e:
-            raise PrepareError(f"claim {ref}: {e.strerror}") from None
-
-    def _remove_spec(self, entry: PreparedClaim) -> None:
-        """Only when there is one: removing a missing file from a read-only directory is an error too."""
-        path = self._spec_path(entry.uid, entry)
-        if path.exists() or path.is_symlink():
-            cdi.remove_spec(path)
-
-    # -- undo and release -----------------------------------------------------------------------
-    def _rollback(self, cp: Checkpoint, claims: list[_Staged], *, persisted: bool) -> dict[str, list[str]]:
-        """Undo failed prepares (every step even when one fails); returns what failed, per claim. The
-        claims leave the checkpoint first, so the shares left on each GPU are the others'."""
-        for s in claims:
-            cp.claims.pop(s.ref.uid, None)
-        errors = {s.ref.uid: self._undo(cp, s.entry) + self._try(self.mig.leave_mode_if_unused, s.entry,
-                                                                 self.inventory.gpus)
-                  + self._try(self._remove_spec, s.entry) for s in claims}
-        for uuid in sorted({g for s in claims for g in s.shared_gpus}):
-            failed = self._try(self.sharing.release_unused, cp, [uuid])
-            for s in claims:
-                if uuid in s.shared_gpus:
-                    errors[s.ref.uid] += failed
-        for s in claims:
-            if errors[s.ref.uid]:       # kept, so that the next call finishes the undo
-                s.entry.state = "Preparing"
-                cp.claims[s.ref.uid] = s.entry
-        if persisted or any(errors.values()):
-            failed = self._try(self.checkpoint.write, cp)
-            for s in claims:
-                errors[s.ref.uid] += failed
-        return errors
-
-    def _undo(self, cp: Checkpoint, entry: PreparedClaim) -> list[str]:
-        """Destroy what a (possibly interrupted) prepare of this claim created; every device is tried."""
-        errors: list[str] = []
-        for d in entry.devices:
-            if d.mig is not None and d.mig.created:
-                errors += self._try(self.mig.destroy, cp, entry.uid, d.mig)
-        return errors
-
-    def _release(self, cp: Checkpoint, entry: PreparedClaim) -> list[str]:
-        """Everything a claim (prepared, or interrupted while preparing or unpreparing) holds on the node:
-        its MIG instances, MIG mode it needed, its CDI spec, its shares. Every step runs; returns what
-        failed (idempotent, so a retry finishes it)."""
-        errors = self._undo(cp, entry)
-        errors += self._try(self.mig.leave_mode_if_unused, entry, self.inventory.gpus)
-        errors += self._try(self._remove_spec, entry)
-        self._crash("cdi-spec-removed")
-        shared = sorted({d.gpu_uuid for d in entry.devices if holds_share(d)})
-        if shared:
-            held = cp.claims.pop(entry.uid, None)     # the shares left on each GPU, without this claim's
-            for uuid in shared:
-                errors += self._try(self.sharing.release_unused, cp, [uuid])
-            if held is not None:
-                cp.claims[entry.uid] = held
-        return errors
-
-    @staticmethod
-    def _try(step: Callable[..., Any], *args: Any) -> list[str]:
-        try:
-            step(*args)
-        except durable.DurableError as e:
-            return [e.strerror]
-        except _STEP_ERRORS as e:
-            return [str(e)]
-        return []
 
     # -- unprepare ------------------------------------------------------------------------------
     def _unprepare_batch(self, cp: Checkpoint, claims: list[ClaimRef]) -> dict[str, str]:
@@ -448,7 +348,7 @@ class DeviceState:
             self._crash("unprepare-recorded")
         done: list[ClaimRef] = []
         for uid, (ref, entry) in todo.items():
-            errors = self._release(cp, entry)
+            errors = self.release.release(cp, entry)
             if errors:
                 out[uid] = f"claim {ref}: {'; '.join(errors)}; the kubelet retries"
                 continue
@@ -465,74 +365,6 @@ class DeviceState:
             out[ref.uid] = ""
             log.info("unprepared claim %s (uid %s)", ref, ref.uid)
         return out
-
-    # -- interrupted work -----------------------------------------------------------------------
-    def _finish_interrupted(self, cp: Checkpoint) -> list[str]:
-        """Undo interrupted prepares, finish interrupted unprepares, record the boot id; returns the UIDs
-        finished. An entry that cannot be finished now stays (logged) and is tried again by the next call."""
-        finished: list[str] = []
-        # temp files of writes a kill interrupted (all writes happen under the file lock we hold)
-        for p in durable.remove_stale_temps(self.plugin_dir, durable.temp_name_of(self.checkpoint.path)) + \
-                durable.remove_stale_temps(self.cdi_root, durable.temp_name_of(cdi.spec_path(self.cdi_root,
-                                                                                           self.driver_name, "*"))):
-            log.info("removed %s, left by an interrupted write", p)
-        current = boot.read_boot_id(self.boot_id_file)
-        rebooted_from = None
-        changed = False
-        if current is not None and cp.boot_id != current:
-            if cp.boot_id is None:
-                cp.boot_id = current
-                changed = True
-            else:
-                rebooted_from = cp.boot_id
-        for uid, entry in list(cp.claims.items()):
-            if entry.state == "Prepared":
-                continue
-            what = "prepare" if entry.state == "Preparing" else "unprepare"
-            errors = self._release(cp, entry)
-            if errors:
-                log.error("could not finish the interrupted %s of claim %s/%s (uid %s): %s", what, entry.namespace,
-                          entry.name, uid, "; ".join(errors))
-                continue
-            del cp.claims[uid]
-            finished.append(uid)
-            log.warning("%s the interrupted %s of claim %s/%s (uid %s)", "undid" if what == "prepare" else "finished",
-                        what, entry.namespace, entry.name, uid)
-        if rebooted_from is not None:
-            self._restore_after_reboot(cp, rebooted_from, current)
-        if changed or finished or rebooted_from is not None:
-            self.checkpoint.write(cp)
-        return finished
-
-    def _remove_orphans(self, cp: Checkpoint) -> None:
-        """What a crash before a batch's record left of claims never recorded: their CDI specs, MPS daemons and
-        GPU sharing settings (every write is under the session's lock, so nothing else is in flight)."""
-        recorded = {self._spec_path(uid, e) for uid, e in cp.claims.items()}
-        for path in sorted(self.cdi_root.glob(cdi.spec_path(self.cdi_root, self.driver_name, "*").name)):
-            if path not in recorded:
-                log.warning("removing CDI spec %s: no claim in the checkpoint has it (an interrupted prepare)", path)
-                for e in self._try(cdi.remove_spec, path):
-                    log.error("%s", e)
-        self.sharing.reconcile(cp)
-        for e in self._try(self.sharing.restore_unshared, cp, [g.uuid for g in self.inventory.gpus]):
-            log.error("%s", e)
-
-    def _restore_after_reboot(self, cp: Checkpoint, old: str, current: str | None) -> None:
-        """Re-create what prepared claims had before the node rebooted. The new boot id is recorded only
-        after this (with the caller's write), so a crash meanwhile restores again (idempotent)."""
-        log.warning("the node rebooted (boot id %s, checkpoint written under %s): restoring the MIG instances, "
-                    "CDI specs and MPS daemons of %d prepared claim(s)", current, old,
-                    sum(1 for c in cp.claims.values() if c.state == "Prepared"))
-        for uid, entry in list(cp.claims.items()):
-            if entry.state != "Prepared":
-                continue
-            ref = ClaimRef(entry.namespace, entry.name, uid)
-            try:
-                self._verify_prepared(cp, ref, entry)
-            except (PrepareError, NvmlError, SharingError) as e:
-                log.error("after the reboot, claim %s (uid %s) could not be restored: %s; its next prepare "
-                          "tries again", ref, uid, e)
-        cp.boot_id = current
 
     def _crash(self, point: str) -> None:
         crash_point(point, self.backend.kind)
