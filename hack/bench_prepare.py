@@ -10,9 +10,16 @@ The API server (the sandbox's emulator) runs in its own process.
 * ``1 claim``: one whole-GPU claim prepared and unprepared, one call at a time.
 * ``N concurrent``: N pods start at once, each with its own claim (a share of one of the node's GPUs, so
   that N can exceed the GPU count), then all stop at once; the latency of every call is recorded.
+* the plugin process's peak RSS (``VmHWM``) after both.
 
-Usage: .venv/bin/python hack/bench_prepare.py [--iterations 300] [--concurrency 100] [--rounds 10] [--json]
-Target (issue 2): p99 <= 5 ms for one whole-GPU claim on a 2-core machine.
+``--baseline REV`` runs the same benchmark first against the plugin of git revision REV (``git archive``
+into a temporary directory; the API server and this client stay the same) and prints each figure's ratio
+(after / before), so that a change is judged on one machine under one load.
+
+Usage: .venv/bin/python hack/bench_prepare.py [--iterations 300] [--concurrency 100] [--rounds 10]
+       [--baseline REV] [--json]
+Targets (issue 18): 100 concurrent share claims prepare p99 <= 50 ms and unprepare p99 <= 50 ms; one claim
+p99 <= 2 ms; RSS <= 300 MB.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,7 +41,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from driver.api.kube import Kube, claim_path, claims_path  # noqa: E402
+from driver.api.kube import Kube, KubeError, claim_path, claims_path  # noqa: E402
 from controller.sandbox.plugin import PluginProcess  # noqa: E402
 from driver.api import naming  # noqa: E402
 from driver.kubeletapi.dra.v1 import api_pb2 as dra  # noqa: E402
@@ -43,6 +51,10 @@ from driver.nvml.profile import parse_profile  # noqa: E402
 
 NODE = "bench-node"
 DRIVER = "gpu.partita.dev"
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"concurrent share claims: prepare": 50.0, "concurrent share claims: unprepare": 50.0,
+           "1 whole-GPU claim: prepare": 2.0}
+RSS_TARGET_MB = 300
 
 
 def _claim(name: str, device: str, share: bool) -> dict:
@@ -72,7 +84,11 @@ def _summary(name: str, lat_ms: list[float]) -> dict:
 
 async def bench(args: argparse.Namespace, url: str, plugin: PluginProcess, gpus: list[str]) -> list[dict]:
     kube = await Kube.connect(url)
-    await kube.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})
+    try:
+        await kube.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})
+    except KubeError as e:
+        if e.status != 409:      # the node exists: a second run against the same API server
+            raise
     plugin.start()
     try:
         return await _bench(args, kube, plugin, gpus)
@@ -82,6 +98,7 @@ async def bench(args: argparse.Namespace, url: str, plugin: PluginProcess, gpus:
 
 async def _create(kube: Kube, claim: dict) -> dict:
     status = claim.pop("status")
+    claim["metadata"]["name"] += f"-{uuid.uuid4().hex[:6]}"     # each run its own claims
     created = await kube.create(claims_path("default"), claim)
     created["status"] = status
     return await kube.replace(claim_path("default", created["metadata"]["name"], status=True), created)
@@ -129,7 +146,39 @@ async def _bench(args: argparse.Namespace, kube: Kube, plugin: PluginProcess, gp
             cunprep += await asyncio.gather(*(call("NodeUnprepareResources", [c]) for c in shared))
         results += [_summary(f"{n} concurrent share claims: prepare", cprep),
                     _summary(f"{n} concurrent share claims: unprepare", cunprep)]
+        results.append({"case": "plugin peak RSS", "rss_mb": _peak_rss_mb(plugin)})
         return results
+
+
+def _peak_rss_mb(plugin: PluginProcess) -> float | None:
+    try:
+        for line in Path(f"/proc/{plugin.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, AttributeError):
+        pass
+    return None
+
+
+def _checkout(rev: str, into: Path) -> Path:
+    """The plugin's code at ``rev`` (its driver package, which the plugin process runs)."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "driver"], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def _run(args: argparse.Namespace, profile, gpus: list[str], url: str, code: Path) -> list[dict]:
+    """One benchmark against a fresh plugin process running the ``driver`` package under ``code``."""
+    with tempfile.TemporaryDirectory(prefix="partita-bench-") as tmp:
+        plugin = PluginProcess(profile, profile.nodes[0], Path(tmp), url, DRIVER, log_level="WARNING",
+                               env={"PYTHONPATH": os.pathsep.join([str(code)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))})
+        cwd = os.getcwd()
+        os.chdir(code)           # ``python -m driver`` looks in the working directory first
+        try:
+            return asyncio.run(bench(args, url, plugin, gpus))
+        finally:
+            os.chdir(cwd)
+            plugin.stop()
 
 
 def main() -> int:
@@ -140,6 +189,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--model", default="H100-SXM5-80GB")
     p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--baseline", metavar="REV", help="also run the plugin of this git revision first and print "
+                   "the ratios (e.g. the merge base of a branch)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -154,24 +205,50 @@ def main() -> int:
     # process's interpreter lock with the benchmark's client.
     api = subprocess.Popen([sys.executable, "-m", "controller.sandbox.apiserver"], stdout=subprocess.PIPE, text=True)
     url = (api.stdout.readline() if api.stdout else "").strip()
-    with tempfile.TemporaryDirectory(prefix="partita-bench-") as tmp:
-        plugin = PluginProcess(profile, profile.nodes[0], Path(tmp), url, DRIVER, log_level="WARNING")
-        try:
-            results = asyncio.run(bench(args, url, plugin, gpus))
-        finally:
-            plugin.stop()
-            api.terminate()
-            api.wait(10)
-    env = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "grpcio": grpc.__version__}
+    base_dir = Path(tempfile.mkdtemp(prefix="partita-bench-base-")) if args.baseline else None
+    try:
+        before = _run(args, profile, gpus, url, _checkout(args.baseline, base_dir)) if base_dir else None
+        results = _run(args, profile, gpus, url, REPO)
+    finally:
+        api.terminate()
+        api.wait(10)
+        if base_dir:
+            shutil.rmtree(base_dir, ignore_errors=True)
+    env = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "grpcio": grpc.__version__,
+           "load_average": [round(x, 2) for x in os.getloadavg()]}
+    if before:
+        for r, b in zip(results, before):
+            r["before"] = {k: v for k, v in b.items() if k != "case"}
+            for k in ("p50_ms", "p99_ms", "rss_mb"):
+                if r.get(k) and b.get(k):
+                    r[f"{k.split('_')[0]}_ratio"] = round(r[k] / b[k], 3)
+    for r in results:
+        target = next((t for name, t in TARGETS.items() if r["case"].endswith(name)), None)
+        if target is not None:
+            r["target_p99_ms"] = target
+        elif "rss_mb" in r:
+            r["target_mb"] = RSS_TARGET_MB
     if args.json:
-        print(json.dumps({"environment": env, "results": results}, indent=2))
-    else:
-        print(f"# prepare benchmark: plugin process, fake {args.gpus}x{args.model}, claims read over HTTP; "
-              f"{env['cpus']} CPUs, Python {env['python']}, grpcio {env['grpcio']}")
-        width = max(len(r["case"]) for r in results)
-        print(f"{'case'.ljust(width)}  {'calls':>6}  {'p50 ms':>8}  {'p99 ms':>8}  {'max ms':>8}")
-        for r in results:
-            print(f"{r['case'].ljust(width)}  {r['calls']:>6}  {r['p50_ms']:>8.2f}  {r['p99_ms']:>8.2f}  {r['max_ms']:>8.2f}")
+        print(json.dumps({"environment": env, "baseline": args.baseline, "results": results}, indent=2))
+        return 0
+    print(f"# prepare benchmark: plugin process, fake {args.gpus}x{args.model}, claims read over HTTP; "
+          f"{env['cpus']} CPUs, load average {env['load_average']}, Python {env['python']}, grpcio {env['grpcio']}"
+          + (f"; ratio = this tree / {args.baseline}" if args.baseline else ""))
+    width = max(len(r["case"]) for r in results)
+    head = f"{'case'.ljust(width)}  {'calls':>6}  {'p50 ms':>8}  {'p99 ms':>8}  {'max ms':>8}  {'target':>7}"
+    print(head + (f"  {'before p50':>10}  {'before p99':>10}  {'p99 ratio':>9}" if before else ""))
+    for r in results:
+        if "rss_mb" in r:
+            line = f"{r['case'].ljust(width)}  {'':>6}  {r['rss_mb'] or 0:>8.1f}  {'MB':>8}  {'':>8}  {RSS_TARGET_MB:>7}"
+            if before:
+                line += f"  {'':>10}  {r['before'].get('rss_mb') or 0:>10.1f}  {r.get('rss_ratio', 0):>9.2f}"
+            print(line)
+            continue
+        line = (f"{r['case'].ljust(width)}  {r['calls']:>6}  {r['p50_ms']:>8.2f}  {r['p99_ms']:>8.2f}  {r['max_ms']:>8.2f}"
+                f"  {r.get('target_p99_ms', ''):>7}")
+        if before:
+            line += f"  {r['before']['p50_ms']:>10.2f}  {r['before']['p99_ms']:>10.2f}  {r.get('p99_ratio', 0):>9.2f}"
+        print(line)
     return 0
 
 

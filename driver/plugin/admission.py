@@ -30,6 +30,7 @@ devices) and the node's device index; it changes nothing.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -82,6 +83,13 @@ class Use:
         return f"whole GPU {self.device}"
 
 
+@functools.lru_cache(maxsize=4096)
+def _bytes(quantity: str) -> int:
+    """A quantity's value (cached: admission compares every share of a GPU, whose memory is written by few
+    distinct strings, and parsing one costs more than the whole comparison). Raises QuantityError."""
+    return Quantity.parse(quantity).as_int()
+
+
 def is_admin(result: Mapping) -> bool:
     """The result grants admin access (monitoring, maintenance): upstream's ``adminAccess: true``."""
     return result.get("adminAccess") is True
@@ -95,7 +103,7 @@ def _prepared_use(c: PreparedClaim, d: PreparedDevice) -> Use:
     memory = 0
     if d.type == C.DEVICE_TYPE_SHARED:
         try:
-            memory = Quantity.parse((d.consumed_capacity or {}).get(C.CAP_MEMORY) or "0").as_int()
+            memory = _bytes((d.consumed_capacity or {}).get(C.CAP_MEMORY) or "0")
         except QuantityError:
             memory = 0
     return Use(f"{c.namespace}/{c.name}", c.uid, d.device, d.gpu_uuid, d.type, slices, profile, d.share_id, memory)
@@ -110,7 +118,7 @@ def _consumed_memory(claim: str, result: Mapping, dev: DeviceRef) -> int:
                              "how much memory it consumes; the allocation is corrupt — delete the claim so it is "
                              "allocated again")
     try:
-        memory = Quantity.parse(str(raw)).as_int()
+        memory = _bytes(str(raw))
     except QuantityError as e:
         raise AdmissionError(f"{where}: consumedCapacity.{C.CAP_MEMORY} {raw!r} is not a quantity ({e}); the "
                              "allocation is corrupt — delete the claim so it is allocated again") from None
@@ -238,7 +246,7 @@ def admit(prepared: Mapping[str, PreparedClaim], claim: ClaimId, results: Iterab
                                      f"{_FIX if others else _FIX_ONE}")
         shares = [u for u in on_gpu if u.type == C.DEVICE_TYPE_SHARED]
         if any(u.type == C.DEVICE_TYPE_SHARED for u in mine):
-            capacity = Quantity.parse(format_bytes(gpu.memory_bytes)).as_int()
+            capacity = _bytes(format_bytes(gpu.memory_bytes))
             total = sum(u.memory for u in shares)
             if total > capacity:
                 others = [f"claim {u.claim} ({format_bytes(u.memory)})" for u in shares if u.uid != claim.uid]

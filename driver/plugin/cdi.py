@@ -5,7 +5,12 @@ the runtime (containerd, CRI-O, podman) looks them up in the spec files of its C
 (``/etc/cdi``, ``/var/run/cdi``). Partita's spec carries what is claim-specific (which GPU, MIG device
 or share, the sharing settings); on real nodes the NVIDIA container toolkit's own spec (kind
 ``nvidia.com/gpu``) supplies device nodes and driver libraries, and Partita returns its device ID too
-when that spec is installed (see :func:`toolkit_device_id`).
+when that spec is installed (see :func:`toolkit_device_id`; which directories are searched is the plugin's
+configuration, :mod:`driver.plugin.main`).
+
+What a claim's spec holds is decided here (:func:`claim_spec`): one CDI device per prepared device, named
+by :func:`device_name` from the claim UID, the device and its share; its environment says which GPU, MIG
+device or share it is; the sharing set-up's extra edits (MPS pipe mount, limits) follow.
 
 Specs use the lowest ``cdiVersion`` their content needs, as the CDI library's ``MinimumRequiredVersion``
 does: 0.3.0, or 0.5.0 when a device name starts with a digit (claim UIDs often do); podman 4.3 reads
@@ -16,12 +21,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from driver.api import constants as C
 from driver.plugin import durable
+from driver.plugin.checkpoint import PreparedDevice
+
+#: where the NVIDIA container toolkit's spec is installed (``nvidia-ctk cdi generate``), on real nodes
+TOOLKIT_SPEC_DIRS = (Path("/etc/cdi"), Path("/var/run/cdi"))
 
 
 class _Model(BaseModel):
@@ -78,6 +88,40 @@ def device_id(driver_name: str, device_name: str) -> str:
     return f"{C.cdi_kind(driver_name)}={device_name}"
 
 
+def device_name(claim_uid: str, device: str, share_id: str | None = None) -> str:
+    """The CDI device of one prepared device of a claim: unique on the node (claim UIDs are never reused; a
+    claim's results name each device, or each share of a shared device, once)."""
+    return f"{claim_uid}-{device}" + (f"-{share_id}" if share_id else "")
+
+
+def device_env(d: PreparedDevice) -> list[str]:
+    """What a container learns about the device it got."""
+    visible = d.mig.uuid if d.mig is not None and d.mig.uuid else d.gpu_uuid
+    env = [f"NVIDIA_VISIBLE_DEVICES={visible}", f"PARTITA_DEVICE={d.device}", f"PARTITA_DEVICE_TYPE={d.type}",
+           f"PARTITA_GPU_UUID={d.gpu_uuid}"]
+    if d.mig is not None and d.mig.uuid:
+        env.append(f"PARTITA_MIG_UUID={d.mig.uuid}")
+    if d.share_id:
+        env.append(f"PARTITA_SHARE_ID={d.share_id}")
+    if d.admin_access:
+        env.append("PARTITA_ADMIN_ACCESS=true")
+    return env
+
+
+def claim_spec(driver_name: str, node_name: str, namespace: str, name: str, uid: str,
+               devices: list[PreparedDevice]) -> CdiSpec:
+    """The spec of one prepared claim: a CDI device per prepared device (:func:`device_name`), with
+    :func:`device_env` and the device's extra edits (``PreparedDevice.edits``: a share's set-up), and the
+    claim's own identity for every container."""
+    cdi_devices = []
+    for d in devices:
+        extra = ContainerEdits.model_validate(d.edits or {})
+        cdi_devices.append(CdiDevice(name=device_name(uid, d.device, d.share_id), containerEdits=ContainerEdits(
+            env=device_env(d) + (extra.env or []), mounts=extra.mounts)))
+    common = [f"PARTITA_CLAIM={namespace}/{name}", f"PARTITA_CLAIM_UID={uid}", f"PARTITA_NODE={node_name}"]
+    return build_spec(driver_name, cdi_devices, common)
+
+
 def spec_path(cdi_root: Path, driver_name: str, claim_uid: str) -> Path:
     """One file per claim, named after the claim UID, which is never reused."""
     return cdi_root / f"{C.cdi_vendor(driver_name)}-{C.CDI_CLASS}_{claim_uid}.json"
@@ -120,10 +164,11 @@ def ensure_dir(cdi_root: Path) -> None:
 _TOOLKIT_KIND = re.compile(r'"?kind"?\s*:\s*"?nvidia\.com/gpu"?')
 
 
-def toolkit_device_id(cdi_dirs: list[Path], uuid: str) -> str | None:
+def toolkit_device_id(cdi_dirs: Iterable[Path], uuid: str) -> str | None:
     """``nvidia.com/gpu=<uuid>`` when the NVIDIA container toolkit's CDI spec (``nvidia-ctk cdi
-    generate``) is installed and names the device by UUID; it supplies the device nodes and driver
-    libraries that Partita's spec does not. None on fake nodes and nodes without the toolkit spec."""
+    generate``) is installed in one of ``cdi_dirs`` and names the device by UUID; it supplies the device
+    nodes and driver libraries that Partita's spec does not. None when no spec there names it (the plugin
+    searches no directory on fake nodes)."""
     for d in cdi_dirs:
         try:
             files = sorted(d.iterdir())

@@ -91,6 +91,8 @@ class CheckpointStore:
     def __init__(self, path: Path):
         self.path = path
         self._dir_ready = False
+        #: successful writes so far (a batch tells from it whether it wrote anything yet)
+        self.writes = 0
 
     def read(self) -> Checkpoint:
         try:
@@ -144,3 +146,4 @@ class CheckpointStore:
             durable.write_file(self.path, data, what="checkpoint")
         except durable.DurableError as e:
             raise CheckpointError(f"{e.strerror}. The previous checkpoint is unchanged") from None
+        self.writes += 1

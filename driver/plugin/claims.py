@@ -13,7 +13,9 @@ from typing import Any, Protocol
 
 from driver.api.kube import InvalidName, Kube, KubeError, check_name, check_namespace, claim_path
 from driver.api.messages import brief
-from driver.plugin.prepare import ClaimRef, PrepareError
+from driver.api.nodeselector import NodeFacts
+from driver.plugin.admission import check_allocated_here
+from driver.plugin.claimref import ClaimRef, PrepareError, check_request
 
 
 class ClaimSource(Protocol):
@@ -52,6 +54,28 @@ class KubeClaimSource:
             raise PrepareError(f"reading claim {ref} from the API server failed: {e}; the kubelet retries") from None
         except OSError as e:
             raise PrepareError(f"reading claim {ref}: the API server is unreachable ({e}); the kubelet retries") from None
+
+
+def our_results(ref: ClaimRef, claim: dict, driver_name: str, node: NodeFacts) -> list[dict]:
+    """The results of ``driver_name`` in the claim's allocation, once the claim is the one the kubelet named
+    (same uid), allocated, for this node (its nodeSelector; every result in this node's pool)."""
+    check_request(ref)
+    md = claim.get("metadata") or {}
+    if md.get("uid") != ref.uid:
+        raise PrepareError(f"claim {ref} has uid {md.get('uid')} but the kubelet asked for uid {ref.uid}: the "
+                           "claim was deleted and re-created; the kubelet retries with the new claim")
+    allocation = (claim.get("status") or {}).get("allocation")
+    if not allocation:
+        raise PrepareError(f"claim {ref} (uid {ref.uid}) has no status.allocation: it is not allocated; "
+                           "the kubelet retries once the scheduler or the Partita controller allocates it")
+    check_allocated_here(str(ref), allocation, node)
+    results = [r for r in (allocation.get("devices") or {}).get("results") or [] if r.get("driver") == driver_name]
+    for r in results:
+        if r.get("pool") != node.name:
+            raise PrepareError(f"claim {ref}: status.allocation.devices.results device {r.get('device')} is in "
+                               f"pool {r.get('pool')}, which is another node's; only pool {node.name} "
+                               "is prepared here")
+    return results
 
 
 # -- the shape of a claim read back -------------------------------------------------------------

@@ -25,6 +25,7 @@ from driver.cliopts import add_cluster, add_log_level, connect
 from driver.logfmt import add_log_format
 from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
+from driver.plugin import cdi
 from driver.plugin.claims import KubeClaimSource
 from driver.plugin.healthsetup import HealthFlagError, add_health_arguments, events_file, health_config, wire_health
 from driver.plugin.mps_watch import watch_mps_daemons
@@ -201,8 +202,10 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
              inventory.driver_version)
     publisher = SlicePublisher(kube, driver_name=args.driver_name, node_name=args.node_name, inventory=inventory,
                                features=SliceFeatures(taints=args.allocation_mode == C.ALLOCATION_MODE_CONTROLLER))
+    # The NVIDIA container toolkit's CDI spec (device nodes, driver libraries) exists on real nodes only.
+    toolkit_dirs = list(cdi.TOOLKIT_SPEC_DIRS) if args.nvml == "real" else []
     state = DeviceState(driver_name=args.driver_name, node_name=args.node_name, backend=backend,
-                        inventory=inventory, cdi_root=cdi_root, plugin_dir=plugin_dir,
+                        inventory=inventory, cdi_root=cdi_root, plugin_dir=plugin_dir, cdi_search_dirs=toolkit_dirs,
                         on_inventory_change=publisher.update_inventory)
     await state.recover()
     claims = KubeClaimSource(kube)

@@ -22,15 +22,14 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from driver.plugin import durable
-from driver.plugin.mps_standin import CONTROL_SOCKET, recv_line
+from driver.plugin import durable, mps_protocol as proto
+from driver.plugin.mps_protocol import CONTROL_SOCKET
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class MpsDaemons:
     # -- lifecycle ------------------------------------------------------------------------------
     def running(self, gpu_uuid: str) -> bool:
         try:
-            self.control(gpu_uuid, "get_server_list")
+            self.control(gpu_uuid, proto.GET_SERVER_LIST)
         except MpsError:
             return False
         return True
@@ -120,14 +119,14 @@ class MpsDaemons:
                 durable.write_file(d.pid_file, f"{pid}\n".encode(), what="MPS daemon PID")
             log.info("started the MPS control daemon of GPU %s (pipe %s)", gpu_uuid, d.pipe)
         if active_thread_percentage is not None:
-            self.control(gpu_uuid, f"set_default_active_thread_percentage {active_thread_percentage}")
+            self.control(gpu_uuid, proto.set_active_thread_percentage(active_thread_percentage))
         if pinned_memory_limit is not None:
-            self.control(gpu_uuid, f"set_default_device_pinned_mem_limit 0 {pinned_memory_limit}")
+            self.control(gpu_uuid, proto.set_pinned_mem_limit(pinned_memory_limit))
 
     def stop(self, gpu_uuid: str) -> None:
         if not self.running(gpu_uuid):
             return
-        self.control(gpu_uuid, "quit")
+        self.control(gpu_uuid, proto.QUIT)
         try:
             self._wait(gpu_uuid, up=False)
         except MpsError:
@@ -166,19 +165,10 @@ class MpsDaemons:
 
     @staticmethod
     def _fake_control(d: MpsDirs, command: str) -> str:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(5)
         try:
-            s.connect(str(d.control))
-            s.sendall(command.encode() + b"\n")
-            reply = recv_line(s)
-        except OSError as e:
-            raise MpsError(f"no MPS control daemon answers at {d.control}: {e}") from None
-        finally:
-            s.close()
-        if reply.startswith(("Invalid", "Unrecognized")):
-            raise MpsError(f"MPS control daemon refused {command!r}: {reply}")
-        return reply
+            return proto.ask(d.control, command)
+        except proto.ProtocolError as e:
+            raise MpsError(str(e)) from None
 
     def daemon_pid(self, gpu_uuid: str) -> int | None:
         """The PID of the GPU's daemon, from the private PID file and only when ``/proc`` confirms that

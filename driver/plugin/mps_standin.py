@@ -21,19 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-#: name of the control socket in the plugin's private per-GPU directory
-CONTROL_SOCKET = "control"
-
-
-def recv_line(conn: socket.socket) -> str:
-    """One newline-terminated message of the control protocol (both directions)."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace").strip()
+from driver.plugin import mps_protocol as proto
+from driver.plugin.mps_protocol import CONTROL_SOCKET  # noqa: F401 - where tests and tools look for it
 
 
 class Daemon:
@@ -53,12 +42,12 @@ class Daemon:
         if not words:
             return ""
         op, args = words[0], words[1:]
-        if op == "quit":
+        if op == proto.QUIT:
             self.running = False
             return ""
-        if op == "get_server_list":
+        if op == proto.GET_SERVER_LIST:
             return ""
-        if op == "set_default_active_thread_percentage" and len(args) == 1:
+        if op == proto.SET_ACTIVE_THREAD_PERCENTAGE and len(args) == 1:
             try:
                 value = float(args[0])
             except ValueError:
@@ -67,12 +56,12 @@ class Daemon:
                 return f"Invalid value {args[0]}"
             self.active_thread_percentage = f"{value:.1f}"
             return self.active_thread_percentage
-        if op == "get_default_active_thread_percentage":
+        if op == proto.GET_ACTIVE_THREAD_PERCENTAGE:
             return self.active_thread_percentage
-        if op == "set_default_device_pinned_mem_limit" and len(args) == 2:
+        if op == proto.SET_PINNED_MEM_LIMIT and len(args) == 2:
             self.pinned[args[0]] = args[1]
             return ""
-        if op == "get_default_device_pinned_mem_limit" and len(args) == 1:
+        if op == proto.GET_PINNED_MEM_LIMIT and len(args) == 1:
             return self.pinned.get(args[0], "")
         return f"Unrecognized command: {command}"
 
@@ -93,8 +82,7 @@ class Daemon:
                     continue
                 with conn:
                     conn.settimeout(5)
-                    reply = self.handle(recv_line(conn))
-                    conn.sendall(reply.encode() + b"\n")
+                    proto.send_line(conn, self.handle(proto.recv_line(conn)))
         finally:
             srv.close()
             sock_path.unlink(missing_ok=True)

@@ -163,6 +163,19 @@ class Sharing:
         except NotSupportedError:        # not MIG capable (L4, T4, ...)
             return False
 
+    def restore_unshared(self, cp: Checkpoint, gpu_uuids: Iterable[str]) -> None:
+        """Of ``gpu_uuids``, those no share uses (per ``cp``) whose settings are not the defaults get them back:
+        a crash between a share's set-up and its checkpoint record left them so."""
+        for uuid in sorted(set(gpu_uuids)):
+            if self.shares_of(cp, uuid):
+                continue
+            h = self.backend.device_by_uuid(uuid)
+            if self.backend.compute_mode(h) != COMPUTE_MODE_DEFAULT or self.mps.running(uuid) or (
+                    not self._mig_on(h) and self.backend.time_slice(h) != DEFAULT_INTERVAL):
+                log.warning("GPU %s keeps sharing settings that no prepared claim uses (an interrupted prepare): "
+                            "restoring its defaults", uuid)
+                self.release_unused(cp, [uuid])
+
     def reconcile(self, cp: Checkpoint) -> None:
         """At start: restart daemons prepared MPS shares need (after a reboot), stop orphaned ones."""
         wanted = {d.gpu_uuid for c in cp.claims.values() if c.state == "Prepared" for d in c.devices
