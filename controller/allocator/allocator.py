@@ -7,11 +7,13 @@ Never raises anything but :class:`AllocationError` into its caller.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 from typing import Iterator, Mapping, Sequence
 
 from .cel import Evaluator
+from .nodeindex import FullNodes
 from .pools import SliceIndex
 from .search import Run, claim_ref
 from .strategies import Strategy, get_strategy
@@ -21,16 +23,21 @@ log = logging.getLogger(__name__)
 
 
 class Allocator:
-    def __init__(self, features: Features = Features(), strategy: str | Strategy = "first-fit", max_steps: int = 0):
+    def __init__(self, features: Features = Features(), strategy: str | Strategy = "first-fit", max_steps: int = 0,
+                 node_index: bool = True):
         """``max_steps``: give up on a node after that many search steps (SearchLimitExceeded, node-local);
-        0, the default, searches exhaustively as upstream does."""
+        0, the default, searches exhaustively as upstream does. ``node_index``: skip the nodes known not to
+        fit a claim's shape (:class:`FullNodes`); False tries every candidate every time (same results,
+        slower: the reference the index is tested against)."""
         self.features = features
+        self.node_index = node_index
         self.max_steps = max_steps
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         self.evaluator = Evaluator()
         self.last_steps = 0
-        self._misses: dict[tuple, str] = {}
-        self._hints: dict[str, str] = {}
+        self._full = FullNodes()
+        #: shape -> (node name, its position among the nodes last passed) where it fitted last (sticky strategies)
+        self._hints: dict[str, tuple[str, int]] = {}
 
     def allocate(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
                  allocated: AllocatedState) -> list[dict] | None:
@@ -51,8 +58,8 @@ class Allocator:
             strategy = self.strategy
             run = Run(features=self.features, node=node, claims=claims, pools=pools, classes=classes,
                       allocated=allocated, evaluator=self.evaluator,
-                      order=None if strategy.name == "first-fit" else
-                      (lambda rd, cands: strategy.order_devices(rd, cands, allocated)))
+                      order=(lambda rd, cands: strategy.order_devices(rd, cands, allocated))
+                      if strategy.orders_devices else None)
             run.prepare()
             run.max_steps = self.max_steps
             return run
@@ -80,60 +87,65 @@ class Allocator:
                           classes: Mapping[str, Mapping], allocated: AllocatedState,
                           max_reasons: int = 8) -> NodeChoice:
         """Try candidate nodes in the strategy's order; the first that fits wins. When none does, the
-        reasons of up to ``max_reasons`` nodes say why."""
+        reasons of up to ``max_reasons`` nodes say why.
+
+        Nodes known not to fit claims of this shape as things are (:class:`FullNodes`) are skipped without
+        an allocation attempt; the strategy orders only the others."""
         shape = _shape(claims, classes)
-        failed: list[Node] = []
+        full = self._full
+        if not self.node_index:
+            full.clear()
+        full.sync(slices, allocated)
+        entries = full.for_shape(shape)
         reasons: dict[str, str] = {}
-        for node in self._node_order(shape, nodes, slices, allocated):
-            key = self._node_key(shape, node, slices, allocated)
-            cached = self._misses.get(key)
-            if cached is not None:
-                reasons[node.name] = cached
-                failed.append(node)
-                continue
+        for node in self._node_order(shape, nodes, slices, allocated, entries):
             try:
                 results = self.allocate(node, claims, slices, classes, allocated)
             except AllocationError as e:
                 if not e.node_local:
                     raise
                 reasons[node.name] = str(e)
-                failed.append(node)
                 continue
             if results is not None:
-                if getattr(self.strategy, "sticky", False):
-                    self._hints[shape] = node.name
+                if self.strategy.sticky and self._hints.get(shape, ("",))[0] != node.name:
+                    self._hints[shape] = (node.name, -1)     # its position is looked up when next used
                 return NodeChoice(node, results, {})
-            self._remember_miss(key, "")
-            failed.append(node)
-        for node in failed[:max_reasons]:
+            full.add(shape, node, slices)
+        # None fits: every candidate failed, so the first ``max_reasons`` of the strategy's whole order are
+        # the nodes to explain (those skipped as full included, with the reason remembered for them).
+        failed = list(itertools.islice(self._node_order(shape, nodes, slices, allocated, None), max_reasons))
+        for node in failed:
             if not reasons.get(node.name):
+                reasons[node.name] = full.reason(entries, node) or ""
+            if not reasons[node.name]:
                 reasons[node.name] = self.why_not(node, claims, slices, classes, allocated)
-                self._remember_miss(self._node_key(shape, node, slices, allocated), reasons[node.name])
-        return NodeChoice(None, None, {n.name: reasons[n.name] for n in failed[:max_reasons] if reasons.get(n.name)})
+                full.add(shape, node, slices, reasons[node.name])
+        return NodeChoice(None, None, {n.name: reasons[n.name] for n in failed if reasons.get(n.name)})
 
-    def _node_order(self, shape: str, nodes: Sequence[Node], slices: SliceIndex,
-                    allocated: AllocatedState) -> Iterator[Node]:
-        """The strategy's order; a sticky strategy (pack) first retries the node where the same kind of
-        claim fitted last, which is where it packs — and spares ordering every node for every claim."""
-        hint = self._hints.get(shape) if getattr(self.strategy, "sticky", False) else None
+    def _node_order(self, shape: str, nodes: Sequence[Node], slices: SliceIndex, allocated: AllocatedState,
+                    full: dict | None) -> Iterator[Node]:
+        """The strategy's order of the candidates not known to be full (all of them with ``full`` None); a
+        sticky strategy (pack) first retries the node where the same kind of claim fitted last, which is
+        where it packs — and spares ordering every node for every claim."""
+        hint = self._hints.get(shape) if self.strategy.sticky else None
+        name = None
         if hint is not None:
-            first = next((n for n in nodes if n.name == hint), None)
-            if first is not None:
+            name, position = hint
+            if 0 <= position < len(nodes) and nodes[position].name == name:
+                first: Node | None = nodes[position]
+            else:
+                position, first = next(((i, n) for i, n in enumerate(nodes) if n.name == name), (-1, None))
+                self._hints[shape] = (name, position)
+            if first is not None and (full is None or not FullNodes.is_full(full, first)):
                 yield first
-        for node in self.strategy.order_nodes(nodes, slices, allocated):
-            if node.name != hint:
+        if full:
+            get = full.get
+            rest: Sequence[Node] = [n for n in nodes if (e := get(n.name)) is None or not (e.node is n or e.node == n)]
+        else:
+            rest = nodes
+        for node in self.strategy.order_nodes(rest, slices, allocated):
+            if node.name != name:
                 yield node
-
-    def _node_key(self, shape: str, node: Node, slices: SliceIndex, allocated: AllocatedState) -> tuple:
-        """Everything the outcome on a node depends on: the claims (by content), the node's slices and
-        what other claims hold in the node's pools."""
-        return (shape, node.name, tuple(sorted(node.labels.items())), slices.node_key(node.name),
-                tuple((pid, allocated.pool_signature(*pid)) for pid in slices.node_pool_ids(node.name)))
-
-    def _remember_miss(self, key: tuple, reason: str) -> None:
-        if len(self._misses) > 100_000:
-            self._misses.clear()
-        self._misses[key] = reason
 
     def why_not(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
                 allocated: AllocatedState) -> str:

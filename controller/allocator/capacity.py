@@ -78,6 +78,8 @@ def consumption(requests: Mapping[str, Quantity] | None, capacity: Capacity) -> 
 def fits(current: Mapping[str, Quantity], requests: Mapping[str, Quantity] | None, capacity: Capacity,
          allocating: Mapping[str, Quantity]) -> bool:
     """Whether the request fits beside what is consumed and being allocated (raises UnknownCapacity)."""
+    if not requests and not current and not allocating and all(c[2] is None for c in capacity):
+        return True     # each capacity consumed whole, by this request alone: it fits exactly
     if requests:
         names = {c[0] for c in capacity}
         for name in requests:
