@@ -11,6 +11,7 @@ import random
 import pytest
 
 from controller.allocator import AllocatedState, Allocator, Node, SliceIndex
+from controller.allocator.strategies import Pack
 from driver.api import constants as C
 from driver.api.deviceclasses import device_classes
 from tests.support.allocstream import make_claim
@@ -60,7 +61,9 @@ def test_the_index_makes_the_same_decisions_as_trying_every_node(strategy: str, 
     withheld: list[dict] = []
     version = 1000
     decisions = unsatisfiable = skipped_work = 0
+    pack = Pack()          # its devices-per-node count, kept up to date from the journal, against a fresh count
     for step in range(400):
+        assert pack.order_nodes(nodes, index, state) == Pack().order_nodes(nodes, index, state), f"step {step}"
         r = rng.random()
         if r < 0.25 and live:
             state.remove_allocation(live.pop(rng.randrange(len(live))))

@@ -181,30 +181,67 @@ class Pack:
 
     def order_nodes(self, nodes: Sequence[Node], slices: SliceIndex, allocated: AllocatedState) -> list[Node]:
         """Nodes in use first (most allocated devices first), then the others in the given order (a subset
-        is ordered as the whole is). Costs O(min(pools in use, candidates)) plus one pass over the
-        candidates."""
-        used: dict[str, int] = {}
-        if len(nodes) < len(allocated.by_pool):
-            # A pool counts for the node slices.pool_node names: per candidate, its own pools that name it.
-            for n in nodes:
-                count = 0
-                for pid in slices.node_pool_ids(n.name):
-                    names = allocated.by_pool.get(pid)
-                    if names and slices.pool_node(*pid) == n.name:
-                        count += len(names)
-                if count:
-                    used[n.name] = count
-        else:
-            for (driver, pool), names in allocated.by_pool.items():
-                if names:
-                    node = slices.pool_node(driver, pool)
-                    if node is not None:
-                        used[node] = used.get(node, 0) + len(names)
+        is ordered as the whole is). One pass over the candidates: the devices allocated per node are kept
+        up to date from the allocated state's journal (:class:`NodeUse`)."""
+        use = self._use
+        if use is None:
+            use = self._use = NodeUse()
+        used = use.sync(slices, allocated)
         if not used:
             return list(nodes)
-        busy = [n for n in nodes if n.name in used]
+        busy, idle = [], []
+        for n in nodes:
+            (busy if n.name in used else idle).append(n)
         busy.sort(key=lambda n: -used[n.name])
-        return busy + [n for n in nodes if n.name not in used]
+        return busy + idle
+
+    _use: "NodeUse | None" = None
+
+
+class NodeUse:
+    """Devices allocated per node: for each pool holding any, its length counted for the node
+    :meth:`SliceIndex.pool_node` names (node-local pools only). Brought up to date from the allocated
+    state's journal, pool by pool; rebuilt for another state or slice index, after a slice change, or when
+    the journal no longer reaches back."""
+
+    def __init__(self) -> None:
+        self.used: dict[str, int] = {}
+        self._pools: dict[tuple[str, str], tuple[str, int]] = {}     # pool -> (its node, devices allocated)
+        self._key: tuple = ()
+        self._mark = 0
+
+    def sync(self, slices: SliceIndex, allocated: AllocatedState) -> dict[str, int]:
+        key = (allocated.uid, id(slices), slices.version)
+        if key != self._key:
+            self._key, self._mark = key, allocated.changes
+            self.used, self._pools = {}, {}
+            for pid, names in allocated.by_pool.items():
+                self._count(slices, allocated, pid)
+            return self.used
+        if allocated.changes != self._mark:
+            pools = allocated.changed_pools(self._mark)
+            self._mark = allocated.changes
+            if pools is None:
+                self._key = ()
+                return self.sync(slices, allocated)
+            for pid in set(pools):
+                self._count(slices, allocated, pid)
+        return self.used
+
+    def _count(self, slices: SliceIndex, allocated: AllocatedState, pid: tuple[str, str]) -> None:
+        old = self._pools.pop(pid, None)
+        if old is not None:
+            left = self.used[old[0]] - old[1]
+            if left:
+                self.used[old[0]] = left
+            else:
+                del self.used[old[0]]
+        names = allocated.by_pool.get(pid)
+        if names:
+            node = slices.pool_node(*pid)
+            if node is not None:
+                self._pools[pid] = (node, len(names))
+                self.used[node] = self.used.get(node, 0) + len(names)
 
 
 STRATEGIES: dict[str, type] = {"first-fit": FirstFit, "pack": Pack}
