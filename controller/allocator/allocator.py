@@ -15,7 +15,7 @@ from typing import Iterator, Mapping, Sequence
 from .cel import Evaluator
 from .nodeindex import FullNodes
 from .pools import SliceIndex
-from .search import Run, claim_ref
+from .search import SELECTION, Run, claim_ref
 from .strategies import Strategy, get_strategy
 from .types import AllocatedState, AllocationError, Features, Node, NodeChoice
 
@@ -42,7 +42,7 @@ class Allocator:
     def allocate(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
                  allocated: AllocatedState) -> list[dict] | None:
         """AllocationResult per claim (in order), or None when the claims do not fit on ``node``."""
-        run = self._run(node, claims, slices, classes, allocated)
+        run = self.trial(node, claims, slices, classes, allocated)
         ok = self._search(run)
         if not ok:
             if run.invalid_pools:
@@ -51,8 +51,12 @@ class Allocator:
             return None
         return run.build()
 
-    def _run(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
-             allocated: AllocatedState) -> Run:
+    def trial(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
+              allocated: AllocatedState) -> Run:
+        """The prepared (validated, not yet searched) allocation run for ``claims`` on ``node``: its pools,
+        its (sub)requests (``run.req``), their candidates (``run.class_list``), the one check per device
+        (``run.exclusion``) and the claims' constraints — what :meth:`why_not` and ``partita explain``
+        analyse. Raises :class:`AllocationError` for input the allocator refuses."""
         try:
             pools = slices.pools_for_node(node, self.features.partitionable_devices)
             strategy = self.strategy
@@ -151,26 +155,30 @@ class Allocator:
                 allocated: AllocatedState) -> str:
         """A short reason the claims do not fit on the node (for events and logs)."""
         try:
-            run = self._run(node, claims, slices, classes, allocated)
+            run = self.trial(node, claims, slices, classes, allocated)
         except AllocationError as e:
             return str(e)
         pools = [p for p in run.pools if not (p.incomplete or p.invalid)]
         if not pools:
             return "no devices published for this node"
         parts = []
-        for (ci, ri, si), rd in sorted(run.req.items()):
-            if rd.parent is not None and si > 0:
+        for key, rd in sorted(run.req.items()):
+            if rd.parent is not None and key[2] > 0:
                 continue
+            matching = free = 0
             try:
-                matching = [d for p in pools for d, failure in run.class_list(p, rd)
-                            if failure is None and run.request_ok((ci, ri, si), rd, d)]
+                for p in pools:
+                    for d, failure in run.class_list(p, rd):
+                        if run.exclusion(key, rd, p, d, failure) in SELECTION:
+                            continue
+                        matching += 1
+                        free += d.id not in allocated.devices
             except AllocationError as e:
                 return str(e)
-            free = [d for d in matching if d.id not in allocated.devices]
             cls = (rd.cls or {}).get("metadata", {}).get("name", "?")
             need = rd.num_devices if rd.mode == "ExactCount" else "all"
-            parts.append(f"request {rd.full_name}: needs {need}, {len(matching)} device(s) match class {cls}"
-                         f"{' and its selectors' if rd.spec.get('selectors') else ''}, {len(free)} not allocated")
+            parts.append(f"request {rd.full_name}: needs {need}, {matching} device(s) match class {cls}"
+                         f"{' and its selectors' if rd.spec.get('selectors') else ''}, {free} not allocated")
         return "; ".join(parts) or "no solution"
 
 

@@ -5,6 +5,7 @@ check. Quantities are exact (driver.api.quantity)."""
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Mapping
 
 from driver.api.quantity import BINARY_SI, Quantity
@@ -17,6 +18,15 @@ class UnknownCapacity(Exception):
 
 
 def _qp(v) -> Quantity:  # noqa: ANN001
+    """A request policy's quantity, parsed once per distinct text (policies repeat on every device)."""
+    try:
+        return _parsed(v)
+    except TypeError:           # unhashable: parse it each time (Quantity.parse says what is wrong)
+        return Quantity.parse(v)
+
+
+@lru_cache(maxsize=1024, typed=True)
+def _parsed(v) -> Quantity:  # noqa: ANN001
     return Quantity.parse(v)
 
 

@@ -210,7 +210,7 @@ class Explainer:
         outcome: dict[str, dict[DeviceID, str | None]] = {}
         bad_pools: set[tuple[str, str]] = set()
         for node in self.nodes:
-            run = allocator._run(node, claims, self.index, self.classes, state)   # noqa: SLF001 - same package
+            run = allocator.trial(node, claims, self.index, self.classes, state)
             bad_pools.update(p.id for p in run.pools if p.incomplete or p.invalid)
             pools = [p for p in run.pools if not (p.incomplete or p.invalid)]
             for key, rd in sorted(run.req.items()):
@@ -224,9 +224,8 @@ class Explainer:
                 left: list[CDevice] = []
                 for pool in pools:
                     passing = {id(d): failure for d, failure in run.class_list(pool, rd)}
-                    avail = available_counters(pool, state)
                     for dev in pool.devices():
-                        reason = _exclusion(run, key, rd, dev, passing, avail, state)
+                        reason = run.exclusion(key, rd, pool, dev, passing.get(id(dev), False))
                         if reason is None:
                             left.append(dev)
                             continue
@@ -415,35 +414,6 @@ class Explainer:
                 if best is None or best < free:
                     best = free
         return best if best is not None and best.sign() > 0 else None
-
-
-def _exclusion(run: Run, key: tuple, rd, dev: CDevice, passing: dict, avail: dict,  # noqa: ANN001
-               state: AllocatedState) -> str | None:
-    """The first of the allocator's own checks that rules ``dev`` out for the request, or None."""
-    if dev.slice.per_device and not _device_node_fits(run.node, dev):
-        return "node"
-    failure = passing.get(id(dev), False)
-    if failure is False:
-        return "class selector"
-    if failure is not None:
-        run._raise_selector_error(rd, dev, failure, from_class=True)   # noqa: SLF001
-    if not run.request_ok(key, rd, dev):
-        return "request selector"
-    if run.f.device_taints and taint_prevents(dev, rd.tolerations):
-        return "taint"
-    multi = run.f.consumable_capacity and dev.allow_multiple
-    if not rd.admin and dev.id in state.devices:
-        return "allocated"
-    if not run.f.partitionable_devices and dev.consumes:
-        return "counters"
-    if dev.consumes and not (multi and dev.id in state.capacity):
-        for cs, counters in dev.consumes:
-            have = avail.get(cs, {})
-            if any(have.get(c, 0) < v for c, v in counters):
-                return "counters"
-    if run.f.consumable_capacity and not run._capacity_fits(rd, dev):   # noqa: SLF001
-        return "capacity"
-    return None
 
 
 def _merge(seen: dict, did: DeviceID, reason: str | None) -> None:

@@ -21,6 +21,8 @@ from .pools import CDevice, Pool, available_counters, thaw
 from .types import AllocatedState, AllocationError, DeviceID, Features, Node
 
 MAX_RESULTS = 32
+#: the reasons of :meth:`Run.exclusion` that mean the device is not selected for the request at all
+SELECTION = ("node", "class selector", "request selector")
 
 
 class _MaxSizeExceeded(Exception):
@@ -325,13 +327,46 @@ class Run:
         self.match_cache[mk] = ok
         return ok
 
-    def selectable(self, key: tuple[int, int, int], rd: ReqData, dev: CDevice, pool: Pool) -> bool:
-        for d, failure in self.class_list(pool, rd):
-            if d is dev:
-                if failure is not None and not self.binding_excluded(dev):
-                    self._raise_selector_error(rd, dev, failure, from_class=True)
-                return self.request_ok(key, rd, dev)
-        return False
+    def exclusion(self, key: tuple[int, int, int], rd: ReqData, pool: Pool, dev: CDevice,
+                  failure: bool | tuple | None) -> str | None:
+        """The first check that rules ``dev`` out for the (sub)request on its own, or None when it may be
+        tried (what is left — counters taken together with the run's other devices, constraints across
+        devices — is the search's). ``failure`` is the device's class-selector outcome from
+        :meth:`class_list`: None (passes), False (not listed: the class's selectors reject it) or the
+        selector error, raised here as the search raises it (not for a device with binding conditions
+        while the feature is off: upstream never evaluates selectors on it).
+
+        The reasons, in the order they are checked (``partita explain`` counts devices under them): ``node``
+        (per-device node selection names another node), ``class selector``, ``request selector``, ``taint``
+        (an untolerated NoSchedule/NoExecute taint), ``allocated`` (a dedicated device other claims hold),
+        ``counters`` (shared counters used up by other claims' devices), ``capacity``. Devices this run is
+        allocating are the search's to skip (it checks that first, as upstream does)."""
+        if failure is False:
+            return "node" if self._off_node(dev) else "class selector"
+        if failure is not None and not self.binding_excluded(dev):
+            self._raise_selector_error(rd, dev, failure, from_class=True)
+        if not self.request_ok(key, rd, dev):
+            return "node" if self._off_node(dev) else "request selector"
+        if self.f.device_taints and dev.taints and taint_prevents(dev, rd.tolerations):
+            return "taint"
+        if not rd.admin and dev.id in self.allocated.devices:
+            return "allocated"
+        if dev.consumes:
+            if not self.f.partitionable_devices:
+                return "counters"
+            if not (self.f.consumable_capacity and dev.allow_multiple and dev.id in self.allocated.capacity):
+                avail = self._available(pool)
+                for cs, counters in dev.consumes:
+                    have = avail.get(cs, {})
+                    for c, v in counters:
+                        if have.get(c, 0) < v:
+                            return "counters"
+        if self.f.consumable_capacity and not self._capacity_fits(rd, dev):
+            return "capacity"
+        return None
+
+    def _off_node(self, dev: CDevice) -> bool:
+        return dev.slice.per_device and not _device_node_fits(self.node, dev)
 
     # -- state queries ---------------------------------------------------------------------------
     def _in_use(self, did: DeviceID) -> bool:
@@ -454,11 +489,7 @@ class Run:
                     continue
             elif self._in_use(dev.id):
                 continue
-            if failure is not None and not self.binding_excluded(dev):
-                self._raise_selector_error(rd, dev, failure, from_class=True)
-            if not self.request_ok(key, rd, dev):
-                continue
-            if self.f.consumable_capacity and not self._capacity_fits(rd, dev):
+            if self.exclusion(key, rd, pool, dev, failure) is not None:
                 continue
             ok, undo = self._allocate_device(ci, rd, pool, dev, must=False)
             if not ok:
