@@ -12,6 +12,8 @@ import json
 import logging
 from typing import Iterator, Mapping, Sequence
 
+from driver.api import objects
+
 from .cel import Evaluator
 from .nodeindex import FullNodes
 from .pools import SliceIndex
@@ -185,16 +187,14 @@ class Allocator:
 def _shape(claims: Sequence[Mapping], classes: Mapping[str, Mapping]) -> str:
     """The claims' requests and the classes they use, by content (names and UIDs left out)."""
     specs = [(c.get("spec") or {}).get("devices") or {} for c in claims]
-    used = sorted({r.get("exactly", {}).get("deviceClassName", "") for d in specs for r in d.get("requests") or []}
-                  | {s.get("deviceClassName", "") for d in specs for r in d.get("requests") or []
-                     for s in r.get("firstAvailable") or []})
+    used = sorted({n for c in claims for n in objects.device_class_names(c)})
     return json.dumps([specs, [(n, (classes.get(n) or {}).get("spec")) for n in used]], sort_keys=True)
 
 
 def copy_claim_with_tolerations(claim: Mapping, tolerations: Sequence[Mapping]) -> dict:
     """A copy of a claim whose every request (and subrequest) also tolerates ``tolerations``."""
     c = copy.deepcopy(dict(claim))
-    for r in ((c.get("spec") or {}).get("devices") or {}).get("requests") or []:
-        for spec in ([r["exactly"]] if "exactly" in r else []) + list(r.get("firstAvailable") or []):
-            spec["tolerations"] = list(spec.get("tolerations") or []) + [dict(t) for t in tolerations]
+    for rs in objects.request_specs(c):
+        if isinstance(rs.spec, dict):     # the copy's own dict (a malformed one reads as a fresh {})
+            rs.spec["tolerations"] = list(rs.spec.get("tolerations") or []) + [dict(t) for t in tolerations]
     return c

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from driver.api import objects
 from driver.api.quantity import Quantity, QuantityError
 
 from . import capacity as cap
@@ -107,6 +108,8 @@ class Run:
         self.allocated = allocated
         self.ev = evaluator
         self.order = order
+        #: per claim, its spec.devices.requests (indexed as ``request_index``)
+        self.requests: list[list[Mapping]] = [objects.device_requests(c) for c in claims]
         self.req: dict[tuple[int, int, int], ReqData] = {}
         self.constraints: list[list[Constraint]] = []
         self.results: list[list[_Result]] = [[] for _ in claims]
@@ -124,7 +127,11 @@ class Run:
     def prepare(self) -> None:
         for ci, claim in enumerate(self.claims):
             cref = claim_ref(claim)
-            requests = ((claim.get("spec") or {}).get("devices") or {}).get("requests") or []
+            bad = objects.malformed_requests(claim)
+            if bad:
+                raise AllocationError(f"claim {cref}: {bad[0]} is not an object; a request needs a name and either "
+                                      "exactly or firstAvailable", claim=cref, field=bad[0])
+            requests = self.requests[ci]
             min_devices = 0
             for ri, request in enumerate(requests):
                 name = request.get("name", "")
@@ -437,8 +444,7 @@ class Run:
                                       "steps", node_local=True)
         if ci >= len(self.claims):
             return True
-        requests = ((self.claims[ci].get("spec") or {}).get("devices") or {}).get("requests") or []
-        if ri >= len(requests):
+        if ri >= len(self.requests[ci]):
             try:
                 return self._one(ci + 1, 0, 0, 0, False, 0)
             except _MaxSizeExceeded:
@@ -617,7 +623,7 @@ class Run:
         return rd
 
     def _config(self, ci: int, claim: Mapping) -> list[dict]:
-        requests = ((claim.get("spec") or {}).get("devices") or {}).get("requests") or []
+        requests = self.requests[ci]
         config: list[dict] = []
         by_class: dict[str, tuple[int, int]] = {}
         for ri in range(len(requests)):
