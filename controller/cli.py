@@ -19,7 +19,7 @@ from driver import logfmt
 COMMANDS = {
     "controller": ("controller.operator.main", "run the controller that allocates Partita claims (Deployment)"),
     "sandbox": ("controller.sandbox.main", "run a simulated cluster with fake GPUs on this machine"),
-    "explain": ("controller.allocator.explain", "say why a claim cannot be allocated, and what would fix it"),
+    "explain": ("controller.explain_cmd", "say why a claim cannot be allocated, and what would fix it"),
     "status": ("controller.status", "show GPUs by mode, memory allocated, usage, idle claims and pending pods"),
     "simulate": ("controller.simulate.main", "compare allocation strategies under churn on a simulated cluster"),
     "webhook": ("controller.webhook", "serve the admission webhook that rejects malformed GpuConfig"),

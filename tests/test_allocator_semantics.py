@@ -256,3 +256,14 @@ def test_inputs_are_not_modified() -> None:
     before = copy.deepcopy((claims, slices))
     allocate(claims, slices)
     assert (claims, slices) == before
+
+
+def test_a_request_that_is_not_an_object_is_refused_by_name() -> None:
+    from controller.allocator import Allocator, Node, SliceIndex
+
+    claim = {"metadata": {"name": "c", "namespace": "ns"},
+             "spec": {"devices": {"requests": [{"name": "a", "exactly": {"deviceClassName": "x"}}, "oops"]}}}
+    with pytest.raises(AllocationError) as e:
+        Allocator().allocate(Node("n"), [claim], SliceIndex(), {"x": {"metadata": {"name": "x"}}}, AllocatedState())
+    assert e.value.field == "spec.devices.requests[1]"
+    assert "claim ns/c: spec.devices.requests[1] is not an object" in str(e.value)

@@ -65,3 +65,11 @@ def test_metadata_views():
     assert o.key({"metadata": {"name": "node-1"}}) == "node-1"
     assert not o.is_deleting(claim)
     assert o.is_deleting({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}})
+
+
+def test_malformed_requests_name_the_entries_that_are_not_objects():
+    assert o.malformed_requests({"spec": {"devices": {"requests": [{"name": "a"}, "b", None]}}}) == \
+        ["spec.devices.requests[1]", "spec.devices.requests[2]"]
+    assert o.malformed_requests({"spec": {"devices": {"requests": {"name": "a"}}}}) == ["spec.devices.requests"]
+    assert o.malformed_requests({"spec": {"devices": {"requests": [{"name": "a"}]}}}) == []
+    assert o.malformed_requests({}) == []

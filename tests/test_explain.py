@@ -491,3 +491,21 @@ def test_cli_output_vocabulary(files, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main([*base, "-o", "xml"])
     assert e.value.code == 2 and "invalid output 'xml'" in capsys.readouterr().err
+
+
+def test_a_class_selector_failing_on_a_device_with_binding_conditions_is_not_an_error() -> None:
+    """Upstream never evaluates selectors on a device with binding conditions while the feature is off, and
+    the allocator's search does not either; explain used to raise the selector's CEL error for it."""
+    slices = [{"metadata": {"name": "s1"}, "spec": {
+        "driver": "example.com", "nodeName": "n1", "pool": {"name": "n1", "generation": 1, "resourceSliceCount": 1},
+        "devices": [{"name": "a", "attributes": {"model": {"string": "x"}}},
+                    {"name": "b", "attributes": {"other": {"string": "x"}}, "bindingConditions": ["ready"],
+                     "bindingFailureConditions": ["failed"]}]}}]
+    classes = {"c": {"metadata": {"name": "c"}, "spec": {"selectors": [
+        {"cel": {"expression": "device.attributes['example.com'].model == 'y'"}}]}}}
+    claim = {"metadata": {"name": "w", "namespace": "default"}, "spec": {"devices": {"requests": [
+        {"name": "r", "exactly": {"deviceClassName": "c", "allocationMode": "ExactCount", "count": 1}}]}}}
+    e = Explainer(slices, classes, managed_toleration=False).explain(claim)
+    assert not e.fits
+    [r] = e.requests
+    assert {s.reason: s.examples for s in r.stages} == {"class selector": ["n1/a"], "request selector": ["n1/b"]}

@@ -293,7 +293,8 @@ def test_errors_are_shortened_until_the_whole_response_fits(tmp_path) -> None:
 def test_explain_refuses_a_hostile_claim_name_without_a_request() -> None:
     import argparse
 
-    from controller.allocator.explain import ExplainInputError, _from_cluster
+    from controller.allocator.explain import ExplainInputError
+    from controller.explain_cmd import _from_cluster
 
     async def scenario():
         async with RecordingApi() as api:

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from controller.allocator import Allocator, AllocatedState, Features, SliceIndex
-from controller.allocator.devicetaints import RULE_FIELD, TaintRules, discover_version, served_version, validate
+from controller.allocator.devicetaints import RULE_FIELD, TaintRules, served_version, validate
+from controller.operator.taintrules import discover_version
 from controller.allocator.types import Node
 from controller.cli import main
 from controller.operator.cache import Cache

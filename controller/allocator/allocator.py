@@ -7,13 +7,17 @@ Never raises anything but :class:`AllocationError` into its caller.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 from typing import Iterator, Mapping, Sequence
 
+from driver.api import objects
+
 from .cel import Evaluator
+from .nodeindex import FullNodes
 from .pools import SliceIndex
-from .search import Run, claim_ref
+from .search import SELECTION, Run, claim_ref
 from .strategies import Strategy, get_strategy
 from .types import AllocatedState, AllocationError, Features, Node, NodeChoice
 
@@ -21,21 +25,26 @@ log = logging.getLogger(__name__)
 
 
 class Allocator:
-    def __init__(self, features: Features = Features(), strategy: str | Strategy = "first-fit", max_steps: int = 0):
+    def __init__(self, features: Features = Features(), strategy: str | Strategy = "first-fit", max_steps: int = 0,
+                 node_index: bool = True):
         """``max_steps``: give up on a node after that many search steps (SearchLimitExceeded, node-local);
-        0, the default, searches exhaustively as upstream does."""
+        0, the default, searches exhaustively as upstream does. ``node_index``: skip the nodes known not to
+        fit a claim's shape (:class:`FullNodes`); False tries every candidate every time (same results,
+        slower: the reference the index is tested against)."""
         self.features = features
+        self.node_index = node_index
         self.max_steps = max_steps
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         self.evaluator = Evaluator()
         self.last_steps = 0
-        self._misses: dict[tuple, str] = {}
-        self._hints: dict[str, str] = {}
+        self._full = FullNodes()
+        #: shape -> (node name, its position among the nodes last passed) where it fitted last (sticky strategies)
+        self._hints: dict[str, tuple[str, int]] = {}
 
     def allocate(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
                  allocated: AllocatedState) -> list[dict] | None:
         """AllocationResult per claim (in order), or None when the claims do not fit on ``node``."""
-        run = self._run(node, claims, slices, classes, allocated)
+        run = self.trial(node, claims, slices, classes, allocated)
         ok = self._search(run)
         if not ok:
             if run.invalid_pools:
@@ -44,15 +53,19 @@ class Allocator:
             return None
         return run.build()
 
-    def _run(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
-             allocated: AllocatedState) -> Run:
+    def trial(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
+              allocated: AllocatedState) -> Run:
+        """The prepared (validated, not yet searched) allocation run for ``claims`` on ``node``: its pools,
+        its (sub)requests (``run.req``), their candidates (``run.class_list``), the one check per device
+        (``run.exclusion``) and the claims' constraints — what :meth:`why_not` and ``partita explain``
+        analyse. Raises :class:`AllocationError` for input the allocator refuses."""
         try:
             pools = slices.pools_for_node(node, self.features.partitionable_devices)
             strategy = self.strategy
             run = Run(features=self.features, node=node, claims=claims, pools=pools, classes=classes,
                       allocated=allocated, evaluator=self.evaluator,
-                      order=None if strategy.name == "first-fit" else
-                      (lambda rd, cands: strategy.order_devices(rd, cands, allocated)))
+                      order=(lambda rd, cands: strategy.order_devices(rd, cands, allocated))
+                      if strategy.orders_devices else None)
             run.prepare()
             run.max_steps = self.max_steps
             return run
@@ -80,101 +93,108 @@ class Allocator:
                           classes: Mapping[str, Mapping], allocated: AllocatedState,
                           max_reasons: int = 8) -> NodeChoice:
         """Try candidate nodes in the strategy's order; the first that fits wins. When none does, the
-        reasons of up to ``max_reasons`` nodes say why."""
+        reasons of up to ``max_reasons`` nodes say why.
+
+        Nodes known not to fit claims of this shape as things are (:class:`FullNodes`) are skipped without
+        an allocation attempt; the strategy orders only the others."""
         shape = _shape(claims, classes)
-        failed: list[Node] = []
+        full = self._full
+        if not self.node_index:
+            full.clear()
+        full.sync(slices, allocated)
+        entries = full.for_shape(shape)
         reasons: dict[str, str] = {}
-        for node in self._node_order(shape, nodes, slices, allocated):
-            key = self._node_key(shape, node, slices, allocated)
-            cached = self._misses.get(key)
-            if cached is not None:
-                reasons[node.name] = cached
-                failed.append(node)
-                continue
+        for node in self._node_order(shape, nodes, slices, allocated, entries):
             try:
                 results = self.allocate(node, claims, slices, classes, allocated)
             except AllocationError as e:
                 if not e.node_local:
                     raise
                 reasons[node.name] = str(e)
-                failed.append(node)
                 continue
             if results is not None:
-                if getattr(self.strategy, "sticky", False):
-                    self._hints[shape] = node.name
+                if self.strategy.sticky and self._hints.get(shape, ("",))[0] != node.name:
+                    self._hints[shape] = (node.name, -1)     # its position is looked up when next used
                 return NodeChoice(node, results, {})
-            self._remember_miss(key, "")
-            failed.append(node)
-        for node in failed[:max_reasons]:
+            full.add(shape, node, slices)
+        # None fits: every candidate failed, so the first ``max_reasons`` of the strategy's whole order are
+        # the nodes to explain (those skipped as full included, with the reason remembered for them).
+        failed = list(itertools.islice(self._node_order(shape, nodes, slices, allocated, None), max_reasons))
+        for node in failed:
             if not reasons.get(node.name):
+                reasons[node.name] = full.reason(entries, node) or ""
+            if not reasons[node.name]:
                 reasons[node.name] = self.why_not(node, claims, slices, classes, allocated)
-                self._remember_miss(self._node_key(shape, node, slices, allocated), reasons[node.name])
-        return NodeChoice(None, None, {n.name: reasons[n.name] for n in failed[:max_reasons] if reasons.get(n.name)})
+                full.add(shape, node, slices, reasons[node.name])
+        return NodeChoice(None, None, {n.name: reasons[n.name] for n in failed if reasons.get(n.name)})
 
-    def _node_order(self, shape: str, nodes: Sequence[Node], slices: SliceIndex,
-                    allocated: AllocatedState) -> Iterator[Node]:
-        """The strategy's order; a sticky strategy (pack) first retries the node where the same kind of
-        claim fitted last, which is where it packs — and spares ordering every node for every claim."""
-        hint = self._hints.get(shape) if getattr(self.strategy, "sticky", False) else None
+    def _node_order(self, shape: str, nodes: Sequence[Node], slices: SliceIndex, allocated: AllocatedState,
+                    full: dict | None) -> Iterator[Node]:
+        """The strategy's order of the candidates not known to be full (all of them with ``full`` None); a
+        sticky strategy (pack) first retries the node where the same kind of claim fitted last, which is
+        where it packs — and spares ordering every node for every claim."""
+        hint = self._hints.get(shape) if self.strategy.sticky else None
+        name = None
         if hint is not None:
-            first = next((n for n in nodes if n.name == hint), None)
-            if first is not None:
+            name, position = hint
+            if 0 <= position < len(nodes) and nodes[position].name == name:
+                first: Node | None = nodes[position]
+            else:
+                position, first = next(((i, n) for i, n in enumerate(nodes) if n.name == name), (-1, None))
+                self._hints[shape] = (name, position)
+            if first is not None and (full is None or not FullNodes.is_full(full, first)):
                 yield first
-        for node in self.strategy.order_nodes(nodes, slices, allocated):
-            if node.name != hint:
+        if full:
+            get = full.get
+            rest: Sequence[Node] = [n for n in nodes if (e := get(n.name)) is None or not (e.node is n or e.node == n)]
+        else:
+            rest = nodes
+        for node in self.strategy.order_nodes(rest, slices, allocated):
+            if node.name != name:
                 yield node
-
-    def _node_key(self, shape: str, node: Node, slices: SliceIndex, allocated: AllocatedState) -> tuple:
-        """Everything the outcome on a node depends on: the claims (by content), the node's slices and
-        what other claims hold in the node's pools."""
-        return (shape, node.name, tuple(sorted(node.labels.items())), slices.node_key(node.name),
-                tuple((pid, allocated.pool_signature(*pid)) for pid in slices.node_pool_ids(node.name)))
-
-    def _remember_miss(self, key: tuple, reason: str) -> None:
-        if len(self._misses) > 100_000:
-            self._misses.clear()
-        self._misses[key] = reason
 
     def why_not(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
                 allocated: AllocatedState) -> str:
         """A short reason the claims do not fit on the node (for events and logs)."""
         try:
-            run = self._run(node, claims, slices, classes, allocated)
+            run = self.trial(node, claims, slices, classes, allocated)
         except AllocationError as e:
             return str(e)
         pools = [p for p in run.pools if not (p.incomplete or p.invalid)]
         if not pools:
             return "no devices published for this node"
         parts = []
-        for (ci, ri, si), rd in sorted(run.req.items()):
-            if rd.parent is not None and si > 0:
+        for key, rd in sorted(run.req.items()):
+            if rd.parent is not None and key[2] > 0:
                 continue
+            matching = free = 0
             try:
-                matching = [d for p in pools for d, failure in run.class_list(p, rd)
-                            if failure is None and run.request_ok((ci, ri, si), rd, d)]
+                for p in pools:
+                    for d, failure in run.class_list(p, rd):
+                        if run.exclusion(key, rd, p, d, failure) in SELECTION:
+                            continue
+                        matching += 1
+                        free += d.id not in allocated.devices
             except AllocationError as e:
                 return str(e)
-            free = [d for d in matching if d.id not in allocated.devices]
             cls = (rd.cls or {}).get("metadata", {}).get("name", "?")
             need = rd.num_devices if rd.mode == "ExactCount" else "all"
-            parts.append(f"request {rd.full_name}: needs {need}, {len(matching)} device(s) match class {cls}"
-                         f"{' and its selectors' if rd.spec.get('selectors') else ''}, {len(free)} not allocated")
+            parts.append(f"request {rd.full_name}: needs {need}, {matching} device(s) match class {cls}"
+                         f"{' and its selectors' if rd.spec.get('selectors') else ''}, {free} not allocated")
         return "; ".join(parts) or "no solution"
 
 
 def _shape(claims: Sequence[Mapping], classes: Mapping[str, Mapping]) -> str:
     """The claims' requests and the classes they use, by content (names and UIDs left out)."""
     specs = [(c.get("spec") or {}).get("devices") or {} for c in claims]
-    used = sorted({r.get("exactly", {}).get("deviceClassName", "") for d in specs for r in d.get("requests") or []}
-                  | {s.get("deviceClassName", "") for d in specs for r in d.get("requests") or []
-                     for s in r.get("firstAvailable") or []})
+    used = sorted({n for c in claims for n in objects.device_class_names(c)})
     return json.dumps([specs, [(n, (classes.get(n) or {}).get("spec")) for n in used]], sort_keys=True)
 
 
 def copy_claim_with_tolerations(claim: Mapping, tolerations: Sequence[Mapping]) -> dict:
     """A copy of a claim whose every request (and subrequest) also tolerates ``tolerations``."""
     c = copy.deepcopy(dict(claim))
-    for r in ((c.get("spec") or {}).get("devices") or {}).get("requests") or []:
-        for spec in ([r["exactly"]] if "exactly" in r else []) + list(r.get("firstAvailable") or []):
-            spec["tolerations"] = list(spec.get("tolerations") or []) + [dict(t) for t in tolerations]
+    for rs in objects.request_specs(c):
+        if isinstance(rs.spec, dict):     # the copy's own dict (a malformed one reads as a fresh {})
+            rs.spec["tolerations"] = list(rs.spec.get("tolerations") or []) + [dict(t) for t in tolerations]
     return c

@@ -5,6 +5,7 @@ check. Quantities are exact (driver.api.quantity)."""
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Mapping
 
 from driver.api.quantity import BINARY_SI, Quantity
@@ -17,6 +18,15 @@ class UnknownCapacity(Exception):
 
 
 def _qp(v) -> Quantity:  # noqa: ANN001
+    """A request policy's quantity, parsed once per distinct text (policies repeat on every device)."""
+    try:
+        return _parsed(v)
+    except TypeError:           # unhashable: parse it each time (Quantity.parse says what is wrong)
+        return Quantity.parse(v)
+
+
+@lru_cache(maxsize=1024, typed=True)
+def _parsed(v) -> Quantity:  # noqa: ANN001
     return Quantity.parse(v)
 
 
@@ -78,6 +88,8 @@ def consumption(requests: Mapping[str, Quantity] | None, capacity: Capacity) -> 
 def fits(current: Mapping[str, Quantity], requests: Mapping[str, Quantity] | None, capacity: Capacity,
          allocating: Mapping[str, Quantity]) -> bool:
     """Whether the request fits beside what is consumed and being allocated (raises UnknownCapacity)."""
+    if not requests and not current and not allocating and all(c[2] is None for c in capacity):
+        return True     # each capacity consumed whole, by this request alone: it fits exactly
     if requests:
         names = {c[0] for c in capacity}
         for name in requests:

@@ -25,37 +25,29 @@ dropping one constraint, dropping one request — and reports the first one with
 a solution (changes addressing the last stage that excluded devices first, as that is the one closest to
 fitting), and up to two alternatives.
 
-Inputs are files (claim or template, slices, classes, nodes, other allocated claims; one multi-document
-``-f`` file may hold them all, with ``--claim NAME`` picking one of several claims) or the cluster
-(``--kubeconfig``/``--context``/``-n``, the claim's namespace defaulting to the context's).
+A pure analysis like the rest of the allocator library (no API calls, no files): ``partita explain``'s
+command layer, :mod:`controller.explain_cmd`, reads the claim and what it is explained against from files
+or the cluster and renders the :class:`Explanation`.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import copy
 import json
-import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
-import yaml
-
 from driver.api import constants as C
-from driver.api.deviceclasses import device_classes
+from driver.api import objects
 from driver.api.quantity import Quantity
-from driver.cliopts import add_cluster, add_output
 
 from .allocator import Allocator, copy_claim_with_tolerations
 from .constraints import lookup_attribute
-from .devicetaints import GROUP as TAINT_RULE_GROUP, KIND as TAINT_RULE_KIND, PLURAL as TAINT_RULE_PLURAL
-from .devicetaints import RULE_FIELD, TaintRules, discover_version
-from .pools import CDevice, Pool, SliceIndex, available_counters
-from .search import Run, _device_node_fits, claim_ref, taint_prevents, tolerates
+from .devicetaints import RULE_FIELD
+from .pools import CDevice, Pool, SliceIndex
+from .search import Run, claim_ref, tolerates
 from .types import AllocatedState, AllocationError, DeviceID, Features, Node
 
 #: stage -> what it means (the order is the order of the checks)
@@ -145,7 +137,7 @@ class Explainer:
         self.slices = [dict(s) for s in slices]
         self.index = SliceIndex.from_slices(self.slices)
         self.classes = classes
-        self.allocated_claims = [c for c in allocated_claims if (c.get("status") or {}).get("allocation")]
+        self.allocated_claims = [c for c in allocated_claims if objects.allocation(c)]
         self.managed_toleration = managed_toleration
         self.features = features
         named = self.index.node_names()
@@ -154,7 +146,7 @@ class Explainer:
         #: DeviceID -> refs of the allocated claims holding it
         self.holders: dict[DeviceID, list[str]] = {}
         for c in self.allocated_claims:
-            for r in ((c["status"]["allocation"].get("devices") or {}).get("results") or []):
+            for r in objects.allocated_results(c):
                 if not r.get("adminAccess"):
                     self.holders.setdefault(DeviceID(r["driver"], r["pool"], r["device"]), []).append(claim_ref(c))
 
@@ -162,7 +154,7 @@ class Explainer:
         state = AllocatedState()
         for c in self.allocated_claims:
             if claim_ref(c) != without:
-                state.add_allocation(c["status"]["allocation"], self.features.consumable_capacity)
+                state.add_allocation(objects.allocation(c), self.features.consumable_capacity)
         return state
 
     def _input(self, claim: Mapping) -> dict:
@@ -216,7 +208,7 @@ class Explainer:
         outcome: dict[str, dict[DeviceID, str | None]] = {}
         bad_pools: set[tuple[str, str]] = set()
         for node in self.nodes:
-            run = allocator._run(node, claims, self.index, self.classes, state)   # noqa: SLF001 - same package
+            run = allocator.trial(node, claims, self.index, self.classes, state)
             bad_pools.update(p.id for p in run.pools if p.incomplete or p.invalid)
             pools = [p for p in run.pools if not (p.incomplete or p.invalid)]
             for key, rd in sorted(run.req.items()):
@@ -230,9 +222,8 @@ class Explainer:
                 left: list[CDevice] = []
                 for pool in pools:
                     passing = {id(d): failure for d, failure in run.class_list(pool, rd)}
-                    avail = available_counters(pool, state)
                     for dev in pool.devices():
-                        reason = _exclusion(run, key, rd, dev, passing, avail, state)
+                        reason = run.exclusion(key, rd, pool, dev, passing.get(id(dev), False))
                         if reason is None:
                             left.append(dev)
                             continue
@@ -318,15 +309,15 @@ class Explainer:
                  findings: dict[str, _Findings]) -> Iterator[tuple[str, str, dict, AllocatedState | None]]:
         """(kind, description, changed claim, allocated state or None for the current one)."""
         devices = (claim.get("spec") or {}).get("devices") or {}
-        requests = devices.get("requests") or []
+        requests = objects.device_requests(claim)
         by_name = {r.request: r for r in reports}
-        for i, req in enumerate(requests):
-            for where, name, locate in _request_specs(i, req):
-                rep = by_name.get(name)
-                spec = locate(claim)
-                if rep is None or spec is None:
-                    continue
-                yield from self._spec_changes(claim, where, spec, locate, rep, findings.get(name) or _Findings())
+        for rs in objects.request_specs(claim):
+            rep = by_name.get(rs.full_name)
+            locate = _locator(rs.path)
+            spec = locate(claim)
+            if rep is None or spec is None:
+                continue
+            yield from self._spec_changes(claim, rs.path, spec, locate, rep, findings.get(rs.full_name) or _Findings())
         for description, state in self._free_changes(claim, findings):
             yield "free", description, claim, state
         for k, _ in enumerate(devices.get("constraints") or []):
@@ -425,35 +416,6 @@ class Explainer:
         return best if best is not None and best.sign() > 0 else None
 
 
-def _exclusion(run: Run, key: tuple, rd, dev: CDevice, passing: dict, avail: dict,  # noqa: ANN001
-               state: AllocatedState) -> str | None:
-    """The first of the allocator's own checks that rules ``dev`` out for the request, or None."""
-    if dev.slice.per_device and not _device_node_fits(run.node, dev):
-        return "node"
-    failure = passing.get(id(dev), False)
-    if failure is False:
-        return "class selector"
-    if failure is not None:
-        run._raise_selector_error(rd, dev, failure, from_class=True)   # noqa: SLF001
-    if not run.request_ok(key, rd, dev):
-        return "request selector"
-    if run.f.device_taints and taint_prevents(dev, rd.tolerations):
-        return "taint"
-    multi = run.f.consumable_capacity and dev.allow_multiple
-    if not rd.admin and dev.id in state.devices:
-        return "allocated"
-    if not run.f.partitionable_devices and dev.consumes:
-        return "counters"
-    if dev.consumes and not (multi and dev.id in state.capacity):
-        for cs, counters in dev.consumes:
-            have = avail.get(cs, {})
-            if any(have.get(c, 0) < v for c, v in counters):
-                return "counters"
-    if run.f.consumable_capacity and not run._capacity_fits(rd, dev):   # noqa: SLF001
-        return "capacity"
-    return None
-
-
 def _merge(seen: dict, did: DeviceID, reason: str | None) -> None:
     """A device usable on any node is not excluded; "node" gives way to a reason from a node that can use it."""
     prev = seen.get(did, _UNSEEN)
@@ -495,25 +457,13 @@ def _verdict(rep: RequestReport) -> str:
             "across requests, rule the combination out")
 
 
-def _request_specs(i: int, req: Mapping) -> Iterator[tuple[str, str, Callable[[Mapping], dict | None]]]:
-    """(field path, report name, function finding that spec in a copy of the claim) per (sub)request."""
-    def at(*path: object) -> Callable[[Mapping], dict | None]:
-        def locate(c: Mapping) -> dict | None:
-            node: object = c
-            for p in ("spec", "devices", "requests", i, *path):
-                try:
-                    node = node[p]  # type: ignore[index]
-                except (KeyError, IndexError, TypeError):
-                    return None
-            return node if isinstance(node, dict) else None
-        return locate
-
-    name = req.get("name", "")
-    if "exactly" in req:
-        yield f"spec.devices.requests[{i}].exactly", name, at("exactly")
-    for j, sub in enumerate(req.get("firstAvailable") or []):
-        yield (f"spec.devices.requests[{i}].firstAvailable[{j}]", f"{name}/{sub.get('name', '')}",
-               at("firstAvailable", j))
+def _locator(path: str) -> Callable[[Mapping], dict | None]:
+    """A function finding the (sub)request at field ``path`` (a :class:`objects.RequestSpec` path) in a copy
+    of the claim, to edit it there; None where the copy has no such object."""
+    def locate(c: Mapping) -> dict | None:
+        spec = next((rs.spec for rs in objects.request_specs(c) if rs.path == path), None)
+        return spec if isinstance(spec, dict) and spec else None
+    return locate
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -543,290 +493,4 @@ def render(e: Explanation, wide: bool = False) -> str:
     return "\n".join(lines)
 
 
-# -- inputs ---------------------------------------------------------------------------------------
-def _load_docs(paths: Sequence[Path], what: str) -> list[dict]:
-    docs: list[dict] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            files = sorted([*p.glob("*.yaml"), *p.glob("*.yml"), *p.glob("*.json")])
-            if not files:
-                raise ExplainInputError(f"{what}: directory {p} holds no .yaml, .yml or .json file")
-        else:
-            files = [p]
-        for f in files:
-            try:
-                loaded = list(yaml.safe_load_all(f.read_text()))
-            except OSError as e:
-                raise ExplainInputError(f"{what}: cannot read {f}: {e.strerror}") from None
-            except yaml.YAMLError as e:
-                raise ExplainInputError(f"{what}: {f} is not valid YAML or JSON: {e}") from None
-            for d in loaded:
-                if isinstance(d, dict) and str(d.get("kind", "")).endswith("List"):
-                    docs.extend(x for x in d.get("items") or [] if isinstance(x, dict))
-                elif isinstance(d, dict):
-                    docs.append(d)
-                elif d is not None:
-                    raise ExplainInputError(f"{what}: {f} holds a {type(d).__name__}, not a Kubernetes object")
-    return docs
-
-
-def claim_from(doc: Mapping, where: str) -> dict:
-    kind = doc.get("kind")
-    if kind == "ResourceClaimTemplate":
-        md = doc.get("metadata") or {}
-        claim = {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
-                 "metadata": {"name": md.get("name", "template"), "namespace": md.get("namespace", "default")},
-                 "spec": copy.deepcopy((doc.get("spec") or {}).get("spec") or {})}
-    elif kind == "ResourceClaim":
-        claim = copy.deepcopy(dict(doc))
-    else:
-        raise ExplainInputError(f"{where}: expected a ResourceClaim or ResourceClaimTemplate, got kind {kind!r}")
-    name = (claim.get("metadata") or {}).get("name")
-    requests = ((claim.get("spec") or {}).get("devices") or {}).get("requests")
-    if not isinstance(requests, list) or not requests:
-        raise ExplainInputError(f"{where}: {kind} {name!r} has no spec.devices.requests; a claim needs at least "
-                                "one request")
-    for i, r in enumerate(requests):
-        if not isinstance(r, dict) or not r.get("name") or ("exactly" not in r and "firstAvailable" not in r):
-            raise ExplainInputError(f"{where}: {kind} {name!r}: spec.devices.requests[{i}] needs a name and either "
-                                    "exactly or firstAvailable")
-    return claim
-
-
-def _with_taint_rules(slices: list[dict], rules: Sequence[Mapping], classes: Mapping[str, Mapping],
-                      where: str) -> list[dict]:
-    """The slices with the DeviceTaintRules' taints merged in (controller.allocator.devicetaints)."""
-    wrong = sorted({str(r.get("kind")) for r in rules if r.get("kind", TAINT_RULE_KIND) != TAINT_RULE_KIND})
-    if wrong:
-        raise ExplainInputError(f"{where}: expected DeviceTaintRule objects, found {', '.join(wrong)}")
-    merged = TaintRules(rules, classes)
-    if merged.problems:
-        raise ExplainInputError(f"{where}: " + "; ".join(merged.problems[n] for n in sorted(merged.problems)))
-    return [dict(s) for s in merged.patch_all(slices)]
-
-
-def _nodes(docs: Sequence[Mapping]) -> list[Node]:
-    return [Node(d["metadata"]["name"], dict((d["metadata"].get("labels") or {})))
-            for d in docs if d.get("kind") == "Node" and (d.get("metadata") or {}).get("name")]
-
-
-async def _from_cluster(args: argparse.Namespace, claim_name: str | None) -> dict:
-    from driver.api.kube import (CLAIMS, DEVICE_CLASSES, NODES, SLICES, InvalidName, KubeError, check_name,
-                                 check_namespace, claim_path)
-    from driver.cliopts import connect, where as where_of
-
-    if claim_name:      # a hostile or malformed name is refused before anything is sent, or even connected
-        given_ns, _, given_name = claim_name.rpartition("/")
-        try:
-            check_name(given_name, "ResourceClaim name")
-            if given_ns:
-                check_namespace(given_ns, "ResourceClaim namespace")
-        except InvalidName as e:
-            raise ExplainInputError(f"--claim {claim_name}: {e}; give it as NAME (with -n NAMESPACE) or "
-                                    "NAMESPACE/NAME") from None
-    where = where_of(args)
-    try:
-        kube = await connect(args)
-    except Exception as e:  # noqa: BLE001 - no kubeconfig, bad URL: a clear message, not a traceback
-        raise ExplainInputError(f"cannot reach the API server ({where}): {e}; pass --kubeconfig FILE, --context "
-                                "NAME or --kube-api URL, or give the slices as files (--slices)") from None
-    try:
-        out: dict = {}
-        if claim_name:
-            ns, _, name = claim_name.rpartition("/")
-            ns = ns or getattr(args, "namespace", None) or kube.namespace
-            try:
-                out["claim"] = await kube.get(claim_path(ns, name))
-            except InvalidName as e:
-                raise ExplainInputError(f"--claim {claim_name}: {e}; give it as NAME (with -n NAMESPACE) or "
-                                        "NAMESPACE/NAME") from None
-            except KubeError as e:
-                if e.not_found:
-                    raise ExplainInputError(f"--claim {claim_name}: ResourceClaim {name} not found in namespace "
-                                            f"{ns}; give it as NAME with -n NAMESPACE, or as NAMESPACE/NAME") from None
-                raise
-        for key, kind, path in (("slices", "ResourceSlice", SLICES), ("classes", "DeviceClass", DEVICE_CLASSES),
-                                ("claims", "ResourceClaim", CLAIMS), ("nodes", "Node", NODES)):
-            try:
-                items = (await kube.list(path)).get("items") or []
-            except KubeError:
-                if key != "nodes":
-                    raise
-                items = []          # not allowed to list nodes: the nodes the slices name still count
-            out[key] = [{"kind": kind, **i} for i in items]
-        out["taintrules"] = await _cluster_taint_rules(kube)
-        return out
-    except KubeError as e:
-        raise ExplainInputError(f"reading from the API server ({where}): {e}") from None
-    except (OSError, asyncio.TimeoutError) as e:
-        raise ExplainInputError(f"cannot reach the API server ({where}): {e}; pass --kubeconfig FILE, --context "
-                                "NAME or --kube-api URL, or give the slices as files (--slices)") from None
-    except Exception as e:  # noqa: BLE001 - a client library error: a clear message, not a traceback
-        if isinstance(e, ExplainInputError):
-            raise
-        raise ExplainInputError(f"reading from the API server ({where}): {type(e).__name__}: {e}") from None
-    finally:
-        await kube.close()
-
-
-async def _cluster_taint_rules(kube) -> list[dict]:  # noqa: ANN001
-    """The cluster's DeviceTaintRules, in the version discovery says it serves (none when it serves none)."""
-    from driver.api.kube import KubeError
-
-    version = await discover_version(kube)
-    if version is None:
-        return []
-    try:
-        items = (await kube.list(f"/apis/{TAINT_RULE_GROUP}/{version}/{TAINT_RULE_PLURAL}")).get("items") or []
-    except KubeError:
-        return []     # not allowed to list them: explain as the slices are published
-    return [{"kind": TAINT_RULE_KIND, **i} for i in items]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-f", "--claim-file", type=Path,
-                   help="a ResourceClaim or ResourceClaimTemplate (YAML/JSON); a multi-document file may also hold "
-                        "the ResourceSlices, DeviceClasses, allocated claims, Nodes and DeviceTaintRules to explain "
-                        "against, and several claims (pick one with --claim NAME)")
-    p.add_argument("--claim", metavar="[NAMESPACE/]NAME",
-                   help="the claim in the cluster (namespace: -n, else the kubeconfig context's), or, with -f, the "
-                        "claim of that name in the file")
-    p.add_argument("--slices", type=Path, nargs="+", metavar="PATH",
-                   help="ResourceSlice files or directories (e.g. `partita inventory --fake H100-SXM5-80GB:8 -o yaml` "
-                        "output); default: the cluster's")
-    p.add_argument("--classes", type=Path, nargs="+", metavar="PATH",
-                   help="DeviceClass files (default: the cluster's with --slices absent, else Partita's shipped "
-                        "classes)")
-    p.add_argument("--allocated", type=Path, nargs="+", metavar="PATH",
-                   help="other allocated ResourceClaims, whose devices, counters and capacity are in use "
-                        "(default: the cluster's with --slices absent)")
-    p.add_argument("--nodes", type=Path, nargs="+", metavar="PATH",
-                   help="Node objects, for slices that select nodes by label (default: the cluster's with --slices "
-                        "absent; the nodes the slices name are always included)")
-    p.add_argument("--taint-rules", type=Path, nargs="+", metavar="PATH",
-                   help="DeviceTaintRule files, merged into the devices' taints as kube-scheduler does (default: the "
-                        "cluster's with --slices absent)")
-    p.add_argument("--allocation-mode", choices=C.ALLOCATION_MODES, default=C.ALLOCATION_MODE_CONTROLLER,
-                   help="controller (default): the claim tolerates Partita's managed taint, as the controller "
-                        "makes it; scheduler: as kube-scheduler sees it")
-    add_cluster(p)
-    add_output(p, help_="table (default: the explanation), wide (every node's devices left, each device chosen), "
-                        "yaml or json")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        explanation = _run(args)
-    except (ExplainInputError, AllocationError) as e:
-        print(f"partita explain: {e}", file=sys.stderr)
-        return 2
-    if args.output == "json":
-        print(json.dumps(asdict(explanation), indent=2))
-    elif args.output == "yaml":
-        print(yaml.safe_dump(asdict(explanation), sort_keys=False), end="")
-    else:
-        print(render(explanation, wide=args.output == "wide"))
-    return 0 if explanation.fits else 1
-
-
-#: kinds a multi-document ``-f`` file may hold besides the claim, and the flag each stands in for
-_FILE_KINDS = {"ResourceSlice": "--slices", "DeviceClass": "--classes", "Node": "--nodes",
-               TAINT_RULE_KIND: "--taint-rules"}
-_CLAIM_KINDS = ("ResourceClaim", "ResourceClaimTemplate")
-
-
-def _split_claim_file(path: Path, pick: str | None) -> tuple[dict, dict[str, list[dict]], list[dict]]:
-    """The claim of a ``-f`` file (the only one, or the one ``pick`` names), the other objects by kind, and
-    the file's other claims (those allocated count as allocated)."""
-    docs = _load_docs([path], "claim")
-    claims = [d for d in docs if d.get("kind") in _CLAIM_KINDS]
-    others: dict[str, list[dict]] = {k: [d for d in docs if d.get("kind") == k] for k in _FILE_KINDS}
-    unknown = sorted({str(d.get("kind")) for d in docs if d.get("kind") not in (*_CLAIM_KINDS, *_FILE_KINDS)})
-    if unknown and not claims:
-        raise ExplainInputError(f"{path}: expected a ResourceClaim or ResourceClaimTemplate, got kind "
-                                f"{unknown[0]!r}")
-    if unknown:
-        raise ExplainInputError(f"{path}: holds {', '.join(unknown)}; a claim file may hold ResourceClaims, "
-                                f"ResourceClaimTemplates, {', '.join(_FILE_KINDS)} objects only")
-    if not claims:
-        raise ExplainInputError(f"{path}: holds no ResourceClaim or ResourceClaimTemplate")
-
-    def ref(d: Mapping) -> str:
-        md = d.get("metadata") or {}
-        return f"{md.get('namespace') or 'default'}/{md.get('name', '')}"
-
-    if pick:
-        ns, _, name = pick.rpartition("/")
-        chosen = [d for d in claims if (d.get("metadata") or {}).get("name") == name
-                  and (not ns or ref(d).split("/")[0] == ns)]
-        if len(chosen) != 1:
-            held = ", ".join(ref(d) for d in claims)
-            what = "several claims match" if chosen else "no claim matches"
-            raise ExplainInputError(f"--claim {pick}: {what} in {path} (it holds {held}); give it as NAME or "
-                                    "NAMESPACE/NAME")
-    elif len(claims) > 1:
-        raise ExplainInputError(f"{path}: holds {len(claims)} claims ({', '.join(ref(d) for d in claims)}); pick "
-                                "one with --claim NAME")
-    else:
-        chosen = claims
-    rest = [d for d in claims if d is not chosen[0] and d.get("kind") == "ResourceClaim"]
-    return claim_from(chosen[0], str(path)), others, rest
-
-
-def _run(args: argparse.Namespace) -> Explanation:
-    if not args.claim_file and not args.claim:
-        raise ExplainInputError("give the claim either as a file (-f FILE) or as [NAMESPACE/]NAME in the cluster "
-                                "(--claim)")
-    in_file: dict[str, list[dict]] = {}
-    file_claims: list[dict] = []
-    if args.claim_file:
-        claim, in_file, file_claims = _split_claim_file(args.claim_file, args.claim)
-    for kind, flag in _FILE_KINDS.items():
-        if in_file.get(kind) and getattr(args, flag[2:].replace("-", "_"), None):
-            raise ExplainInputError(f"{args.claim_file} holds {kind} objects and {flag} gives more; give them in "
-                                    "one place")
-    file_slices = in_file.get("ResourceSlice") or []
-    cluster: dict = {}
-    if not args.claim_file or not (args.slices or file_slices):
-        cluster = asyncio.run(_from_cluster(args, None if args.claim_file else args.claim))
-    if not args.claim_file:
-        claim = claim_from(cluster["claim"], f"claim {args.claim}")
-    from_cluster = not args.slices and not file_slices
-    slices = _load_docs(args.slices, "--slices") if args.slices else file_slices or cluster["slices"]
-    wrong = sorted({str(s.get("kind")) for s in slices if s.get("kind", "ResourceSlice") != "ResourceSlice"})
-    slices = [s for s in slices if s.get("kind", "ResourceSlice") == "ResourceSlice"]
-    if not slices:
-        raise ExplainInputError("no ResourceSlices found" + (f" (only {', '.join(wrong)})" if wrong else "") +
-                                (" in the cluster: is the Partita plugin running on the GPU nodes?" if from_cluster
-                                 else " in --slices: pass files or directories of ResourceSlice objects"))
-    if args.classes or in_file.get("DeviceClass"):
-        classes_list = _load_docs(args.classes, "--classes") if args.classes else in_file["DeviceClass"]
-    elif from_cluster:
-        classes_list = cluster["classes"]
-    else:
-        drivers = sorted({(s.get("spec") or {}).get("driver") or C.DEFAULT_DRIVER_NAME for s in slices})
-        classes_list = [c for d in drivers for c in device_classes(d)]
-    classes = {c["metadata"]["name"]: c for c in classes_list
-               if c.get("kind", "DeviceClass") == "DeviceClass" and (c.get("metadata") or {}).get("name")}
-    if args.allocated:
-        allocated = [c for c in _load_docs(args.allocated, "--allocated")
-                     if c.get("kind", "ResourceClaim") == "ResourceClaim"]
-    else:
-        allocated = cluster.get("claims", []) if from_cluster or (args.claim and not args.claim_file) else []
-    allocated = allocated + [c for c in file_claims if (c.get("status") or {}).get("allocation")]
-    nodes = _nodes(_load_docs(args.nodes, "--nodes")) if args.nodes else \
-        _nodes(in_file.get("Node") or cluster.get("nodes", []))
-    taint_rules = getattr(args, "taint_rules", None)
-    rules = _load_docs(taint_rules, "--taint-rules") if taint_rules else \
-        in_file.get(TAINT_RULE_KIND) or cluster.get("taintrules", [])
-    if rules:
-        slices = _with_taint_rules(slices, rules, classes, "--taint-rules" if taint_rules else
-                                   str(args.claim_file) if in_file.get(TAINT_RULE_KIND) else "the cluster")
-    explainer = Explainer(slices, classes, [c for c in allocated if claim_ref(c) != claim_ref(claim)],
-                          managed_toleration=args.allocation_mode == C.ALLOCATION_MODE_CONTROLLER, nodes=nodes)
-    return explainer.explain(claim)
-
-
-__all__ = ["STAGES", "ExplainInputError", "Explainer", "Explanation", "RequestReport", "add_arguments", "render",
-           "run"]
+__all__ = ["ADDRESSES", "STAGES", "ExplainInputError", "Explainer", "Explanation", "RequestReport", "Stage", "render"]

@@ -277,6 +277,18 @@ class SliceIndex:
                 return s.node_name
         return None
 
+    def pool_node_names(self, driver: str, pool: str) -> set[str] | None:
+        """The nodes that may use the pool's devices: those with a slice of it published for them by name
+        (whose :meth:`node_pool_ids` include it); None when a slice of the pool has no ``nodeName`` (it may
+        target any node)."""
+        out = set()
+        for n in self._by_pool.get((driver, pool), ()):
+            node_name = self._slices[n].node_name
+            if not node_name:
+                return None
+            out.add(node_name)
+        return out
+
     def node_pool_ids(self, node_name: str) -> tuple[tuple[str, str], ...]:
         """Pools with slices published for this node by name (cheap; no node selectors evaluated)."""
         key = self._node_version.get(node_name, 0)

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from driver.api import objects
 from driver.api.quantity import Quantity, QuantityError
 
 from . import capacity as cap
@@ -21,6 +22,8 @@ from .pools import CDevice, Pool, available_counters, thaw
 from .types import AllocatedState, AllocationError, DeviceID, Features, Node
 
 MAX_RESULTS = 32
+#: the reasons of :meth:`Run.exclusion` that mean the device is not selected for the request at all
+SELECTION = ("node", "class selector", "request selector")
 
 
 class _MaxSizeExceeded(Exception):
@@ -105,6 +108,8 @@ class Run:
         self.allocated = allocated
         self.ev = evaluator
         self.order = order
+        #: per claim, its spec.devices.requests (indexed as ``request_index``)
+        self.requests: list[list[Mapping]] = [objects.device_requests(c) for c in claims]
         self.req: dict[tuple[int, int, int], ReqData] = {}
         self.constraints: list[list[Constraint]] = []
         self.results: list[list[_Result]] = [[] for _ in claims]
@@ -122,7 +127,11 @@ class Run:
     def prepare(self) -> None:
         for ci, claim in enumerate(self.claims):
             cref = claim_ref(claim)
-            requests = ((claim.get("spec") or {}).get("devices") or {}).get("requests") or []
+            bad = objects.malformed_requests(claim)
+            if bad:
+                raise AllocationError(f"claim {cref}: {bad[0]} is not an object; a request needs a name and either "
+                                      "exactly or firstAvailable", claim=cref, field=bad[0])
+            requests = self.requests[ci]
             min_devices = 0
             for ri, request in enumerate(requests):
                 name = request.get("name", "")
@@ -325,13 +334,46 @@ class Run:
         self.match_cache[mk] = ok
         return ok
 
-    def selectable(self, key: tuple[int, int, int], rd: ReqData, dev: CDevice, pool: Pool) -> bool:
-        for d, failure in self.class_list(pool, rd):
-            if d is dev:
-                if failure is not None and not self.binding_excluded(dev):
-                    self._raise_selector_error(rd, dev, failure, from_class=True)
-                return self.request_ok(key, rd, dev)
-        return False
+    def exclusion(self, key: tuple[int, int, int], rd: ReqData, pool: Pool, dev: CDevice,
+                  failure: bool | tuple | None) -> str | None:
+        """The first check that rules ``dev`` out for the (sub)request on its own, or None when it may be
+        tried (what is left — counters taken together with the run's other devices, constraints across
+        devices — is the search's). ``failure`` is the device's class-selector outcome from
+        :meth:`class_list`: None (passes), False (not listed: the class's selectors reject it) or the
+        selector error, raised here as the search raises it (not for a device with binding conditions
+        while the feature is off: upstream never evaluates selectors on it).
+
+        The reasons, in the order they are checked (``partita explain`` counts devices under them): ``node``
+        (per-device node selection names another node), ``class selector``, ``request selector``, ``taint``
+        (an untolerated NoSchedule/NoExecute taint), ``allocated`` (a dedicated device other claims hold),
+        ``counters`` (shared counters used up by other claims' devices), ``capacity``. Devices this run is
+        allocating are the search's to skip (it checks that first, as upstream does)."""
+        if failure is False:
+            return "node" if self._off_node(dev) else "class selector"
+        if failure is not None and not self.binding_excluded(dev):
+            self._raise_selector_error(rd, dev, failure, from_class=True)
+        if not self.request_ok(key, rd, dev):
+            return "node" if self._off_node(dev) else "request selector"
+        if self.f.device_taints and dev.taints and taint_prevents(dev, rd.tolerations):
+            return "taint"
+        if not rd.admin and dev.id in self.allocated.devices:
+            return "allocated"
+        if dev.consumes:
+            if not self.f.partitionable_devices:
+                return "counters"
+            if not (self.f.consumable_capacity and dev.allow_multiple and dev.id in self.allocated.capacity):
+                avail = self._available(pool)
+                for cs, counters in dev.consumes:
+                    have = avail.get(cs, {})
+                    for c, v in counters:
+                        if have.get(c, 0) < v:
+                            return "counters"
+        if self.f.consumable_capacity and not self._capacity_fits(rd, dev):
+            return "capacity"
+        return None
+
+    def _off_node(self, dev: CDevice) -> bool:
+        return dev.slice.per_device and not _device_node_fits(self.node, dev)
 
     # -- state queries ---------------------------------------------------------------------------
     def _in_use(self, did: DeviceID) -> bool:
@@ -402,8 +444,7 @@ class Run:
                                       "steps", node_local=True)
         if ci >= len(self.claims):
             return True
-        requests = ((self.claims[ci].get("spec") or {}).get("devices") or {}).get("requests") or []
-        if ri >= len(requests):
+        if ri >= len(self.requests[ci]):
             try:
                 return self._one(ci + 1, 0, 0, 0, False, 0)
             except _MaxSizeExceeded:
@@ -454,11 +495,7 @@ class Run:
                     continue
             elif self._in_use(dev.id):
                 continue
-            if failure is not None and not self.binding_excluded(dev):
-                self._raise_selector_error(rd, dev, failure, from_class=True)
-            if not self.request_ok(key, rd, dev):
-                continue
-            if self.f.consumable_capacity and not self._capacity_fits(rd, dev):
+            if self.exclusion(key, rd, pool, dev, failure) is not None:
                 continue
             ok, undo = self._allocate_device(ci, rd, pool, dev, must=False)
             if not ok:
@@ -586,7 +623,7 @@ class Run:
         return rd
 
     def _config(self, ci: int, claim: Mapping) -> list[dict]:
-        requests = ((claim.get("spec") or {}).get("devices") or {}).get("requests") or []
+        requests = self.requests[ci]
         config: list[dict] = []
         by_class: dict[str, tuple[int, int]] = {}
         for ri in range(len(requests)):

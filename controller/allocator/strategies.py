@@ -25,16 +25,34 @@ from .types import AllocatedState, Node
 
 
 class Strategy(Protocol):
+    """What :class:`~controller.allocator.Allocator` asks of a strategy."""
+
+    #: the name the operator's flags and the simulator use
     name: str
+    #: False: the allocator keeps upstream's device order and never calls :meth:`order_devices` (so its
+    #: results are upstream's, choice among equals included)
+    orders_devices: bool
+    #: True: ``allocate_on_nodes`` first retries the node where a claim of the same shape fitted last,
+    #: before :meth:`order_nodes`' order (which is where a packing strategy would put it anyway, without
+    #: ordering every node for every claim)
+    sticky: bool
 
     def order_devices(self, req: ReqData, candidates: list[tuple[Pool, CDevice]],
-                      allocated: AllocatedState) -> list[tuple[Pool, CDevice]]: ...
+                      allocated: AllocatedState) -> list[tuple[Pool, CDevice]]:
+        """The candidates of one (sub)request on one node, in the order the search should try them (the
+        same devices, reordered)."""
+        ...
 
-    def order_nodes(self, nodes: Sequence[Node], slices: SliceIndex, allocated: AllocatedState) -> list[Node]: ...
+    def order_nodes(self, nodes: Sequence[Node], slices: SliceIndex, allocated: AllocatedState) -> list[Node]:
+        """The candidate nodes in the order to try them. It must order any subset of ``nodes`` as it orders
+        the whole (the allocator leaves out the nodes known to be full before asking)."""
+        ...
 
 
 class FirstFit:
     name = "first-fit"
+    orders_devices = False
+    sticky = False
 
     def order_devices(self, req: ReqData, candidates: list[tuple[Pool, CDevice]],
                       allocated: AllocatedState) -> list[tuple[Pool, CDevice]]:
@@ -45,8 +63,15 @@ class FirstFit:
 
 
 def _slice_mask(dev: CDevice) -> int:
+    return _consumes_mask(dev.consumes)
+
+
+@lru_cache(maxsize=4096)
+def _consumes_mask(consumes: tuple) -> int:
+    """The memory slices a device's counter consumption covers, as bits (compiled consumptions are
+    interned, so every node's same placement shares one entry)."""
     mask = 0
-    for _, counters in dev.consumes:
+    for _, counters in consumes:
         for name, _ in counters:
             if name.startswith("memory-slice-"):
                 mask |= 1 << int(name.rsplit("-", 1)[1])
@@ -66,6 +91,8 @@ class _PoolLayout:
         self.devices: list[tuple[CDevice, str, int]] = []        # (device, parent GPU, memory-slice mask)
         self.mig: dict[str, list[tuple[int, int]]] = {}           # parent -> [(mask, size)] of its MIG devices
         self.counter_set: dict[str, str] = {}                     # parent -> counter set name
+        #: counter set -> ((memory-slice counter name, its bit), ...)
+        self.slice_bits: dict[str, tuple[tuple[str, int], ...]] = {}
         for dev in pool.devices():
             parent = dev.parent or dev.name
             mask = _slice_mask(dev)
@@ -75,6 +102,9 @@ class _PoolLayout:
             if dev.consumes and parent not in self.counter_set:
                 self.counter_set[parent] = dev.consumes[0][0]
         self.mig_tuples = {k: tuple(v) for k, v in self.mig.items()}
+        for cs in set(self.counter_set.values()):
+            self.slice_bits[cs] = tuple((name, 1 << int(name.rsplit("-", 1)[1]))
+                                        for name in pool.counter_sets.get(cs, {}) if name.startswith("memory-slice-"))
         self.by_name = {d.name: (d, p, m) for d, p, m in self.devices}
         self.mask_of = {id(d): m for d, _, m in self.devices}
 
@@ -103,18 +133,18 @@ class _GpuView:
                 self.shared_load[parent] = total / cap
         for parent, cs in layout.counter_set.items():
             used = 0
-            for name, value in avail.get(cs, {}).items():
-                if value <= 0 and name.startswith("memory-slice-"):
-                    used |= 1 << int(name.rsplit("-", 1)[1])
+            have = avail.get(cs, {})
+            for name, bit in layout.slice_bits.get(cs, ()):
+                value = have.get(name)
+                if value is not None and value <= 0:
+                    used |= bit
             self.used_slices[parent] = used
 
 
 class Pack:
     name = "pack"
+    orders_devices = True
     sticky = True   # retry the node that took the same kind of claim last (see Allocator._node_order)
-
-    def __init__(self) -> None:
-        pass
 
     def _view(self, pool: Pool, allocated: AllocatedState) -> tuple[_PoolLayout, _GpuView]:
         layout = pool.strategy_cache.get("pack")
@@ -150,19 +180,68 @@ class Pack:
         return [c for _, c in sorted(enumerate(candidates), key=key)]
 
     def order_nodes(self, nodes: Sequence[Node], slices: SliceIndex, allocated: AllocatedState) -> list[Node]:
-        """Nodes in use first (most allocated devices first), then the others in the given order.
-        Costs O(pools in use) plus one pass over the candidates."""
-        used: dict[str, int] = {}
-        for (driver, pool), names in allocated.by_pool.items():
-            if names:
-                node = slices.pool_node(driver, pool)
-                if node is not None:
-                    used[node] = used.get(node, 0) + len(names)
+        """Nodes in use first (most allocated devices first), then the others in the given order (a subset
+        is ordered as the whole is). One pass over the candidates: the devices allocated per node are kept
+        up to date from the allocated state's journal (:class:`NodeUse`)."""
+        use = self._use
+        if use is None:
+            use = self._use = NodeUse()
+        used = use.sync(slices, allocated)
         if not used:
             return list(nodes)
-        busy = [n for n in nodes if n.name in used]
+        busy, idle = [], []
+        for n in nodes:
+            (busy if n.name in used else idle).append(n)
         busy.sort(key=lambda n: -used[n.name])
-        return busy + [n for n in nodes if n.name not in used]
+        return busy + idle
+
+    _use: "NodeUse | None" = None
+
+
+class NodeUse:
+    """Devices allocated per node: for each pool holding any, its length counted for the node
+    :meth:`SliceIndex.pool_node` names (node-local pools only). Brought up to date from the allocated
+    state's journal, pool by pool; rebuilt for another state or slice index, after a slice change, or when
+    the journal no longer reaches back."""
+
+    def __init__(self) -> None:
+        self.used: dict[str, int] = {}
+        self._pools: dict[tuple[str, str], tuple[str, int]] = {}     # pool -> (its node, devices allocated)
+        self._key: tuple = ()
+        self._mark = 0
+
+    def sync(self, slices: SliceIndex, allocated: AllocatedState) -> dict[str, int]:
+        key = (allocated.uid, id(slices), slices.version)
+        if key != self._key:
+            self._key, self._mark = key, allocated.changes
+            self.used, self._pools = {}, {}
+            for pid, names in allocated.by_pool.items():
+                self._count(slices, allocated, pid)
+            return self.used
+        if allocated.changes != self._mark:
+            pools = allocated.changed_pools(self._mark)
+            self._mark = allocated.changes
+            if pools is None:
+                self._key = ()
+                return self.sync(slices, allocated)
+            for pid in set(pools):
+                self._count(slices, allocated, pid)
+        return self.used
+
+    def _count(self, slices: SliceIndex, allocated: AllocatedState, pid: tuple[str, str]) -> None:
+        old = self._pools.pop(pid, None)
+        if old is not None:
+            left = self.used[old[0]] - old[1]
+            if left:
+                self.used[old[0]] = left
+            else:
+                del self.used[old[0]]
+        names = allocated.by_pool.get(pid)
+        if names:
+            node = slices.pool_node(*pid)
+            if node is not None:
+                self._pools[pid] = (node, len(names))
+                self.used[node] = self.used.get(node, 0) + len(names)
 
 
 STRATEGIES: dict[str, type] = {"first-fit": FirstFit, "pack": Pack}

@@ -23,6 +23,7 @@ Contract used by the operator (``controller/operator``), the sandbox and ``parti
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple
 
@@ -82,7 +83,16 @@ class AllocatedState:
     ``capacity``: capacity consumed per multi-allocatable device. Change it only through the methods:
     they also keep a content-based signature per pool (count and XOR of hashes), which lets the
     allocator cache per-node work and stays the same for two states with the same content.
+
+    Each change is also journaled (the pool it touched), so that an allocator's node index can drop
+    what it knew about exactly the nodes whose pools changed (see :mod:`controller.allocator.nodeindex`):
+    ``uid`` names this state object, ``changes`` counts its changes, :meth:`changed_pools` reads the
+    journal. The journal is bounded; a reader that fell behind is told to start over.
     """
+
+    #: journal entries kept at most; older ones are dropped (readers behind them start over)
+    JOURNAL_LIMIT = 65536
+    _uids = itertools.count(1)
 
     def __init__(self, devices: set[DeviceID] | None = None, shares: set[tuple[DeviceID, str]] | None = None,
                  capacity: dict[DeviceID, dict[str, Quantity]] | None = None):
@@ -93,6 +103,10 @@ class AllocatedState:
         self._sig: dict[tuple[str, str], list[int]] = {}
         #: (driver, pool) -> device name -> number of reasons it is allocated (dedicated, shares, capacity)
         self.by_pool: dict[tuple[str, str], dict[str, int]] = {}
+        self.uid = next(AllocatedState._uids)
+        self.changes = 0
+        self._journal: list[tuple[str, str]] = []
+        self._journal_start = 0        # the change number of _journal[0]
         for d in devices or ():
             self.add_device(d)
         for d, share in shares or ():
@@ -103,6 +117,11 @@ class AllocatedState:
     # -- signatures ---------------------------------------------------------------------------
     def _touch(self, did: DeviceID, item: object, sign: int) -> None:
         pid = (did.driver, did.pool)
+        if len(self._journal) >= self.JOURNAL_LIMIT:
+            self._journal_start += len(self._journal)
+            self._journal.clear()
+        self._journal.append(pid)
+        self.changes += 1
         sig = self._sig.setdefault(pid, [0, 0])
         sig[0] += sign
         sig[1] ^= hash(item)
@@ -113,6 +132,13 @@ class AllocatedState:
                 names[did.device] = n
             else:
                 names.pop(did.device, None)
+
+    def changed_pools(self, since: int) -> list[tuple[str, str]] | None:
+        """The pools touched by changes number ``since`` .. ``changes`` - 1 (repeats kept), or None when the
+        journal no longer reaches back that far."""
+        if since < self._journal_start:
+            return None
+        return self._journal[since - self._journal_start:]
 
     def pool_signature(self, driver: str, pool: str) -> tuple[int, int]:
         sig = self._sig.get((driver, pool))

@@ -17,10 +17,36 @@ import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from controller.allocator.devicetaints import GROUP, PLURAL, TaintRules, discover_version, rule_name
+from controller.allocator.devicetaints import GROUP, PLURAL, VERSIONS, TaintRules, rule_name, served_version
 from controller.allocator.search import tolerates
+from driver.api.kube import Kube, KubeError
 
 log = logging.getLogger(__name__)
+
+
+async def discover_version(kube: Kube) -> str | None:
+    """The preferred resource.k8s.io version listing devicetaintrules, by API discovery."""
+    try:
+        group = await kube.get(f"/apis/{GROUP}")
+    except (KubeError, OSError) as e:
+        log.warning("API discovery of %s failed (%s); DeviceTaintRules are not watched", GROUP, e)
+        return None
+    offered = [v.get("version") for v in group.get("versions") or []]
+    found: dict[str, list[str]] = {}
+    for v in VERSIONS:
+        if v not in offered:
+            continue
+        try:
+            res = await kube.get(f"/apis/{GROUP}/{v}")
+        except (KubeError, OSError):
+            continue
+        found[v] = [r.get("name", "") for r in res.get("resources") or []]
+    version = served_version(found)
+    if version is None:
+        log.info("the cluster serves no DeviceTaintRules (%s versions %s); none are watched", GROUP, offered)
+    else:
+        log.info("watching DeviceTaintRules in %s/%s", GROUP, version)
+    return version
 
 
 class RuleState:

@@ -99,6 +99,11 @@ def node_path(name: str) -> str:
     return f"{NODES}/{segment(check_name(name, 'Node name'))}"
 
 
+def device_taint_rules_path(version: str) -> str:
+    """DeviceTaintRules (cluster-scoped) in the resource.k8s.io version API discovery found serving them."""
+    return f"/apis/resource.k8s.io/{segment(version)}/devicetaintrules"
+
+
 class KubeError(Exception):
     """A non-2xx answer from the API server (``status`` is the HTTP status, ``reason`` the Status reason)."""
 

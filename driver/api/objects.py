@@ -153,3 +153,18 @@ def pod_claims_pending_generation(pod: Mapping) -> list[str]:
                  if isinstance(s, Mapping)}
     return [str(rc.get("name") or "") for rc in _list(_dict(pod.get("spec")).get("resourceClaims"))
             if isinstance(rc, Mapping) and not rc.get("resourceClaimName") and rc.get("name") not in generated]
+
+
+# --- added for the allocator (issue 17.4) -----------------------------------------------------------------
+
+def malformed_requests(claim: Mapping) -> list[str]:
+    """Field paths of ``spec.devices.requests`` entries that are not objects (which :func:`device_requests` and
+    :func:`request_specs` skip), so that a validator can refuse them by name; "spec.devices.requests" itself
+    when it is set but not a list."""
+    raw = _dict(_dict(claim.get("spec")).get("devices")).get("requests")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        return ["spec.devices.requests"]
+    return [f"spec.devices.requests[{i}]" for i, r in enumerate(raw) if not isinstance(r, Mapping)]
+
