@@ -62,7 +62,7 @@ class QueueSettings:
         if self.backfill not in BACKFILL_MODES:
             raise PolicyError(f"backfill {self.backfill!r}: use one of {', '.join(BACKFILL_MODES)}")
         if not (self.reserve_min >= 0 and math.isfinite(self.reserve_min)):
-            raise PolicyError(f"reserve-min {self.reserve_min}: must be 0 or more GPUs")
+            raise PolicyError(f"reserve-min-gpus {self.reserve_min}: must be 0 or more GPUs")
         if self.reserve_for not in RESERVE_FOR:
             raise PolicyError(f"reserve-for {self.reserve_for!r}: use one of {', '.join(RESERVE_FOR)}")
 

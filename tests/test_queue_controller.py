@@ -123,3 +123,18 @@ def test_a_higher_priority_pod_gets_the_last_gpu() -> None:
         await asyncio.sleep(0.5)
         assert not _allocated(cl, "low")
     run(scenario, retry_min=0.5, retry_max=0.5)
+
+
+def test_a_bad_queue_flag_exits_2_naming_the_flag(caplog: pytest.LogCaptureFixture) -> None:
+    import argparse
+
+    from controller.operator import main as operator_main
+
+    p = argparse.ArgumentParser()
+    operator_main.add_arguments(p)
+    args = p.parse_args(["--queue-max-reservations", "-1", "--health-port", "-1", "--metrics-port", "-1"])
+    assert operator_main.run(args) == 2
+    assert "--queue-max-reservations -1: must be 0 or more (0 turns reservations off)" in caplog.text
+    args = p.parse_args(["--queue-reserve-min-gpus", "nan", "--health-port", "-1", "--metrics-port", "-1"])
+    assert operator_main.run(args) == 2
+    assert "--queue-reserve-min-gpus nan: must be 0 or more GPUs" in caplog.text

@@ -97,7 +97,7 @@ def test_an_item_larger_than_any_node_gets_no_reservation() -> None:
     ({"max_reservations": -2}, "max-reservations -2"),
     ({"backfill": "sometimes"}, "backfill 'sometimes': use one of none, ends-before"),
     ({"reserve_for": "biggest"}, "reserve-for 'biggest'"),
-    ({"reserve_min": float("inf")}, "reserve-min inf"),
+    ({"reserve_min": float("inf")}, "reserve-min-gpus inf"),
 ])
 def test_bad_settings_name_the_setting_and_the_fix(kw: dict, needle: str) -> None:
     with pytest.raises(PolicyError, match=needle.replace("(", r"\(")):
