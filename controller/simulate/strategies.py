@@ -77,17 +77,18 @@ class QueueAware:
 
     def plan(self, pending: Sequence[Request], now: int, running: Running,
              cluster: Cluster) -> Iterable[tuple[Request, frozenset[int]]]:
-        if self.settings.max_reservations == 0 or not any(now - r.arrival >= self.settings.reserve_after
-                                                             for r in pending):
-            return ((r, NO_GPUS) for r in pending)       # nobody waited long enough: arrival order
+        s = self.settings
+        if s.max_reservations == 0 or not any(now - r.arrival >= s.reserve_after
+                                              and gpus_needed(r.shape, cluster) >= s.reserve_min for r in pending):
+            return ((r, NO_GPUS) for r in pending)       # nobody to reserve for: arrival order
         ends: dict[int, int] = {}
         for end, _, _, holds, _ in running:
             for g, _ in holds:
                 if ends.get(g, -1) < end:
                     ends[g] = end
         slots = [GpuSlot(g.index, g.node, g.index in ends, ends.get(g.index)) for g in cluster.gpus]
-        by_key = {str(r.id): r for r in pending}
-        waiting = [Waiting(str(r.id), r.arrival, 0, gpus_needed(r.shape, cluster), r.duration) for r in pending]
+        by_key = {f"{r.id:09d}": r for r in pending}       # keys sort as ids: arrival order among equals
+        waiting = [Waiting(k, r.arrival, 0, gpus_needed(r.shape, cluster), r.duration) for k, r in by_key.items()]
         p = plan(waiting, now, slots, self.settings)
         return ((by_key[w.key], frozenset(p.withheld(w))) for w in p.order)
 
