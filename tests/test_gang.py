@@ -46,8 +46,9 @@ def test_a_4_pod_gang_starts_whole_or_not_at_all() -> None:
         names = [f"g{i}" for i in range(4)]
         for n in names[:3]:
             cl.submit(*member(n))
-        _, _, message = await cl.event("PartitaGangWaiting")
-        assert message == "gang default/train: 3 of 4 pods exist; nothing is allocated until all 4 do"
+        waiting = "gang default/train: 3 of 4 pods exist; nothing is allocated until all 4 do"
+        await cl.server.wait_for(lambda _: any(m == waiting for _, _, m in cl.events("PartitaGangWaiting")) or None)
+        assert not any(_allocated(cl, n) for n in names[:3]), cl.events()
         cl.submit(*member(names[3]))
         # all four exist, two GPUs are free: none of them gets any
         _, _, why = await cl.event("PartitaUnschedulable")
@@ -62,7 +63,8 @@ def test_a_4_pod_gang_starts_whole_or_not_at_all() -> None:
         assert {_node(cl, n) for n in names} == {"node-a"}
         devices = {cl.claim(n)["status"]["allocation"]["devices"]["results"][0]["device"] for n in names}
         assert len(devices) == 4
-        assert any(m == "gang default/train: allocated all 4 pods on node-a" for _, _, m in cl.events("PartitaAllocated"))
+        done = "gang default/train: allocated all 4 pods on node-a"
+        await cl.server.wait_for(lambda _: any(m == done for _, _, m in cl.events("PartitaAllocated")) or None)
     run(scenario)
 
 

@@ -69,6 +69,10 @@ class ControllerConfig:
     queue: QueueSettings = field(default_factory=QueueSettings)
 
 
+def _held(claim: Mapping | None) -> bool:
+    return bool(((claim or {}).get("status") or {}).get("allocation"))
+
+
 class Controller:
     def __init__(self, cfg: ControllerConfig, kube: Kube):
         self.cfg = cfg
@@ -93,6 +97,7 @@ class Controller:
 
     # -- inputs ---------------------------------------------------------------------------------
     def on_event(self, kind: str, etype: str, obj: dict) -> None:
+        freed = kind == "claim" and _held(self.cache.claims.get(key(obj))) and (etype == "DELETED" or not _held(obj))
         vanished = self.cache.apply(kind, etype, obj)
         if kind == "pod":
             k = key(obj)
@@ -109,6 +114,8 @@ class Controller:
             self.enqueue(f"claim:{k}")
             for pod in self.cache.claim_users.get(k, ()):
                 self.enqueue(f"pod:{pod}")
+            if freed:
+                self.enqueue_pending()     # devices were freed: every pending pod, in the policy's order
         else:   # slices, nodes, classes, taint rules: anything pending may fit now
             if kind == "devicetaintrule" and etype != "DELETED":
                 self.enqueue(f"taint:{obj['metadata']['name']}")
@@ -355,8 +362,9 @@ class Controller:
             pod = self.cache.pods.get(pk)
             if pod is not None and is_pending(pod):
                 waiting.append(Waiting(pk, since, priority(pod), self._needs.get(pk, 1)))
-        if not any(now - w.since >= settings.reserve_after for w in waiting):
-            return None
+        if not any(now - w.since >= settings.reserve_after and w.gpus >= settings.reserve_min for w in waiting):
+            self._announced.clear()
+            return None             # nobody to reserve for: the GPUs are not even looked at
         p = queue_plan(waiting, now, self._gpus.slots(self.cache.slices, self.cache.allocated), settings)
         for r in p.reservations:
             if self._announced.get(r.owner.key) != r.node:
