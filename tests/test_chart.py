@@ -368,6 +368,7 @@ def test_rbac_is_least_privilege() -> None:
         | _expand("resource.k8s.io", "resourceclaims/status resourceclaims/binding", "update")   # binding: 1.36+
         | _expand("resource.k8s.io", "resourceslices deviceclasses", "get list watch")
         | _expand("resource.k8s.io", "devicetaintrules", "list watch")                         # DeviceTaintRules
+        | _expand("scheduling.k8s.io", "workloads", "get")                                     # gangs
         | _expand("", "events", "create"))
     [role] = objects("defaults", "Role")
     assert role["metadata"]["namespace"] == "partita-system"

@@ -304,3 +304,25 @@ def test_a_trace_cut_short_by_ticks_counts_only_what_arrived(tmp_path: Path, cap
     pack = next(s for s in json.loads(out)["strategies"] if s["strategy"] == "pack")
     # requests 0-2 arrived by tick 4; request 1 and 2 are still waiting when the run stops
     assert pack["arrived"] == 3 and pack["placed"] == 1 and pack["never_placed"] == 2
+
+
+# -- the queue-aware strategy -----------------------------------------------------------------------------
+STARVING = """arrival,duration,request,comment
+0,30,gpu:1,A holds GPU 0 until 30
+0,40,gpu:1,B holds GPU 1 until 40
+1,10,gpu:2,BIG waits for both
+20,50,gpu:1,C would take GPU 0 at 30 and hold it until 80
+25,5,gpu:1,D ends before BIG could start: backfilled
+"""
+
+
+def test_queue_reserves_for_a_long_waiting_large_request_and_backfills_only_what_ends_before(tmp_path: Path) -> None:
+    trace = tmp_path / "starving.csv"
+    trace.write_text(STARVING)
+    cluster = build_cluster(cluster_profile(["n1=H100-SXM5-80GB:2"], None, None, None))
+    requests = load_trace(trace)
+    # pack (arrival order): C and D backfill the GPUs as they free, BIG waits until C ends at 80
+    assert simulate(SIM_STRATEGIES["pack"], cluster, requests, None).starts == {0: 0, 1: 0, 2: 80, 3: 30, 4: 40}
+    # queue: BIG has waited 25 ticks at 26, both GPUs are reserved for it (free at 40); D (30 + 5 <= 40) may
+    # use GPU 0 meanwhile, C (30 + 50 > 40) may not; BIG starts at 40, C after it
+    assert simulate(SIM_STRATEGIES["queue"], cluster, requests, None).starts == {0: 0, 1: 0, 2: 40, 3: 50, 4: 30}

@@ -6,11 +6,12 @@ Never raises anything but :class:`AllocationError` into its caller.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
 import logging
-from typing import Iterator, Mapping, Sequence
+from typing import AbstractSet, Iterator, Mapping, Sequence
 
 from driver.api import objects
 
@@ -19,7 +20,12 @@ from .nodeindex import FullNodes
 from .pools import SliceIndex
 from .search import SELECTION, Run, claim_ref
 from .strategies import Strategy, get_strategy
-from .types import AllocatedState, AllocationError, Features, Node, NodeChoice
+from .types import AllocatedState, AllocationError, DeviceID, Features, Node, NodeChoice
+
+#: what one call may not use besides what other claims hold: node names (str) and devices (DeviceID) —
+#: capacity reserved for another claim, or GPUs serving another sharing strategy
+Unavailable = AbstractSet["str | DeviceID"]
+NOTHING: Unavailable = frozenset()
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +48,17 @@ class Allocator:
         self._hints: dict[str, tuple[str, int]] = {}
 
     def allocate(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
-                 allocated: AllocatedState) -> list[dict] | None:
-        """AllocationResult per claim (in order), or None when the claims do not fit on ``node``."""
+                 allocated: AllocatedState, unavailable: Unavailable = NOTHING) -> list[dict] | None:
+        """AllocationResult per claim (in order), or None when the claims do not fit on ``node``.
+        ``unavailable``: nodes and devices this call may not use (see :data:`Unavailable`); ``allocated``
+        is the same after the call."""
+        if node.name in unavailable:
+            return None
+        with _withheld(allocated, unavailable):
+            return self._allocate(node, claims, slices, classes, allocated)
+
+    def _allocate(self, node: Node, claims: Sequence[Mapping], slices: SliceIndex, classes: Mapping[str, Mapping],
+                  allocated: AllocatedState) -> list[dict] | None:
         run = self.trial(node, claims, slices, classes, allocated)
         ok = self._search(run)
         if not ok:
@@ -91,12 +106,21 @@ class Allocator:
 
     def allocate_on_nodes(self, nodes: Sequence[Node], claims: Sequence[Mapping], slices: SliceIndex,
                           classes: Mapping[str, Mapping], allocated: AllocatedState,
-                          max_reasons: int = 8) -> NodeChoice:
+                          max_reasons: int = 8, unavailable: Unavailable = NOTHING) -> NodeChoice:
         """Try candidate nodes in the strategy's order; the first that fits wins. When none does, the
-        reasons of up to ``max_reasons`` nodes say why.
+        reasons of up to ``max_reasons`` nodes say why. ``unavailable``: nodes and devices this call may
+        not use (nodes named there are not tried); ``allocated`` is the same after the call.
 
         Nodes known not to fit claims of this shape as things are (:class:`FullNodes`) are skipped without
         an allocation attempt; the strategy orders only the others."""
+        if unavailable:
+            nodes = [n for n in nodes if n.name not in unavailable]
+            with _withheld(allocated, unavailable):
+                return self._on_nodes(nodes, claims, slices, classes, allocated, max_reasons)
+        return self._on_nodes(nodes, claims, slices, classes, allocated, max_reasons)
+
+    def _on_nodes(self, nodes: Sequence[Node], claims: Sequence[Mapping], slices: SliceIndex,
+                  classes: Mapping[str, Mapping], allocated: AllocatedState, max_reasons: int) -> NodeChoice:
         shape = _shape(claims, classes)
         full = self._full
         if not self.node_index:
@@ -106,7 +130,7 @@ class Allocator:
         reasons: dict[str, str] = {}
         for node in self._node_order(shape, nodes, slices, allocated, entries):
             try:
-                results = self.allocate(node, claims, slices, classes, allocated)
+                results = self._allocate(node, claims, slices, classes, allocated)
             except AllocationError as e:
                 if not e.node_local:
                     raise
@@ -182,6 +206,20 @@ class Allocator:
             parts.append(f"request {rd.full_name}: needs {need}, {matching} device(s) match class {cls}"
                          f"{' and its selectors' if rd.spec.get('selectors') else ''}, {free} not allocated")
         return "; ".join(parts) or "no solution"
+
+
+@contextlib.contextmanager
+def _withheld(allocated: AllocatedState, unavailable: Unavailable) -> Iterator[None]:
+    """The unavailable devices count as held for the duration of one call (the pool signatures change with
+    them, so the per-node caches stay right), and are given back after it."""
+    added = [d for d in unavailable if isinstance(d, DeviceID) and d not in allocated.devices]
+    for d in added:
+        allocated.add_device(d)
+    try:
+        yield
+    finally:
+        for d in added:
+            allocated.remove_device(d)
 
 
 def _shape(claims: Sequence[Mapping], classes: Mapping[str, Mapping]) -> str:

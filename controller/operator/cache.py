@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 from controller.allocator import AllocatedState, SliceIndex
 from driver.api import constants as C
@@ -31,6 +31,14 @@ def _rv(obj: Mapping) -> int:
         return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
     except ValueError:
         return 0
+
+
+class Vanished(NamedTuple):
+    """An allocation of ours that someone cleared while its pod still waits (kube-scheduler's PostFilter)."""
+
+    claim: str           # claim key
+    pod: str             # pod key
+    node: str
 
 
 @dataclass
@@ -60,12 +68,15 @@ class Cache:
         self.claim_users: dict[str, set[str]] = {}     # claim key -> pod keys referencing it
         self.tainted_pools_missing: set[tuple[str, str]] = set()
         self.scheduler_mode_pools: set[tuple[str, str]] = set()
-        self.vanished: list[tuple[str, str, str]] = []  # (claim key, pod key, node) whose allocation vanished
+        self._vanished: list[Vanished] = []             # found while applying one event
         self.taint_rules = RuleState(self.classes)     # DeviceTaintRules, merged into the slices indexed
 
     # -- objects ------------------------------------------------------------------------------
-    def apply(self, kind: str, etype: str, obj: dict) -> None:
+    def apply(self, kind: str, etype: str, obj: dict) -> list[Vanished]:
+        """Take in one watch event; returns the allocations of ours it showed cleared (usually none)."""
+        self._vanished = []
         getattr(self, f"_on_{kind}")(etype, obj)
+        return self._vanished
 
     def _on_pod(self, etype: str, pod: dict) -> None:
         k = key(pod)
@@ -113,7 +124,7 @@ class Cache:
                 self.inflight.pop(uid, None)              # the informer caught up (or someone else won)
             elif _rv(claim) > flight.write_rv:
                 self.inflight.pop(uid, None)              # cleared after our write: PostFilter or a release
-                self.vanished.append((k, flight.pod, flight.node))
+                self._vanished.append(Vanished(k, flight.pod, flight.node))
             else:
                 allocation = flight.allocation            # an event older than our write
         self._account(uid, allocation, k)
@@ -128,7 +139,7 @@ class Cache:
             return
         pod = self.pods.get(pod_key)
         if pod is not None and is_pending(pod):
-            self.vanished.append((k, pod_key, node))
+            self._vanished.append(Vanished(k, pod_key, node))
 
     def _account(self, uid: str, allocation: dict | None, claim_key: str = "") -> None:
         old = self._accounted.get(uid)

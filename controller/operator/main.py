@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from controller.allocator import STRATEGIES
+from controller.queuepolicy import PolicyError, QueueSettings
 from driver.api import constants as C
 from driver.api.kube import Kube
 from driver.cliopts import add_cluster, add_log_level
@@ -73,6 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extended-resource-names", default=_env("EXTENDED_RESOURCE_NAMES", "nvidia.com/gpu"),
                    help="comma-separated extended resources (the NVIDIA device plugin's) whose pending pods get an "
                         "Event saying to use a ResourceClaim instead, see docs/migration.md (env EXTENDED_RESOURCE_NAMES)")
+    q = p.add_argument_group("queue policy (docs/queue.md)")
+    q.add_argument("--queue-reserve-after", type=float, default=float(_env("QUEUE_RESERVE_AFTER", "300")),
+                   help="seconds a pod waits before GPUs are reserved for it (env QUEUE_RESERVE_AFTER)")
+    q.add_argument("--queue-max-reservations", type=int, default=int(_env("QUEUE_MAX_RESERVATIONS", "1")),
+                   help="pods holding reservations at once, largest first; 0 = off (env QUEUE_MAX_RESERVATIONS)")
+    q.add_argument("--queue-reserve-min-gpus", type=float, default=float(_env("QUEUE_RESERVE_MIN_GPUS", "2")),
+                   help="only pods needing this many GPUs or more get reservations (env QUEUE_RESERVE_MIN_GPUS)")
     add_log_level(p, _env("LOG_LEVEL", "INFO"), "log level (env LOG_LEVEL)")
     add_log_format(p)
 
@@ -184,8 +192,10 @@ def run(args: argparse.Namespace) -> int:
                            renew_deadline=args.leader_renew_deadline, retry_period=args.leader_retry_period)
     try:
         cfg.extended_resource_names = parse_names(args.extended_resource_names)
-    except ValueError as e:
-        log.error("%s", e)
+        cfg.queue = QueueSettings(reserve_after=args.queue_reserve_after, max_reservations=args.queue_max_reservations,
+                                  reserve_min=args.queue_reserve_min_gpus)
+    except ValueError as e:         # PolicyError names the setting; prefixed with the flag's name
+        log.error("%s", e if not isinstance(e, PolicyError) else f"--queue-{e}")
         return 2
 
     if args.leader_elect and not 0 < args.leader_retry_period < args.leader_renew_deadline < args.leader_lease_duration:

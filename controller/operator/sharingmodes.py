@@ -2,18 +2,16 @@
 
 A GPU serves one sharing strategy at a time (MPS needs it in exclusive-process mode), and the plugin
 refuses a share whose strategy differs from the GPU's current shares. The upstream allocator knows
-nothing of opaque configs, so the controller adds the rule: while it allocates a claim, shared devices
-holding shares of another strategy count as in use. (In scheduler allocation mode kube-scheduler cannot
+nothing of opaque configs, so the controller adds the rule: shared devices holding shares of another
+strategy are in the allocator's ``unavailable`` set for the claim. (In scheduler allocation mode kube-scheduler cannot
 do this; there the plugin's refusal is the only guard — keep strategies on separate GPUs with classes.)
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
-from typing import Iterator, Mapping
+from typing import Mapping
 
-from controller.allocator import AllocatedState
 from controller.allocator.types import DeviceID
 from driver.api.config import ConfigError, config_applies, parse_gpu_config
 
@@ -89,15 +87,8 @@ class ShareModes:
         [s] = strategies
         return [did for did, counts in self.by_device.items() if set(counts) - {s}]
 
-    @contextlib.contextmanager
-    def excluded(self, allocated: AllocatedState, claims: list[Mapping], classes: Mapping[str, Mapping]) -> Iterator[None]:
-        """While allocating ``claims``, devices with shares of another strategy count as in use."""
+    def unavailable(self, claims: list[Mapping], classes: Mapping[str, Mapping]) -> set[DeviceID]:
+        """Devices the claims may not use: shared devices holding shares of another strategy (the allocator's
+        ``unavailable`` set)."""
         strategies = set().union(*(claim_strategies(c, classes, self.driver) for c in claims)) if claims else set()
-        added = [d for d in self.conflicting(strategies) if d not in allocated.devices]
-        for d in added:
-            allocated.add_device(d)
-        try:
-            yield
-        finally:
-            for d in added:
-                allocated.remove_device(d)
+        return set(self.conflicting(strategies))

@@ -20,7 +20,9 @@ import heapq
 import time
 from dataclasses import dataclass, field
 
-from controller.allocator import AllocatedState, AllocationError, Allocator, Node
+from controller.allocator import AllocatedState, AllocationError, Allocator, DeviceID, Node
+from controller.allocator.allocator import NOTHING, Unavailable
+from driver.api import constants as C
 
 from .cluster import Cluster, Gpu
 from .errors import SimulateError
@@ -110,7 +112,9 @@ def simulate(strategy: SimStrategy, cluster: Cluster, requests: list[Request], t
     fits_empty: dict[Shape, bool] = {}
     running: list[tuple[int, int, dict, list[tuple[int, float]], float]] = []   # (end, id, allocation, holds, gain)
     pending: list[Request] = []
-    failed: dict[Shape, set[str]] = {}      # shape -> nodes where it does not fit now
+    #: (shape, GPUs withheld from it) -> nodes where it does not fit now
+    failed: dict[tuple[Shape, frozenset[int]], set[str]] = {}
+    gpu_devices = _device_sets(cluster)
     node_of_gpu = [g.node for g in cluster.gpus]
     horizon = ticks if ticks is not None else MAX_DRAIN_TICKS
     nxt = 0
@@ -137,14 +141,15 @@ def simulate(strategy: SimStrategy, cluster: Cluster, requests: list[Request], t
                 out.unplaceable.add(req.id)
         if pending:
             placed: set[int] = set()
-            for req in queue.order(pending, tick):
+            for req, withheld in queue.plan(pending, tick, running, cluster):
                 shape = strategy.shape_for(req.shape)
-                ruled_out = failed.setdefault(shape, set())
+                ruled_out = failed.setdefault((shape, withheld), set())
                 if len(ruled_out) >= len(cluster.nodes):
                     continue
                 candidates = [n for n in cluster.nodes if n.name not in ruled_out] if ruled_out else cluster.nodes
                 out.attempts += 1
-                choice = _allocate(allocator, cluster, candidates, _claim(claims, shape), state, req)
+                unavailable = gpu_devices(withheld) if withheld else NOTHING
+                choice = _allocate(allocator, cluster, candidates, _claim(claims, shape), state, req, unavailable)
                 if choice is None:
                     ruled_out.update(n.name for n in candidates)
                     continue
@@ -155,8 +160,13 @@ def simulate(strategy: SimStrategy, cluster: Cluster, requests: list[Request], t
                 heapq.heappush(running, (tick + req.duration, req.id, choice, holds, gain))
                 out.starts[req.id] = tick
                 placed.add(req.id)
+                # what is now held changes nothing for other withheld sets' ruled-out nodes (holding more
+                # never makes a claim fit), so the memo stays right
             if placed:
                 pending = [r for r in pending if r.id not in placed]
+            if len(failed) > 256:      # withheld sets of past reservations: drop them
+                for k in [k for k in failed if k[1]]:
+                    del failed[k]
         acct.sample(out)
         out.pending.append(len(pending))
         tick += 1
@@ -178,10 +188,30 @@ def _fits_empty(strategy: SimStrategy, cluster: Cluster, claim: dict) -> bool:
     return choice.node is not None
 
 
+def _device_sets(cluster: Cluster):
+    """GPU indices -> every published device of those GPUs (the whole GPU, its MIG placements, its shared
+    device): what withholding a GPU from a request makes unavailable to it."""
+    per_gpu: list[set[DeviceID]] = [set() for _ in cluster.gpus]
+    for (pool, name), dev in cluster.devices.items():
+        per_gpu[dev.gpu].add(DeviceID(C.DEFAULT_DRIVER_NAME, pool, name))
+    memo: dict[frozenset[int], frozenset[DeviceID]] = {}
+
+    def devices(gpus: frozenset[int]) -> frozenset[DeviceID]:
+        got = memo.get(gpus)
+        if got is None:
+            if len(memo) > 1024:
+                memo.clear()
+            got = memo[gpus] = frozenset().union(*(per_gpu[g] for g in gpus))
+        return got
+
+    return devices
+
+
 def _allocate(allocator: Allocator, cluster: Cluster, nodes: list[Node], claim: dict, state: AllocatedState,
-              req: Request) -> dict | None:
+              req: Request, unavailable: Unavailable = NOTHING) -> dict | None:
     try:
-        choice = allocator.allocate_on_nodes(nodes, [claim], cluster.slices, cluster.classes, state, max_reasons=0)
+        choice = allocator.allocate_on_nodes(nodes, [claim], cluster.slices, cluster.classes, state, max_reasons=0,
+                                             unavailable=unavailable)
     except AllocationError as e:
         where = req.source or f"request {req.id}"
         raise SimulateError(f"{where}: request {req.shape} cannot be allocated: {e}") from None

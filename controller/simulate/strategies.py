@@ -2,15 +2,15 @@
 
 * ``first-fit``: kube-scheduler's allocator (upstream device order, nodes in the order given);
 * ``pack``: Partita's controller default (:class:`controller.allocator.strategies.Pack`);
+* ``queue``: Partita's controller with its queue-aware policy (:mod:`controller.queuepolicy`) over ``pack``:
+  pending work by priority then age; a request waiting ``reserve_after`` ticks or more gets the GPUs closest
+  to fitting it reserved, and other work backfills them only when it ends (its known duration) before they
+  are expected to be free;
 * ``whole-gpu-only``: the device-plugin world — every request rounded up to whole GPUs (a MIG device or a
   share takes a whole GPU), placed first-fit.
 
-Every strategy here retries pending requests in arrival order each tick (:class:`ArrivalOrder`).
-
-Extension point — a queue-aware strategy (the issue's next item: e.g. holding back small work while a
-large job waits, so it stops backfilling the GPUs that job needs) is a new :class:`QueuePolicy` and one
-:data:`SIM_STRATEGIES` entry that uses it; the event loop (:mod:`.engine`) asks the policy, each tick,
-which pending requests to try and in which order, and needs no change.
+The event loop (:mod:`.engine`) asks the strategy's :class:`QueuePolicy`, each tick, which pending requests
+to try, in which order, and which GPUs each may not use.
 """
 
 from __future__ import annotations
@@ -19,28 +19,78 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, Sequence
 
 from controller.allocator import Allocator
+from controller.queuepolicy import GpuSlot, QueueSettings, Waiting, plan
 
+from .cluster import Cluster
 from .errors import SimulateError
 from .shapes import Shape, whole_gpu_equivalent
 from .workload import Request
 
+#: the simulator's queue-aware settings: reservations after half a mean lifetime (25 ticks by default) of waiting,
+#: for up to 3 multi-GPU requests at once, the largest first; backfill by known duration (the simulator knows
+#: each lifetime)
+SIM_QUEUE_SETTINGS = QueueSettings(reserve_after=25, max_reservations=3, backfill="ends-before",
+                                   reserve_for="largest", reserve_min=2)
+
+NO_GPUS: frozenset[int] = frozenset()
+#: (end tick, request id, allocation, [(GPU index, share held)], useful gain) of each running request
+Running = Sequence[tuple[int, int, dict, list[tuple[int, float]], float]]
+
 
 class QueuePolicy(Protocol):
-    """Which pending requests the event loop tries this tick, in order. It may leave some out (they stay
-    pending) — that is how a policy reserves capacity for a request it wants placed first."""
+    """Which pending requests the event loop tries this tick, in order, each with the GPU indices it may not
+    use (withheld for another request). It may leave some out (they stay pending)."""
 
     name: str
 
-    def order(self, pending: Sequence[Request], now: int) -> Iterable[Request]: ...
+    def plan(self, pending: Sequence[Request], now: int, running: Running,
+             cluster: Cluster) -> Iterable[tuple[Request, frozenset[int]]]: ...
 
 
 class ArrivalOrder:
-    """Every pending request, oldest first (what a scheduler retrying its queue does)."""
+    """Every pending request, oldest first (what a scheduler retrying its queue does), nothing withheld."""
 
     name = "arrival-order"
 
-    def order(self, pending: Sequence[Request], now: int) -> Iterable[Request]:
-        return pending
+    def plan(self, pending: Sequence[Request], now: int, running: Running,
+             cluster: Cluster) -> Iterable[tuple[Request, frozenset[int]]]:
+        return ((r, NO_GPUS) for r in pending)
+
+
+def gpus_needed(shape: Shape, cluster: Cluster) -> float:
+    """GPUs' worth a request needs on one node (a MIG device or a share: its fraction of a GPU)."""
+    if shape.kind == "gpu":
+        return float(shape.count)
+    if shape.kind == "mig":
+        return cluster.mig_fraction(shape.profile)
+    return min(1.0, shape.memory / max(g.memory for g in cluster.gpus))
+
+
+class QueueAware:
+    """:func:`controller.queuepolicy.plan` over the pending requests (all of priority 0: by age), the GPUs'
+    expected free times taken from the running requests' known ends."""
+
+    name = "queue-aware"
+
+    def __init__(self, settings: QueueSettings = SIM_QUEUE_SETTINGS):
+        self.settings = settings
+
+    def plan(self, pending: Sequence[Request], now: int, running: Running,
+             cluster: Cluster) -> Iterable[tuple[Request, frozenset[int]]]:
+        s = self.settings
+        if s.max_reservations == 0 or not any(now - r.arrival >= s.reserve_after
+                                              and gpus_needed(r.shape, cluster) >= s.reserve_min for r in pending):
+            return ((r, NO_GPUS) for r in pending)       # nobody to reserve for: arrival order
+        ends: dict[int, int] = {}
+        for end, _, _, holds, _ in running:
+            for g, _ in holds:
+                if ends.get(g, -1) < end:
+                    ends[g] = end
+        slots = [GpuSlot(g.index, g.node, g.index in ends, ends.get(g.index)) for g in cluster.gpus]
+        by_key = {f"{r.id:09d}": r for r in pending}       # keys sort as ids: arrival order among equals
+        waiting = [Waiting(k, r.arrival, 0, gpus_needed(r.shape, cluster), r.duration) for k, r in by_key.items()]
+        p = plan(waiting, now, slots, self.settings)
+        return ((by_key[w.key], frozenset(p.withheld(w))) for w in p.order)
 
 
 def _same(shape: Shape) -> Shape:
@@ -62,6 +112,8 @@ class SimStrategy:
 SIM_STRATEGIES: dict[str, SimStrategy] = {s.name: s for s in (
     SimStrategy("first-fit", "first-fit", "kube-scheduler's allocator: upstream order, first fit"),
     SimStrategy("pack", "pack", "Partita's controller: busy nodes and GPUs first, MIG placements that block least"),
+    SimStrategy("queue", "pack", "Partita's controller with its queue policy: pack, plus reservations for "
+                "requests that waited long, backfilled only by work that ends before", queue=QueueAware),
     SimStrategy("whole-gpu-only", "first-fit", "device-plugin world: every request rounded up to whole GPUs",
                 shape_for=whole_gpu_equivalent),
 )}
