@@ -49,6 +49,7 @@ from driver.api import constants as C
 from driver.api.deviceclasses import device_classes
 from driver.api.quantity import Quantity
 from driver.cliopts import add_cluster, add_output
+from driver.errors import PartitaError
 
 from .allocator import Allocator, copy_claim_with_tolerations
 from .constraints import lookup_attribute
@@ -86,7 +87,7 @@ CHANGE_STEPS = 1_000
 FIX_SECONDS = 20.0
 
 
-class ExplainInputError(ValueError):
+class ExplainInputError(PartitaError, ValueError):
     """Input explain cannot use; the message names the file or object and the fix."""
 
 

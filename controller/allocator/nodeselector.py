@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from driver.errors import PartitaError
+
 from .types import Node
 
 
-class NodeSelectorError(ValueError):
+class NodeSelectorError(PartitaError, ValueError):
     pass
 
 

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 from controller.allocator.nodeselector import NodeSelectorError, node_matches
 from controller.allocator.types import Node
 from driver.api.quantity import Quantity, QuantityError
+from driver.errors import PartitaError
 
 TERMINAL = ("Succeeded", "Failed")
 _ZERO = Quantity.parse(0)
@@ -85,7 +86,7 @@ class Topology:
         return value
 
 
-class CannotJudge(Exception):
+class CannotJudge(PartitaError):
     """A rule the controller cannot evaluate as kube-scheduler would; the node is rejected with this reason."""
 
 

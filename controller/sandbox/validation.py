@@ -32,6 +32,7 @@ import kubernetes.client as k8s
 
 from controller.allocator.cel import CelCompileError, CelCostError, validate_selector
 from driver.api import naming
+from driver.errors import PartitaError
 
 #: (apiVersion, kind) -> the official client's model
 MODELS: dict[tuple[str, str], type] = {
@@ -71,7 +72,7 @@ class FieldError:
         return f"{self.field}: {self.detail}"
 
 
-class Rejected(Exception):
+class Rejected(PartitaError):
     """The write is refused: ``code`` 400 (decoding) or 422 (validation), with the field errors."""
 
     def __init__(self, code: int, reason: str, message: str, errors: list[FieldError]):

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from driver.api.messages import bound_list, brief
 from driver.api.quantity import Quantity, QuantityError
+from driver.errors import PartitaError
 
 API_VERSION = "gpu.partita.dev/v1alpha1"
 KIND = "GpuConfig"
@@ -33,7 +34,7 @@ STRATEGIES = ("TimeSlicing", "MPS")
 INTERVALS = ("Default", "Short", "Medium", "Long")
 
 
-class ConfigError(ValueError):
+class ConfigError(PartitaError, ValueError):
     """An invalid GpuConfig; the message names the field and what is allowed."""
 
 

@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 from driver.api.messages import bound, brief
 from driver.api.naming import MAX_DNS_LABEL, MAX_DNS_SUBDOMAIN, is_dns_label, is_dns_subdomain
+from driver.errors import PartitaError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ MAX_LABEL = MAX_DNS_LABEL
 MAX_SUBDOMAIN = MAX_DNS_SUBDOMAIN
 
 
-class InvalidName(ValueError):
+class InvalidName(PartitaError, ValueError):
     """A namespace or object name that is not a valid Kubernetes name; the message names the field."""
 
     def __init__(self, field: str, value: object, rule: str):
@@ -99,7 +100,7 @@ def node_path(name: str) -> str:
     return f"{NODES}/{segment(check_name(name, 'Node name'))}"
 
 
-class KubeError(Exception):
+class KubeError(PartitaError):
     """A non-2xx answer from the API server (``status`` is the HTTP status, ``reason`` the Status reason)."""
 
     def __init__(self, status: int, reason: str, message: str, method: str = "", path: str = ""):
@@ -120,6 +121,27 @@ class KubeError(Exception):
     @property
     def invalid(self) -> bool:
         return self.status == 422
+
+    @staticmethod
+    def of(status: int, reason: str, message: str, method: str = "", path: str = "") -> "KubeError":
+        """The error for an answer: :class:`KubeNotFound`, :class:`KubeConflict` or :class:`KubeInvalid`
+        for 404, 409 and 422 (so callers can ``except`` them), else a plain :class:`KubeError`."""
+        return _BY_STATUS.get(status, KubeError)(status, reason, message, method, path)
+
+
+class KubeNotFound(KubeError):
+    """404: the object (or its namespace) does not exist."""
+
+
+class KubeConflict(KubeError):
+    """409: a stale resourceVersion, a failed precondition, or the object already exists."""
+
+
+class KubeInvalid(KubeError):
+    """422: the API server refused the object as invalid (the message names the field)."""
+
+
+_BY_STATUS: dict[int, type[KubeError]] = {404: KubeNotFound, 409: KubeConflict, 422: KubeInvalid}
 
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -215,8 +237,8 @@ class Kube:
             resp.release()
         if resp.status >= 400:
             obj = _status(data)
-            raise KubeError(resp.status, obj.get("reason", resp.reason or ""),
-                            obj.get("message", data[:500].decode("utf-8", "replace")), method, path)
+            raise KubeError.of(resp.status, obj.get("reason", resp.reason or ""),
+                               obj.get("message", data[:500].decode("utf-8", "replace")), method, path)
         return json.loads(data) if data else {}
 
     async def get(self, path: str, **params: Any) -> dict:
@@ -256,7 +278,7 @@ class Kube:
         try:
             if resp.status >= 400:
                 obj = _status(await resp.read())
-                raise KubeError(resp.status, obj.get("reason", ""), obj.get("message", ""), "WATCH", path)
+                raise KubeError.of(resp.status, obj.get("reason", ""), obj.get("message", ""), "WATCH", path)
             buf = b""
             async for chunk in resp.content.iter_any():
                 buf += chunk

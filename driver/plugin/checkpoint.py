@@ -23,6 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from driver.errors import PartitaError
 from driver.plugin import durable
 
 API_VERSION = "gpu.partita.dev/v1"
@@ -30,7 +31,7 @@ KIND = "PluginCheckpoint"
 SUPPORTED_VERSIONS = (API_VERSION,)
 
 
-class CheckpointError(Exception):
+class CheckpointError(PartitaError):
     """The checkpoint cannot be read; the message names the file and what to do."""
 
 

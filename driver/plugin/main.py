@@ -20,9 +20,10 @@ from pathlib import Path
 from driver.api import constants as C
 from driver.api.kube import InvalidName, Kube, KubeError, check_name, node_path
 from driver.cliopts import add_cluster, add_log_level, connect
+from driver.errors import PartitaError
 from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
-from driver.plugin.claims import KubeClaimSource
+from driver.plugin.claims import ClaimGone, KubeClaimSource
 from driver.plugin.mps_watch import watch_mps_daemons
 from driver.plugin.nodelabels import follow_node_labels
 from driver.plugin.prepare import ClaimRef, DeviceState, PrepareError
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-class StartupError(Exception):
+class StartupError(PartitaError):
     pass
 
 
@@ -155,9 +156,10 @@ async def cleanup_stale_claims(state: DeviceState, claims: KubeClaimSource) -> N
         ref = ClaimRef(entry.namespace, entry.name, uid)
         try:
             claim = await claims.get(ref)
-        except PrepareError as e:
-            if "does not exist" in str(e):
-                stale.append(ref)
+        except ClaimGone:
+            stale.append(ref)
+            continue
+        except PrepareError:
             continue
         if claim.get("metadata", {}).get("uid") != uid:
             stale.append(ref)

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from driver.errors import PartitaError
 from driver.plugin import durable
 from driver.plugin.mps_standin import CONTROL_SOCKET, recv_line
 
@@ -41,7 +42,7 @@ PID_FILE = "daemon.pid"
 REAL_BINARY = "nvidia-cuda-mps-control"
 
 
-class MpsError(Exception):
+class MpsError(PartitaError):
     """An MPS daemon could not be started, told or stopped; the message says what to check."""
 
 

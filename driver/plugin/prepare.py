@@ -37,6 +37,7 @@ from typing import Any, AsyncIterator, Callable, Mapping
 
 from driver.api import constants as C
 from driver.api.nodeselector import NodeFacts
+from driver.errors import PartitaError
 from driver.inventory import Inventory, discover
 from driver.nvml import NvmlBackend, NvmlError
 from driver.nvml.interface import CI_PROFILE_FOR_SLICES, COMPUTE_MODE_EXCLUSIVE_PROCESS, MIG_MODE_WITHOUT_RESET, Placement
@@ -59,7 +60,7 @@ from driver.plugin.sharing import Sharing, SharingError, holds_share, strategy_o
 log = logging.getLogger(__name__)
 
 
-class PrepareError(Exception):
+class PrepareError(PartitaError):
     """A claim cannot be prepared; the message names the claim, the field and the fix."""
 
 
@@ -254,17 +255,15 @@ class DeviceState:
         cp.boot_id = current
 
     # -- prepare --------------------------------------------------------------------------------
-    async def prepare(self, claims: list[tuple[ClaimRef, dict | Exception]]) -> dict[str, PreparedResult]:
-        """``claims``: each kubelet claim with the ResourceClaim read from the API server (or the error
-        reading it). Returns one result per claim UID."""
+    async def prepare(self, claims: list[tuple[ClaimRef, dict]]) -> dict[str, PreparedResult]:
+        """``claims``: each kubelet claim with the ResourceClaim read from the API server (the caller answers
+        claims that could not be read). Returns one result per claim UID."""
         out: dict[str, PreparedResult] = {}
         async with self._checkpoint_session() as cp:
             if isinstance(cp, CheckpointError):
                 return {ref.uid: PreparedResult(error=str(cp)) for ref, _ in claims}
             for ref, claim in claims:
                 try:
-                    if isinstance(claim, Exception):
-                        raise claim
                     out[ref.uid] = PreparedResult(devices=self._prepare_one(cp, ref, claim))
                 except (PrepareError, AdmissionError, ConfigError, SharingError) as e:
                     log.warning("prepare of claim %s (uid %s) failed: %s", ref, ref.uid, e)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 from driver.api import constants as C
 from driver.api.quantity import Quantity, QuantityError
+from driver.errors import PartitaError
 from driver.nvml import NvmlBackend
 from driver.nvml.errors import NotSupportedError
 from driver.nvml.interface import COMPUTE_MODE_DEFAULT, COMPUTE_MODE_EXCLUSIVE_PROCESS
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERVAL = "Default"
 
 
-class SharingError(Exception):
+class SharingError(PartitaError):
     """A share cannot be set up; the message names the claim, the GPU and the fix."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from driver.errors import PartitaError
 
-class ApiError(Exception):
+
+class ApiError(PartitaError):
     def __init__(self, code: int, reason: str, message: str, details: dict | None = None):
         super().__init__(message)
         self.code = code
