@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping
 from urllib.parse import quote
 
@@ -147,63 +146,67 @@ _BY_STATUS: dict[int, type[KubeError]] = {404: KubeNotFound, 409: KubeConflict, 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
-@dataclass(frozen=True)
-class Connection:
-    """Where and how a client connects, in the terms of kopf's ``ConnectionInfo`` (so the controller's kopf
-    part talks to the same cluster as its own client)."""
+async def configure(url: str | None = None, *, kubeconfig: str | None = None,
+                    context: str | None = None) -> tuple[Any, str]:
+    """The one connection set-up: the official client's ``Configuration`` and the connection's default
+    namespace, for a plain-HTTP API URL; else, with ``kubeconfig`` or ``context``, that kubeconfig file
+    (default ``$KUBECONFIG``, else ``~/.kube/config``) and context (default its current one); else the
+    in-cluster service account, falling back to the kubeconfig."""
+    from kubernetes.aio import client, config
 
-    server: str
-    insecure: bool = False
-    ca_path: str | None = None
-    token: str | None = None
-    certificate_path: str | None = None
-    private_key_path: str | None = None
-    default_namespace: str | None = None
+    namespace = "default"
+    if url:
+        cfg = client.Configuration(host=url.rstrip("/"))
+    else:
+        cfg = client.Configuration()
+        loaded = False
+        if not kubeconfig and not context:
+            try:
+                config.load_incluster_config(client_configuration=cfg)
+                loaded = True
+                namespace = _read_text(SERVICE_ACCOUNT_NAMESPACE) or namespace
+            except config.ConfigException:
+                pass
+        if not loaded:
+            loader = await config.load_kube_config(config_file=kubeconfig, context=context,
+                                                   client_configuration=cfg, persist_config=False)
+            current = loader.current_context or {}
+            namespace = ((current.get("context") if isinstance(current, dict) else None) or {}).get(
+                "namespace") or namespace
+    if not any(os.environ.get(v) for v in _PROXY_VARS):
+        # Without proxy variables, aiohttp's trust_env only costs time: it re-reads proxy settings and
+        # ~/.netrc on every request (about a third of a GET against a local API server).
+        import aiohttp
+
+        cfg.client_session_kwargs = {"trust_env": False, "cookie_jar": aiohttp.DummyCookieJar()}
+    return cfg, namespace
 
 
 class Kube:
     """Async API access with JSON dicts in and out. ``namespace``: the connection's default namespace
     (the kubeconfig context's, in a pod its own, else ``default``), what ``-n`` defaults to."""
 
-    def __init__(self, api_client: Any, namespace: str = "default", connection: Connection | None = None):
+    def __init__(self, api_client: Any, namespace: str = "default"):
         self._api = api_client
         self.namespace = namespace
-        self.connection = connection
 
     @classmethod
     async def connect(cls, url: str | None = None, *, kubeconfig: str | None = None,
                       context: str | None = None) -> "Kube":
-        """A client for a plain-HTTP API URL; else, with ``kubeconfig`` or ``context``, that kubeconfig file
-        (default ``$KUBECONFIG``, else ``~/.kube/config``) and context (default its current one); else the
-        in-cluster service account, falling back to the kubeconfig."""
-        from kubernetes.aio import client, config
+        """A client connected as :func:`configure` says."""
+        from kubernetes.aio import client
 
-        namespace = "default"
-        if url:
-            cfg = client.Configuration(host=url.rstrip("/"))
-        else:
-            cfg = client.Configuration()
-            loaded = False
-            if not kubeconfig and not context:
-                try:
-                    config.load_incluster_config(client_configuration=cfg)
-                    loaded = True
-                    namespace = _read_text(SERVICE_ACCOUNT_NAMESPACE) or namespace
-                except config.ConfigException:
-                    pass
-            if not loaded:
-                loader = await config.load_kube_config(config_file=kubeconfig, context=context,
-                                                       client_configuration=cfg, persist_config=False)
-                current = loader.current_context or {}
-                namespace = ((current.get("context") if isinstance(current, dict) else None) or {}).get(
-                    "namespace") or namespace
-        if not any(os.environ.get(v) for v in _PROXY_VARS):
-            # Without proxy variables, aiohttp's trust_env only costs time: it re-reads proxy settings and
-            # ~/.netrc on every request (about a third of a GET against a local API server).
-            import aiohttp
+        cfg, namespace = await configure(url, kubeconfig=kubeconfig, context=context)
+        return cls(client.ApiClient(cfg), namespace)
 
-            cfg.client_session_kwargs = {"trust_env": False, "cookie_jar": aiohttp.DummyCookieJar()}
-        return cls(client.ApiClient(cfg), namespace, _connection(cfg, namespace, plain=bool(url)))
+    @property
+    def configuration(self) -> Any:
+        """The official client's configuration this client was connected with (server, TLS, credentials)."""
+        return self._api.configuration
+
+    @property
+    def server(self) -> str:
+        return str(self._api.configuration.host).rstrip("/")
 
     async def close(self) -> None:
         await self._api.close()
@@ -311,13 +314,3 @@ def _read_text(path: str) -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def _connection(cfg: Any, namespace: str, plain: bool) -> Connection:
-    token = (getattr(cfg, "api_key", None) or {}).get("BearerToken") or (getattr(cfg, "api_key", None) or {}).get(
-        "authorization")
-    if token and token.lower().startswith("bearer "):
-        token = token[7:]
-    return Connection(server=str(cfg.host).rstrip("/"), insecure=plain or not cfg.verify_ssl,
-                      ca_path=cfg.ssl_ca_cert or None, token=token or None, certificate_path=cfg.cert_file or None,
-                      private_key_path=cfg.key_file or None, default_namespace=namespace)
