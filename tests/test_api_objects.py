@@ -65,3 +65,26 @@ def test_metadata_views():
     assert o.key({"metadata": {"name": "node-1"}}) == "node-1"
     assert not o.is_deleting(claim)
     assert o.is_deleting({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}})
+
+
+def test_pod_claims_resolve_as_upstream_resourceclaim_name():
+    pod = {"spec": {"resourceClaims": [{"name": "direct", "resourceClaimName": "shared-claim"},
+                                       {"name": "tmpl", "resourceClaimTemplateName": "t"},
+                                       {"name": "later", "resourceClaimTemplateName": "t"},
+                                       {"name": "invalid"},                       # neither: not a claim
+                                       {"name": "stale-status"}]},                # neither, though a status names it
+           "status": {"resourceClaimStatuses": [{"name": "tmpl", "resourceClaimName": "pod-tmpl-x1"},
+                                                {"name": "stale-status", "resourceClaimName": "leftover"}]}}
+    assert o.pod_claims(pod) == [o.PodClaim("direct", "shared-claim"), o.PodClaim("tmpl", "pod-tmpl-x1"),
+                                 o.PodClaim("later", None)]
+    assert o.pod_claim_names(pod) == ["shared-claim", "pod-tmpl-x1"]      # "leftover" is no claim of the pod
+    assert o.pod_claims({"spec": {"resourceClaims": "x"}}) == []
+
+
+def test_request_tolerations_one_list_per_request_and_subrequest():
+    tol = {"key": "maintenance", "operator": "Exists"}
+    claim = {"spec": {"devices": {"requests": [
+        {"name": "a", "exactly": {"deviceClassName": "c", "tolerations": [tol]}},
+        {"name": "b", "firstAvailable": [{"name": "x", "deviceClassName": "c"},
+                                         {"name": "y", "deviceClassName": "c", "tolerations": [tol, "bad"]}]}]}}}
+    assert o.request_tolerations(claim) == [[tol], [], [tol]]
