@@ -178,3 +178,13 @@ def pod_claims(pod: Mapping) -> list[PodClaim]:
 def request_tolerations(claim: Mapping) -> list[list[Mapping]]:
     """The tolerations of every request and subrequest (:func:`request_specs` order), one list each."""
     return [[t for t in _list(rs.spec.get("tolerations")) if isinstance(t, Mapping)] for rs in request_specs(claim)]
+
+
+def allocation_results(allocation: Mapping | None) -> list[Mapping]:
+    """``devices.results`` of an AllocationResult (``status.allocation``); empty for None."""
+    return [r for r in _list(_dict(_dict(allocation).get("devices")).get("results")) if isinstance(r, Mapping)]
+
+
+def allocation_configs(allocation: Mapping | None) -> list[Mapping]:
+    """``devices.config`` of an AllocationResult: DeviceAllocationConfiguration dicts (source, requests, opaque)."""
+    return [c for c in _list(_dict(_dict(allocation).get("devices")).get("config")) if isinstance(c, Mapping)]

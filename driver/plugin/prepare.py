@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping
 
 from driver.api import constants as C
+from driver.api.config import GpuConfig
 from driver.api.nodeselector import NodeFacts
 from driver.errors import PartitaError
 from driver.inventory import Inventory, discover
@@ -460,7 +461,7 @@ class DeviceState:
                          cdi.spec_path(self.cdi_root, self.driver_name, ref.uid), entry.devices)
 
     def _prepare_device(self, cp: Checkpoint, entry: PreparedClaim, ref: ClaimRef, result: dict, dev: DeviceRef,
-                        config: dict | None) -> PreparedDevice:
+                        config: GpuConfig | None) -> PreparedDevice:
         h = self.backend.device_by_uuid(dev.gpu.uuid)
         mig: MigInstance | None = None
         edits = None
