@@ -30,8 +30,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from controller.allocator.nodeselector import NodeSelectorError, node_matches
 from controller.allocator.types import Node
+from driver.api.nodeselector import node_matches_lazily
 from driver.api.quantity import Quantity, QuantityError
 from driver.errors import PartitaError
 
@@ -240,28 +240,6 @@ def node_selector(pod: Mapping, node: NodeInfo, topo: Topology | None = None) ->
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
-def _valid_requirement(r: Mapping, field: bool) -> bool:
-    """component-helpers nodeaffinity: a requirement kube-scheduler cannot parse makes its term match
-    nothing (In/NotIn need label values, Exists/DoesNotExist none, Gt/Lt one integer; fields take one value)."""
-    op, values = r.get("operator"), list(r.get("values") or [])
-    if field:
-        return r.get("key") == "metadata.name" and op in ("In", "NotIn") and len(values) == 1
-    if op in ("In", "NotIn"):
-        return bool(values) and all(isinstance(v, str) and len(v) <= 63 and _LABEL_VALUE.match(v) for v in values)
-    if op in ("Exists", "DoesNotExist"):
-        return not values
-    if op in ("Gt", "Lt"):
-        return len(values) == 1 and str(values[0]).lstrip("-").isdigit()
-    return False
-
-
-def _valid_terms(selector: Mapping) -> dict:
-    terms = [t for t in selector.get("nodeSelectorTerms") or []
-             if all(_valid_requirement(r, False) for r in t.get("matchExpressions") or [])
-             and all(_valid_requirement(r, True) for r in t.get("matchFields") or [])]
-    return {"nodeSelectorTerms": terms}
-
-
 def _required_node_affinity(pod: Mapping) -> Mapping | None:
     return (((_spec(pod).get("affinity") or {}).get("nodeAffinity") or {})
             .get("requiredDuringSchedulingIgnoredDuringExecution"))
@@ -276,10 +254,7 @@ def _affinity_matches(pod: Mapping, node: NodeInfo) -> bool:
     required = _required_node_affinity(pod)
     if required is None:
         return True
-    try:
-        return node_matches(node.as_node(), _valid_terms(required))
-    except NodeSelectorError:
-        return False
+    return node_matches_lazily(node.as_node(), required)
 
 
 def node_affinity(pod: Mapping, node: NodeInfo, topo: Topology | None = None) -> str:
@@ -289,11 +264,7 @@ def node_affinity(pod: Mapping, node: NodeInfo, topo: Topology | None = None) ->
     required = _required_node_affinity(pod)
     if required is None:
         return ""
-    try:
-        ok = node_matches(node.as_node(), _valid_terms(required))
-    except NodeSelectorError as e:
-        return f"the pod's required node affinity is invalid: {e}"
-    return "" if ok else "node does not match the pod's required node affinity"
+    return "" if node_matches_lazily(node.as_node(), required) else "node does not match the pod's required node affinity"
 
 
 def tolerates(toleration: Mapping, taint: Mapping) -> bool:
