@@ -50,7 +50,7 @@ def test_valid_selectors_match_as_upstream_in_both_forms(selector, want) -> None
     ({"key": "gpus", "operator": "Lt", "values": ["three"]}, False, "is not an integer"),
     ({"key": "gpus", "operator": "Gt", "values": [str(2**63)]}, False, "is not an integer"),   # not an int64
     ({"key": "bad key", "operator": "Exists"}, False, "key 'bad key'"),
-    ({"key": "Bad_Prefix/tier", "operator": "Exists"}, False, "prefix must be a DNS subdomain"),
+    ({"key": "Bad_Prefix/tier", "operator": "Exists"}, False, "is not a label key"),
     ({"key": "zone", "operator": "In", "values": ["not a value"]}, False, "not a valid label value"),
     ({"key": "metadata.name", "operator": "In", "values": ["a", "b"]}, True, "exactly one value"),
     ({"key": "metadata.name", "operator": "Exists"}, True, "operator 'Exists'"),
@@ -87,3 +87,12 @@ def test_the_allocator_and_the_scheduler_filter_use_this_home() -> None:
         "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "Near", "values": ["a"]}]},
                               {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["node-a"]}]}]}}}}}
     assert node_affinity(pod, NodeInfo({"metadata": {"name": NODE.name, "labels": dict(NODE.labels)}})) == ""
+
+
+def test_qualified_names_and_label_values_as_apimachinery_validates_them() -> None:
+    from driver.api.naming import is_label_value, is_qualified_name
+
+    assert all(is_qualified_name(k) for k in ("zone", "example.com/tier", "a.b_c-d", "Z9", "x" * 63))
+    assert not any(is_qualified_name(k) for k in ("", "/x", "a/", "Bad.Prefix/x", "a/b/c", "-x", "x" * 64, 3))
+    assert all(is_label_value(v) for v in ("", "a", "A-b_c.9", "x" * 63))
+    assert not any(is_label_value(v) for v in ("-a", "a ", "x" * 64, None))

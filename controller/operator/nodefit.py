@@ -26,11 +26,11 @@ unknown), the filter rejects the node and its reason names the rule: stricter, n
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 from controller.allocator.types import Node
+from driver.api.naming import is_label_value
 from driver.api.nodeselector import node_matches_lazily
 from driver.api.quantity import Quantity, QuantityError
 from driver.errors import PartitaError
@@ -237,7 +237,6 @@ def node_selector(pod: Mapping, node: NodeInfo, topo: Topology | None = None) ->
     return ""
 
 
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
 def _required_node_affinity(pod: Mapping) -> Mapping | None:
@@ -405,7 +404,7 @@ def _selector_valid(selector: Mapping | None) -> str:
     for e in (selector or {}).get("matchExpressions") or []:
         op, values = e.get("operator"), list(e.get("values") or [])
         if op in ("In", "NotIn"):
-            bad = [v for v in values if not (isinstance(v, str) and len(v) <= 63 and _LABEL_VALUE.match(v))]
+            bad = [v for v in values if not is_label_value(v)]
             if not values or bad:
                 return f"{e.get('key')} {op} {bad or values}: values must be valid label values"
         elif op in ("Exists", "DoesNotExist"):
@@ -414,7 +413,7 @@ def _selector_valid(selector: Mapping | None) -> str:
         else:
             return f"unknown label selector operator {op!r}"
     for k, v in ((selector or {}).get("matchLabels") or {}).items():
-        if not (isinstance(v, str) and len(v) <= 63 and _LABEL_VALUE.match(v)):
+        if not is_label_value(v):
             return f"matchLabels {k}={v!r}: not a valid label value"
     return ""
 

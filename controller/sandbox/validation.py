@@ -51,7 +51,6 @@ MODELS: dict[tuple[str, str], type] = {
 DNS1123_LABEL = re.compile(f"^{naming.DNS_LABEL.pattern}$")
 DNS1123_SUBDOMAIN = re.compile(f"^{naming.DNS_SUBDOMAIN.pattern}$")
 C_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 REQUESTS_MAX = 32            # DeviceRequestsMaxSize
 SELECTORS_MAX = 32           # DeviceSelectorsMaxSize
 SUBREQUESTS_MAX = 8          # FirstAvailableDeviceRequestMaxSize
@@ -280,9 +279,7 @@ def _tolerations(errs: _Errors, path: str, tolerations: Any) -> None:
 
 
 def _qualified_name(name: str) -> bool:
-    prefix, _, ident = name.rpartition("/")
-    return (not prefix or bool(DNS1123_SUBDOMAIN.match(prefix))) and len(ident) <= 63 and \
-        bool(QUALIFIED_NAME.match(ident))
+    return naming.is_qualified_name(name)
 
 
 def _exact(errs: _Errors, path: str, req: dict, sub: bool = False) -> None:

@@ -28,12 +28,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from driver.api.naming import is_label_value, is_qualified_name
 from driver.errors import PartitaError
 
 _LABEL_OPS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
 _FIELD_OPS = ("In", "NotIn")
-_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _INT = re.compile(r"^[+-]?[0-9]+$")
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -65,15 +64,10 @@ class _Node(Protocol):
 # --- parsing (labels.NewRequirement, nodeSelectorRequirementsAs{Selector,FieldSelector}) ---------------------
 
 def _label_key_error(key: object) -> str | None:
-    if not isinstance(key, str) or not key:
-        return f"key {key!r} is not a label key"
-    prefix, _, name = key.rpartition("/")
-    if "/" in key and (not prefix or len(prefix) > 253 or not _PREFIX.match(prefix)):
-        return f"key {key!r}: its prefix must be a DNS subdomain"
-    if len(name) > 63 or not _NAME.match(name):
-        return (f"key {key!r}: its name must be at most 63 letters, digits, '-', '_' or '.', starting and ending "
-                "with a letter or digit")
-    return None
+    if is_qualified_name(key):
+        return None
+    return (f"key {key!r} is not a label key (at most 63 letters, digits, '-', '_' or '.', starting and ending with a "
+            "letter or digit, after an optional DNS subdomain prefix and '/')")
 
 
 def _int64(value: object) -> int | None:
@@ -114,7 +108,7 @@ def _parsed_error(key: str | None, op: str | None, values: tuple[str, ...], fiel
     if op in ("In", "NotIn"):
         if not values:
             return f"matchExpressions {key} {op} has no values"
-        bad = [v for v in values if len(v) > 63 or (v and not _NAME.match(v))]
+        bad = [v for v in values if not is_label_value(v)]
         if bad:
             return f"matchExpressions {key} {op}: {bad[0]!r} is not a valid label value"
     elif op in ("Exists", "DoesNotExist"):
