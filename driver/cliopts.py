@@ -6,7 +6,7 @@
   one-line argparse error (exit 2), also when the bad value comes from the environment default.
 * ``--kubeconfig``, ``--context``, ``-n/--namespace``, ``--kube-api`` (:func:`add_cluster`) for commands
   that talk to an API server; :func:`connect` turns them into a :class:`driver.api.kube.Kube` through
-  :meth:`Kube.connect`, the one place connections are set up.
+  :meth:`Kube.connect` (:func:`driver.api.kube.configure`, the one place connections are set up).
 """
 
 from __future__ import annotations

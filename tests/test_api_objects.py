@@ -73,3 +73,26 @@ def test_malformed_requests_name_the_entries_that_are_not_objects():
     assert o.malformed_requests({"spec": {"devices": {"requests": {"name": "a"}}}}) == ["spec.devices.requests"]
     assert o.malformed_requests({"spec": {"devices": {"requests": [{"name": "a"}]}}}) == []
     assert o.malformed_requests({}) == []
+
+
+def test_pod_claims_resolve_as_upstream_resourceclaim_name():
+    pod = {"spec": {"resourceClaims": [{"name": "direct", "resourceClaimName": "shared-claim"},
+                                       {"name": "tmpl", "resourceClaimTemplateName": "t"},
+                                       {"name": "later", "resourceClaimTemplateName": "t"},
+                                       {"name": "invalid"},                       # neither: not a claim
+                                       {"name": "stale-status"}]},                # neither, though a status names it
+           "status": {"resourceClaimStatuses": [{"name": "tmpl", "resourceClaimName": "pod-tmpl-x1"},
+                                                {"name": "stale-status", "resourceClaimName": "leftover"}]}}
+    assert o.pod_claims(pod) == [o.PodClaim("direct", "shared-claim"), o.PodClaim("tmpl", "pod-tmpl-x1"),
+                                 o.PodClaim("later", None)]
+    assert o.pod_claim_names(pod) == ["shared-claim", "pod-tmpl-x1"]      # "leftover" is no claim of the pod
+    assert o.pod_claims({"spec": {"resourceClaims": "x"}}) == []
+
+
+def test_request_tolerations_one_list_per_request_and_subrequest():
+    tol = {"key": "maintenance", "operator": "Exists"}
+    claim = {"spec": {"devices": {"requests": [
+        {"name": "a", "exactly": {"deviceClassName": "c", "tolerations": [tol]}},
+        {"name": "b", "firstAvailable": [{"name": "x", "deviceClassName": "c"},
+                                         {"name": "y", "deviceClassName": "c", "tolerations": [tol, "bad"]}]}]}}}
+    assert o.request_tolerations(claim) == [[tol], [], [tol]]

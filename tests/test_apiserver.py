@@ -183,7 +183,7 @@ def test_watch_initial_resume_selectors_bookmarks_and_410(apis, server) -> None:
     raw = res.list_resource_slice(_preload_content=False, watch=True, resource_version=rv, timeout_seconds=1)
     first = json.loads(raw.data.decode().splitlines()[0])
     assert first["type"] == "ERROR" and first["object"]["code"] == 410
-    raw = res.list_resource_slice(_preload_content=False, watch=True, resource_version=str(server._last_rv),
+    raw = res.list_resource_slice(_preload_content=False, watch=True, resource_version=str(server.resource_version),
                                                           allow_watch_bookmarks=True, timeout_seconds=1)
     kinds = {json.loads(line)["type"] for line in raw.data.decode().splitlines()}
     assert kinds == {"BOOKMARK"}

@@ -68,7 +68,7 @@ def test_drop_watches_ends_open_streams() -> None:
 
             task = asyncio.create_task(watch())
             for _ in range(250):                   # until the watch is registered (no write to wait for)
-                if server._watchers:               # noqa: SLF001
+                if server.open_watches:
                     break
                 await asyncio.sleep(0.02)
             assert server.drop_watches("pods") == 1

@@ -110,10 +110,10 @@ def test_kube_connect_takes_a_kubeconfig_and_context_and_knows_its_namespace(api
         for context in (None, "team"):
             async with await Kube.connect(kubeconfig=kc, context=context) as kube:
                 await kube.get("/api/v1/namespaces")          # it reaches the server the context names
-                out.append((kube.namespace, kube.connection.server, kube.connection.token))
+                out.append((kube.namespace, kube.server, kube.configuration.api_key.get("BearerToken")))
         return out
 
-    assert asyncio.run(go()) == [("default", url, "secret-token"), ("team-a", url, "secret-token")]
+    assert asyncio.run(go()) == [("default", url, "Bearer secret-token"), ("team-a", url, "Bearer secret-token")]
     with pytest.raises(Exception, match="nope"):
         asyncio.run(Kube.connect(kubeconfig=kc, context="nope"))
 

@@ -56,7 +56,7 @@ def test_class_config_first_claim_config_after_later_wins() -> None:
         cfg("FromClaim", "Long", ["nb"]), cfg("FromClass", "Short"), cfg("FromClaim", "Medium", ["other"]),
         {"source": "FromClaim", "opaque": {"driver": "x.example.com", "parameters": {}}}])
     results = [{"request": "nb"}, {"request": "other/sub"}, {"request": "third"}]
-    got = [c["sharing"]["timeSlicingConfig"]["interval"] for c in effective_configs(claim, "gpu.partita.dev", results)]
+    got = [c.settings.time_slicing_config.interval for c in effective_configs(claim, "gpu.partita.dev", results)]
     assert got == ["Long", "Medium", "Short"]
     assert effective_configs(allocated_claim("c", ["d1"]), "gpu.partita.dev", [{"request": "gpu"}]) == [None]
 

@@ -8,5 +8,8 @@ from .pools import SliceIndex
 from .strategies import STRATEGIES, Strategy, get_strategy
 from .types import AllocatedState, AllocationError, DeviceID, Features, Node, NodeChoice
 
+#: names, and the modules others may import from (CEL validation, DeviceTaintRules, tolerations, the types,
+#: the explain command); the rest is the library's own
 __all__ = ["STRATEGIES", "AllocatedState", "AllocationError", "Allocator", "DeviceID", "Features", "Node",
-           "NodeChoice", "SliceIndex", "Strategy", "copy_claim_with_tolerations", "get_strategy"]
+           "NodeChoice", "SliceIndex", "Strategy", "cel", "copy_claim_with_tolerations", "devicetaints", "explain",
+           "get_strategy", "nodeselector", "search", "types"]

@@ -9,11 +9,12 @@ from functools import lru_cache
 from typing import Mapping
 
 from driver.api.quantity import BINARY_SI, Quantity
+from driver.errors import PartitaError
 
 Capacity = tuple   # ((name, value Quantity, requestPolicy dict | None), ...) as compiled devices hold it
 
 
-class UnknownCapacity(Exception):
+class UnknownCapacity(PartitaError):
     """The request names a capacity the device does not have: the device is skipped."""
 
 

@@ -52,6 +52,7 @@ from typing import Any, Callable, Mapping
 import cel as _cel
 
 from driver.api.quantity import Quantity, QuantityError
+from driver.errors import PartitaError
 
 from .celcost import MAX_COST, estimate
 from .cellib import FUNCTIONS as LIB_FUNCTIONS, LibError
@@ -62,7 +63,7 @@ _Q = "__quantity__"
 _V = "__semver__"
 
 
-class CelError(Exception):
+class CelError(PartitaError):
     """A selector could not be compiled or evaluated; ``str()`` is the upstream-style detail."""
 
 

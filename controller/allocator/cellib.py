@@ -29,11 +29,12 @@ from typing import Any, Callable
 import cel as _cel
 
 from driver.api import naming
+from driver.errors import PartitaError
 
 _URL, _IP, _CIDR = "__url__", "__ip__", "__cidr__"
 
 
-class LibError(Exception):
+class LibError(PartitaError):
     """A runtime error of one of these functions (the adapter reports it as a CEL runtime error)."""
 
 

@@ -26,10 +26,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from driver.errors import PartitaError
+
 __all__ = ["CelSyntaxError", "Node", "parse", "lower", "walk"]
 
 
-class CelSyntaxError(ValueError):
+class CelSyntaxError(PartitaError, ValueError):
     """``str()`` names the position: ``Syntax error: <what> at 1:<col>``."""
 
 

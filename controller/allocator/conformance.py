@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from driver.api.quantity import Quantity, QuantityError
+from driver.errors import PartitaError
 
 from .allocator import Allocator
 from .pools import SliceIndex
@@ -50,7 +51,7 @@ KNOWN_DISAGREEMENTS: dict[str, str] = {}
 SEARCH_LIMIT = "search limit exceeded"
 
 
-class FixtureError(Exception):
+class FixtureError(PartitaError):
     pass
 
 

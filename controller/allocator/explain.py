@@ -42,6 +42,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 from driver.api import constants as C
 from driver.api import objects
 from driver.api.quantity import Quantity
+from driver.errors import PartitaError
 
 from .allocator import Allocator, copy_claim_with_tolerations
 from .constraints import lookup_attribute
@@ -78,7 +79,7 @@ CHANGE_STEPS = 1_000
 FIX_SECONDS = 20.0
 
 
-class ExplainInputError(ValueError):
+class ExplainInputError(PartitaError, ValueError):
     """Input explain cannot use; the message names the file or object and the fix."""
 
 

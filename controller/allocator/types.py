@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, NamedTuple
 
 from driver.api.quantity import Quantity
+from driver.errors import PartitaError
 
 #: Upstream allocator feature names (``structured/internal/types.go`` ``Features``) as fixtures use them.
 FEATURE_NAMES = {
@@ -246,7 +247,7 @@ class Node:
     labels: Mapping[str, str] = field(default_factory=dict)
 
 
-class AllocationError(Exception):
+class AllocationError(PartitaError):
     """A fatal problem with the input (not "does not fit"): bad CEL, unknown class, >32 results, ...
 
     The message names the claim, the request and the field, and says what to change.

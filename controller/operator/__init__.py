@@ -1,0 +1,5 @@
+"""The controller (operator). Others use ``main`` (run it), ``controller`` (its configuration), ``claims``
+(which claims and pods are Partita's) and ``nodefit`` (whether a pod fits a node, for the sandbox's
+scheduler stand-in); the rest is its own."""
+
+__all__ = ["claims", "controller", "main", "nodefit"]

@@ -12,6 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+# the walks over claims and pods live in driver/api/objects.py; these names are re-exported for the
+# controller's modules that import them from here
+from driver.api.objects import PodClaim, allocated_node, device_class_names, key, pod_claims
+
+__all__ = ["Ownership", "PodClaim", "allocated_node", "is_done", "is_partita_class", "is_pending", "key",
+           "ownership", "pod_claims"]
+
 
 def is_partita_class(cls: Mapping, driver_name: str) -> bool:
     for sel in (cls.get("spec") or {}).get("selectors") or []:
@@ -21,16 +28,6 @@ def is_partita_class(cls: Mapping, driver_name: str) -> bool:
     return False
 
 
-def request_classes(claim: Mapping) -> list[str]:
-    out = []
-    for r in ((claim.get("spec") or {}).get("devices") or {}).get("requests") or []:
-        if "exactly" in r:
-            out.append((r["exactly"] or {}).get("deviceClassName", ""))
-        for sub in r.get("firstAvailable") or []:
-            out.append(sub.get("deviceClassName", ""))
-    return out
-
-
 @dataclass(frozen=True)
 class Ownership:
     ours: bool
@@ -38,31 +35,11 @@ class Ownership:
 
 
 def ownership(claim: Mapping, partita_classes: set[str]) -> Ownership:
-    classes = request_classes(claim)
+    classes = device_class_names(claim)
     if not classes:
         return Ownership(False, False)
     mine = [c in partita_classes for c in classes]
     return Ownership(all(mine), any(mine) and not all(mine))
-
-
-@dataclass(frozen=True)
-class PodClaim:
-    pod_claim_name: str          # the name in pod.spec.resourceClaims
-    claim_name: str | None       # the ResourceClaim's name; None while the template's claim is not created
-
-
-def pod_claims(pod: Mapping) -> list[PodClaim]:
-    """The claims a pod references, resolving templates through pod.status.resourceClaimStatuses."""
-    statuses = {s.get("name"): s.get("resourceClaimName")
-                for s in ((pod.get("status") or {}).get("resourceClaimStatuses") or [])}
-    out = []
-    for rc in (pod.get("spec") or {}).get("resourceClaims") or []:
-        name = rc.get("name", "")
-        if rc.get("resourceClaimName"):
-            out.append(PodClaim(name, rc["resourceClaimName"]))
-        elif rc.get("resourceClaimTemplateName"):
-            out.append(PodClaim(name, statuses.get(name)))
-    return out
 
 
 def is_pending(pod: Mapping) -> bool:
@@ -76,17 +53,3 @@ def is_done(pod: Mapping | None) -> bool:
     if pod is None:
         return True
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
-
-
-def allocated_node(claim: Mapping) -> str | None:
-    sel = (((claim.get("status") or {}).get("allocation") or {}).get("nodeSelector") or {})
-    for term in sel.get("nodeSelectorTerms") or []:
-        for f in term.get("matchFields") or []:
-            if f.get("key") == "metadata.name" and f.get("operator") == "In" and f.get("values"):
-                return f["values"][0]
-    return None
-
-
-def key(obj: Mapping) -> str:
-    md = obj.get("metadata") or {}
-    return f"{md.get('namespace', '')}/{md.get('name', '')}"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from driver.api.kube import Kube, KubeError
+from driver.errors import PartitaError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Watched:
         return f"/api/{self.version}/{self.plural}" if not self.group else f"/apis/{self.group}/{self.version}/{self.plural}"
 
 
-class Expired(Exception):
+class Expired(PartitaError):
     """The server no longer has the events after our resourceVersion (410): list again."""
 
 
@@ -123,8 +124,8 @@ class Informer:
             if etype == "ERROR":
                 if obj.get("code") == 410:
                     raise Expired(obj.get("message", "resource version too old"))
-                raise KubeError(int(obj.get("code") or 500), obj.get("reason", ""), obj.get("message", ""),
-                                "WATCH", self.watched.path)
+                raise KubeError.of(int(obj.get("code") or 500), obj.get("reason", ""), obj.get("message", ""),
+                                   "WATCH", self.watched.path)
             if etype == "BOOKMARK":
                 rv = _rv(obj) or rv
                 continue

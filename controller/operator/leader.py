@@ -30,6 +30,7 @@ import uuid
 from typing import Callable, Protocol
 
 from driver.api.kube import Kube, KubeError, namespaced_path
+from driver.errors import PartitaError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _fmt(t: datetime.datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-class NotLeader(Exception):
+class NotLeader(PartitaError):
     """This instance does not hold an unexpired lease: the write was not sent."""
 
 

@@ -26,13 +26,14 @@ unknown), the filter rejects the node and its reason names the rule: stricter, n
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
-from controller.allocator.nodeselector import NodeSelectorError, node_matches
 from controller.allocator.types import Node
+from driver.api.naming import is_label_value
+from driver.api.nodeselector import node_matches_lazily
 from driver.api.quantity import Quantity, QuantityError
+from driver.errors import PartitaError
 
 TERMINAL = ("Succeeded", "Failed")
 _ZERO = Quantity.parse(0)
@@ -85,7 +86,7 @@ class Topology:
         return value
 
 
-class CannotJudge(Exception):
+class CannotJudge(PartitaError):
     """A rule the controller cannot evaluate as kube-scheduler would; the node is rejected with this reason."""
 
 
@@ -236,29 +237,6 @@ def node_selector(pod: Mapping, node: NodeInfo, topo: Topology | None = None) ->
     return ""
 
 
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-
-
-def _valid_requirement(r: Mapping, field: bool) -> bool:
-    """component-helpers nodeaffinity: a requirement kube-scheduler cannot parse makes its term match
-    nothing (In/NotIn need label values, Exists/DoesNotExist none, Gt/Lt one integer; fields take one value)."""
-    op, values = r.get("operator"), list(r.get("values") or [])
-    if field:
-        return r.get("key") == "metadata.name" and op in ("In", "NotIn") and len(values) == 1
-    if op in ("In", "NotIn"):
-        return bool(values) and all(isinstance(v, str) and len(v) <= 63 and _LABEL_VALUE.match(v) for v in values)
-    if op in ("Exists", "DoesNotExist"):
-        return not values
-    if op in ("Gt", "Lt"):
-        return len(values) == 1 and str(values[0]).lstrip("-").isdigit()
-    return False
-
-
-def _valid_terms(selector: Mapping) -> dict:
-    terms = [t for t in selector.get("nodeSelectorTerms") or []
-             if all(_valid_requirement(r, False) for r in t.get("matchExpressions") or [])
-             and all(_valid_requirement(r, True) for r in t.get("matchFields") or [])]
-    return {"nodeSelectorTerms": terms}
 
 
 def _required_node_affinity(pod: Mapping) -> Mapping | None:
@@ -275,10 +253,7 @@ def _affinity_matches(pod: Mapping, node: NodeInfo) -> bool:
     required = _required_node_affinity(pod)
     if required is None:
         return True
-    try:
-        return node_matches(node.as_node(), _valid_terms(required))
-    except NodeSelectorError:
-        return False
+    return node_matches_lazily(node.as_node(), required)
 
 
 def node_affinity(pod: Mapping, node: NodeInfo, topo: Topology | None = None) -> str:
@@ -288,11 +263,7 @@ def node_affinity(pod: Mapping, node: NodeInfo, topo: Topology | None = None) ->
     required = _required_node_affinity(pod)
     if required is None:
         return ""
-    try:
-        ok = node_matches(node.as_node(), _valid_terms(required))
-    except NodeSelectorError as e:
-        return f"the pod's required node affinity is invalid: {e}"
-    return "" if ok else "node does not match the pod's required node affinity"
+    return "" if node_matches_lazily(node.as_node(), required) else "node does not match the pod's required node affinity"
 
 
 def tolerates(toleration: Mapping, taint: Mapping) -> bool:
@@ -433,7 +404,7 @@ def _selector_valid(selector: Mapping | None) -> str:
     for e in (selector or {}).get("matchExpressions") or []:
         op, values = e.get("operator"), list(e.get("values") or [])
         if op in ("In", "NotIn"):
-            bad = [v for v in values if not (isinstance(v, str) and len(v) <= 63 and _LABEL_VALUE.match(v))]
+            bad = [v for v in values if not is_label_value(v)]
             if not values or bad:
                 return f"{e.get('key')} {op} {bad or values}: values must be valid label values"
         elif op in ("Exists", "DoesNotExist"):
@@ -442,7 +413,7 @@ def _selector_valid(selector: Mapping | None) -> str:
         else:
             return f"unknown label selector operator {op!r}"
     for k, v in ((selector or {}).get("matchLabels") or {}).items():
-        if not (isinstance(v, str) and len(v) <= 63 and _LABEL_VALUE.match(v)):
+        if not is_label_value(v):
             return f"matchLabels {k}={v!r}: not a valid label value"
     return ""
 

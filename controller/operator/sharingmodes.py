@@ -13,55 +13,34 @@ from collections import Counter
 from typing import Mapping
 
 from controller.allocator.types import DeviceID
-from driver.api.config import ConfigError, config_applies, parse_gpu_config
-
-DEFAULT = "TimeSlicing"
-
-
-def _strategy(parameters: object) -> str | None:
-    try:
-        cfg = parse_gpu_config(parameters)
-    except ConfigError:
-        return None          # invalid configs are reported elsewhere; they do not decide placement
-    return cfg.sharing.strategy if cfg.sharing is not None else DEFAULT
-
-
-def _last_applying(entries: list[tuple[list[str] | None, str | None]], request: str) -> str:
-    chosen = DEFAULT
-    for requests, strategy in entries:
-        if strategy is not None and config_applies(requests, request):
-            chosen = strategy
-    return chosen
+from driver.api.config import DEFAULT_STRATEGY, parsed_configs, resolve, resolve_parsed
+from driver.api.objects import allocation_configs, allocation_results, device_configs, request_specs
 
 
 def allocation_shares(allocation: Mapping, driver: str) -> dict[DeviceID, str]:
-    """Strategy of each share in an allocation (results with a shareID of our driver)."""
-    devices = allocation.get("devices") or {}
-    entries = []
-    for source in ("FromClass", "FromClaim"):
-        for c in devices.get("config") or []:
-            opaque = c.get("opaque") or {}
-            if c.get("source") == source and opaque.get("driver") == driver:
-                entries.append((c.get("requests"), _strategy(opaque.get("parameters"))))
-    return {DeviceID(r["driver"], r["pool"], r["device"]): _last_applying(entries, r.get("request", ""))
-            for r in devices.get("results") or [] if r.get("shareID") and r.get("driver") == driver}
+    """Strategy of each share in an allocation (results with a shareID of our driver), as the plugin will
+    resolve it from the allocation's config; invalid configs are reported elsewhere and do not decide."""
+    parsed = parsed_configs(allocation_configs(allocation), driver, strict=False)
+    out = {}
+    for r in allocation_results(allocation):
+        if r.get("shareID") and r.get("driver") == driver:
+            cfg = resolve_parsed(parsed, r.get("request", ""))
+            out[DeviceID(r["driver"], r["pool"], r["device"])] = cfg.strategy if cfg else DEFAULT_STRATEGY
+    return out
 
 
 def claim_strategies(claim: Mapping, classes: Mapping[str, Mapping], driver: str) -> set[str]:
-    """The strategies a claim's requests would be prepared with (class config first, then claim)."""
-    spec = (claim.get("spec") or {}).get("devices") or {}
-    claim_entries = [(c.get("requests"), _strategy((c.get("opaque") or {}).get("parameters")))
-                     for c in spec.get("config") or [] if (c.get("opaque") or {}).get("driver") == driver]
+    """The strategies a claim's requests would be prepared with: the configs the allocation will carry
+    (each request's class config first, then the claim's, as the allocator copies them) resolved as the
+    plugin resolves them."""
+    claim_configs = [{**c, "source": "FromClaim"} for c in device_configs(claim)]
     out = set()
-    for req in spec.get("requests") or []:
-        subs = [req["exactly"]] if "exactly" in req else req.get("firstAvailable") or []
-        for sub in subs:
-            cls = classes.get(sub.get("deviceClassName", "")) or {}
-            entries = [(None, _strategy((c.get("opaque") or {}).get("parameters")))
-                       for c in (cls.get("spec") or {}).get("config") or []
-                       if (c.get("opaque") or {}).get("driver") == driver]
-            name = req.get("name", "") if "exactly" in req else f"{req.get('name', '')}/{sub.get('name', '')}"
-            out.add(_last_applying(entries + claim_entries, name))
+    for rs in request_specs(claim):
+        cls = classes.get(str(rs.spec.get("deviceClassName") or "")) or {}
+        class_configs = [{"source": "FromClass", "opaque": c.get("opaque")}
+                         for c in (cls.get("spec") or {}).get("config") or []]
+        cfg = resolve(class_configs + claim_configs, driver, rs.full_name, strict=False)
+        out.add(cfg.strategy if cfg else DEFAULT_STRATEGY)
     return out
 
 

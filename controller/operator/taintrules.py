@@ -20,6 +20,7 @@ from typing import Iterable, Mapping, Sequence
 from controller.allocator.devicetaints import GROUP, PLURAL, VERSIONS, TaintRules, rule_name, served_version
 from controller.allocator.search import tolerates
 from driver.api.kube import Kube, KubeError
+from driver.api.objects import allocated_results, request_tolerations
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,7 @@ class RuleState:
             devices = self.rules.devices(rule, self.raw.values())
             if not devices:
                 continue
-            tols = [list(spec.get("tolerations") or []) for c in claims
-                    for r in ((c.get("spec") or {}).get("devices") or {}).get("requests") or []
-                    for spec in ([r["exactly"]] if "exactly" in r else list(r.get("firstAvailable") or []))]
+            tols = [ts for c in claims for ts in request_tolerations(c)]
             if all(any(tolerates(t, taint) for t in ts) for ts in tols):
                 continue
             value = f"={taint['value']}" if taint.get("value") else ""
@@ -123,7 +122,7 @@ def noexecute_hits(state: RuleState, rule: Mapping, claims: Iterable[Mapping]) -
     label = f"{taint.get('key')}{value}:NoExecute"
     out = []
     for c in claims:
-        for r in (((c.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results") or []:
+        for r in allocated_results(c):
             dev = state.device(r.get("driver", ""), r.get("pool", ""), r.get("device", ""))
             if not state.rules.selects(rule, r.get("driver", ""), r.get("pool", ""), dev):
                 continue

@@ -20,6 +20,7 @@ from typing import Any
 
 from driver.api import constants as C
 from driver.api.kube import Kube, KubeError, claim_path
+from driver.errors import PartitaError
 
 from .leader import NO_FENCE, Fence
 
@@ -27,7 +28,7 @@ ANNOTATION_POD = "partita.dev/allocated-for-pod"
 ANNOTATION_NODE = "partita.dev/allocated-node"
 
 
-class Lost(Exception):
+class Lost(PartitaError):
     """The claim changed under us in a way that ends this attempt (allocated by someone else, deleted,
     or reserved meanwhile); the caller re-reads and re-decides."""
 

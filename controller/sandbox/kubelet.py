@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from driver.api.objects import allocated_results, key, pod_claim_names
 from driver.kubeletapi.dra.v1 import api_pb2 as dra
 from driver.kubeletapi.dra.v1 import api_pb2_grpc as dra_grpc
 from driver.kubeletapi.pluginregistration.v1 import api_pb2 as reg
@@ -47,17 +48,6 @@ class Instance:
 @dataclass
 class PreparedPod:
     claims: dict[str, list[dict]] = field(default_factory=dict)     # claim name -> devices (pool, device, cdi)
-
-
-def pod_claim_names(pod: dict) -> list[str]:
-    statuses = {s.get("name"): s.get("resourceClaimName")
-                for s in (pod.get("status") or {}).get("resourceClaimStatuses") or []}
-    out = []
-    for rc in (pod.get("spec") or {}).get("resourceClaims") or []:
-        name = rc.get("resourceClaimName") or statuses.get(rc.get("name"))
-        if name:
-            out.append(name)
-    return out
 
 
 class Kubelet:
@@ -132,7 +122,7 @@ class Kubelet:
             if (pod.get("spec") or {}).get("nodeName") != self.node:
                 continue
             md = pod["metadata"]
-            k = f"{md['namespace']}/{md['name']}"
+            k = key(pod)
             if k in self._busy:
                 continue
             phase = (pod.get("status") or {}).get("phase", "Pending")
@@ -166,7 +156,7 @@ class Kubelet:
 
     async def _start_pod(self, pod: dict) -> None:
         md = pod["metadata"]
-        k = f"{md['namespace']}/{md['name']}"
+        k = key(pod)
         if FINALIZER not in (md.get("finalizers") or []):
             fresh = self.server.get("pods", md["name"], md["namespace"])
             if fresh is None:
@@ -215,14 +205,14 @@ class Kubelet:
 
     async def _stop_pod(self, pod: dict) -> None:
         md = pod["metadata"]
-        k = f"{md['namespace']}/{md['name']}"
+        k = key(pod)
         still_used = set()
         for other in self.server.list("pods"):
             omd = other["metadata"]
             if (other.get("spec") or {}).get("nodeName") == self.node and not omd.get("deletionTimestamp") \
                     and omd.get("uid") != md.get("uid") \
                     and (other.get("status") or {}).get("phase") not in ("Succeeded", "Failed") \
-                    and f"{omd['namespace']}/{omd['name']}" in self.prepared:
+                    and key(other) in self.prepared:
                 still_used.update(pod_claim_names(other))
         claims = [c for c in self._claims(pod) if self._ours(c) and c["metadata"]["name"] not in still_used]
         if claims:
@@ -247,8 +237,7 @@ class Kubelet:
             self.server.update(fresh)
 
     def _ours(self, claim: dict) -> bool:
-        results = (((claim.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results") or []
-        return any(r.get("driver") == self.driver for r in results)
+        return any(r.get("driver") == self.driver for r in allocated_results(claim))
 
     async def _call(self, method: str, request):  # noqa: ANN001, ANN202
         """The newest registered instance that accepts a connection answers; an older one only while the

@@ -39,6 +39,7 @@ from controller.operator.main import Running, quiet_kopf
 from driver.api import constants as C
 from driver.api.deviceclasses import device_classes
 from driver.cliopts import add_log_level, add_output
+from driver.errors import PartitaError
 from driver.logfmt import add_log_format
 from driver.nvml.profile import FakeGpuProfile, ProfileError, load_profile, parse_profile, profile_from_spec
 from driver.plugin.telemetry import ratio
@@ -60,7 +61,7 @@ log = logging.getLogger("partita.sandbox")
 DEFAULT_PROFILE = Path(__file__).with_name("default-cluster.yaml")
 
 
-class SandboxError(RuntimeError):
+class SandboxError(PartitaError, RuntimeError):
     """The sandbox could not do its job; the message says what and where to look."""
 
 

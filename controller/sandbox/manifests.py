@@ -29,6 +29,8 @@ from typing import Callable
 
 import yaml
 
+from driver.errors import PartitaError
+
 from . import validation
 from .apiserver import RESOURCES, ApiError, ApiServer
 
@@ -41,7 +43,7 @@ POD_INDEX = "apps.kubernetes.io/pod-index"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-class ManifestError(ValueError):
+class ManifestError(PartitaError, ValueError):
     """A manifest the sandbox cannot apply; the message names the file, the document and the fix."""
 
 

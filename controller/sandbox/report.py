@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from controller.operator.claims import allocated_node
 from driver.api import constants as C
+from driver.api.objects import allocated_node, key, pod_claim_names
 from driver.api.quantity import Quantity
 
-from .kubelet import pod_claim_names
 from .manifests import CREATED_BY
 
 
@@ -128,7 +127,7 @@ def render(pods: list[dict], claims: list[dict], slices: list[dict], driver: str
                 devices.account(r)
     for pod in pods:
         md = pod["metadata"]
-        k = f"{md['namespace']}/{md['name']}"
+        k = key(pod)
         phase = (pod.get("status") or {}).get("phase", "Pending")
         node = (pod.get("spec") or {}).get("nodeName") or ""
         described, cdi_ids = [], []

@@ -15,12 +15,12 @@ from __future__ import annotations
 import copy
 import logging
 
-from controller.operator.claims import allocated_node, is_pending
+from controller.operator.claims import is_pending
 from controller.operator.nodefit import NodeInfo, Topology, fit
+from driver.api.objects import allocated_node, allocation, key, pod_claim_names
 
 from .apiserver import ApiError, ApiServer
 from .kubelet import FINALIZER as KUBELET_FINALIZER
-from .kubelet import pod_claim_names
 
 log = logging.getLogger(__name__)
 POD_CLAIM_NAME_ANNOTATION = "resource.kubernetes.io/pod-claim-name"
@@ -43,7 +43,7 @@ class ClaimController:
 
     def _create_claims(self, pod: dict) -> None:
         md = pod["metadata"]
-        ns, k = md["namespace"], f"{md['namespace']}/{md['name']}"
+        ns, k = md["namespace"], key(pod)
         statuses = list((pod.get("status") or {}).get("resourceClaimStatuses") or [])
         known = {s.get("name") for s in statuses}
         added = False
@@ -143,7 +143,7 @@ class Binder:
         if len(names) != len(refs):
             return       # claims from templates not created yet
         claims = [self.server.get("resourceclaims", n, ns, group="resource.k8s.io") for n in names]
-        if any(c is None or not (c.get("status") or {}).get("allocation") for c in claims):
+        if any(c is None or not allocation(c) for c in claims):
             return       # Partita has not allocated them (yet)
         targets = {allocated_node(c) for c in claims}
         if not claims:

@@ -33,6 +33,7 @@ import kubernetes.client as k8s
 
 from controller.allocator.cel import CelCompileError, CelCostError, validate_selector
 from driver.api import naming
+from driver.errors import PartitaError
 
 #: (apiVersion, kind) -> the official client's model
 MODELS: dict[tuple[str, str], type] = {
@@ -51,7 +52,6 @@ MODELS: dict[tuple[str, str], type] = {
 DNS1123_LABEL = re.compile(f"^{naming.DNS_LABEL.pattern}$")
 DNS1123_SUBDOMAIN = re.compile(f"^{naming.DNS_SUBDOMAIN.pattern}$")
 C_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 REQUESTS_MAX = 32            # DeviceRequestsMaxSize
 SELECTORS_MAX = 32           # DeviceSelectorsMaxSize
 SUBREQUESTS_MAX = 8          # FirstAvailableDeviceRequestMaxSize
@@ -72,7 +72,7 @@ class FieldError:
         return f"{self.field}: {self.detail}"
 
 
-class Rejected(Exception):
+class Rejected(PartitaError):
     """The write is refused: ``code`` 400 (decoding) or 422 (validation), with the field errors."""
 
     def __init__(self, code: int, reason: str, message: str, errors: list[FieldError]):
@@ -280,9 +280,7 @@ def _tolerations(errs: _Errors, path: str, tolerations: Any) -> None:
 
 
 def _qualified_name(name: str) -> bool:
-    prefix, _, ident = name.rpartition("/")
-    return (not prefix or bool(DNS1123_SUBDOMAIN.match(prefix))) and len(ident) <= 63 and \
-        bool(QUALIFIED_NAME.match(ident))
+    return naming.is_qualified_name(name)
 
 
 def _exact(errs: _Errors, path: str, req: dict, sub: bool = False) -> None:

@@ -15,4 +15,4 @@ See docs/simulate.md.
 
 from .errors import SimulateError
 
-__all__ = ["SimulateError"]
+__all__ = ["SimulateError", "main"]

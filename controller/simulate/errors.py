@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from driver.errors import PartitaError
 
-class SimulateError(ValueError):
+
+class SimulateError(PartitaError, ValueError):
     """Input the simulator cannot use (cluster spec, trace file, option); ``partita simulate`` exits 2."""

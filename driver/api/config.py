@@ -20,20 +20,26 @@ NVIDIA's driver do).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from driver.api.messages import bound_list, brief
 from driver.api.quantity import Quantity, QuantityError
+from driver.errors import PartitaError
 
 API_VERSION = "gpu.partita.dev/v1alpha1"
 KIND = "GpuConfig"
 STRATEGIES = ("TimeSlicing", "MPS")
 INTERVALS = ("Default", "Short", "Medium", "Long")
+#: what a share gets when no config says otherwise (and what a GPU is set back to when its last share goes)
+DEFAULT_STRATEGY = "TimeSlicing"
+DEFAULT_INTERVAL = "Default"
+#: ``source`` of an allocation's config entries, in the order they apply (a later entry wins)
+SOURCES = ("FromClass", "FromClaim")
 
 
-class ConfigError(ValueError):
+class ConfigError(PartitaError, ValueError):
     """An invalid GpuConfig; the message names the field and what is allowed."""
 
 
@@ -43,7 +49,7 @@ class _Model(BaseModel):
 
 
 class TimeSlicingConfig(_Model):
-    interval: Literal["Default", "Short", "Medium", "Long"] = "Default"
+    interval: Literal["Default", "Short", "Medium", "Long"] = DEFAULT_INTERVAL
 
 
 class MpsConfig(_Model):
@@ -66,7 +72,7 @@ class MpsConfig(_Model):
 
 
 class Sharing(_Model):
-    strategy: Literal["TimeSlicing", "MPS"] = "TimeSlicing"
+    strategy: Literal["TimeSlicing", "MPS"] = DEFAULT_STRATEGY
     time_slicing_config: TimeSlicingConfig | None = Field(default=None, alias="timeSlicingConfig")
     mps_config: MpsConfig | None = Field(default=None, alias="mpsConfig")
 
@@ -91,7 +97,17 @@ class GpuConfig(_Model):
     sharing: Sharing | None = None
 
     def normalized(self) -> "GpuConfig":
+        """The same config with every default filled in (``sharing``, its strategy and that strategy's settings)."""
         return GpuConfig(apiVersion=API_VERSION, kind=KIND, sharing=(self.sharing or Sharing()).normalized())
+
+    @property
+    def settings(self) -> Sharing:
+        """The sharing settings, defaults filled in."""
+        return (self.sharing or Sharing()).normalized()
+
+    @property
+    def strategy(self) -> str:
+        return self.settings.strategy
 
     def to_json(self) -> dict:
         return self.model_dump(by_alias=True, exclude_none=True)
@@ -162,6 +178,63 @@ def config_applies(config_requests: list[str] | None, request: str) -> bool:
     if not config_requests:
         return True
     return request in config_requests or request.split("/", 1)[0] in config_requests
+
+
+def settings_of(config: GpuConfig | None) -> Sharing:
+    """The sharing settings a device is set up with: its config's, else the defaults (no config at all)."""
+    return config.settings if config is not None else Sharing().normalized()
+
+
+def resolve(configs: Iterable[Mapping], driver: str, request: str, *, where: str = "config",
+            strict: bool = True) -> GpuConfig | None:
+    """The GpuConfig that applies to ``request`` (``req`` or ``req/sub``, as allocation results name it),
+    defaults filled in; None when no config of ``driver`` applies.
+
+    ``configs`` are DeviceAllocationConfiguration entries (``source``, ``requests``, ``opaque``), as
+    ``status.allocation.devices.config`` holds them: the ``FromClass`` entries apply first, then the
+    ``FromClaim`` entries, each in list order, and of those that apply the last one wins (as the upstream
+    example driver and NVIDIA's driver do); entries for other drivers are ignored. ``strict``: an invalid
+    config of ``driver`` or an unknown ``source`` raises :class:`ConfigError` naming ``where[i]`` (the plugin,
+    which must not prepare it); otherwise an invalid entry is skipped (the controller, for which invalid
+    configs are reported elsewhere and do not decide placement)."""
+    return _choose(parsed_configs(configs, driver, where=where, strict=strict), request)
+
+
+def parsed_configs(configs: Iterable[Mapping], driver: str, *, where: str = "config",
+                   strict: bool = True) -> list[tuple[list[str] | None, GpuConfig]]:
+    """``driver``'s entries of ``configs`` in the order they apply, parsed: (requests, config). Parse once and
+    :func:`resolve_parsed` for each request when a claim has many."""
+    entries = list(configs)
+    if strict:
+        unknown = {c.get("source") for c in entries} - set(SOURCES) - {None}
+        if unknown:
+            raise ConfigError(f"{where} has unknown source {sorted(unknown)}; expected FromClass or FromClaim")
+    out = []
+    for source in SOURCES:
+        for i, c in enumerate(entries):
+            opaque = c.get("opaque") or {}
+            if c.get("source") != source or opaque.get("driver") != driver:
+                continue
+            try:
+                out.append((c.get("requests"), parse_gpu_config(opaque.get("parameters"),
+                                                                f"{where}[{i}].opaque.parameters")))
+            except ConfigError:
+                if strict:
+                    raise
+    return out
+
+
+def resolve_parsed(parsed: list[tuple[list[str] | None, GpuConfig]], request: str) -> GpuConfig | None:
+    """:func:`resolve` over entries :func:`parsed_configs` already parsed."""
+    return _choose(parsed, request)
+
+
+def _choose(parsed: list[tuple[list[str] | None, GpuConfig]], request: str) -> GpuConfig | None:
+    chosen = None
+    for requests, cfg in parsed:
+        if config_applies(requests, request):
+            chosen = cfg
+    return chosen.normalized() if chosen is not None else None
 
 
 def validate_claim_configs(spec: dict, driver_name: str, where: str) -> list[str]:

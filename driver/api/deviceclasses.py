@@ -13,8 +13,6 @@ kube-scheduler would allocate Partita's devices itself. See docs/migration.md.
 
 from __future__ import annotations
 
-import re
-
 from .constants import (
     DEFAULT_DRIVER_NAME,
     DEVICE_CLASS_GPU,
@@ -24,11 +22,10 @@ from .constants import (
     DEVICE_TYPE_MIG,
     DEVICE_TYPE_SHARED,
 )
+from .naming import MAX_NAME_PART, NAME_PART, is_dns_subdomain
 
 #: the prefix of the extended resource name every DeviceClass has implicitly (KEP-5004)
 IMPLICIT_EXTENDED_RESOURCE_PREFIX = "deviceclass.resource.kubernetes.io/"
-_QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 _CLASS_TYPES = (
     (DEVICE_CLASS_GPU, DEVICE_TYPE_GPU),
@@ -67,9 +64,9 @@ def extended_resource_name_error(name: str) -> str | None:
     if name.startswith("requests."):
         return "must not start with requests. (the ResourceQuota prefix)"
     full = f"requests.{prefix}"
-    if len(full) > 253 or not _DNS_SUBDOMAIN.fullmatch(full):
+    if not is_dns_subdomain(full):
         return f"the domain {prefix!r} is not a DNS subdomain (lower case letters, digits, '-' and '.')"
-    if len(short) > 63 or not _QUALIFIED_NAME.fullmatch(short):
+    if len(short) > MAX_NAME_PART or not NAME_PART.fullmatch(short):
         return (f"the name {short!r} after the domain must be at most 63 characters of letters, digits, '-', '_' "
                 "and '.', beginning and ending with a letter or digit")
     return None

@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any, AsyncIterator, Mapping
 from urllib.parse import quote
 
 from driver.api.messages import bound, brief
 from driver.api.naming import MAX_DNS_LABEL, MAX_DNS_SUBDOMAIN, is_dns_label, is_dns_subdomain
+from driver.errors import PartitaError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ MAX_LABEL = MAX_DNS_LABEL
 MAX_SUBDOMAIN = MAX_DNS_SUBDOMAIN
 
 
-class InvalidName(ValueError):
+class InvalidName(PartitaError, ValueError):
     """A namespace or object name that is not a valid Kubernetes name; the message names the field."""
 
     def __init__(self, field: str, value: object, rule: str):
@@ -104,7 +104,7 @@ def device_taint_rules_path(version: str) -> str:
     return f"/apis/resource.k8s.io/{segment(version)}/devicetaintrules"
 
 
-class KubeError(Exception):
+class KubeError(PartitaError):
     """A non-2xx answer from the API server (``status`` is the HTTP status, ``reason`` the Status reason)."""
 
     def __init__(self, status: int, reason: str, message: str, method: str = "", path: str = ""):
@@ -126,67 +126,92 @@ class KubeError(Exception):
     def invalid(self) -> bool:
         return self.status == 422
 
+    @staticmethod
+    def of(status: int, reason: str, message: str, method: str = "", path: str = "") -> "KubeError":
+        """The error for an answer: :class:`KubeNotFound`, :class:`KubeConflict` or :class:`KubeInvalid`
+        for 404, 409 and 422 (so callers can ``except`` them), else a plain :class:`KubeError`."""
+        return _BY_STATUS.get(status, KubeError)(status, reason, message, method, path)
+
+
+class KubeNotFound(KubeError):
+    """404: the object (or its namespace) does not exist."""
+
+
+class KubeConflict(KubeError):
+    """409: a stale resourceVersion, a failed precondition, or the object already exists."""
+
+
+class KubeInvalid(KubeError):
+    """422: the API server refused the object as invalid (the message names the field)."""
+
+
+_BY_STATUS: dict[int, type[KubeError]] = {404: KubeNotFound, 409: KubeConflict, 422: KubeInvalid}
+
 
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
-@dataclass(frozen=True)
-class Connection:
-    """Where and how a client connects, in the terms of kopf's ``ConnectionInfo`` (so the controller's kopf
-    part talks to the same cluster as its own client)."""
+async def configure(url: str | None = None, *, kubeconfig: str | None = None,
+                    context: str | None = None) -> tuple[Any, str]:
+    """The one connection set-up: the official client's ``Configuration`` and the connection's default
+    namespace, for a plain-HTTP API URL; else, with ``kubeconfig`` or ``context``, that kubeconfig file
+    (default ``$KUBECONFIG``, else ``~/.kube/config``) and context (default its current one); else the
+    in-cluster service account, falling back to the kubeconfig."""
+    from kubernetes.aio import client, config
 
-    server: str
-    insecure: bool = False
-    ca_path: str | None = None
-    token: str | None = None
-    certificate_path: str | None = None
-    private_key_path: str | None = None
-    default_namespace: str | None = None
+    namespace = "default"
+    if url:
+        cfg = client.Configuration(host=url.rstrip("/"))
+    else:
+        cfg = client.Configuration()
+        loaded = False
+        if not kubeconfig and not context:
+            try:
+                config.load_incluster_config(client_configuration=cfg)
+                loaded = True
+                namespace = _read_text(SERVICE_ACCOUNT_NAMESPACE) or namespace
+            except config.ConfigException:
+                pass
+        if not loaded:
+            loader = await config.load_kube_config(config_file=kubeconfig, context=context,
+                                                   client_configuration=cfg, persist_config=False)
+            current = loader.current_context or {}
+            namespace = ((current.get("context") if isinstance(current, dict) else None) or {}).get(
+                "namespace") or namespace
+    if not any(os.environ.get(v) for v in _PROXY_VARS):
+        # Without proxy variables, aiohttp's trust_env only costs time: it re-reads proxy settings and
+        # ~/.netrc on every request (about a third of a GET against a local API server).
+        import aiohttp
+
+        cfg.client_session_kwargs = {"trust_env": False, "cookie_jar": aiohttp.DummyCookieJar()}
+    return cfg, namespace
 
 
 class Kube:
     """Async API access with JSON dicts in and out. ``namespace``: the connection's default namespace
     (the kubeconfig context's, in a pod its own, else ``default``), what ``-n`` defaults to."""
 
-    def __init__(self, api_client: Any, namespace: str = "default", connection: Connection | None = None):
+    def __init__(self, api_client: Any, namespace: str = "default"):
         self._api = api_client
         self.namespace = namespace
-        self.connection = connection
 
     @classmethod
     async def connect(cls, url: str | None = None, *, kubeconfig: str | None = None,
                       context: str | None = None) -> "Kube":
-        """A client for a plain-HTTP API URL; else, with ``kubeconfig`` or ``context``, that kubeconfig file
-        (default ``$KUBECONFIG``, else ``~/.kube/config``) and context (default its current one); else the
-        in-cluster service account, falling back to the kubeconfig."""
-        from kubernetes.aio import client, config
+        """A client connected as :func:`configure` says."""
+        from kubernetes.aio import client
 
-        namespace = "default"
-        if url:
-            cfg = client.Configuration(host=url.rstrip("/"))
-        else:
-            cfg = client.Configuration()
-            loaded = False
-            if not kubeconfig and not context:
-                try:
-                    config.load_incluster_config(client_configuration=cfg)
-                    loaded = True
-                    namespace = _read_text(SERVICE_ACCOUNT_NAMESPACE) or namespace
-                except config.ConfigException:
-                    pass
-            if not loaded:
-                loader = await config.load_kube_config(config_file=kubeconfig, context=context,
-                                                       client_configuration=cfg, persist_config=False)
-                current = loader.current_context or {}
-                namespace = ((current.get("context") if isinstance(current, dict) else None) or {}).get(
-                    "namespace") or namespace
-        if not any(os.environ.get(v) for v in _PROXY_VARS):
-            # Without proxy variables, aiohttp's trust_env only costs time: it re-reads proxy settings and
-            # ~/.netrc on every request (about a third of a GET against a local API server).
-            import aiohttp
+        cfg, namespace = await configure(url, kubeconfig=kubeconfig, context=context)
+        return cls(client.ApiClient(cfg), namespace)
 
-            cfg.client_session_kwargs = {"trust_env": False, "cookie_jar": aiohttp.DummyCookieJar()}
-        return cls(client.ApiClient(cfg), namespace, _connection(cfg, namespace, plain=bool(url)))
+    @property
+    def configuration(self) -> Any:
+        """The official client's configuration this client was connected with (server, TLS, credentials)."""
+        return self._api.configuration
+
+    @property
+    def server(self) -> str:
+        return str(self._api.configuration.host).rstrip("/")
 
     async def close(self) -> None:
         await self._api.close()
@@ -220,8 +245,8 @@ class Kube:
             resp.release()
         if resp.status >= 400:
             obj = _status(data)
-            raise KubeError(resp.status, obj.get("reason", resp.reason or ""),
-                            obj.get("message", data[:500].decode("utf-8", "replace")), method, path)
+            raise KubeError.of(resp.status, obj.get("reason", resp.reason or ""),
+                               obj.get("message", data[:500].decode("utf-8", "replace")), method, path)
         return json.loads(data) if data else {}
 
     async def get(self, path: str, **params: Any) -> dict:
@@ -261,7 +286,7 @@ class Kube:
         try:
             if resp.status >= 400:
                 obj = _status(await resp.read())
-                raise KubeError(resp.status, obj.get("reason", ""), obj.get("message", ""), "WATCH", path)
+                raise KubeError.of(resp.status, obj.get("reason", ""), obj.get("message", ""), "WATCH", path)
             buf = b""
             async for chunk in resp.content.iter_any():
                 buf += chunk
@@ -294,13 +319,3 @@ def _read_text(path: str) -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def _connection(cfg: Any, namespace: str, plain: bool) -> Connection:
-    token = (getattr(cfg, "api_key", None) or {}).get("BearerToken") or (getattr(cfg, "api_key", None) or {}).get(
-        "authorization")
-    if token and token.lower().startswith("bearer "):
-        token = token[7:]
-    return Connection(server=str(cfg.host).rstrip("/"), insecure=plain or not cfg.verify_ssl,
-                      ca_path=cfg.ssl_ca_cert or None, token=token or None, certificate_path=cfg.cert_file or None,
-                      private_key_path=cfg.key_file or None, default_namespace=namespace)

@@ -25,6 +25,29 @@ MAX_DNS_SUBDOMAIN = 253
 _UUID_HEX = re.compile(r"[0-9a-fA-F]")
 
 
+#: the name part of a qualified name (label and taint keys, attribute names) and a non-empty label value
+#: (k8s.io/apimachinery pkg/util/validation IsQualifiedName, IsValidLabelValue), matched whole
+NAME_PART = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+MAX_NAME_PART = 63
+
+
+def is_qualified_name(name: object) -> bool:
+    """``[prefix/]name``: name at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends; a prefix,
+    when there is a '/', a non-empty DNS-1123 subdomain."""
+    if not isinstance(name, str):
+        return False
+    prefix, slash, part = name.rpartition("/")
+    if slash and not is_dns_subdomain(prefix):
+        return False
+    return len(part) <= MAX_NAME_PART and NAME_PART.fullmatch(part) is not None
+
+
+def is_label_value(value: object) -> bool:
+    """Empty, or at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends."""
+    return isinstance(value, str) and (value == "" or (len(value) <= MAX_NAME_PART
+                                                       and NAME_PART.fullmatch(value) is not None))
+
+
 def is_dns_label(name: object) -> bool:
     return isinstance(name, str) and len(name) <= MAX_DNS_LABEL and DNS_LABEL.fullmatch(name) is not None
 

@@ -134,17 +134,8 @@ def reserved_for(claim: Mapping) -> list[Mapping]:
 def pod_claim_names(pod: Mapping) -> list[str]:
     """The ResourceClaim names a pod uses, in ``spec.resourceClaims`` order: ``resourceClaimName`` where set,
     else the name the claim controller generated from the template (``status.resourceClaimStatuses``); an
-    entry whose claim is not generated yet (or not needed) is left out."""
-    generated = {s.get("name"): s.get("resourceClaimName")
-                 for s in _list(_dict(pod.get("status")).get("resourceClaimStatuses")) if isinstance(s, Mapping)}
-    out = []
-    for rc in _list(_dict(pod.get("spec")).get("resourceClaims")):
-        if not isinstance(rc, Mapping):
-            continue
-        n = rc.get("resourceClaimName") or generated.get(rc.get("name"))
-        if isinstance(n, str) and n:
-            out.append(n)
-    return out
+    entry whose claim is not generated yet (or not needed) is left out (:func:`pod_claims` says which)."""
+    return [pc.claim_name for pc in pod_claims(pod) if pc.claim_name]
 
 
 def pod_claims_pending_generation(pod: Mapping) -> list[str]:
@@ -153,6 +144,50 @@ def pod_claims_pending_generation(pod: Mapping) -> list[str]:
                  if isinstance(s, Mapping)}
     return [str(rc.get("name") or "") for rc in _list(_dict(pod.get("spec")).get("resourceClaims"))
             if isinstance(rc, Mapping) and not rc.get("resourceClaimName") and rc.get("name") not in generated]
+
+
+@dataclass(frozen=True)
+class PodClaim:
+    """One ``spec.resourceClaims`` entry of a pod and the ResourceClaim it names."""
+
+    #: the entry's name in ``pod.spec.resourceClaims``
+    pod_claim_name: str
+    #: the ResourceClaim's name; None while the claim of a template is not generated (or is not needed)
+    claim_name: str | None
+
+
+def pod_claims(pod: Mapping) -> list[PodClaim]:
+    """The claims a pod references, in order, as upstream's ``resourceclaim.Name`` resolves them: the
+    ``resourceClaimName`` where set; for a ``resourceClaimTemplateName`` the name recorded in
+    ``status.resourceClaimStatuses`` (None until then); an entry with neither (invalid) is left out."""
+    generated = {s.get("name"): s.get("resourceClaimName")
+                 for s in _list(_dict(pod.get("status")).get("resourceClaimStatuses")) if isinstance(s, Mapping)}
+    out = []
+    for rc in _list(_dict(pod.get("spec")).get("resourceClaims")):
+        if not isinstance(rc, Mapping):
+            continue
+        entry = str(rc.get("name") or "")
+        if isinstance(rc.get("resourceClaimName"), str) and rc["resourceClaimName"]:
+            out.append(PodClaim(entry, rc["resourceClaimName"]))
+        elif rc.get("resourceClaimTemplateName"):
+            n = generated.get(rc.get("name"))
+            out.append(PodClaim(entry, n if isinstance(n, str) and n else None))
+    return out
+
+
+def request_tolerations(claim: Mapping) -> list[list[Mapping]]:
+    """The tolerations of every request and subrequest (:func:`request_specs` order), one list each."""
+    return [[t for t in _list(rs.spec.get("tolerations")) if isinstance(t, Mapping)] for rs in request_specs(claim)]
+
+
+def allocation_results(allocation: Mapping | None) -> list[Mapping]:
+    """``devices.results`` of an AllocationResult (``status.allocation``); empty for None."""
+    return [r for r in _list(_dict(_dict(allocation).get("devices")).get("results")) if isinstance(r, Mapping)]
+
+
+def allocation_configs(allocation: Mapping | None) -> list[Mapping]:
+    """``devices.config`` of an AllocationResult: DeviceAllocationConfiguration dicts (source, requests, opaque)."""
+    return [c for c in _list(_dict(_dict(allocation).get("devices")).get("config")) if isinstance(c, Mapping)]
 
 
 # --- added for the allocator (issue 17.4) -----------------------------------------------------------------
@@ -167,4 +202,3 @@ def malformed_requests(claim: Mapping) -> list[str]:
     if not isinstance(raw, list):
         return ["spec.devices.requests"]
     return [f"spec.devices.requests[{i}]" for i, r in enumerate(raw) if not isinstance(r, Mapping)]
-

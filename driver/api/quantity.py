@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import total_ordering
 
+from driver.errors import PartitaError
+
 BINARY_SI = "BinarySI"
 DECIMAL_SI = "DecimalSI"
 DECIMAL_EXPONENT = "DecimalExponent"
@@ -33,7 +35,7 @@ _NANO = Fraction(1, 10**9)
 _MAX_ALLOWED = 2**63 - 1
 
 
-class QuantityError(ValueError):
+class QuantityError(PartitaError, ValueError):
     """A string that is not a valid Kubernetes quantity."""
 
 

@@ -39,5 +39,8 @@ def open_backend(kind: str, *, profile: FakeGpuProfile | None = None, node_name:
     raise ValueError(f"unknown NVML backend {kind!r}; use one of {BACKENDS}")
 
 
+#: names, and the modules others may import from (interface constants, the fake GPU profiles and models, the
+#: real backend for a driver root); fake.py and the rest are the package's own
 __all__ = ["BACKENDS", "DeviceInfo", "FakeGpuProfile", "MigDeviceInfo", "MigMode", "NvmlBackend", "NvmlError",
-           "Placement", "ProfileError", "errors", "load_profile", "open_backend", "profile_from_spec"]
+           "Placement", "ProfileError", "errors", "interface", "load_profile", "models", "open_backend", "profile",
+           "profile_from_spec", "real"]

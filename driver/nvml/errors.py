@@ -7,6 +7,8 @@ these classes; the fake raises them where hardware would.
 
 from __future__ import annotations
 
+from driver.errors import PartitaError
+
 UNINITIALIZED = 1
 INVALID_ARGUMENT = 2
 NOT_SUPPORTED = 3
@@ -54,7 +56,7 @@ _NAMES = {
 }
 
 
-class NvmlError(Exception):
+class NvmlError(PartitaError):
     """An NVML call failed. ``code`` is the ``nvmlReturn_t`` value."""
 
     code: int = UNKNOWN

@@ -28,6 +28,8 @@ from typing import Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from driver.errors import PartitaError
+
 from .models import get_model, known_models
 
 API_VERSION = "gpu.partita.dev/v1alpha1"
@@ -37,7 +39,7 @@ DEFAULT_CUDA_DRIVER_VERSION = "13.0"
 ANY_NODE = "*"
 
 
-class ProfileError(ValueError):
+class ProfileError(PartitaError, ValueError):
     """A profile file or ``--fake`` value that cannot be used; the message says where and how to fix it."""
 
 

@@ -39,6 +39,7 @@ from typing import Protocol
 from driver.api import constants as C
 from driver.api.nodeselector import NodeFacts, selected_node_names, selector_mismatch
 from driver.api.quantity import Quantity, QuantityError, format_bytes
+from driver.errors import PartitaError
 from driver.plugin.checkpoint import PreparedClaim, PreparedDevice
 from driver.plugin.devices import DeviceRef
 from driver.slices import whole_gpu_usable
@@ -51,7 +52,7 @@ _FIX = ("this means two allocators handed it out or the allocation was forged; d
 _FIX_ONE = "the allocation is corrupt or forged; delete the claim so it is allocated again"
 
 
-class AdmissionError(Exception):
+class AdmissionError(PartitaError):
     """The claim may not be prepared here; the message names the claims, the device and the fix."""
 
 

@@ -23,6 +23,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from driver.api.config import GpuConfig
+from driver.errors import PartitaError
 from driver.plugin import durable
 
 API_VERSION = "gpu.partita.dev/v1"
@@ -30,7 +32,7 @@ KIND = "PluginCheckpoint"
 SUPPORTED_VERSIONS = (API_VERSION,)
 
 
-class CheckpointError(Exception):
+class CheckpointError(PartitaError):
     """The checkpoint cannot be read; the message names the file and what to do."""
 
 
@@ -61,7 +63,7 @@ class PreparedDevice(_Model):
     type: str                                   # gpu | mig | shared
     gpu_uuid: str = Field(alias="gpuUUID")
     mig: MigInstance | None = None
-    config: dict | None = None                  # the effective opaque config applied (sharing)
+    config: GpuConfig | None = None             # the effective opaque config applied (sharing), defaults filled
     consumed_capacity: dict[str, str] | None = Field(default=None, alias="consumedCapacity")
     edits: dict | None = None                   # extra CDI container edits of a share (env, mounts)
     #: True for an admin-access result (monitoring): never a use of the device, changes nothing on it.

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from driver.errors import PartitaError
 from driver.plugin.checkpoint import PreparedDevice
 
 
-class PrepareError(Exception):
+class PrepareError(PartitaError):
     """A claim cannot be prepared; the message names the claim, the field and the fix."""
 
 

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from driver.api.kube import InvalidName, Kube, KubeError, check_name, check_namespace, claim_path
+from driver.api.kube import InvalidName, Kube, KubeError, KubeNotFound, check_name, check_namespace, claim_path
 from driver.api.messages import brief
 from driver.api.nodeselector import NodeFacts
 from driver.plugin.admission import check_allocated_here
 from driver.plugin.claimref import ClaimRef, PrepareError, check_request
 
 
+class ClaimGone(PrepareError):
+    """The claim the kubelet names no longer exists on the API server (deleted)."""
+
+
 class ClaimSource(Protocol):
-    async def get(self, ref: ClaimRef) -> dict: ...
+    async def get(self, ref: ClaimRef) -> dict:
+        """The claim; :class:`ClaimGone` when it does not exist, :class:`PrepareError` when it cannot be read."""
+        ...
 
 
 def check_claim_ref(ref: ClaimRef) -> None:
@@ -47,10 +53,10 @@ class KubeClaimSource:
         check_claim_ref(ref)
         try:
             return await self._kube.get(claim_path(ref.namespace, ref.name))
+        except KubeNotFound:
+            raise ClaimGone(f"claim {ref} (uid {ref.uid}) does not exist on the API server; it was deleted — "
+                            "the kubelet stops asking once the pod is gone") from None
         except KubeError as e:
-            if e.not_found:
-                raise PrepareError(f"claim {ref} (uid {ref.uid}) does not exist on the API server; it was deleted — "
-                                   "the kubelet stops asking once the pod is gone") from None
             raise PrepareError(f"reading claim {ref} from the API server failed: {e}; the kubelet retries") from None
         except OSError as e:
             raise PrepareError(f"reading claim {ref}: the API server is unreachable ({e}); the kubelet retries") from None

@@ -22,13 +22,15 @@ import secrets
 import stat
 from pathlib import Path
 
+from driver.errors import PartitaError
+
 log = logging.getLogger(__name__)
 
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
-class DurableError(OSError):
+class DurableError(PartitaError, OSError):
     """A file could not be written or read safely; the message names it, its directory and the fix."""
 
 

@@ -22,11 +22,12 @@ from driver import logfmt
 from driver.api import constants as C
 from driver.api.kube import InvalidName, Kube, KubeError, check_name, node_path
 from driver.cliopts import add_cluster, add_log_level, connect
+from driver.errors import PartitaError
 from driver.logfmt import add_log_format
 from driver.inventory import discover
 from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_backend
 from driver.plugin import cdi
-from driver.plugin.claims import KubeClaimSource
+from driver.plugin.claims import ClaimGone, KubeClaimSource
 from driver.plugin.healthsetup import HealthFlagError, add_health_arguments, events_file, health_config, wire_health
 from driver.plugin.mps_watch import watch_mps_daemons
 from driver.plugin.telemetry import add_observer_arguments, start_observers
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
 
-class StartupError(Exception):
+class StartupError(PartitaError):
     pass
 
 
@@ -170,9 +171,10 @@ async def cleanup_stale_claims(state: DeviceState, claims: KubeClaimSource) -> N
         ref = ClaimRef(entry.namespace, entry.name, uid)
         try:
             claim = await claims.get(ref)
-        except PrepareError as e:
-            if "does not exist" in str(e):
-                stale.append(ref)
+        except ClaimGone:
+            stale.append(ref)
+            continue
+        except PrepareError:
             continue
         if claim.get("metadata", {}).get("uid") != uid:
             stale.append(ref)

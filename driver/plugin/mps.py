@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from driver.errors import PartitaError
 from driver.plugin import durable, mps_protocol as proto
 from driver.plugin.mps_protocol import CONTROL_SOCKET
 
@@ -40,7 +41,7 @@ PID_FILE = "daemon.pid"
 REAL_BINARY = "nvidia-cuda-mps-control"
 
 
-class MpsError(Exception):
+class MpsError(PartitaError):
     """An MPS daemon could not be started, told or stopped; the message says what to check."""
 
 

@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from driver.api import constants as C
+from driver.api.config import GpuConfig
 from driver.api.nodeselector import NodeFacts
+from driver.errors import PartitaError
 from driver.inventory import Inventory, discover
 from driver.nvml import NvmlBackend, NvmlError
 from driver.nvml.interface import COMPUTE_MODE_EXCLUSIVE_PROCESS
@@ -114,9 +116,9 @@ class DeviceState:
             self._on_inventory_change(self.inventory)
 
     # -- the calls ------------------------------------------------------------------------------
-    async def prepare(self, claims: list[tuple[ClaimRef, dict | Exception]]) -> dict[str, PreparedResult]:
-        """``claims``: each kubelet claim with the ResourceClaim read from the API server (or the error
-        reading it). Returns one result per claim UID, once the batch it ran in is durable."""
+    async def prepare(self, claims: list[tuple[ClaimRef, dict]]) -> dict[str, PreparedResult]:
+        """``claims``: each kubelet claim with the ResourceClaim read from the API server (the caller answers
+        claims that could not be read). Returns one result per claim UID, once the batch it ran in is durable."""
         out: dict[str, PreparedResult] = await self.commits.submit(("prepare", claims))
         for ref, _ in claims:
             if not out[ref.uid].error:
@@ -260,7 +262,7 @@ class DeviceState:
         return devices
 
     def _prepare_device(self, cp: Checkpoint, entry: PreparedClaim, ref: ClaimRef, result: dict, dev: DeviceRef,
-                        config: dict | None) -> PreparedDevice:
+                        config: GpuConfig | None) -> PreparedDevice:
         h = self.backend.device_by_uuid(dev.gpu.uuid)
         mig: MigInstance | None = None
         edits = None

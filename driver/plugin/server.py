@@ -22,6 +22,7 @@ from typing import Any, Callable
 import grpc
 
 from driver.api.messages import MAX_MESSAGE, MIN_MESSAGE, bound
+from driver.errors import Result
 from driver.kubeletapi.dra.v1 import api_pb2 as v1
 from driver.kubeletapi.dra.v1 import api_pb2_grpc as v1_grpc
 from driver.kubeletapi.dra.v1beta1 import api_pb2 as v1beta1
@@ -31,7 +32,7 @@ from driver.kubeletapi.pluginregistration.v1 import api_pb2_grpc as reg_grpc
 from driver.plugin import metrics
 from driver.plugin.claims import ClaimSource, check_claim_ref, check_claim_shape
 from driver.plugin.observers import Observers, notify_prepared, notify_unprepared
-from driver.plugin.prepare import ClaimRef, DeviceState
+from driver.plugin.prepare import ClaimRef, DeviceState, PreparedResult, PrepareError
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +72,28 @@ class DraService:
         self.observers = observers or Observers()
         self.on_change: Callable[[], None] | None = None    # after every prepare/unprepare (health stream)
 
-    async def _fetch(self, ref: ClaimRef) -> dict | Exception:
+    async def _fetch(self, ref: ClaimRef) -> Result[dict]:
         """The claim the kubelet names, read only when its names are valid, and checked for the fields
-        Prepare reads; else the error for this claim."""
+        Prepare reads; else why this claim cannot be prepared."""
         try:
             check_claim_ref(ref)
             claim = await self.claims.get(ref)
             check_claim_shape(ref, claim)
-            return claim
-        except Exception as e:  # noqa: BLE001 - reported per claim
-            return e
+            return Result.ok(claim)
+        except PrepareError as e:
+            log.warning("prepare of claim %s (uid %s) failed: %s", ref, ref.uid, e)
+            return Result.failed(str(e))
+        except Exception as e:  # noqa: BLE001 - a bug reading one claim must not fail the others
+            log.exception("reading claim %s (uid %s) failed unexpectedly", ref, ref.uid)
+            return Result.failed(f"claim {ref}: internal error: {e}")
 
     async def prepare(self, request, pb):  # noqa: ANN001 - v1 or v1beta1 messages
         start = time.perf_counter()
         refs = [ClaimRef(c.namespace, c.name, c.uid) for c in request.claims]
         fetched = await asyncio.gather(*(self._fetch(r) for r in refs))
-        results = await self.state.prepare(list(zip(refs, fetched)))
-        notify_prepared(self.observers, self.state, refs, fetched, results)
+        results = await self.state.prepare([(r, f.value) for r, f in zip(refs, fetched) if f.value is not None])
+        results.update({r.uid: PreparedResult(error=f.error) for r, f in zip(refs, fetched) if f.error is not None})
+        notify_prepared(self.observers, self.state, refs, [f.value for f in fetched], results)
         resp = pb.NodePrepareResourcesResponse()
         errors: dict[str, str] = {}
         for ref in refs:

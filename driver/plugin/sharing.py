@@ -31,7 +31,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from driver.api import constants as C
+from driver.api.config import DEFAULT_INTERVAL, GpuConfig, MpsConfig, settings_of
+from driver.api.config import Sharing as SharingSettings
 from driver.api.quantity import Quantity, QuantityError
+from driver.errors import PartitaError
 from driver.nvml import NvmlBackend
 from driver.nvml.errors import NotSupportedError
 from driver.nvml.interface import COMPUTE_MODE_DEFAULT, COMPUTE_MODE_EXCLUSIVE_PROCESS
@@ -41,10 +44,9 @@ from driver.plugin.mps import CONTAINER_PIPE_DIR, MpsDaemons, MpsError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INTERVAL = "Default"
 
 
-class SharingError(Exception):
+class SharingError(PartitaError):
     """A share cannot be set up; the message names the claim, the GPU and the fix."""
 
 
@@ -54,11 +56,10 @@ class ShareEdits:
     mounts: list[cdi.Mount] = field(default_factory=list)
 
 
-def strategy_of(config: dict | None) -> tuple[str, dict]:
-    sharing = (config or {}).get("sharing") or {}
-    strategy = sharing.get("strategy") or "TimeSlicing"
-    details = sharing.get("mpsConfig" if strategy == "MPS" else "timeSlicingConfig") or {}
-    return strategy, details
+def strategy_of(config: GpuConfig | None) -> tuple[str, SharingSettings]:
+    """The strategy a device's shares use and its settings, defaults filled in (no config: the defaults)."""
+    settings = settings_of(config)
+    return settings.strategy, settings
 
 
 def _mib(quantity: str, where: str) -> int:
@@ -68,7 +69,7 @@ def _mib(quantity: str, where: str) -> int:
         raise SharingError(f"{where}: {e}") from None
 
 
-def uses_sharing(device_type: str, config: dict | None) -> bool:
+def uses_sharing(device_type: str, config: GpuConfig | None) -> bool:
     """Shares of a shared device, and whole GPUs whose claim carries a GpuConfig (one claim used by
     several pods: the fallback when consumable capacity is off)."""
     return device_type == C.DEVICE_TYPE_SHARED or (device_type == C.DEVICE_TYPE_GPU and config is not None)
@@ -90,9 +91,9 @@ class Sharing:
         return [(f"{c.namespace}/{c.name}", d) for c in cp.claims.values() if c.uid != exclude_uid
                 for d in c.devices if holds_share(d) and d.gpu_uuid == gpu_uuid]
 
-    def prepare(self, cp: Checkpoint, claim: str, claim_uid: str, gpu_uuid: str, h: object, config: dict | None,
+    def prepare(self, cp: Checkpoint, claim: str, claim_uid: str, gpu_uuid: str, h: object, config: GpuConfig | None,
                 consumed: dict | None, pending: Iterable[PreparedDevice] = ()) -> ShareEdits:
-        strategy, details = strategy_of(config)
+        strategy, settings = strategy_of(config)
         others = self.shares_of(cp, gpu_uuid, exclude_uid=claim_uid) + [
             (claim, d) for d in pending if holds_share(d) and d.gpu_uuid == gpu_uuid]
         for other, d in others:
@@ -108,7 +109,7 @@ class Sharing:
         if memory:
             edits.env.append(f"PARTITA_SHARED_MEMORY={memory}")
         if strategy == "TimeSlicing":
-            wanted = details.get("interval") or DEFAULT_INTERVAL
+            wanted = settings.time_slicing_config.interval if settings.time_slicing_config else DEFAULT_INTERVAL
             current = self.backend.time_slice(h)
             if not others and current != wanted:
                 self.backend.set_time_slice(h, wanted)
@@ -119,8 +120,8 @@ class Sharing:
             edits.env.append(f"PARTITA_TIME_SLICE={current}")
             return edits
         # MPS
-        pct = details.get("defaultActiveThreadPercentage")
-        default_limit = details.get("defaultPinnedDeviceMemoryLimit")
+        mps = settings.mps_config or MpsConfig()
+        pct, default_limit = mps.default_active_thread_percentage, mps.default_pinned_device_memory_limit
         try:
             if not others:
                 if self.backend.compute_mode(h) != COMPUTE_MODE_EXCLUSIVE_PROCESS:
@@ -186,10 +187,11 @@ class Sharing:
                 self.release_unused(cp, [uuid])
         for uuid in wanted:
             if not self.mps.running(uuid):
-                _, details = strategy_of(next(d.config for _, d in self.shares_of(cp, uuid)))
-                limit = details.get("defaultPinnedDeviceMemoryLimit")
+                _, settings = strategy_of(next(d.config for _, d in self.shares_of(cp, uuid)))
+                mps = settings.mps_config or MpsConfig()
+                limit = mps.default_pinned_device_memory_limit
                 try:
-                    self.mps.start(uuid, details.get("defaultActiveThreadPercentage"),
+                    self.mps.start(uuid, mps.default_active_thread_percentage,
                                    f"{_mib(limit, 'mpsConfig.defaultPinnedDeviceMemoryLimit')}M" if limit else None)
                 except (MpsError, SharingError) as e:
                     log.error("could not restart the MPS control daemon of GPU %s: %s", uuid, e)

@@ -21,6 +21,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from driver.errors import PartitaError
+
 #: the first kubelet release whose DRA plugin manager supports several instances of one driver
 MIN_KUBELET = (1, 33)
 #: a pod UID (RFC 4122 text form) or any other name-safe token: it becomes part of two file names
@@ -28,7 +30,7 @@ _UID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)(?:\.\d+)?(?:[-+].*)?$")
 
 
-class InstanceUidError(ValueError):
+class InstanceUidError(PartitaError, ValueError):
     pass
 
 

@@ -50,9 +50,9 @@ class FakeClaims:
         self.claims[f"{claim['metadata']['namespace']}/{claim['metadata']['name']}"] = claim
 
     async def get(self, ref):  # noqa: ANN001
-        from driver.plugin.prepare import PrepareError
+        from driver.plugin.claims import ClaimGone
 
         c = self.claims.get(f"{ref.namespace}/{ref.name}")
         if c is None:
-            raise PrepareError(f"claim {ref} (uid {ref.uid}) does not exist on the API server")
+            raise ClaimGone(f"claim {ref} (uid {ref.uid}) does not exist on the API server")
         return c

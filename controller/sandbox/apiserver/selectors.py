@@ -1,4 +1,4 @@
-"""Label and field selectors as the Kubernetes API parses them (for the sandbox API emulator)."""
+"""Label and field selectors as the Kubernetes API parses them (apimachinery pkg/labels and pkg/fields)."""
 
 from __future__ import annotations
 
