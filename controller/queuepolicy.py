@@ -27,13 +27,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable, Literal, Sequence
+from driver.errors import PartitaError
 
 Backfill = Literal["none", "ends-before"]
 BACKFILL_MODES: tuple[str, ...] = ("none", "ends-before")
 RESERVE_FOR: tuple[str, ...] = ("largest", "oldest", "weighted")
 
 
-class PolicyError(ValueError):
+class PolicyError(PartitaError, ValueError):
     """A setting of the queue policy is out of range (the message names the setting and the fix)."""
 
 

@@ -24,6 +24,7 @@ from controller.operator import capacity as cap
 from controller.operator.claims import allocated_node, key
 from driver.api import constants as C
 from driver.cliopts import add_cluster, add_output, connect, where
+from driver.errors import PartitaError
 
 OUTPUTS = ("table", "wide", "yaml", "json")
 IDLE_CONDITION = "Idle"
@@ -31,7 +32,7 @@ IDLE_METRIC = "partita_claim_idle"
 HEALTH_METRIC = "partita_device_health"
 
 
-class StatusError(RuntimeError):
+class StatusError(PartitaError, RuntimeError):
     """The status could not be read; the message says what and how to fix it."""
 
 

@@ -6,4 +6,4 @@ inventory and slice builder (``inventory``, ``slices``), NVML (``nvml``), the ku
 its own ``__all__`` narrows it), the generated kubelet gRPC stubs (``kubeletapi``) and the command (``cli``).
 """
 
-__all__ = ["api", "cli", "cliopts", "errors", "inventory", "kubeletapi", "nvml", "plugin", "slices"]
+__all__ = ["api", "cli", "cliopts", "errors", "inventory", "kubeletapi", "logfmt", "nvml", "plugin", "slices"]

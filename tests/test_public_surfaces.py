@@ -15,18 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("driver", "controller")
 
 SURFACES = {
-    "driver": ["api", "cli", "cliopts", "errors", "inventory", "kubeletapi", "nvml", "plugin", "slices"],
+    "driver": ["api", "cli", "cliopts", "errors", "inventory", "kubeletapi", "logfmt", "nvml", "plugin", "slices"],
     "driver.api": ["config", "constants", "deviceclasses", "kube", "messages", "naming", "nodeselector", "objects",
                    "quantity"],
-    "driver.nvml": ["BACKENDS", "DeviceInfo", "FakeGpuProfile", "MigDeviceInfo", "MigMode", "NvmlBackend", "NvmlError",
-                    "Placement", "ProfileError", "errors", "interface", "load_profile", "models", "open_backend",
-                    "profile", "profile_from_spec", "real"],
-    "driver.plugin": ["main", "sockets"],
+    "driver.nvml": ["BACKENDS", "DeviceInfo", "FakeGpuProfile", "MigDeviceInfo", "MigMode", "NvmlBackend", "NvmlError", "Placement", "ProfileError", "errors", "events", "fake", "interface", "load_profile", "models", "open_backend", "profile", "profile_from_spec", "real"],
+    "driver.plugin": ["main", "sockets", "telemetry"],
     "controller": ["allocator", "cli", "operator", "sandbox", "simulate", "webhook"],
-    "controller.allocator": ["STRATEGIES", "AllocatedState", "AllocationError", "Allocator", "DeviceID", "Features",
-                             "Node", "NodeChoice", "SliceIndex", "Strategy", "cel", "copy_claim_with_tolerations",
-                             "devicetaints", "explain", "get_strategy", "nodeselector", "search", "types"],
-    "controller.operator": ["claims", "controller", "main", "nodefit"],
+    "controller.allocator": ["AllocatedState", "AllocationError", "Allocator", "DeviceID", "Features", "NOTHING", "Node", "NodeChoice", "STRATEGIES", "SliceIndex", "Strategy", "Unavailable", "cel", "copy_claim_with_tolerations", "devicetaints", "explain", "get_strategy", "nodeselector", "pools", "search", "types"],
+    "controller.operator": ["capacity", "claims", "controller", "main", "nodefit", "taintrules"],
     "controller.sandbox": ["apiserver", "main"],
     "controller.sandbox.apiserver": ["FEATURES", "RESOURCES", "ApiError", "ApiServer", "Resource"],
     "controller.simulate": ["SimulateError", "main"],

@@ -2,4 +2,4 @@
 (which claims and pods are Partita's) and ``nodefit`` (whether a pod fits a node, for the sandbox's
 scheduler stand-in); the rest is its own."""
 
-__all__ = ["claims", "controller", "main", "nodefit"]
+__all__ = ["capacity", "claims", "controller", "main", "nodefit", "taintrules"]

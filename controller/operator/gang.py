@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from .claims import is_pending, key
+from driver.errors import PartitaError
 
 GANG = "partita.dev/gang"
 GANG_SIZE = "partita.dev/gang-size"
@@ -31,7 +32,7 @@ WORKLOAD_API = "/apis/scheduling.k8s.io/v1alpha1"
 MAX_GANG = 1024
 
 
-class GangError(ValueError):
+class GangError(PartitaError, ValueError):
     """A pod's gang annotations or Workload reference cannot be used (the message says which and the fix)."""
 
 

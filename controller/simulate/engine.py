@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from controller.allocator import AllocatedState, AllocationError, Allocator, DeviceID, Node
-from controller.allocator.allocator import NOTHING, Unavailable
+from controller.allocator import NOTHING, Unavailable
 from driver.api import constants as C
 
 from .cluster import Cluster, Gpu

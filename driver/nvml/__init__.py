@@ -42,5 +42,5 @@ def open_backend(kind: str, *, profile: FakeGpuProfile | None = None, node_name:
 #: names, and the modules others may import from (interface constants, the fake GPU profiles and models, the
 #: real backend for a driver root); fake.py and the rest are the package's own
 __all__ = ["BACKENDS", "DeviceInfo", "FakeGpuProfile", "MigDeviceInfo", "MigMode", "NvmlBackend", "NvmlError",
-           "Placement", "ProfileError", "errors", "interface", "load_profile", "models", "open_backend", "profile",
-           "profile_from_spec", "real"]
+           "Placement", "ProfileError", "errors", "events", "fake", "interface", "load_profile", "models",
+           "open_backend", "profile", "profile_from_spec", "real"]

@@ -93,7 +93,7 @@ INJECTION_KINDS = ("xid", "ecc_dbe", "fallen_off_bus", "retired_pages_pending", 
 RECOVERY_ACTION_NAMES = ("none", "gpu_reset", "node_reboot", "drain_p2p", "drain_and_reset")
 
 
-class InjectionError(ValueError):
+class InjectionError(PartitaError, ValueError):
     """An injected health event that cannot be applied; the message names the event, the field and the fix."""
 
 

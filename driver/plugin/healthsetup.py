@@ -19,12 +19,13 @@ from driver.plugin.healthmetrics import DeviceHealthGauge
 from driver.plugin.healthmon import HealthConfig, HealthMonitor, HealthView, health_taints, parse_effects, parse_xids
 from driver.plugin.prepare import DeviceState
 from driver.publisher import SlicePublisher
+from driver.errors import PartitaError
 
 #: the events file the fake NVML follows, under the fake state directory, when --fake-events is not given
 DEFAULT_EVENTS_FILE = "events.jsonl"
 
 
-class HealthFlagError(ValueError):
+class HealthFlagError(PartitaError, ValueError):
     pass
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from driver.errors import PartitaError
 
 #: name of the stand-in's control socket in the plugin's private per-GPU directory
 CONTROL_SOCKET = "control"
@@ -28,7 +29,7 @@ GET_PINNED_MEM_LIMIT = "get_default_device_pinned_mem_limit"
 REFUSALS = ("Invalid", "Unrecognized")
 
 
-class ProtocolError(Exception):
+class ProtocolError(PartitaError):
     """No daemon answers at the endpoint, or it refused the command; the message says which."""
 
 
