@@ -7,25 +7,13 @@ import asyncio
 
 import pytest
 
-from controller.operator.controller import ControllerConfig
 from controller.operator.queue import WorkQueue
 from controller.queuepolicy import QueueSettings
-from tests.support.cluster import claim, cluster, pod, request
+from tests.support.cluster import claim, is_allocated, pod, request, run
 
 pytestmark = pytest.mark.timeout(90)
 
-FAST = dict(retry_min=0.1, retry_max=1.0, report_after=0.3)
-
-
-def run(scenario, **cfg):
-    async def main():
-        async with cluster(ControllerConfig(**{**FAST, **cfg})) as cl:
-            await scenario(cl)
-    asyncio.run(main())
-
-
-def _allocated(cl, name: str) -> bool:
-    return bool((cl.claim(name).get("status") or {}).get("allocation"))
+_allocated = is_allocated
 
 
 async def _stream_with_a_big_pod(cl, rounds: int) -> dict:

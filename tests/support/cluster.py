@@ -115,3 +115,20 @@ async def cluster(cfg: ControllerConfig | None = None, *, classes: bool = True,
     finally:
         await asyncio.get_running_loop().run_in_executor(None, ctl.stop)
         await server.stop()
+
+
+#: retries and reports fast enough for tests
+FAST = dict(retry_min=0.1, retry_max=1.0, report_after=0.3)
+
+
+def run(scenario, **cfg) -> None:  # noqa: ANN001
+    """Run ``await scenario(cl)`` against a fresh :func:`cluster` whose controller has ``FAST`` settings
+    overridden by ``cfg``."""
+    async def main() -> None:
+        async with cluster(ControllerConfig(**{**FAST, **cfg})) as cl:
+            await scenario(cl)
+    asyncio.run(main())
+
+
+def is_allocated(cl, name: str) -> bool:  # noqa: ANN001
+    return bool((cl.claim(name).get("status") or {}).get("allocation"))
