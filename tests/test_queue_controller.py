@@ -128,3 +128,21 @@ def test_a_bad_queue_flag_exits_2_naming_the_flag(caplog: pytest.LogCaptureFixtu
     args = p.parse_args(["--queue-reserve-min-gpus", "nan", "--health-port", "-1", "--metrics-port", "-1"])
     assert operator_main.run(args) == 2
     assert "--queue-reserve-min-gpus nan: must be 0 or more GPUs" in caplog.text
+
+
+def test_pods_of_one_priority_and_age_are_tried_in_the_order_they_came() -> None:
+    """creationTimestamp has one-second resolution: pods created in the same second are tried in the order
+    the controller saw them, not by name (a name order let a later pod take the GPU of an earlier one)."""
+    async def scenario(cl):
+        cl.add_node("node-a", "H100-SXM5-80GB:1")
+        cl.submit(pod("holder", ["h"]), claim("h", [request()]))
+        await cl.allocated("h")
+        cl.submit(pod("zz-first", ["first"]), claim("first", [request()]))
+        cl.submit(pod("aa-second", ["second"]), claim("second", [request()]))
+        await cl.server.wait_for(lambda _: ("default/zz-first" in cl.controller.why_pending
+                                            and "default/aa-second" in cl.controller.why_pending) or None)
+        cl.server.delete("pods", "holder", "default")
+        await cl.allocated("first")
+        await asyncio.sleep(0.5)
+        assert not _allocated(cl, "second")
+    run(scenario, retry_min=0.5, retry_max=0.5)

@@ -149,11 +149,11 @@ class Controller:
 
     def _rank(self, k: str) -> tuple:
         """Releases and reports first (they free devices), then pods by the queue policy's order: higher
-        priority, then older."""
+        priority, then older; ties in the order they were queued (creationTimestamp has one-second resolution)."""
         if not k.startswith("pod:"):
             return (0,)
         pod = self.cache.pods.get(k[4:]) or {}
-        return (1, -priority(pod), (pod.get("metadata") or {}).get("creationTimestamp") or "", k)
+        return (1, -priority(pod), (pod.get("metadata") or {}).get("creationTimestamp") or "")
 
     # -- loop -----------------------------------------------------------------------------------
     def informers_synced(self) -> bool:
