@@ -180,3 +180,36 @@ def test_device_health_metric_keeps_one_series_per_device(tmp_path) -> None:
     gauge.update(mon.view())
     assert states(gpu) == [LOST] and states(shared) == [LOST] and states(mig) == [LOST]
     assert states(naming.gpu_device_name(inv.gpus[1].uuid)) == [HEALTHY]
+
+
+def test_claims_healthy_condition_follows_the_monitor_and_only_changes_are_written(tmp_path) -> None:
+    """Issue 13 item 4: the Healthy condition in claims' status.devices turns False with the state when the
+    GPU fails, and True again when it recovers (driver/plugin/healthsetup.py HealthConditions)."""
+    from driver.plugin.healthsetup import HealthConditions
+
+    class Writer:
+        def __init__(self):
+            self.calls = []
+
+        def set_device_health(self, target, healthy, reason="", message=""):
+            self.calls.append((target, healthy, reason))
+            return 1
+
+    b, inv, mon, clock = _setup(tmp_path, quiet=30.0)
+    w = Writer()
+    cond = HealthConditions(w)         # a listener of the monitor; called here by hand (no event loop)
+    uuid = inv.gpus[0].uuid
+    b.inject({"kind": "fallen_off_bus", "gpu": 0})
+    mon.record_event(HealthEvent(uuid, EVENT_XID, 79))
+    cond.update(mon.view())
+    assert w.calls == [(uuid, False, "DeviceLost")]
+    cond.update(mon.view())                         # the same view again: nothing written
+    assert w.calls == [(uuid, False, "DeviceLost")]
+    b.inject({"kind": "reset", "gpu": 0})
+    mon.check_now()
+    clock.t += 31
+    mon.tick()
+    assert mon.view().gpu(uuid).healthy
+    cond.update(mon.view())
+    assert w.calls[-1] == (uuid, True, "")
+    assert [c for c in w.calls if c[0] != uuid] == []     # the other GPU was never touched

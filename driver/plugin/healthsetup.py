@@ -82,9 +82,10 @@ class Health:
 
 
 def wire_health(config: HealthConfig, backend: NvmlBackend, inventory: Inventory, node_name: str,
-                publisher: SlicePublisher, state: DeviceState) -> Health:
+                publisher: SlicePublisher, state: DeviceState, device_status=None) -> Health:  # noqa: ANN001
     """The monitor and its listeners; one synchronous check first, so the first slices already carry the
-    taints of GPUs that are unhealthy at start."""
+    taints of GPUs that are unhealthy at start. ``device_status``: the claims' ``status.devices`` writer
+    (driver/plugin/devicestatus.py) whose ``Healthy`` conditions follow the monitor, or None when it is off."""
     monitor = HealthMonitor(backend, inventory, config, node_name=node_name)
     stream = ResourceHealth(state, monitor.view)
     gauge = DeviceHealthGauge(node_name, inventory)
@@ -93,9 +94,34 @@ def wire_health(config: HealthConfig, backend: NvmlBackend, inventory: Inventory
         publisher.update_health(health_taints(view, config.effects))
         stream.notify(view)
         gauge.update(view)
+        if conditions is not None:
+            conditions.update(view)
+
+    conditions = HealthConditions(device_status) if device_status is not None else None
 
     monitor.subscribe(changed)
     if config.check_interval > 0:
         monitor.check_now()
     changed(monitor.view())
     return Health(monitor, stream, gauge)
+
+
+class HealthConditions:
+    """Keeps the ``Healthy`` condition of prepared devices in claims' ``status.devices`` (KEP-4817) equal to
+    the monitor's view: a GPU or MIG device that turns unhealthy gets ``Healthy=False`` with the state as its
+    reason (``DeviceDegraded``, ``DeviceLost``, ``DeviceFatal``), and ``True`` again when it recovers. Only
+    changes are written."""
+
+    def __init__(self, writer) -> None:  # noqa: ANN001 - a DeviceStatusWriter (set_device_health)
+        self.writer = writer
+        self._set: dict[str, tuple[str, str]] = {}    # GPU UUID or MIG device name -> (state, reason) written
+
+    def update(self, view: HealthView) -> None:
+        now = {t: (h.state, h.reason) for t, h in [*view.gpus.items(), *view.migs.items()] if not h.healthy}
+        for target, (state, why) in now.items():
+            if self._set.get(target) != (state, why):
+                self.writer.set_device_health(target, False, "Device" + state[:1].upper() + state[1:],
+                                              f"the health monitor reports this device {state}: {why}")
+        for target in set(self._set) - set(now):
+            self.writer.set_device_health(target, True)
+        self._set = now

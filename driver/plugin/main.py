@@ -29,6 +29,7 @@ from driver.nvml import BACKENDS, NvmlError, ProfileError, load_profile, open_ba
 from driver.plugin import cdi
 from driver.plugin.claims import ClaimGone, KubeClaimSource
 from driver.plugin.healthsetup import HealthFlagError, add_health_arguments, events_file, health_config, wire_health
+from driver.plugin.devicestatus import DeviceStatusWriter
 from driver.plugin.mps_watch import watch_mps_daemons
 from driver.plugin.telemetry import add_observer_arguments, start_observers
 from driver.plugin.nodelabels import follow_node_labels
@@ -212,7 +213,8 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     await state.recover()
     claims = KubeClaimSource(kube)
     observers, observer_tasks = start_observers(args, kube, backend, state, claims, stop)
-    health = wire_health(health_config(args), backend, inventory, args.node_name, publisher, state)
+    health = wire_health(health_config(args), backend, inventory, args.node_name, publisher, state,
+                         observers.of_type(DeviceStatusWriter))
     svc = DraService(state, claims, observers)
     svc.on_change = health.stream.notify
     servers = PluginServers(svc, driver_name=args.driver_name, dra_socket=sockets.dra,
