@@ -180,18 +180,3 @@ def test_a_failed_batch_write_after_a_mig_intent_undoes_the_mig_device_too(node,
     assert state.prepared_claims() == {}                    # the rollback's write removed the intents
     assert not list(state.cdi_root.glob("*"))
     assert backend.time_slice(backend.device_by_uuid(inv.gpus[0].uuid)) == "Default"
-
-
-def test_hooks_run_after_the_durable_answer_and_never_fail_a_claim(node) -> None:
-    state, _, inv = node
-    seen: list[tuple[str, str, int]] = []
-    state.on_prepared.append(lambda ref, devices: seen.append(("prepared", ref.uid, len(devices))))
-    state.on_prepared.append(lambda ref, devices: 1 / 0)
-    state.on_unprepared.append(lambda ref: seen.append(("unprepared", ref.uid, 0)))
-    c = _share("hooked", inv, 0)
-    uid = c["metadata"]["uid"]
-    assert asyncio.run(state.prepare([(_ref(c), c)]))[uid].error == ""
-    assert seen == [("prepared", uid, 1)]
-    assert CheckpointStore(state.checkpoint.path).read().claims[uid].state == "Prepared"
-    assert asyncio.run(state.unprepare([_ref(c)])) == {uid: ""}
-    assert seen[-1] == ("unprepared", uid, 0)

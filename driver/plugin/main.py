@@ -208,8 +208,7 @@ async def serve(args: argparse.Namespace, ready: asyncio.Event | None = None,
     # The NVIDIA container toolkit's CDI spec (device nodes, driver libraries) exists on real nodes only.
     toolkit_dirs = list(cdi.TOOLKIT_SPEC_DIRS) if args.nvml == "real" else []
     state = DeviceState(driver_name=args.driver_name, node_name=args.node_name, backend=backend,
-                        inventory=inventory, cdi_root=cdi_root, plugin_dir=plugin_dir, cdi_search_dirs=toolkit_dirs,
-                        on_inventory_change=publisher.update_inventory)
+                        inventory=inventory, cdi_root=cdi_root, plugin_dir=plugin_dir, cdi_search_dirs=toolkit_dirs)
     await state.recover()
     claims = KubeClaimSource(kube)
     observers, observer_tasks = start_observers(args, kube, backend, state, claims, stop)

@@ -28,8 +28,8 @@ Admin access (a result with ``adminAccess: true``) changes nothing on the device
 instance creation (its MIG device must exist), no sharing set-up; its unprepare destroys nothing. Its CDI
 device has ``PARTITA_ADMIN_ACCESS=true``.
 
-Hooks: ``on_prepared`` and ``on_unprepared`` (lists of callables) are called on the event loop, once a
-claim's answer is final and durable, for every claim answered without error.
+What follows a prepare or an unprepare (claim status, usage, the kubelet's health stream) is called by the
+gRPC layer (server.py: the claim observers and ``on_change``), which also holds the claim read for it.
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ import itertools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from driver.api import constants as C
 from driver.api.config import GpuConfig
 from driver.api.nodeselector import NodeFacts
 from driver.errors import PartitaError
-from driver.inventory import Inventory, discover
+from driver.inventory import Inventory
 from driver.nvml import NvmlBackend, NvmlError
 from driver.nvml.interface import COMPUTE_MODE_EXCLUSIVE_PROCESS
 from driver.plugin import boot, cdi
@@ -77,7 +77,6 @@ class DeviceState:
 
     def __init__(self, *, driver_name: str, node_name: str, backend: NvmlBackend, inventory: Inventory,
                  cdi_root: Path, plugin_dir: Path, cdi_search_dirs: Iterable[Path] | None = None,
-                 on_inventory_change: Callable[[Inventory], None] | None = None,
                  node_labels: Mapping[str, str] | None = None, boot_id_file: Path | None = None):
         self.driver_name = driver_name
         self.node_name = node_name
@@ -89,7 +88,6 @@ class DeviceState:
         self.checkpoint = CheckpointStore(plugin_dir / "checkpoint.json")
         self.boot_id_file = boot_id_file if boot_id_file is not None else boot.default_path()
         self._toolkit_dirs = list(cdi_search_dirs or [])
-        self._on_inventory_change = on_inventory_change
         self.prepared_count = 0
         self.sharing = Sharing(backend, MpsDaemons(plugin_dir / "mps", backend.kind))
         self.mig = MigDevices(backend, self.checkpoint, node_name, lambda point: self._crash(point))
@@ -102,49 +100,26 @@ class DeviceState:
         self.sessions = Sessions(self.checkpoint, plugin_dir, cdi_root, self.recovery.finish_interrupted)
         self.commits: GroupCommit[tuple[str, Any], Any] = GroupCommit(self._run_batch)
         #: called with (claim, its devices) / (claim) after a claim is prepared / unprepared (see the module doc)
-        self.on_prepared: list[Callable[[ClaimRef, list[PreparedDevice]], None]] = []
-        self.on_unprepared: list[Callable[[ClaimRef], None]] = []
         self.set_inventory(inventory)
 
     def set_inventory(self, inventory: Inventory) -> None:
         self.inventory = inventory
         self._devices = device_index(inventory)
 
-    def _refresh_inventory(self) -> None:
-        self.set_inventory(discover(self.backend, self.node_name))
-        if self._on_inventory_change:
-            self._on_inventory_change(self.inventory)
-
     # -- the calls ------------------------------------------------------------------------------
     async def prepare(self, claims: list[tuple[ClaimRef, dict]]) -> dict[str, PreparedResult]:
         """``claims``: each kubelet claim with the ResourceClaim read from the API server (the caller answers
         claims that could not be read). Returns one result per claim UID, once the batch it ran in is durable."""
-        out: dict[str, PreparedResult] = await self.commits.submit(("prepare", claims))
-        for ref, _ in claims:
-            if not out[ref.uid].error:
-                self._notify(self.on_prepared, ref, out[ref.uid].devices)
-        return out
+        return await self.commits.submit(("prepare", claims))
 
     async def unprepare(self, claims: list[ClaimRef]) -> dict[str, str]:
         """Error string per claim UID ("" = done). Unknown claims are success."""
-        out: dict[str, str] = await self.commits.submit(("unprepare", claims))
-        for ref in claims:
-            if ref.uid and not out.get(ref.uid):
-                self._notify(self.on_unprepared, ref)
-        return out
+        return await self.commits.submit(("unprepare", claims))
 
     async def recover(self) -> list[str]:
         """Undo prepares and finish unprepares a crash interrupted; after a node reboot, restore what
         prepared claims had. Returns the UIDs of the interrupted claims that were finished."""
         return await self.commits.submit(("recover", None))
-
-    @staticmethod
-    def _notify(hooks: list[Callable[..., None]], *args: Any) -> None:
-        for hook in hooks:
-            try:
-                hook(*args)
-            except Exception:  # noqa: BLE001 - a hook never fails the claim
-                log.exception("the %s hook failed for claim %s", getattr(hook, "__name__", hook), args[0])
 
     def _run_batch(self, items: list[tuple[str, Any]]) -> list[Any]:
         """One session for the batch: consecutive items of one kind run together (worker thread)."""
