@@ -12,6 +12,7 @@ list can hand out a device another claim holds), and every write passes the lead
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -86,6 +87,10 @@ class Controller:
         self.events = EventRecorder(kube)
         self.health = HealthReporter(cfg.driver_name)      # events on pods whose devices turned unhealthy
         self.extended = ExtendedResourceAdvisor(cfg.driver_name, cfg.allocation_mode, cfg.extended_resource_names)
+        #: pod key -> the order the controller first saw it: the tie-break after priority and creationTimestamp
+        #: (one-second resolution), so pods created in one second are tried in the order they came
+        self._arrival: dict[str, int] = {}
+        self._arrivals = itertools.count()
         self.queue = WorkQueue(cfg.retry_min, cfg.retry_max, rank=self._rank)
         self._nominated: dict[str, str] = {}                 # pod key -> node we allocated its claims for
         self._rejected: dict[str, dict[str, float]] = {}     # pod key -> node -> until (PostFilter feedback)
@@ -138,6 +143,7 @@ class Controller:
         self._failing_since.pop(pod_key, None)
         self._needs.pop(pod_key, None)
         self._announced.pop(pod_key, None)
+        self._arrival.pop(pod_key, None)
 
     def enqueue(self, k: str) -> None:
         self.queue.add(k)
@@ -149,11 +155,13 @@ class Controller:
 
     def _rank(self, k: str) -> tuple:
         """Releases and reports first (they free devices), then pods by the queue policy's order: higher
-        priority, then older; ties in the order they were queued (creationTimestamp has one-second resolution)."""
+        priority, then older; pods created in the same second (creationTimestamp's resolution) in the order the
+        controller first saw them, whenever and however often each was queued since."""
         if not k.startswith("pod:"):
             return (0,)
         pod = self.cache.pods.get(k[4:]) or {}
-        return (1, -priority(pod), (pod.get("metadata") or {}).get("creationTimestamp") or "")
+        arrival = self._arrival.setdefault(k[4:], next(self._arrivals))
+        return (1, -priority(pod), (pod.get("metadata") or {}).get("creationTimestamp") or "", arrival)
 
     # -- loop -----------------------------------------------------------------------------------
     def informers_synced(self) -> bool:
