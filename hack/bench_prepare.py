@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -42,7 +43,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from driver.api.kube import Kube, KubeError, claim_path, claims_path  # noqa: E402
-from controller.sandbox.plugin import PluginProcess  # noqa: E402
+from controller.sandbox.plugin import NodePaths, PluginProcess  # noqa: E402
 from driver.api import naming  # noqa: E402
 from driver.kubeletapi.dra.v1 import api_pb2 as dra  # noqa: E402
 from driver.kubeletapi.dra.v1 import api_pb2_grpc as dra_grpc  # noqa: E402
@@ -52,6 +53,10 @@ from driver.nvml.profile import parse_profile  # noqa: E402
 NODE = "bench-node"
 DRIVER = "gpu.partita.dev"
 REPO = Path(__file__).resolve().parents[1]
+PROFILE_HOOK = REPO / "hack" / "profile_hook"
+#: where the CDI specs go: a tmpfs, as /var/run/cdi is on a node (creating a file on this machine's disk
+#: costs about 0.3 ms, on a tmpfs microseconds); the checkpoint stays on disk, as /var/lib/kubelet is
+TMPFS = Path("/dev/shm")
 TARGETS = {"concurrent share claims: prepare": 50.0, "concurrent share claims: unprepare": 50.0,
            "1 whole-GPU claim: prepare": 2.0}
 RSS_TARGET_MB = 300
@@ -141,13 +146,31 @@ async def _bench(args: argparse.Namespace, kube: Kube, plugin: PluginProcess, gp
         shared = [await _create(kube, _claim(f"share-{i}", naming.shared_device_name(gpus[i % len(gpus)]), share=True))
                   for i in range(n)]
         cprep, cunprep = [], []
+        pids = {"plugin": plugin.proc.pid, "apiserver": args.api_pid, "client": os.getpid()}
+        cpu0 = {k: _cpu_seconds(pid) for k, pid in pids.items()}
         for _ in range(args.rounds):
             cprep += await asyncio.gather(*(call("NodePrepareResources", [c]) for c in shared))
             cunprep += await asyncio.gather(*(call("NodeUnprepareResources", [c]) for c in shared))
+        cpu1 = {k: _cpu_seconds(pid) for k, pid in pids.items()}
         results += [_summary(f"{n} concurrent share claims: prepare", cprep),
                     _summary(f"{n} concurrent share claims: unprepare", cunprep)]
+        claims = n * args.rounds
+        results.append({"case": "CPU per share claim (prepare+unprepare)", "cpu_ms_per_claim": {
+            k: round((cpu1[k] - cpu0[k]) * 1000 / claims, 3) for k in pids
+            if cpu0[k] is not None and cpu1[k] is not None}})
         results.append({"case": "plugin peak RSS", "rss_mb": _peak_rss_mb(plugin)})
         return results
+
+
+def _cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds process ``pid`` has used so far (all its threads)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss_mb(plugin: PluginProcess) -> float | None:
@@ -160,6 +183,16 @@ def _peak_rss_mb(plugin: PluginProcess) -> float | None:
     return None
 
 
+@dataclass
+class _Paths(NodePaths):
+    """The sandbox node's paths, with the CDI directory on a tmpfs as on a node (/var/run/cdi)."""
+    cdi_dir: Path = Path()
+
+    @property
+    def cdi(self) -> Path:
+        return self.cdi_dir
+
+
 def _checkout(rev: str, into: Path) -> Path:
     """The plugin's code at ``rev`` (its driver package, which the plugin process runs)."""
     archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "driver"], check=True, capture_output=True)
@@ -167,11 +200,20 @@ def _checkout(rev: str, into: Path) -> Path:
     return into
 
 
-def _run(args: argparse.Namespace, profile, gpus: list[str], url: str, code: Path) -> list[dict]:
-    """One benchmark against a fresh plugin process running the ``driver`` package under ``code``."""
+def _run(args: argparse.Namespace, profile, gpus: list[str], url: str, code: Path,
+         profile_out: str | None = None) -> list[dict]:
+    """One benchmark against a fresh plugin process running the ``driver`` package under ``code``;
+    ``profile_out``: run that process under cProfile, every thread (hack/profile_hook), dumped there at exit."""
     with tempfile.TemporaryDirectory(prefix="partita-bench-") as tmp:
-        plugin = PluginProcess(profile, profile.nodes[0], Path(tmp), url, DRIVER, log_level="WARNING",
-                               env={"PYTHONPATH": os.pathsep.join([str(code)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))})
+        path = [str(code)] + ([str(PROFILE_HOOK)] if profile_out else []) \
+            + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+        env = {"PYTHONPATH": os.pathsep.join(path)}
+        if profile_out:
+            env["PARTITA_PROFILE"] = str(Path(profile_out).resolve())
+        plugin = PluginProcess(profile, profile.nodes[0], Path(tmp), url, DRIVER, log_level="WARNING", env=env)
+        if not args.cdi_on_disk and TMPFS.is_dir():
+            cdi_dir = Path(tempfile.mkdtemp(prefix="partita-bench-cdi-", dir=TMPFS))
+            plugin.paths = _Paths(plugin.paths.root, cdi_dir)
         cwd = os.getcwd()
         os.chdir(code)           # ``python -m driver`` looks in the working directory first
         try:
@@ -179,6 +221,8 @@ def _run(args: argparse.Namespace, profile, gpus: list[str], url: str, code: Pat
         finally:
             os.chdir(cwd)
             plugin.stop()
+            if isinstance(plugin.paths, _Paths):
+                shutil.rmtree(plugin.paths.cdi_dir, ignore_errors=True)
 
 
 def main() -> int:
@@ -192,6 +236,10 @@ def main() -> int:
     p.add_argument("--baseline", metavar="REV", help="also run the plugin of this git revision first and print "
                    "the ratios (e.g. the merge base of a branch)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--cdi-on-disk", action="store_true", help="write the CDI specs to the disk too (with the "
+                   "checkpoint) instead of a tmpfs like /var/run/cdi")
+    p.add_argument("--profile", metavar="FILE", help="run this tree's plugin process under cProfile (every "
+                   "thread) and write its pstats to FILE when it stops (python -m pstats FILE)")
     args = p.parse_args()
 
     profile = parse_profile({"apiVersion": "gpu.partita.dev/v1alpha1", "kind": "FakeGpuProfile",
@@ -205,10 +253,11 @@ def main() -> int:
     # process's interpreter lock with the benchmark's client.
     api = subprocess.Popen([sys.executable, "-m", "controller.sandbox.apiserver"], stdout=subprocess.PIPE, text=True)
     url = (api.stdout.readline() if api.stdout else "").strip()
+    args.api_pid = api.pid
     base_dir = Path(tempfile.mkdtemp(prefix="partita-bench-base-")) if args.baseline else None
     try:
         before = _run(args, profile, gpus, url, _checkout(args.baseline, base_dir)) if base_dir else None
-        results = _run(args, profile, gpus, url, REPO)
+        results = _run(args, profile, gpus, url, REPO, args.profile)
     finally:
         api.terminate()
         api.wait(10)
@@ -238,6 +287,12 @@ def main() -> int:
     head = f"{'case'.ljust(width)}  {'calls':>6}  {'p50 ms':>8}  {'p99 ms':>8}  {'max ms':>8}  {'target':>7}"
     print(head + (f"  {'before p50':>10}  {'before p99':>10}  {'p99 ratio':>9}" if before else ""))
     for r in results:
+        if "cpu_ms_per_claim" in r:
+            was = (r.get("before") or {}).get("cpu_ms_per_claim") or {}
+            print(f"{r['case']}: " + ", ".join(
+                f"{k} {v:.2f} ms" + (f" (before {was[k]:.2f})" if k in was else "")
+                for k, v in r["cpu_ms_per_claim"].items()))
+            continue
         if "rss_mb" in r:
             line = f"{r['case'].ljust(width)}  {'':>6}  {r['rss_mb'] or 0:>8.1f}  {'MB':>8}  {'':>8}  {RSS_TARGET_MB:>7}"
             if before:
