@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 from driver.api import constants as C
 from driver.api.quantity import Quantity
 from driver.inventory import Inventory
 from driver.plugin.checkpoint import PreparedDevice
-from driver.plugin.devices import device_index
+from driver.plugin.devices import DeviceRef, device_index
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,13 @@ def _memory(d: PreparedDevice, total: int, mig_mib: int) -> int:
 
 
 def claim_view(driver_name: str, uid: str, namespace: str, name: str, claim: dict | None,
-               devices: Sequence[PreparedDevice], inventory: Inventory) -> ClaimView:
+               devices: Sequence[PreparedDevice], inventory: Inventory,
+               index: Mapping[str, DeviceRef] | None = None) -> ClaimView:
     """The view of a prepared claim, from the claim read from the API server (may be None: no pods known)
-    and the devices prepare recorded."""
-    index = device_index(inventory)
+    and the devices prepare recorded. ``index``: the inventory's :func:`device_index`, when the caller
+    keeps one (building it walks every MIG placement of every GPU: too dear for each prepared claim)."""
+    if index is None:
+        index = device_index(inventory)
     views = []
     for d in devices:
         ref = index.get(d.device)
@@ -155,7 +158,8 @@ def notify_prepared(observers: Observers, state, refs, fetched, results) -> None
             continue
         try:
             view = claim_view(state.driver_name, ref.uid, ref.namespace, ref.name,
-                              claim if isinstance(claim, dict) else None, res.devices, state.inventory)
+                              claim if isinstance(claim, dict) else None, res.devices, state.inventory,
+                              state.devices)
         except Exception:  # noqa: BLE001 - never fails the prepare
             log.exception("claim %s (uid %s): cannot describe its prepared devices", ref, ref.uid)
             continue

@@ -34,6 +34,7 @@ gRPC layer (server.py: the claim observers and ``on_change``), which also holds 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Iterable
@@ -106,11 +107,21 @@ class DeviceState:
         self.inventory = inventory
         self._devices = device_index(inventory)
 
+    @property
+    def devices(self) -> Mapping[str, DeviceRef]:
+        """Every device name this node can publish -> what it is (:func:`device_index` of the inventory)."""
+        return self._devices
+
     # -- the calls ------------------------------------------------------------------------------
     async def prepare(self, claims: list[tuple[ClaimRef, dict]]) -> dict[str, PreparedResult]:
         """``claims``: each kubelet claim with the ResourceClaim read from the API server (the caller answers
         claims that could not be read). Returns one result per claim UID, once the batch it ran in is durable."""
         return await self.commits.submit(("prepare", claims))
+
+    def arriving(self) -> contextlib.AbstractContextManager[None]:
+        """Around reading the claims of a prepare call: a batch about to start waits for them
+        (:meth:`GroupCommit.arriving`)."""
+        return self.commits.arriving()
 
     async def unprepare(self, claims: list[ClaimRef]) -> dict[str, str]:
         """Error string per claim UID ("" = done). Unknown claims are success."""

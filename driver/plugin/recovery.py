@@ -3,7 +3,9 @@ session (:meth:`Recovery.finish_interrupted`) and at plugin start (:meth:`Recove
 
 * A claim recorded ``Preparing`` is undone, one recorded ``Unpreparing`` is finished (its release runs
   again: idempotent); an entry that cannot be finished now stays, logged, for the next session.
-* Temp files of writes a kill interrupted are removed.
+* Temp files of writes a kill interrupted are removed, in the process's first session (a kill of another
+  instance sharing the directories, in a rolling update, leaves at most one per directory until the next
+  start: hidden ``.*.tmp`` names, which container runtimes do not read as CDI specs).
 * A new boot id (a reboot took MIG instances, CDI specs under /var/run and MPS daemons) makes every prepared
   claim be restored (``verify``) before the new boot id is recorded, so a crash meanwhile restores again.
 * At start: CDI specs no recorded claim has, MPS daemons and GPU sharing settings no recorded share uses are
@@ -40,15 +42,24 @@ class Recovery:
         self.boot_id_file = boot_id_file
         self._gpus = gpus
         self._verify = verify
+        self._temps_removed = False
 
-    def finish_interrupted(self, cp: Checkpoint) -> list[str]:
-        """Undo interrupted prepares, finish interrupted unprepares, record the boot id; the UIDs finished."""
-        finished: list[str] = []
-        # temp files of writes a kill interrupted (all writes happen under the file lock we hold)
+    def _remove_temps(self) -> None:
+        """Temp files of writes a kill interrupted (all writes happen under the file lock the session holds).
+        Once per process, in its first session: only a killed process leaves them (a failed write removes its
+        own), and listing the directories each time costs more than a prepare (an ext4 directory that held
+        many files stays as large)."""
         root = self.specs.cdi_root
         for p in durable.remove_stale_temps(self.plugin_dir, durable.temp_name_of(self.checkpoint.path)) + \
                 durable.remove_stale_temps(root, durable.temp_name_of(cdi.spec_path(root, self.specs.driver_name, "*"))):
             log.info("removed %s, left by an interrupted write", p)
+        self._temps_removed = True
+
+    def finish_interrupted(self, cp: Checkpoint) -> list[str]:
+        """Undo interrupted prepares, finish interrupted unprepares, record the boot id; the UIDs finished."""
+        finished: list[str] = []
+        if not self._temps_removed:
+            self._remove_temps()
         current = boot.read_boot_id(self.boot_id_file)
         rebooted_from = None
         changed = False

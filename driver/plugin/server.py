@@ -90,7 +90,10 @@ class DraService:
     async def prepare(self, request, pb):  # noqa: ANN001 - v1 or v1beta1 messages
         start = time.perf_counter()
         refs = [ClaimRef(c.namespace, c.name, c.uid) for c in request.claims]
-        fetched = await asyncio.gather(*(self._fetch(r) for r in refs))
+        fetched: list[Result[dict]] = []
+        if refs:
+            with self.state.arriving():     # a batch about to start waits for these claims
+                fetched = await asyncio.gather(*(self._fetch(r) for r in refs))
         results = await self.state.prepare([(r, f.value) for r, f in zip(refs, fetched) if f.value is not None])
         results.update({r.uid: PreparedResult(error=f.error) for r, f in zip(refs, fetched) if f.error is not None})
         notify_prepared(self.observers, self.state, refs, [f.value for f in fetched], results)

@@ -115,6 +115,6 @@ async def restore_prepared(state: DeviceState, claims, observers: Observers) -> 
         if (claim.get("metadata") or {}).get("uid") != uid:
             continue
         observers.prepared(claim_view(state.driver_name, uid, entry.namespace, entry.name, claim, entry.devices,
-                                      state.inventory))
+                                      state.inventory, state.devices))
         n += 1
     return n
