@@ -2,10 +2,9 @@
 
 For each claim the kubelet names: check the claim read from the API server (uid, allocation, node), take
 our driver's results, resolve each device (:mod:`driver.plugin.devices`), admit it next to what is prepared
-(:mod:`driver.plugin.admission`), take the opaque configs (:mod:`driver.plugin.config`), then per device
-type: whole GPU -> nothing to change (leave MIG mode if a Hopper GPU is still in it); MIG -> the MIG device
-at the allocated placement (:mod:`driver.plugin.mig`); shared -> the sharing set-up
-(:mod:`driver.plugin.sharing`). Then the claim's CDI spec (:mod:`driver.plugin.cdi`) and its checkpoint
+(:mod:`driver.plugin.admission`), take the opaque configs (:mod:`driver.plugin.config`), set each device up
+(:mod:`driver.plugin.devicesetup`: whole GPU, MIG device (:mod:`driver.plugin.mig`) or share
+(:mod:`driver.plugin.sharing`)), then the claim's CDI spec (:mod:`driver.plugin.cdi`) and its checkpoint
 record. Prepare and unprepare are idempotent; a failed prepare undoes what it did (every undo step, even
 when one fails, reporting all that failed), so the node stays as it was.
 
@@ -15,23 +14,23 @@ other, each held ``Preparing`` in the checkpoint until all are done, then record
 write; only then is any of them answered. If that write fails, every claim of the batch is undone and
 answered the error. A crash before the write leaves nothing recorded ``Prepared`` (whatever an earlier write
 of the batch recorded ``Preparing`` is undone by the next call); a crash after it leaves the claims
-prepared, and the kubelet's retry finds them so. Unprepares of a batch are recorded ``Unpreparing`` in one
-write before anything is destroyed, and removed in one write after.
+prepared, and the kubelet's retry finds them so. Unprepares of a batch (:mod:`driver.plugin.unprepare`) are
+recorded ``Unpreparing`` in one write before anything is destroyed, and removed in one write after.
 
 Crash safety: every session (and :meth:`DeviceState.recover` at start) first undoes interrupted prepares
-and finishes interrupted unprepares, so no MIG instance or CDI spec is orphaned and no claim is answered
-from a stale entry. Preparing an already prepared claim verifies its MIG instances, MPS daemons and CDI
-spec still exist (re-creating them, or failing with what is missing); a node reboot (a new boot id) makes
-the start-up recovery restore them for every prepared claim.
+and finishes interrupted unprepares (:mod:`driver.plugin.recovery`), so no MIG instance or CDI spec is
+orphaned and no claim is answered from a stale entry. Preparing an already prepared claim verifies its MIG
+instances, MPS daemons and CDI spec still exist (:meth:`DeviceSetup.verify`: re-creating them, or failing
+with what is missing); a node reboot (a new boot id) makes the start-up recovery restore them for every
+prepared claim.
 
-Admin access (a result with ``adminAccess: true``) changes nothing on the device: no MIG mode change or
-instance creation (its MIG device must exist), no sharing set-up; its unprepare destroys nothing. Its CDI
-device has ``PARTITA_ADMIN_ACCESS=true``.
+Admin access (a result with ``adminAccess: true``) changes nothing on the device (see
+:mod:`driver.plugin.devicesetup`); its unprepare destroys nothing. Its CDI device has
+``PARTITA_ADMIN_ACCESS=true``.
 
 What follows a prepare or an unprepare (claim status, usage, the kubelet's health stream) is called by the
 gRPC layer (server.py: the claim observers and ``on_change``), which also holds the claim read for it.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -41,17 +40,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Mapping
 
-from driver.api import constants as C
-from driver.api.config import GpuConfig
 from driver.api.nodeselector import NodeFacts
-from driver.errors import PartitaError
 from driver.inventory import Inventory
 from driver.nvml import NvmlBackend, NvmlError
-from driver.nvml.interface import COMPUTE_MODE_EXCLUSIVE_PROCESS
-from driver.plugin import boot, cdi
+from driver.plugin import boot
 from driver.plugin.admission import AdmissionError, admit, is_admin
-from driver.plugin.checkpoint import Checkpoint, CheckpointError, CheckpointStore, MigInstance, PreparedClaim, PreparedDevice
+from driver.plugin.checkpoint import Checkpoint, CheckpointError, CheckpointStore, PreparedClaim, PreparedDevice
 from driver.plugin.claimref import ClaimRef, PreparedResult, PrepareError, base_request, check_request
+from driver.plugin.devicesetup import DeviceSetup
 from driver.plugin.claims import our_results
 from driver.plugin.config import ConfigError, effective_configs
 from driver.plugin.devices import DeviceRef, device_index
@@ -62,7 +58,8 @@ from driver.plugin.mps import MpsDaemons
 from driver.plugin.recovery import Recovery
 from driver.plugin.release import ClaimSpecs, Release, Staged
 from driver.plugin.session import Sessions
-from driver.plugin.sharing import Sharing, SharingError, holds_share, strategy_of, uses_sharing
+from driver.plugin.sharing import Sharing, SharingError, uses_sharing
+from driver.plugin.unprepare import unprepare_batch
 
 __all__ = ["ClaimRef", "DeviceState", "PrepareError", "PreparedResult", "base_request", "check_request"]
 
@@ -88,19 +85,20 @@ class DeviceState:
         self.plugin_dir = plugin_dir
         self.checkpoint = CheckpointStore(plugin_dir / "checkpoint.json")
         self.boot_id_file = boot_id_file if boot_id_file is not None else boot.default_path()
-        self._toolkit_dirs = list(cdi_search_dirs or [])
         self.prepared_count = 0
         self.sharing = Sharing(backend, MpsDaemons(plugin_dir / "mps", backend.kind))
         self.mig = MigDevices(backend, self.checkpoint, node_name, lambda point: self._crash(point))
         self.specs = ClaimSpecs(cdi_root, driver_name, node_name)
+        self.setup = DeviceSetup(driver_name=driver_name, backend=backend, mig=self.mig, sharing=self.sharing,
+                                 specs=self.specs, toolkit_dirs=cdi_search_dirs or [], devices=lambda: self._devices,
+                                 crash=lambda point: self._crash(point))
         self.release = Release(mig=self.mig, sharing=self.sharing, specs=self.specs, checkpoint=self.checkpoint,
                                gpus=lambda: self.inventory.gpus, crash=lambda point: self._crash(point))
         self.recovery = Recovery(release=self.release, specs=self.specs, sharing=self.sharing,
                                  checkpoint=self.checkpoint, plugin_dir=plugin_dir, boot_id_file=self.boot_id_file,
-                                 gpus=lambda: self.inventory.gpus, verify=self._verify_prepared)
+                                 gpus=lambda: self.inventory.gpus, verify=lambda *a: self.setup.verify(*a))
         self.sessions = Sessions(self.checkpoint, plugin_dir, cdi_root, self.recovery.finish_interrupted)
         self.commits: GroupCommit[tuple[str, Any], Any] = GroupCommit(self._run_batch)
-        #: called with (claim, its devices) / (claim) after a claim is prepared / unprepared (see the module doc)
         self.set_inventory(inventory)
 
     def set_inventory(self, inventory: Inventory) -> None:
@@ -150,7 +148,8 @@ class DeviceState:
                 else:
                     refs = [r for p in payloads for r in p]
                     errs = {r.uid: str(cp) for r in refs} if isinstance(cp, CheckpointError) \
-                        else self._unprepare_batch(cp, refs)
+                        else unprepare_batch(cp, refs, checkpoint=self.checkpoint, release=self.release,
+                                             crash=self._crash)
                     answers += [{r.uid: errs[r.uid] for r in p} for p in payloads]
             if not isinstance(cp, CheckpointError):
                 self.prepared_count = len(cp.claims)
@@ -206,7 +205,7 @@ class DeviceState:
         if existing is not None and existing.state == "Prepared":
             # Idempotent: the kubelet asks again after its own restart. What the claim had must still be
             # there (a reboot or a crash may have taken it): re-created, or a clear error.
-            return self._verify_prepared(cp, ref, existing)
+            return self.setup.verify(cp, ref, existing)
         # The device model, whatever the allocation says: this node, one use per GPU, shares that fit.
         refs = [(r, self._devices.get(r.get("device", ""))) for r in results]
         admit(_on_gpus(cp.claims, {d.gpu.uuid for _, d in refs if d is not None}), ref, results, self._devices)
@@ -231,7 +230,7 @@ class DeviceState:
         devices: list[PreparedDevice] = []
         try:
             for (r, dev), config in zip(refs, configs):
-                devices.append(self._prepare_device(cp, entry, ref, r, dev, config))
+                devices.append(self.setup.prepare(cp, entry, ref, r, dev, config))
                 # entry.devices may hold a placeholder for a MIG device being created: now it is done
                 entry.devices = list(devices)
             self.specs.write(ref, entry)
@@ -246,113 +245,6 @@ class DeviceState:
         cp.claims[ref.uid] = entry          # Preparing until the batch's write (_commit)
         staged[ref.uid] = Staged(ref, entry, shared)
         return devices
-
-    def _prepare_device(self, cp: Checkpoint, entry: PreparedClaim, ref: ClaimRef, result: dict, dev: DeviceRef,
-                        config: GpuConfig | None) -> PreparedDevice:
-        h = self.backend.device_by_uuid(dev.gpu.uuid)
-        mig: MigInstance | None = None
-        edits = None
-        admin = is_admin(result)
-        if admin:                    # monitoring: changes nothing on the device
-            config = None
-            if dev.type == C.DEVICE_TYPE_MIG:
-                mig = self.mig.existing(ref, dev, h)
-        elif dev.type == C.DEVICE_TYPE_MIG:
-            mig = self.mig.prepare(cp, entry, ref, dev, h)
-        else:
-            self.mig.leave_mode_for_whole_use(dev, h)
-            if uses_sharing(dev.type, config):
-                e = self.sharing.prepare(cp, str(ref), ref.uid, dev.gpu.uuid, h, config,
-                                         result.get("consumedCapacity"), pending=entry.devices)
-                self._crash("share-set-up")
-                edits = cdi.ContainerEdits(env=e.env, mounts=e.mounts or None).model_dump(by_alias=True,
-                                                                                          exclude_none=True)
-        share = result.get("shareID")
-        ids = [cdi.device_id(self.driver_name, cdi.device_name(ref.uid, dev.name, share))]
-        toolkit = self._toolkit_dirs and cdi.toolkit_device_id(self._toolkit_dirs,
-                                                               mig.uuid if mig and mig.uuid else dev.gpu.uuid)
-        if toolkit:
-            ids.append(toolkit)
-        return PreparedDevice(requestNames=[base_request(result["request"])], pool=result["pool"],
-                              device=dev.name, shareID=share, cdiDeviceIDs=ids, type=dev.type,
-                              gpuUUID=dev.gpu.uuid, mig=mig, config=config,
-                              consumedCapacity=result.get("consumedCapacity"), edits=edits,
-                              adminAccess=True if admin else None)
-
-    def _verify_prepared(self, cp: Checkpoint, ref: ClaimRef, entry: PreparedClaim) -> list[PreparedDevice]:
-        """A prepared claim's MIG instances, MPS daemons and CDI spec still exist: missing ones are
-        re-created (the claim keeps its CDI device IDs), or the error names what is missing."""
-        rewrite = False
-        for d in entry.devices:
-            if d.mig is not None and not self.mig.present(d.mig):
-                self.mig.recreate(cp, ref, d, self._devices.get(d.device))
-                rewrite = True
-            if holds_share(d) and strategy_of(d.config)[0] == "MPS":
-                h = self.backend.device_by_uuid(d.gpu_uuid)
-                if self.backend.compute_mode(h) != COMPUTE_MODE_EXCLUSIVE_PROCESS:     # reset by a reboot
-                    log.warning("claim %s: GPU %s of its MPS share %s lost its exclusive-process compute mode: "
-                                "set again", ref, d.gpu_uuid, d.device)
-                    self.backend.set_compute_mode(h, COMPUTE_MODE_EXCLUSIVE_PROCESS)
-                if not self.sharing.mps.running(d.gpu_uuid):
-                    self.sharing.reconcile(cp)
-                    if not self.sharing.mps.running(d.gpu_uuid):
-                        raise PrepareError(f"claim {ref}: the MPS control daemon of GPU {d.gpu_uuid} that its share "
-                                           f"{d.device} uses is not running and cannot be restarted (see the plugin "
-                                           "log); unprepare and prepare the claim again, or use TimeSlicing")
-        if rewrite or not self.specs.is_current(ref, entry):
-            if not rewrite:
-                log.warning("claim %s (uid %s): its CDI spec was missing or changed: written again", ref, ref.uid)
-            self.specs.write(ref, entry)
-        return entry.devices
-
-    # -- unprepare ------------------------------------------------------------------------------
-    def _unprepare_batch(self, cp: Checkpoint, claims: list[ClaimRef]) -> dict[str, str]:
-        """Each claim is recorded ``Unpreparing`` (all in one write) before anything is destroyed or
-        removed, so a crash midway is finished later; then released, and removed in one write."""
-        out: dict[str, str] = {}
-        todo: dict[str, tuple[ClaimRef, PreparedClaim]] = {}
-        for ref in claims:
-            if not ref.uid:
-                out[ref.uid] = (f"the kubelet sent a claim with an empty uid ({ref.namespace}/{ref.name}); "
-                                "nothing to unprepare")
-                continue
-            entry = cp.claims.get(ref.uid)
-            if entry is None:
-                out[ref.uid] = ""
-            else:
-                todo[ref.uid] = (ref, entry)
-        marked = [entry for _, entry in todo.values() if entry.state == "Prepared"]
-        if marked:                     # the intent of every claim of the batch, in one write
-            for entry in marked:
-                entry.state = "Unpreparing"
-            try:
-                self.checkpoint.write(cp)
-            except CheckpointError as e:
-                for entry in marked:
-                    entry.state = "Prepared"
-                for uid, (ref, _) in todo.items():
-                    out[uid] = f"claim {ref}: nothing was unprepared: {e}; the kubelet retries"
-                return out
-            self._crash("unprepare-recorded")
-        done: list[ClaimRef] = []
-        for uid, (ref, entry) in todo.items():
-            errors = self.release.release(cp, entry)
-            if errors:
-                out[uid] = f"claim {ref}: {'; '.join(errors)}; the kubelet retries"
-                continue
-            del cp.claims[uid]
-            done.append(ref)
-        if done:
-            try:
-                self.checkpoint.write(cp)
-            except CheckpointError as e:     # all is released; the claims stay Unpreparing until recorded
-                for ref in done:
-                    out[ref.uid] = f"claim {ref}: its devices are released but {e}; the kubelet retries"
-                return out
-        for ref in done:
-            out[ref.uid] = ""
-            log.info("unprepared claim %s (uid %s)", ref, ref.uid)
-        return out
 
     def _crash(self, point: str) -> None:
         crash_point(point, self.backend.kind)
