@@ -11,6 +11,12 @@ The API server (the sandbox's emulator) runs in its own process.
 * ``N concurrent``: N pods start at once, each with its own claim (a share of one of the node's GPUs, so
   that N can exceed the GPU count), then all stop at once; the latency of every call is recorded.
 * the plugin process's peak RSS (``VmHWM``) after both.
+* CPU per share claim (prepare + unprepare, from /proc): the plugin (everything it does for the claim,
+  the claim status writes after the answer included), the API server emulator and this client. All three
+  share the machine's CPUs, so the latencies include the API server's and the client's work too.
+
+The CDI specs go to a tmpfs (/dev/shm), as /var/run/cdi is on a node; the checkpoint stays on disk
+(``--cdi-on-disk``: both on disk). ``--profile FILE`` runs this tree's plugin under cProfile, every thread.
 
 ``--baseline REV`` runs the same benchmark first against the plugin of git revision REV (``git archive``
 into a temporary directory; the API server and this client stay the same) and prints each figure's ratio
