@@ -19,9 +19,6 @@ from .resources import Resource, resource_named, resource_of
 from .store import Store
 from .watch import end_watches
 
-#: how often wait_for re-checks its predicate between writes (for state outside the store)
-RECHECK_SECONDS = 0.05
-
 
 class ApiServer:
     def __init__(self, *, bookmark_interval: float = 5.0, log_size: int = 4096, port: int = 0,
@@ -129,9 +126,7 @@ class ApiServer:
         self.gates.turn_off(gates)
 
     async def wait_for(self, predicate: Callable[["ApiServer"], Any], timeout: float = 10.0) -> Any:
-        """Wait until ``predicate(server)`` is truthy (re-checked on every write, and every
-        :data:`RECHECK_SECONDS` for what a write does not change: a kubelet stand-in's, an informer's state);
-        returns its value."""
+        """Wait until ``predicate(server)`` is truthy (re-checked on every write); returns its value."""
         assert self._changed is not None, "start() the server first"
         deadline = time.monotonic() + timeout
         async with self._changed:
@@ -143,7 +138,7 @@ class ApiServer:
                 if left <= 0:
                     raise TimeoutError("condition not met within %.1fs" % timeout)
                 try:
-                    await asyncio.wait_for(self._changed.wait(), min(left, RECHECK_SECONDS))
+                    await asyncio.wait_for(self._changed.wait(), left)
                 except asyncio.TimeoutError:
                     pass
 
