@@ -99,7 +99,7 @@ def _nodes(docs: Sequence[Mapping]) -> list[Node]:
 async def _from_cluster(args: argparse.Namespace, claim_name: str | None) -> dict:
     from driver.api.kube import (CLAIMS, DEVICE_CLASSES, NODES, SLICES, InvalidName, KubeError, check_name,
                                  check_namespace, claim_path)
-    from driver.cliopts import connect, where as where_of
+    from driver.cliopts import connect_or, unreachable, where as where_of
 
     if claim_name:      # a hostile or malformed name is refused before anything is sent, or even connected
         given_ns, _, given_name = claim_name.rpartition("/")
@@ -111,11 +111,7 @@ async def _from_cluster(args: argparse.Namespace, claim_name: str | None) -> dic
             raise ExplainInputError(f"--claim {claim_name}: {e}; give it as NAME (with -n NAMESPACE) or "
                                     "NAMESPACE/NAME") from None
     where = where_of(args)
-    try:
-        kube = await connect(args)
-    except Exception as e:  # noqa: BLE001 - no kubeconfig, bad URL: a clear message, not a traceback
-        raise ExplainInputError(f"cannot reach the API server ({where}): {e}; pass --kubeconfig FILE, --context "
-                                "NAME or --kube-api URL, or give the slices as files (--slices)") from None
+    kube = await connect_or(args, ExplainInputError, _FILES_INSTEAD)
     try:
         out: dict = {}
         if claim_name:
@@ -145,8 +141,7 @@ async def _from_cluster(args: argparse.Namespace, claim_name: str | None) -> dic
     except KubeError as e:
         raise ExplainInputError(f"reading from the API server ({where}): {e}") from None
     except (OSError, asyncio.TimeoutError) as e:
-        raise ExplainInputError(f"cannot reach the API server ({where}): {e}; pass --kubeconfig FILE, --context "
-                                "NAME or --kube-api URL, or give the slices as files (--slices)") from None
+        raise ExplainInputError(unreachable(args, e, _FILES_INSTEAD)) from None
     except Exception as e:  # noqa: BLE001 - a client library error: a clear message, not a traceback
         if isinstance(e, ExplainInputError):
             raise
@@ -178,21 +173,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--claim", metavar="[NAMESPACE/]NAME",
                    help="the claim in the cluster (namespace: -n, else the kubeconfig context's), or, with -f, the "
                         "claim of that name in the file")
-    p.add_argument("--slices", type=Path, nargs="+", metavar="PATH",
-                   help="ResourceSlice files or directories (e.g. `partita inventory --fake H100-SXM5-80GB:8 -o yaml` "
-                        "output); default: the cluster's")
-    p.add_argument("--classes", type=Path, nargs="+", metavar="PATH",
-                   help="DeviceClass files (default: the cluster's with --slices absent, else Partita's shipped "
-                        "classes)")
-    p.add_argument("--allocated", type=Path, nargs="+", metavar="PATH",
-                   help="other allocated ResourceClaims, whose devices, counters and capacity are in use "
-                        "(default: the cluster's with --slices absent)")
-    p.add_argument("--nodes", type=Path, nargs="+", metavar="PATH",
-                   help="Node objects, for slices that select nodes by label (default: the cluster's with --slices "
-                        "absent; the nodes the slices name are always included)")
-    p.add_argument("--taint-rules", type=Path, nargs="+", metavar="PATH",
-                   help="DeviceTaintRule files, merged into the devices' taints as kube-scheduler does (default: the "
-                        "cluster's with --slices absent)")
+    for flag, help_ in (
+            ("--slices", "ResourceSlice files or directories (e.g. `partita inventory --fake H100-SXM5-80GB:8 -o "
+                         "yaml` output); default: the cluster's"),
+            ("--classes", "DeviceClass files (default: the cluster's with --slices absent, else Partita's shipped "
+                          "classes)"),
+            ("--allocated", "other allocated ResourceClaims, whose devices, counters and capacity are in use "
+                            "(default: the cluster's with --slices absent)"),
+            ("--nodes", "Node objects, for slices that select nodes by label (default: the cluster's with --slices "
+                        "absent; the nodes the slices name are always included)"),
+            ("--taint-rules", "DeviceTaintRule files, merged into the devices' taints as kube-scheduler does "
+                              "(default: the cluster's with --slices absent)")):
+        p.add_argument(flag, type=Path, nargs="+", metavar="PATH", help=help_)
     p.add_argument("--allocation-mode", choices=C.ALLOCATION_MODES, default=C.ALLOCATION_MODE_CONTROLLER,
                    help="controller (default): the claim tolerates Partita's managed taint, as the controller "
                         "makes it; scheduler: as kube-scheduler sees it")
@@ -217,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 #: kinds a multi-document ``-f`` file may hold besides the claim, and the flag each stands in for
+#: what a reader of the cluster may give instead when it cannot reach one
+_FILES_INSTEAD = "give the slices as files (--slices)"
 _FILE_KINDS = {"ResourceSlice": "--slices", "DeviceClass": "--classes", "Node": "--nodes",
                TAINT_RULE_KIND: "--taint-rules"}
 _CLAIM_KINDS = ("ResourceClaim", "ResourceClaimTemplate")

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, TextIO
 from controller.operator import capacity as cap
 from controller.operator.claims import allocated_node, key
 from driver.api import constants as C
-from driver.cliopts import add_cluster, add_output, connect, where
+from driver.cliopts import add_cluster, add_output, connect_or, seconds, unreachable, where
 from driver.errors import PartitaError
 
 OUTPUTS = ("table", "wide", "yaml", "json")
@@ -121,11 +121,7 @@ async def scrape(urls: Iterable[str], timeout: float = 10.0) -> Usage:
 async def read_cluster(args: argparse.Namespace) -> Snapshot:
     from driver.api.kube import CLAIMS, DEVICE_CLASSES, PODS, SLICES, KubeError
 
-    try:
-        kube = await connect(args)
-    except Exception as e:  # noqa: BLE001 - no kubeconfig, bad URL: a clear message, not a traceback
-        raise StatusError(f"cannot reach the API server ({where(args)}): {e}; pass --kubeconfig FILE, "
-                          "--context NAME or --kube-api URL") from None
+    kube = await connect_or(args, StatusError)
     try:
         out = {}
         for name, path in (("slices", SLICES), ("claims", CLAIMS), ("pods", PODS), ("classes", DEVICE_CLASSES)):
@@ -135,7 +131,7 @@ async def read_cluster(args: argparse.Namespace) -> Snapshot:
                 raise StatusError(f"listing {path} on {where(args)} failed: {e}; the command needs list access "
                                   "to resourceslices, resourceclaims, deviceclasses and pods") from None
             except OSError as e:
-                raise StatusError(f"cannot reach the API server ({where(args)}): {e}") from None
+                raise StatusError(unreachable(args, e)) from None
         try:
             events = (await kube.list("/api/v1/events", fieldSelector="involvedObject.kind=Pod")).get("items") or []
         except (KubeError, OSError):
@@ -322,19 +318,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-url", action="append", default=[], metavar="URL",
                    help="where to read usage (repeat): a plugin's http://NODE:PORT/metrics, or Prometheus's "
                         "http://PROMETHEUS/federate?match[]={__name__=~\"partita_.*\"}")
-    p.add_argument("--watch", nargs="?", type=_interval, const=2.0, default=None, metavar="SECONDS",
+    p.add_argument("--watch", nargs="?", type=seconds(0.1, 3600), const=2.0, default=None, metavar="SECONDS",
                    help="redraw every SECONDS (default 2) until Ctrl-C")
     add_cluster(p, namespace=False)
-
-
-def _interval(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--watch {value!r}: give the seconds between refreshes, e.g. 5") from None
-    if not 0.1 <= v <= 3600:
-        raise argparse.ArgumentTypeError(f"--watch {value}: give between 0.1 and 3600 seconds")
-    return v
 
 
 async def status_once(args: argparse.Namespace) -> dict:

@@ -4,6 +4,7 @@
   the old ``text`` is accepted as ``table`` with a deprecation note on stderr.
 * ``--log-level`` (:func:`add_log_level`): one of :data:`LOG_LEVELS`, case-insensitive; anything else is a
   one-line argparse error (exit 2), also when the bad value comes from the environment default.
+* A number of seconds in a range (:func:`seconds`), the type of every ``SECONDS`` flag.
 * ``--kubeconfig``, ``--context``, ``-n/--namespace``, ``--kube-api`` (:func:`add_cluster`) for commands
   that talk to an API server; :func:`connect` turns them into a :class:`driver.api.kube.Kube` through
   :meth:`Kube.connect` (:func:`driver.api.kube.configure`, the one place connections are set up).
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 OUTPUTS = ("table", "wide", "yaml", "json")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -54,6 +55,23 @@ def add_log_level(p: argparse.ArgumentParser, default: str, help_: str = "log le
                    help=f"{help_} (default {default})")
 
 
+def seconds(low: float = 0.0, high: float | None = None, example: str = "5"):  # noqa: ANN201
+    """An argparse type for a number of seconds from ``low`` to ``high`` (no upper bound with None): anything
+    else is a one-line argparse error naming the value and the range (argparse names the flag)."""
+    span = f"from {low:g} to {high:g} seconds" if high is not None else f"{low:g} seconds or more"
+
+    def convert(value: str) -> float:
+        try:
+            v = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number of seconds {value!r}: give {span}, e.g. "
+                                             f"{example}") from None
+        if not (v >= low and (high is None or v <= high)):      # NaN fails both
+            raise argparse.ArgumentTypeError(f"{value}: give {span}")
+        return v
+    return convert
+
+
 def add_cluster(p: argparse.ArgumentParser, *, kube_api_default: str | None = None, namespace: bool = True,
                 kube_api_help: str = "plain-HTTP API server URL (sandbox, tests, kubectl proxy); default: "
                                      "in-cluster, then the kubeconfig") -> None:
@@ -76,6 +94,21 @@ async def connect(args: argparse.Namespace):  # noqa: ANN201 - driver.api.kube.K
                               context=getattr(args, "context", None))
 
 
+def unreachable(args: argparse.Namespace, error: BaseException, also: str = "") -> str:
+    """The one message for an API server a command cannot reach (no kubeconfig, a bad URL, a refused
+    connection), with the flags that fix it; ``also`` names another way, e.g. files instead of the cluster."""
+    return (f"cannot reach the API server ({where(args)}): {error}; pass --kubeconfig FILE, --context NAME or "
+            f"--kube-api URL{', or ' + also if also else ''}")
+
+
+async def connect_or(args: argparse.Namespace, error: Callable[[str], Exception], also: str = ""):  # noqa: ANN201
+    """:func:`connect`, with a failure raised as ``error(``:func:`unreachable```)``: one line, not a traceback."""
+    try:
+        return await connect(args)
+    except Exception as e:  # noqa: BLE001 - no kubeconfig, bad URL: a clear message, not a traceback
+        raise error(unreachable(args, e, also)) from None
+
+
 def where(args: argparse.Namespace) -> str:
     """The cluster the flags name, for messages."""
     if getattr(args, "kube_api", None):
@@ -86,4 +119,5 @@ def where(args: argparse.Namespace) -> str:
     return named or ("in-cluster" if os.environ.get("KUBERNETES_SERVICE_HOST") else "kubeconfig")
 
 
-__all__ = ["LOG_LEVELS", "OUTPUTS", "add_cluster", "add_log_level", "add_output", "connect", "where"]
+__all__ = ["LOG_LEVELS", "OUTPUTS", "add_cluster", "add_log_level", "add_output", "connect", "connect_or", "seconds", "unreachable",
+           "where"]

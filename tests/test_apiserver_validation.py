@@ -230,3 +230,66 @@ def test_the_decoding_schema_matches_kubernetes_validate_for_the_resource_kinds(
             top = json.loads((root / f"{kind.lower()}-resource-v1.json").read_text())
             compare(top, model, kind)
     assert {"V1ExactDeviceRequest", "V1DeviceSelector", "V1Device", "V1DeviceClassSpec"} <= checked
+
+
+def _too_many_cases() -> list:
+    tol = {"key": "k", "operator": "Exists", "effect": "NoSchedule"}
+    sub = {"name": "s", "deviceClassName": "gpu.partita.dev"}
+    match = {"matchAttribute": "gpu.partita.dev/productName"}
+    opaque = {"opaque": {"driver": "gpu.partita.dev", "parameters": {}}}
+    return [
+        (claim("reqs", *(exact(f"r{i}") for i in range(33))), "spec.devices.requests", 33, 32),
+        (claim("subs", {"name": "gpu", "firstAvailable": [{**sub, "name": f"s{i}"} for i in range(9)]}),
+         "spec.devices.requests[0].firstAvailable", 9, 8),
+        (claim("tols", exact(tolerations=[tol] * 17)), "spec.devices.requests[0].exactly.tolerations", 17, 16),
+        (claim("cons", exact(), constraints=[match] * 33), "spec.devices.constraints", 33, 32),
+        (claim("conf", exact(), config=[opaque] * 33), "spec.devices.config", 33, 32),
+    ]
+
+
+@pytest.mark.parametrize("obj, field, n, limit", _too_many_cases(), ids=lambda v: v if isinstance(v, str) else None)
+def test_a_list_over_its_limit_is_refused_and_its_entries_are_still_checked(server, obj, field, n, limit) -> None:
+    obj = copy.deepcopy(obj)
+    code, status = post(server, CLAIMS, obj)
+    assert code == 422, status
+    assert (field, "FieldValueTooMany") in causes(status)
+    assert f"{field}: Too many: {n}: must have at most {limit} items" in status["message"]
+    # an entry of the long list is validated at its own path too
+    entries = _at(obj, field)
+    last = entries[-1]
+    if "name" in last:
+        last["name"] = "Bad_Name"
+        bad = f"{field}[{n - 1}].name"
+    elif "opaque" in last:
+        last["opaque"] = {"driver": "gpu.partita.dev"}
+        bad = f"{field}[{n - 1}].opaque.parameters"
+    elif "matchAttribute" in last:
+        last["matchAttribute"] = "noslash"
+        bad = f"{field}[{n - 1}].matchAttribute"
+    else:
+        last["operator"] = "Sometimes"
+        bad = f"{field}[{n - 1}].operator"
+    code, status = post(server, CLAIMS, obj)
+    assert code == 422 and bad in [f for f, _ in causes(status)], status
+
+
+def _at(obj: dict, field: str):  # noqa: ANN202 - the list at a field path such as a.b[0].c
+    node = obj
+    for part in field.split("."):
+        name, _, index = part.partition("[")
+        node = node[name]
+        if index:
+            node = node[int(index.rstrip("]"))]
+    return node
+
+
+def test_a_slice_with_too_many_devices_is_refused_and_a_device_attribute_error_names_its_device(server) -> None:
+    devices = [{"name": f"gpu-{i}"} for i in range(129)]
+    devices[128]["attributes"] = {"model": {"string": "x", "int": 1}}
+    s = {"apiVersion": "resource.k8s.io/v1", "kind": "ResourceSlice", "metadata": {"name": "many"},
+         "spec": {"driver": "gpu.partita.dev", "nodeName": "n",
+                  "pool": {"name": "n", "generation": 1, "resourceSliceCount": 1}, "devices": devices}}
+    code, status = post(server, "/apis/resource.k8s.io/v1/resourceslices", s)
+    assert code == 422
+    assert ("spec.devices", "FieldValueTooMany") in causes(status)
+    assert ("spec.devices[128].attributes[model]", "FieldValueInvalid") in causes(status)

@@ -40,6 +40,21 @@ def test_a_bad_log_level_is_a_one_line_error_naming_the_choices(command, capsys)
     assert build_parser([*command]).parse_args([*command, "--log-level", "debug"]).log_level == "DEBUG"
 
 
+@pytest.mark.parametrize("command, flag, good, bad", [
+    (["status"], "--watch", "0.5", ["0.05", "3601", "nan", "soon"]),
+    (["sandbox"], "--job-run-time", "0", ["-1", "3601", "inf", "two"]),
+    (["sandbox"], "--idle-period", "3600", ["4000", "nan"]),
+])
+def test_a_seconds_flag_takes_its_range_and_refuses_the_rest_in_one_line(command, flag, good, bad, capsys) -> None:
+    assert getattr(build_parser(command).parse_args([*command, flag, good]), flag[2:].replace("-", "_")) == float(good)
+    for value in bad:
+        with pytest.raises(SystemExit) as e:
+            build_parser(command).parse_args([*command, flag, value])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"argument {flag}: " in err and "seconds" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()[-1]) < 160 and value in err.strip().splitlines()[-1], err
+
+
 def test_a_bad_log_level_from_the_environment_is_refused_the_same_way() -> None:
     r = subprocess.run([sys.executable, "-m", "controller", "controller"], capture_output=True, text=True,
                        timeout=60, env={"LOG_LEVEL": "loud", "PATH": "/usr/bin:/bin", **_pythonpath()})
@@ -165,3 +180,22 @@ def test_progress_lines_say_what_is_waited_for_and_only_when_asked(capsys) -> No
     asyncio.run(go(quiet))
     assert capsys.readouterr().err == ""
     assert Progress.for_stderr(forced=True).enabled
+
+
+def test_an_unreachable_cluster_is_one_message_with_the_flags_that_fix_it(capsys) -> None:
+    from driver.cliopts import connect_or
+
+    class Refused(Exception):
+        pass
+
+    args = build_parser(["status"]).parse_args(["status", "--kubeconfig", "/nonexistent/kubeconfig"])
+    with pytest.raises(Refused) as e:
+        asyncio.run(connect_or(args, Refused))
+    msg = str(e.value)
+    assert msg.startswith("cannot reach the API server (kubeconfig /nonexistent/kubeconfig): ") and "\n" not in msg
+    assert msg.endswith("; pass --kubeconfig FILE, --context NAME or --kube-api URL"), msg
+    # explain names its other way: files instead of the cluster
+    assert main(["explain", "--claim", "c", "--kubeconfig", "/nonexistent/kc"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("partita explain: cannot reach the API server (kubeconfig /nonexistent/kc): "), err
+    assert err.rstrip().endswith("--kube-api URL, or give the slices as files (--slices)"), err

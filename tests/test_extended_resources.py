@@ -11,15 +11,13 @@ import textwrap
 
 import pytest
 
-from controller.operator.controller import ControllerConfig
 from controller.operator.extendedresources import ExtendedResourceAdvisor, requested_resources
 from driver.api import constants as C
 from driver.slices import SliceFeatures
-from tests.support.cluster import cluster, node, pod
+from tests.support.cluster import node, pod, run
 
 pytestmark = pytest.mark.timeout(120)
 
-FAST = dict(retry_min=0.1, retry_max=1.0, report_after=0.3)
 REASON = "PartitaExtendedResource"
 
 
@@ -28,13 +26,6 @@ def legacy_pod(name: str, resource: str = "nvidia.com/gpu", where: str = "limits
     del p["spec"]["resourceClaims"]
     p["spec"]["containers"][0]["resources"] = {where: {resource: "1", "cpu": "1"}}
     return p
-
-
-def run(scenario, **cfg):
-    async def main():
-        async with cluster(ControllerConfig(**{**FAST, **cfg})) as cl:
-            await scenario(cl)
-    asyncio.run(main())
 
 
 def test_requested_resources_reads_limits_requests_init_containers_and_skips_zero() -> None:

@@ -37,9 +37,13 @@ class Constraint(Protocol):
 
 
 class _Base:
+    """What both constraints share: which requests they cover, the attribute lookup and the count of devices
+    added; a subclass says whether a value fits beside those added (:meth:`_fits`) and what it remembers."""
+
     def __init__(self, requests: set[str], attribute: str):
         self.requests = requests
         self.attribute = attribute
+        self.count = 0
 
     def applies(self, request: str, subrequest: str) -> bool:
         if not self.requests:
@@ -48,58 +52,57 @@ class _Base:
             return request in self.requests
         return request in self.requests or f"{request}/{subrequest}" in self.requests
 
+    def add(self, request: str, subrequest: str, dev: CDevice) -> bool:
+        if not self.applies(request, subrequest):
+            return True
+        attr = lookup_attribute(dev, self.attribute)
+        if attr is None:
+            return False
+        val = _value(attr)
+        if self.count and (val is None or not self._fits(val)):
+            return False
+        self._record(request, val)
+        self.count += 1
+        return True
+
+    def remove(self, request: str, subrequest: str, dev: CDevice) -> None:
+        if self.applies(request, subrequest):
+            self._forget(request)
+            self.count -= 1
+
+    def _fits(self, val: tuple[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def _record(self, request: str, val: tuple[str, Any] | None) -> None:
+        raise NotImplementedError
+
+    def _forget(self, request: str) -> None:
+        pass
+
 
 class MatchAttribute(_Base):
     def __init__(self, requests: set[str], attribute: str):
         super().__init__(requests, attribute)
         self.value: tuple[str, Any] | None = None
-        self.count = 0
 
-    def add(self, request: str, subrequest: str, dev: CDevice) -> bool:
-        if not self.applies(request, subrequest):
-            return True
-        attr = lookup_attribute(dev, self.attribute)
-        if attr is None:
-            return False
-        val = _value(attr)
-        if self.count == 0:
+    def _fits(self, val: tuple[str, Any]) -> bool:
+        return val == self.value
+
+    def _record(self, request: str, val: tuple[str, Any] | None) -> None:
+        if self.count == 0:         # the first device sets the value every later one must have
             self.value = val
-            self.count = 1
-            return True
-        if val is None or val != self.value:
-            return False
-        self.count += 1
-        return True
-
-    def remove(self, request: str, subrequest: str, dev: CDevice) -> None:
-        if self.applies(request, subrequest):
-            self.count -= 1
 
 
 class DistinctAttribute(_Base):
     def __init__(self, requests: set[str], attribute: str):
         super().__init__(requests, attribute)
-        self.values: dict[str, tuple[str, Any]] = {}
-        self.count = 0
+        self.values: dict[str, tuple[str, Any] | None] = {}
 
-    def add(self, request: str, subrequest: str, dev: CDevice) -> bool:
-        if not self.applies(request, subrequest):
-            return True
-        attr = lookup_attribute(dev, self.attribute)
-        if attr is None:
-            return False
-        val = _value(attr)
-        if self.count == 0:
-            self.values[request] = val  # type: ignore[assignment]
-            self.count = 1
-            return True
-        if val is None or any(v == val for v in self.values.values()):
-            return False
+    def _fits(self, val: tuple[str, Any]) -> bool:
+        return all(v != val for v in self.values.values())
+
+    def _record(self, request: str, val: tuple[str, Any] | None) -> None:
         self.values[request] = val
-        self.count += 1
-        return True
 
-    def remove(self, request: str, subrequest: str, dev: CDevice) -> None:
-        if self.applies(request, subrequest):
-            self.values.pop(request, None)
-            self.count -= 1
+    def _forget(self, request: str) -> None:
+        self.values.pop(request, None)

@@ -38,7 +38,7 @@ from controller.operator.controller import ControllerConfig
 from controller.operator.main import Running, quiet_kopf
 from driver.api import constants as C
 from driver.api.deviceclasses import device_classes
-from driver.cliopts import add_log_level, add_output
+from driver.cliopts import add_log_level, add_output, seconds
 from driver.errors import PartitaError
 from driver.logfmt import add_log_format
 from driver.nvml.profile import FakeGpuProfile, ProfileError, load_profile, parse_profile, profile_from_spec
@@ -58,6 +58,7 @@ from .threads import ControllerThread
 from .usagefeed import UsageFeed, proc_root
 
 log = logging.getLogger("partita.sandbox")
+_SECONDS = seconds(0, 3600)        # the type of the sandbox's SECONDS flags
 DEFAULT_PROFILE = Path(__file__).with_name("default-cluster.yaml")
 
 
@@ -78,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: a temporary directory, removed at the end)")
     p.add_argument("--keep-running", action="store_true", help="after the report, keep the cluster up until Ctrl-C "
                    "(the API server URL is printed; point kubectl-style clients at it)")
-    p.add_argument("--job-run-time", type=_seconds, default=2.0, metavar="SECONDS",
+    p.add_argument("--job-run-time", type=_SECONDS, default=2.0, metavar="SECONDS",
                    help="how long each Job pod runs before it succeeds (default %(default)s)")
     p.add_argument("--progress", action="store_true",
                    help="say on stderr what the sandbox waits for, every few seconds (default: only on a terminal)")
@@ -87,24 +88,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_log_level(p, "WARNING", "log level of the sandbox and controller (plugin logs always go to "
                                 "<workdir>/<node>/plugin.log)")
     add_log_format(p)
-    p.add_argument("--usage-interval", type=_seconds, default=2.0, metavar="SECONDS",
+    p.add_argument("--usage-interval", type=_SECONDS, default=2.0, metavar="SECONDS",
                    help="the plugins sample GPU usage this often (default %(default)s); pods annotated "
                         "sandbox.partita.dev/gpu-utilization: \"<percent>\" (and sandbox.partita.dev/gpu-memory: "
                         "\"2Gi\") run a fake process with that load on their devices")
-    p.add_argument("--idle-period", type=_seconds, default=1800.0, metavar="SECONDS",
+    p.add_argument("--idle-period", type=_SECONDS, default=1800.0, metavar="SECONDS",
                    help="a claim below --idle-threshold for this long is reported idle (default %(default)s)")
     p.add_argument("--idle-threshold", type=ratio, default=0.05, metavar="RATIO",
                    help="utilization ratio below which a claim counts as idle (default %(default)s)")
-
-
-def _seconds(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
-    if not 0 <= v <= 3600:
-        raise argparse.ArgumentTypeError(f"expected 0 to 3600 seconds, got {value!r}")
-    return v
 
 
 def cluster_profile(args: argparse.Namespace) -> FakeGpuProfile:

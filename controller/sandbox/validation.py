@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import kubernetes.client as k8s
 
@@ -213,6 +213,16 @@ def _show(v: Any) -> str:
     return f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def _items(errs: _Errors, path: str, items: list, limit: int) -> Iterator[tuple[str, dict]]:
+    """A list field with at most ``limit`` entries: reports too many, then yields each object entry with its
+    path (what is not an object was reported by the strict decoding already)."""
+    if len(items) > limit:
+        errs.too_many(path, len(items), limit)
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            yield f"{path}[{i}]", item
+
+
 def _dns(errs: _Errors, path: str, value: Any, label: bool = False) -> None:
     if not isinstance(value, str) or not value:
         errs.required(path)
@@ -258,12 +268,7 @@ def _selectors(errs: _Errors, path: str, selectors: Any) -> None:
 def _tolerations(errs: _Errors, path: str, tolerations: Any) -> None:
     if not isinstance(tolerations, list):
         return
-    if len(tolerations) > TOLERATIONS_MAX:
-        errs.too_many(path, len(tolerations), TOLERATIONS_MAX)
-    for i, t in enumerate(tolerations):
-        p = f"{path}[{i}]"
-        if not isinstance(t, dict):
-            continue
+    for p, t in _items(errs, path, tolerations, TOLERATIONS_MAX):
         key, op = t.get("key") or "", t.get("operator") or "Equal"
         if key and not _qualified_name(key):
             errs.invalid(f"{p}.key", key, "name part must consist of alphanumeric characters, '-', '_' or '.', and "
@@ -305,15 +310,8 @@ def _claim_spec(errs: _Errors, path: str, spec: dict) -> None:
     devices = spec.get("devices")
     if not isinstance(devices, dict):
         return          # a claim without devices is valid (and useless), as upstream
-    requests = devices.get("requests") or []
-    rp = f"{path}.devices.requests"
-    if len(requests) > REQUESTS_MAX:
-        errs.too_many(rp, len(requests), REQUESTS_MAX)
     names: dict[str, set[str]] = {}
-    for i, req in enumerate(requests):
-        p = f"{rp}[{i}]"
-        if not isinstance(req, dict):
-            continue
+    for p, req in _items(errs, f"{path}.devices.requests", devices.get("requests") or [], REQUESTS_MAX):
         name = req.get("name")
         _dns(errs, f"{p}.name", name, label=True)
         if isinstance(name, str) and name in names:
@@ -328,12 +326,7 @@ def _claim_spec(errs: _Errors, path: str, spec: dict) -> None:
         elif isinstance(exactly, dict):
             _exact(errs, f"{p}.exactly", exactly)
         else:
-            if len(first) > SUBREQUESTS_MAX:
-                errs.too_many(f"{p}.firstAvailable", len(first), SUBREQUESTS_MAX)
-            for j, sub in enumerate(first):
-                sp = f"{p}.firstAvailable[{j}]"
-                if not isinstance(sub, dict):
-                    continue
+            for sp, sub in _items(errs, f"{p}.firstAvailable", first, SUBREQUESTS_MAX):
                 _dns(errs, f"{sp}.name", sub.get("name"), label=True)
                 if sub.get("name") in subs:
                     errs.duplicate(f"{sp}.name", sub.get("name"))
@@ -349,13 +342,7 @@ def _claim_spec(errs: _Errors, path: str, spec: dict) -> None:
                 errs.invalid(f"{where}[{j}]", r, "must be the name of a request in the claim or the name of a "
                              "request and a subrequest separated by '/'")
 
-    constraints = devices.get("constraints") or []
-    if len(constraints) > CONSTRAINTS_MAX:
-        errs.too_many(f"{path}.devices.constraints", len(constraints), CONSTRAINTS_MAX)
-    for i, c in enumerate(constraints):
-        p = f"{path}.devices.constraints[{i}]"
-        if not isinstance(c, dict):
-            continue
+    for p, c in _items(errs, f"{path}.devices.constraints", devices.get("constraints") or [], CONSTRAINTS_MAX):
         refs(f"{p}.requests", c.get("requests"))
         set_ = [k for k in ("matchAttribute", "distinctAttribute") if c.get(k)]
         if not set_:
@@ -368,13 +355,7 @@ def _claim_spec(errs: _Errors, path: str, spec: dict) -> None:
             if "/" not in v or not _qualified_name(v):
                 errs.invalid(f"{p}.{key}", v, "must be a fully qualified name (a domain and an identifier "
                              "separated by '/')")
-    config = devices.get("config") or []
-    if len(config) > CONFIG_MAX:
-        errs.too_many(f"{path}.devices.config", len(config), CONFIG_MAX)
-    for i, c in enumerate(config):
-        p = f"{path}.devices.config[{i}]"
-        if not isinstance(c, dict):
-            continue
+    for p, c in _items(errs, f"{path}.devices.config", devices.get("config") or [], CONFIG_MAX):
         refs(f"{p}.requests", c.get("requests"))
         _opaque(errs, p, c)
 
@@ -417,22 +398,17 @@ def _resource_slice(errs: _Errors, obj: dict) -> None:
     if len(node) != 1:
         errs.required("spec", "Required value: exactly one of `nodeName`, `nodeSelector`, `allNodes`, "
                       "`perDeviceNodeSelection` is required" + (", but multiple fields are set" if node else ""))
-    devices = spec.get("devices") or []
-    if len(devices) > DEVICES_MAX:
-        errs.too_many("spec.devices", len(devices), DEVICES_MAX)
     seen: set[str] = set()
-    for i, d in enumerate(devices):
-        if not isinstance(d, dict):
-            continue
-        _dns(errs, f"spec.devices[{i}].name", d.get("name"), label=True)
+    for p, d in _items(errs, "spec.devices", spec.get("devices") or [], DEVICES_MAX):
+        _dns(errs, f"{p}.name", d.get("name"), label=True)
         if d.get("name") in seen:
-            errs.duplicate(f"spec.devices[{i}].name", d.get("name"))
+            errs.duplicate(f"{p}.name", d.get("name"))
         seen.add(d.get("name"))
         for name, attr in (d.get("attributes") or {}).items():
             values = [key for key in ("int", "bool", "string", "version", "ints", "bools", "strings", "versions")
                       if isinstance(attr, dict) and attr.get(key) is not None]
             if len(values) != 1:
-                errs.invalid(f"spec.devices[{i}].attributes[{name}]", "{...}", "exactly one value must be specified")
+                errs.invalid(f"{p}.attributes[{name}]", "{...}", "exactly one value must be specified")
 
 
 def _pod_claims(errs: _Errors, obj: dict) -> None:
