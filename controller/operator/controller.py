@@ -32,6 +32,7 @@ from .capacity import CapacityGauges
 from .claims import allocated_node, is_done, is_pending, key, ownership, pod_claims
 from .events import EventRecorder
 from .healthevents import HealthReporter
+from .idlepolicy import IdlePolicy, IdleSettings
 from .extendedresources import DEFAULT_NAMES, REASON as EXTENDED_RESOURCE_REASON, ExtendedResourceAdvisor
 from .gang import WORKLOAD_API, GangError, GangRef, gang_of, members, workload_gang_size
 from .leader import NO_FENCE, Fence, NotLeader
@@ -72,6 +73,8 @@ class ControllerConfig:
     extended_resource_names: tuple[str, ...] = DEFAULT_NAMES
     #: the queue policy (controller/queuepolicy.py): reservations for pods waiting reserve_after seconds
     queue: QueueSettings = field(default_factory=QueueSettings)
+    #: the opt-in idle policy (controller/operator/idlepolicy.py): off by default
+    idle: IdleSettings = field(default_factory=IdleSettings)
 
 
 def _held(claim: Mapping | None) -> bool:
@@ -86,6 +89,7 @@ class Controller:
         self.allocator = Allocator(cfg.features, cfg.strategy, max_steps=cfg.max_search_steps)
         self.events = EventRecorder(kube)
         self.health = HealthReporter(cfg.driver_name)      # events on pods whose devices turned unhealthy
+        self.idle = IdlePolicy(cfg.idle, cfg.driver_name)  # acts on pods of idle claims where opted in
         self.extended = ExtendedResourceAdvisor(cfg.driver_name, cfg.allocation_mode, cfg.extended_resource_names)
         #: pod key -> the order the controller first saw it: the tie-break after priority and creationTimestamp
         #: (one-second resolution), so pods created in one second are tried in the order they came
@@ -203,6 +207,9 @@ class Controller:
                     elif k == "health:":
                         await self.health.report(self.cache, self.events)
                         outcome = Outcome()
+                    elif k == "idle:":
+                        await self.idle.run(self.cache, self.kube, self.events, self.fence)
+                        outcome = Outcome()
                     else:
                         outcome = await self.reconcile_claim(k[6:])
                     await self._settle(k, outcome)
@@ -245,6 +252,8 @@ class Controller:
             self.cache.expire_inflight()
             metrics.POOLS_MISSING_TAINT.set(len(self.cache.tainted_pools_missing))
             gauges.refresh_controller(self)
+            if self.idle.due():
+                self.enqueue("idle:")
 
     def _reject(self, pod_key: str, node: str) -> None:
         metrics.VANISHED.inc()

@@ -26,6 +26,7 @@ from . import metrics
 from .controller import Controller, ControllerConfig
 from .extendedresources import parse_names
 from .handlers import build_informers
+from .idlepolicy import IdleSettings, parse_classes
 from .informer import Watched
 from .leader import LeaderElector
 from .taintrules import GROUP, PLURAL, discover_version
@@ -81,6 +82,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="pods holding reservations at once, largest first; 0 = off (env QUEUE_MAX_RESERVATIONS)")
     q.add_argument("--queue-reserve-min-gpus", type=float, default=float(_env("QUEUE_RESERVE_MIN_GPUS", "2")),
                    help="only pods needing this many GPUs or more get reservations (env QUEUE_RESERVE_MIN_GPUS)")
+    i = p.add_argument_group("idle policy (docs/monitoring.md section 3; off by default)")
+    i.add_argument("--idle-policy", choices=("off", "on"), default=_env("IDLE_POLICY", "off"),
+                   help="on: act on pods of idle claims where a Namespace label gpu.partita.dev/idle-policy or "
+                        "--idle-policy-classes asks for it (env IDLE_POLICY)")
+    i.add_argument("--idle-policy-classes", default=_env("IDLE_POLICY_CLASSES", ""),
+                   help="CLASS=annotate|evict,...: the action for pods whose claims use these DeviceClasses; a "
+                        "namespace's label wins (env IDLE_POLICY_CLASSES)")
+    i.add_argument("--idle-policy-grace", type=float, default=float(_env("IDLE_POLICY_GRACE", "300")),
+                   help="seconds a claim must have been reported idle before anything is done (env IDLE_POLICY_GRACE)")
+    i.add_argument("--idle-policy-priority-below", type=int, default=int(_env("IDLE_POLICY_PRIORITY_BELOW", "1")),
+                   help="only pods whose spec.priority is below this (env IDLE_POLICY_PRIORITY_BELOW)")
+    i.add_argument("--idle-policy-max-evictions-per-minute", type=int,
+                   default=int(_env("IDLE_POLICY_MAX_EVICTIONS_PER_MINUTE", "2")),
+                   help="evictions in any minute, at most (env IDLE_POLICY_MAX_EVICTIONS_PER_MINUTE)")
+    i.add_argument("--idle-policy-dry-run", action=argparse.BooleanOptionalAction,
+                   default=_env("IDLE_POLICY_DRY_RUN", "false").lower() in ("1", "true", "yes"),
+                   help="only report (Events PartitaIdlePolicyDryRun, logs, metrics) (env IDLE_POLICY_DRY_RUN)")
+    i.add_argument("--idle-policy-include-gangs", action=argparse.BooleanOptionalAction,
+                   default=_env("IDLE_POLICY_INCLUDE_GANGS", "false").lower() in ("1", "true", "yes"),
+                   help="act on pods of gangs and Jobs too (env IDLE_POLICY_INCLUDE_GANGS)")
+    i.add_argument("--idle-policy-interval", type=float, default=float(_env("IDLE_POLICY_INTERVAL", "30")),
+                   help="seconds between evaluations (env IDLE_POLICY_INTERVAL)")
     add_log_level(p, _env("LOG_LEVEL", "INFO"), "log level (env LOG_LEVEL)")
     add_log_format(p)
 
@@ -92,6 +115,15 @@ def quiet_kopf(level: str) -> None:
         for name in ("kopf.objects", "kopf._core.reactor.running", "kopf._core.engines.activities",
                      "kopf._core.reactor.activities"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def idle_settings(args: argparse.Namespace) -> IdleSettings:
+    """The idle policy's flags; IdlePolicyError (a ValueError) naming the setting."""
+    return IdleSettings(enabled=args.idle_policy == "on", classes=parse_classes(args.idle_policy_classes),
+                        grace_seconds=args.idle_policy_grace, priority_below=args.idle_policy_priority_below,
+                        max_evictions_per_minute=args.idle_policy_max_evictions_per_minute,
+                        dry_run=args.idle_policy_dry_run, include_gangs=args.idle_policy_include_gangs,
+                        interval_seconds=args.idle_policy_interval)
 
 
 @dataclass
@@ -196,6 +228,11 @@ def run(args: argparse.Namespace) -> int:
                                   reserve_min=args.queue_reserve_min_gpus)
     except ValueError as e:         # PolicyError names the setting; prefixed with the flag's name
         log.error("%s", e if not isinstance(e, PolicyError) else f"--queue-{e}")
+        return 2
+    try:
+        cfg.idle = idle_settings(args)
+    except ValueError as e:         # IdlePolicyError names the setting
+        log.error("--idle-policy-%s", e)
         return 2
 
     if args.leader_elect and not 0 < args.leader_retry_period < args.leader_renew_deadline < args.leader_lease_duration:

@@ -34,3 +34,9 @@ FRAGMENTED_GPUS = Gauge("partita_capacity_fragmented_gpus",
 FRAGMENTED_MEMORY = Gauge("partita_capacity_fragmented_memory_bytes",
                           "Free GPU memory that the smallest pending request of this mode cannot use",
                           ["node", "mode"])
+
+# --- The opt-in idle policy (controller/operator/idlepolicy.py; docs/monitoring.md §3). --------------------
+IDLE_POLICY_ACTIONS = Counter("partita_idle_policy_actions_total",
+                              "What the idle policy did to pods of idle claims: action annotate|unannotate|evict, "
+                              "result done|dry_run|blocked (429, a PodDisruptionBudget)|rate_limited|gone|error",
+                              ["action", "result"])

@@ -14,8 +14,8 @@ Reported three ways, the contract `partita status` and the dashboards read:
 
 A claim's utilization is the highest of its devices' (driver/plugin/usage.py). A sample whose utilization
 is unknown (a MIG device without GPM, shares whose processes cannot be attributed) decides nothing: such a
-claim is never reported idle. Nothing here deletes, evicts or annotates a pod; an opt-in policy that acts on
-idle claims is described, not implemented, in docs/monitoring.md.
+claim is never reported idle. Nothing here deletes, evicts or annotates a pod; the opt-in policy that acts on
+idle claims is the controller's (controller/operator/idlepolicy.py, docs/monitoring.md §3).
 """
 
 from __future__ import annotations

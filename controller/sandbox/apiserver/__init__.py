@@ -14,6 +14,8 @@ resources Partita touches, with the semantics its clients rely on (docs/architec
 * status subresources (pods, nodes, resourceclaims): create drops status, main writes keep it, status
   writes change only status (metadata changes other than the resourceVersion precondition are ignored);
 * ``pods/binding`` sets ``spec.nodeName`` (409 when already bound);
+* ``pods/eviction`` (policy/v1 Eviction, ``eviction.py``): deletes the pod unless a PodDisruptionBudget
+  forbids it (429), 404 for a missing pod; budgets' status is written by the test (no disruption controller);
 * watch: JSON lines, initial ADDED events, resume from a bounded per-resource log, ``410 Expired`` as an
   ERROR event when too old, BOOKMARKs, ``timeoutSeconds``, selectors with ADDED/DELETED when an object
   enters or leaves them, ``sendInitialEvents`` with the ``k8s.io/initial-events-end`` bookmark;

@@ -41,12 +41,16 @@ def discovery(path: str) -> dict | None:
     if not rs:
         raise ApiError(404, "NotFound", f"no API group version {path}")
     out = []
+    special = {"binding": ("Binding", ""), "eviction": ("Eviction", "policy")}     # create-only subresources
     for r in rs:
         out.append({"name": r.plural, "singularName": r.kind.lower(), "namespaced": r.namespaced, "kind": r.kind,
                     "verbs": _VERBS})
         for s in r.subresources:
-            out.append({"name": f"{r.plural}/{s}", "singularName": "", "namespaced": r.namespaced,
-                        "kind": "Binding" if s == "binding" else r.kind,
-                        "verbs": ["create"] if s == "binding" else ["get", "patch", "update"]})
+            kind, group_ = special.get(s, (r.kind, None))
+            entry = {"name": f"{r.plural}/{s}", "singularName": "", "namespaced": r.namespaced, "kind": kind,
+                     "verbs": ["create"] if s in special else ["get", "patch", "update"]}
+            if group_:
+                entry.update(group=group_, version="v1")
+            out.append(entry)
     return {"kind": "APIResourceList", "apiVersion": "v1",
             "groupVersion": f"{group}/{version}" if group else version, "resources": out}

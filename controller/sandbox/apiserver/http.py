@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from . import patch, pods
+from . import eviction, patch, pods
 from . import selectors as sel
 from .discovery import discovery
 from .errors import ApiError, not_found
@@ -114,6 +114,8 @@ def _dispatch(server: "ApiServer", request: web.Request, verb: str, res: Resourc
     if verb == "create":
         if sub == "binding":
             return 201, pods.bind(store, ns, name or "", body or {})
+        if sub == "eviction":
+            return eviction.evict(store, ns, name or "", body, q)
         if res.namespaced and not ns:
             ns = (body.get("metadata") or {}).get("namespace") or "default"
         return 201, store.create(res, ns, body, drop_status=True, field_validation=q.get("fieldValidation", "Warn"))

@@ -31,7 +31,7 @@ class Resource:
 
 
 RESOURCES = [
-    Resource("", "v1", "pods", "Pod", True, ("status", "binding")),
+    Resource("", "v1", "pods", "Pod", True, ("status", "binding", "eviction")),
     Resource("", "v1", "nodes", "Node", False, ("status",)),
     Resource("", "v1", "namespaces", "Namespace", False, ("status",)),
     Resource("", "v1", "events", "Event", True),
@@ -40,6 +40,7 @@ RESOURCES = [
     Resource("", "v1", "serviceaccounts", "ServiceAccount", True),
     Resource("events.k8s.io", "v1", "events", "Event", True),
     Resource("coordination.k8s.io", "v1", "leases", "Lease", True),
+    Resource("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", True, ("status",), ("pdb",)),
     Resource("resource.k8s.io", "v1", "resourceslices", "ResourceSlice", False),
     Resource("resource.k8s.io", "v1", "resourceclaims", "ResourceClaim", True, ("status",)),
     Resource("resource.k8s.io", "v1", "resourceclaimtemplates", "ResourceClaimTemplate", True),
