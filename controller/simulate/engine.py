@@ -189,19 +189,26 @@ def _fits_empty(strategy: SimStrategy, cluster: Cluster, claim: dict) -> bool:
 
 
 def _device_sets(cluster: Cluster):
-    """GPU indices -> every published device of those GPUs (the whole GPU, its MIG placements, its shared
-    device): what withholding a GPU from a request makes unavailable to it."""
+    """GPU indices -> what withholding those GPUs from a request makes unavailable to it: a node all of
+    whose GPUs are withheld by name (the allocator then does not try it at all), and of the other GPUs every
+    published device (the whole GPU, its MIG placements, its shared device), which the allocator counts as
+    held for the one call."""
     per_gpu: list[set[DeviceID]] = [set() for _ in cluster.gpus]
     for (pool, name), dev in cluster.devices.items():
         per_gpu[dev.gpu].add(DeviceID(C.DEFAULT_DRIVER_NAME, pool, name))
-    memo: dict[frozenset[int], frozenset[DeviceID]] = {}
+    gpus_of: dict[str, set[int]] = {}
+    for g in cluster.gpus:
+        gpus_of.setdefault(g.node, set()).add(g.index)
+    memo: dict[frozenset[int], frozenset] = {}
 
-    def devices(gpus: frozenset[int]) -> frozenset[DeviceID]:
+    def devices(gpus: frozenset[int]) -> frozenset:
         got = memo.get(gpus)
         if got is None:
             if len(memo) > 1024:
                 memo.clear()
-            got = memo[gpus] = frozenset().union(*(per_gpu[g] for g in gpus))
+            whole = {n for n, mine in gpus_of.items() if mine <= gpus}
+            rest = [g for g in gpus if cluster.gpus[g].node not in whole]
+            got = memo[gpus] = frozenset(whole).union(*(per_gpu[g] for g in rest))
         return got
 
     return devices

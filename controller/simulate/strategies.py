@@ -74,12 +74,19 @@ class QueueAware:
 
     def __init__(self, settings: QueueSettings = SIM_QUEUE_SETTINGS):
         self.settings = settings
+        self._needs: dict[Shape, float] = {}
+
+    def _needed(self, shape: Shape, cluster: Cluster) -> float:
+        got = self._needs.get(shape)
+        if got is None:
+            got = self._needs[shape] = gpus_needed(shape, cluster)
+        return got
 
     def plan(self, pending: Sequence[Request], now: int, running: Running,
              cluster: Cluster) -> Iterable[tuple[Request, frozenset[int]]]:
         s = self.settings
         if s.max_reservations == 0 or not any(now - r.arrival >= s.reserve_after
-                                              and gpus_needed(r.shape, cluster) >= s.reserve_min for r in pending):
+                                              and self._needed(r.shape, cluster) >= s.reserve_min for r in pending):
             return ((r, NO_GPUS) for r in pending)       # nobody to reserve for: arrival order
         ends: dict[int, int] = {}
         for end, _, _, holds, _ in running:
@@ -88,7 +95,7 @@ class QueueAware:
                     ends[g] = end
         slots = [GpuSlot(g.index, g.node, g.index in ends, ends.get(g.index)) for g in cluster.gpus]
         by_key = {f"{r.id:09d}": r for r in pending}       # keys sort as ids: arrival order among equals
-        waiting = [Waiting(k, r.arrival, 0, gpus_needed(r.shape, cluster), r.duration) for k, r in by_key.items()]
+        waiting = [Waiting(k, r.arrival, 0, self._needed(r.shape, cluster), r.duration) for k, r in by_key.items()]
         p = plan(waiting, now, slots, self.settings)
         return ((by_key[w.key], frozenset(p.withheld(w))) for w in p.order)
 
