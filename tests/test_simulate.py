@@ -326,3 +326,16 @@ def test_queue_reserves_for_a_long_waiting_large_request_and_backfills_only_what
     # queue: BIG has waited 25 ticks at 26, both GPUs are reserved for it (free at 40); D (30 + 5 <= 40) may
     # use GPU 0 meanwhile, C (30 + 50 > 40) may not; BIG starts at 40, C after it
     assert simulate(SIM_STRATEGIES["queue"], cluster, requests, None).starts == {0: 0, 1: 0, 2: 40, 3: 50, 4: 30}
+
+
+def test_a_shape_never_served_has_a_wait_growing_a_tick_per_tick_and_is_unbounded() -> None:
+    cluster = build_cluster(cluster_profile(["n1=H100-SXM5-80GB:1"], None, None, None))
+    requests = [Request(0, 0, 50, Shape("gpu", count=1)), Request(1, 0, 1, Shape("mig", profile="1g.10gb"))]
+    run = simulate(SIM_STRATEGIES["pack"], cluster, requests, 20)
+    rows = summarize(run, requests, warmup=0)["by_shape"]
+    mig = rows["mig:1g.10gb"]["bound"]
+    # the MIG request waits the whole run: its age is 0..19, 4.5 on average in the first half, 14.5 in the second
+    assert (mig["oldest_first_half"], mig["oldest_second_half"], mig["oldest_at_end"]) == (4.5, 14.5, 19)
+    assert mig["growth"] == 1.0 and mig["bounded"] is False
+    gpu = rows["gpu:1"]["bound"]          # placed at once: nothing of it ever waits
+    assert gpu["growth"] == 0.0 and gpu["bounded"] is True
