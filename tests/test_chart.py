@@ -96,6 +96,8 @@ VALUE_SETS = {
                 "--set", "serviceMonitor.enabled=true"],
     # node selection by affinity alone (the GPU Operator's label or NFD's): no NFD nodeSelector on top
     "plugin-affinity": [f"--set-json=plugin.affinity={json.dumps(GPU_NODE_AFFINITY)}"],
+    # the opt-in idle policy (docs/monitoring.md section 3) with a class action
+    "idle-policy": ["--set", "idlePolicy.enabled=true", "--set", "idlePolicy.classes.shared\\.partita\\.dev=evict"],
     "cluster-issuer": ["--set", "webhook.enabled=true", "--set", "webhook.certManager.enabled=true",
                        "--set", "webhook.certManager.issuerRef.kind=ClusterIssuer",
                        "--set", "webhook.certManager.issuerRef.name=corp-ca"],
@@ -370,6 +372,14 @@ def test_rbac_is_least_privilege() -> None:
         | _expand("resource.k8s.io", "devicetaintrules", "list watch")                         # DeviceTaintRules
         | _expand("scheduling.k8s.io", "workloads", "get")                                     # gangs
         | _expand("", "events", "create"))
+    # the idle policy, only when enabled: its annotation (merge patch) and evictions (policy/v1 Eviction)
+    assert _grants(_rules("idle-policy", "-controller")) - _grants(_rules("defaults", "-controller")) == (
+        _expand("", "pods", "patch") | _expand("", "pods/eviction", "create"))
+    env = {e["name"]: e.get("value") for e in one("idle-policy", "Deployment", "controller")["spec"]["template"]["spec"]
+           ["containers"][0]["env"]}
+    assert env["IDLE_POLICY"] == "on" and env["IDLE_POLICY_CLASSES"] == "shared.partita.dev=evict"
+    assert {e["name"]: e.get("value") for e in one("defaults", "Deployment", "controller")["spec"]["template"]
+            ["spec"]["containers"][0]["env"]}["IDLE_POLICY"] == "off"
     [role] = objects("defaults", "Role")
     assert role["metadata"]["namespace"] == "partita-system"
     assert _grants(role["rules"]) == _expand("coordination.k8s.io", "leases", "create get update")
