@@ -96,10 +96,12 @@ def test_a_gpu_fails_under_a_running_pod_and_recovers(monkeypatch) -> None:
             server.create(_pod("next-0"))
             server.create(_pod("next-1"))
             assert await sb.wait_settled(60), sb.report()[0]
-            assert phase("next-0") == "Running" and devices("next-0") != [failing]
-            assert phase("next-1") == "Pending"
+            # which of the two (created in the same second) runs is the queue's business, not this test's
+            running, waiting = sorted(["next-0", "next-1"], key=lambda p: phase(p) != "Running")
+            assert (phase(running), phase(waiting)) == ("Running", "Pending")
+            assert devices(running) != [failing]
             claim = next(c for c in server.list("resourceclaims", "default", group="resource.k8s.io")
-                         if c["metadata"]["name"].startswith("next-1"))
+                         if c["metadata"]["name"].startswith(waiting))
             allocated = [c for c in server.list("resourceclaims", group="resource.k8s.io")
                          if (c.get("status") or {}).get("allocation")]
             text = render(Explainer(server.list("resourceslices"), {c["metadata"]["name"]: c for c in
@@ -113,9 +115,9 @@ def test_a_gpu_fails_under_a_running_pod_and_recovers(monkeypatch) -> None:
             with open(events_file, "a") as f:
                 f.write(parse_injection({"kind": "reset", "gpu": gpu_index}).to_json() + "\n")
             await server.wait_for(lambda s: taint(failing) is None, 20)
-            await server.wait_for(lambda s: phase("next-1") == "Running", 30)
-            assert devices("next-1") == [failing]
-            await server.wait_for(lambda s: resource_health("next-1") == [("claim:gpu", "Healthy")], 15)
+            await server.wait_for(lambda s: phase(waiting) == "Running", 30)
+            assert devices(waiting) == [failing]
+            await server.wait_for(lambda s: resource_health(waiting) == [("claim:gpu", "Healthy")], 15)
             assert sb.plugins[0].alive()
             assert await sb.delete_workload() == []
         finally:
